@@ -1,0 +1,117 @@
+"""Calibration text through ``datasets`` and seeded random token windows.
+
+``dataset`` may be a list of strings, a local ``.txt``/``.json``/``.jsonl``/``.csv``/``.parquet`` file
+(loaded with the matching ``datasets`` builder), or a Hub dataset id (with optional config, split and
+text column). ``None`` means the bundled WikiText-2 validation text.
+
+Windows follow the GPTQ reference (``datautils.py``): the texts are joined, tokenized once, and
+``num_samples`` windows of ``seq_len`` tokens start at offsets drawn uniformly with a seeded generator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from hfquant.errors import CalibrationError
+
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "wikitext2"
+BUNDLED_CALIBRATION = BUNDLED_DIR / "valid.txt"
+BUNDLED_EVALUATION = BUNDLED_DIR / "test.txt"
+
+_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _pick_column(ds, column: str | None, source: str) -> str:
+    names = list(ds.column_names)
+    if column is not None:
+        if column not in names:
+            raise CalibrationError(f"calibration dataset {source}: column {column!r} not found; columns are {names}; set dataset_column to one of them")
+        return column
+    if "text" in names:
+        return "text"
+    string_cols = [n for n in names if getattr(ds.features[n], "dtype", None) == "string"]
+    if len(string_cols) == 1:
+        return string_cols[0]
+    raise CalibrationError(f"calibration dataset {source}: cannot tell which column holds text among {names}; set dataset_column")
+
+
+def load_texts(dataset=None, *, config_name: str | None = None, split: str | None = None,
+               column: str | None = None) -> list[str]:
+    """Return the calibration texts as a list of strings (see the module docstring for ``dataset``)."""
+    import datasets
+
+    if dataset is None:
+        dataset = str(BUNDLED_CALIBRATION)
+    if isinstance(dataset, (list, tuple)):
+        if not dataset or not all(isinstance(t, str) for t in dataset):
+            raise CalibrationError("calibration dataset: a list must hold at least one string and only strings")
+        ds = datasets.Dataset.from_dict({"text": list(dataset)})
+        source = f"<list of {len(dataset)} texts>"
+    elif isinstance(dataset, (str, Path)):
+        path = Path(dataset)
+        suffix = path.suffix.lower()
+        if path.exists() or suffix in _BUILDERS:
+            if not path.is_file():
+                raise CalibrationError(f"calibration dataset: file {str(path)!r} does not exist; give an existing .txt/.json/.jsonl/.csv/.parquet file, a list of strings or a Hub dataset id")
+            if suffix not in _BUILDERS:
+                raise CalibrationError(f"calibration dataset: unsupported file type {suffix!r} for {str(path)!r}; expected one of {sorted(_BUILDERS)}")
+            builder = _BUILDERS[suffix]
+            kwargs = {"keep_linebreaks": True} if builder == "text" else {}
+            try:
+                ds = datasets.load_dataset(builder, data_files=str(path), split="train", **kwargs)
+            except Exception as exc:  # datasets raises many types for unreadable files
+                raise CalibrationError(f"calibration dataset: cannot read {str(path)!r} as {builder}: {exc}".splitlines()[0]) from None
+            source = str(path)
+        else:
+            try:
+                ds = datasets.load_dataset(str(dataset), config_name, split=split or "train")
+            except Exception as exc:
+                raise CalibrationError(f"calibration dataset: cannot load Hub dataset {dataset!r} (config={config_name!r}, split={split or 'train'!r}): {exc}".splitlines()[0]) from None
+            source = str(dataset)
+    else:
+        raise CalibrationError(f"calibration dataset: expected a list of strings, a file path or a Hub id, got {type(dataset).__name__}")
+    col = _pick_column(ds, column, source)
+    texts = [t for t in ds[col] if isinstance(t, str)]
+    if not any(t.strip() for t in texts):
+        raise CalibrationError(f"calibration dataset {source}: column {col!r} holds no text")
+    return texts
+
+
+def join_texts(texts: list[str]) -> str:
+    """Join texts for tokenization. Lines read from a .txt keep their line breaks, so they join with ''."""
+    if all(t.endswith("\n") for t in texts):
+        return "".join(texts)
+    return "\n\n".join(texts)
+
+
+def tokenize_text(text: str, tokenizer) -> torch.Tensor:
+    """Token ids of ``text`` as a 1-D LongTensor, without extra special tokens."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``num_samples`` windows ``[num_samples, seq_len]`` at seeded uniform random offsets of ``ids``."""
+    n = ids.numel()
+    if n < seq_len + 1:
+        raise CalibrationError(
+            f"calibration text has {n} tokens but seq_len={seq_len} needs at least {seq_len + 1}; give more text or lower seq_len"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, n - seq_len, (num_samples,), generator=gen)
+    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+
+
+def calibration_windows(tokenizer, *, dataset=None, config_name=None, split=None, column=None,
+                        num_samples: int = 128, seq_len: int = 512, seed: int = 0) -> torch.Tensor:
+    """Load, tokenize and sample the calibration set in one call."""
+    texts = load_texts(dataset, config_name=config_name, split=split, column=column)
+    return sample_windows(tokenize_text(join_texts(texts), tokenizer), num_samples, seq_len, seed)
+
+
+def fingerprint(windows: torch.Tensor) -> str:
+    """Short sha256 of the calibration token ids, for reports and reproducibility checks."""
+    return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]

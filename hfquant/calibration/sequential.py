@@ -1,0 +1,236 @@
+"""Block-by-block calibration: each block sees the outputs of the already-quantized blocks before it.
+
+Per block (GPTQ reference ``llama.py``/``opt.py`` loop, with true-sequential as in its README):
+
+1. The block's quantizable modules are grouped by shared input, in execution order, by running it
+   once and noting which input tensor each module reads (q/k/v read one tensor, gate/up another).
+2. With ``true_sequential``, one *stage* per group: the block runs over all calibration batches until
+   the group's input is seen (a pre-hook accumulates ``X^T X`` and stops the forward there), then the
+   group is quantized and its weights replaced by their dequantized values, so later groups see
+   quantized outputs. Without it, a single stage collects every group's Hessian from the float block.
+3. Modules quantized in an earlier stage do not recompute: their outputs are cached the first time they
+   run quantized and replayed afterwards, so the block's Linears run about once in total.
+4. Finally the block runs in full and its outputs become the next block's inputs.
+
+The per-group solve is a callback, so this module knows nothing of GPTQ itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from hfquant.calibration.modules import find_blocks, in_out_features, quantizable_modules
+
+logger = logging.getLogger(__name__)
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early."""
+
+
+@dataclass
+class BlockInputs:
+    """Positional and keyword arguments of one calibration batch at a block's entry."""
+
+    args: list
+    kwargs: dict
+
+    def with_hidden(self, hidden: torch.Tensor) -> "BlockInputs":
+        if self.args:
+            return BlockInputs([hidden, *self.args[1:]], self.kwargs)
+        return BlockInputs([], {**self.kwargs, "hidden_states": hidden})
+
+
+@dataclass
+class HessianStat:
+    """Running ``sum X^T X`` (float32) and token count for one input."""
+
+    h: torch.Tensor
+    n: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        self.h.addmm_(x.t(), x)
+        self.n += x.shape[0]
+
+    def normalized(self) -> torch.Tensor:
+        """``2/n * sum X^T X``, the reference's scaling."""
+        return self.h * (2.0 / max(self.n, 1))
+
+
+@dataclass
+class Group:
+    """Modules of one block that read the same input, in execution order."""
+
+    names: list[str]
+    modules: list[nn.Module] = field(repr=False)
+
+
+@contextmanager
+def _hooks(handles: list):
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
+def _replaying(modules: dict[str, nn.Module], cache: dict[str, list], batch: list[int]):
+    """Make each module return its cached output for the current batch instead of computing."""
+    saved = {}
+    for name, m in modules.items():
+        saved[name] = m.__dict__.get("forward")
+        m.forward = (lambda _n: (lambda *a, **k: cache[_n][batch[0]]))(name)
+    try:
+        yield
+    finally:
+        for name, m in modules.items():
+            if saved[name] is None:
+                del m.forward
+            else:
+                m.forward = saved[name]
+
+
+def _call(block: nn.Module, inp: BlockInputs):
+    out = block(*inp.args, **inp.kwargs)
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def discover_groups(block: nn.Module, modules: dict[str, nn.Module], inp: BlockInputs) -> tuple[list[Group], list[str]]:
+    """Group ``modules`` by the input tensor they read, in call order. Returns (groups, never-called names)."""
+    seen: dict[int, list[str]] = {}
+    keep_alive = []
+    order: list[int] = []
+    handles = []
+    for name, m in modules.items():
+        def pre(_m, args, _name=name):
+            x = args[0]
+            keep_alive.append(x)
+            key = id(x)
+            if key not in seen:
+                seen[key] = []
+                order.append(key)
+            if _name not in seen[key]:
+                seen[key].append(_name)
+        handles.append(m.register_forward_pre_hook(pre))
+    with _hooks(handles), torch.no_grad():
+        _call(block, inp)
+    groups = [Group(seen[k], [modules[n] for n in seen[k]]) for k in order]
+    called = {n for g in groups for n in g.names}
+    return groups, [n for n in modules if n not in called]
+
+
+def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[torch.Tensor]) -> list[BlockInputs]:
+    """Run the model on each batch of token ids up to ``block`` and record that block's inputs."""
+    import inspect
+
+    records: list[BlockInputs] = []
+
+    def pre(_m, args, kwargs):
+        records.append(BlockInputs(list(args), dict(kwargs)))
+        raise _Stop
+
+    call_kwargs = {}
+    if "use_cache" in inspect.signature(model.forward).parameters:
+        call_kwargs["use_cache"] = False
+    device = next(model.parameters()).device
+    with _hooks([block.register_forward_pre_hook(pre, with_kwargs=True)]), torch.no_grad():
+        for ids in batches:
+            try:
+                model(input_ids=ids.to(device), **call_kwargs)
+            except _Stop:
+                pass
+    return records
+
+
+SolveFn = Callable[[str, Group, torch.Tensor], None]
+"""``solve(block_name, group, hessian)``: quantize the group's modules in place (weights replaced by
+their dequantized values) and remember the results."""
+
+
+def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], inputs: list[BlockInputs],
+              solve: SolveFn, true_sequential: bool = True) -> list[torch.Tensor]:
+    """Quantize one block's modules with ``solve`` and return the block's outputs for every batch."""
+    groups, uncalled = discover_groups(block, modules, inputs[0])
+    for name in uncalled:
+        logger.warning("%s.%s was not called during calibration; it is quantized without data (RTN)", block_name, name)
+    stages = [[g] for g in groups] if true_sequential else [groups]
+    cache: dict[str, list] = {}
+    done: dict[str, nn.Module] = {}
+    batch = [0]
+
+    for stage in stages:
+        device = next(block.parameters()).device
+        stats = []
+        for g in stage:
+            cols = in_out_features(g.modules[0])[0]
+            stats.append(HessianStat(torch.zeros(cols, cols, device=device)))
+        pending = [len(stage)]
+        handles = []
+        for g, st in zip(stage, stats):
+            def pre(_m, args, _st=st):
+                _st.add(args[0])
+                pending[0] -= 1
+                if pending[0] == 0:
+                    raise _Stop
+            handles.append(g.modules[0].register_forward_pre_hook(pre))
+        fresh = {n: m for n, m in done.items() if n not in cache}
+        for n in fresh:
+            cache[n] = []
+            handles.append(fresh[n].register_forward_hook(lambda _m, _a, out, _n=n: cache[_n].append(out)))
+        replay = {n: m for n, m in done.items() if n not in fresh}
+        with _hooks(handles), _replaying(replay, cache, batch), torch.no_grad():
+            for b, inp in enumerate(inputs):
+                batch[0] = b
+                pending[0] = len(stage)
+                try:
+                    _call(block, inp)
+                except _Stop:
+                    pass
+        # Modules that ran in this stage but were not reached on some batch (should not happen) get no cache.
+        for n in fresh:
+            if len(cache[n]) != len(inputs):
+                del cache[n]
+        for g, st in zip(stage, stats):
+            solve(block_name, g, st.normalized())
+            for n, m in zip(g.names, g.modules):
+                done[n] = m
+        del stats
+
+    outputs = []
+    replay = {n: m for n, m in done.items() if n in cache}
+    with _replaying(replay, cache, batch), torch.no_grad():
+        for b, inp in enumerate(inputs):
+            batch[0] = b
+            outputs.append(_call(block, inp))
+    return outputs
+
+
+def calibrate_blocks_(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool], solve: SolveFn,
+                      true_sequential: bool = True, progress: bool = True) -> list[str]:
+    """Run block-by-block calibration over the whole model. Returns the names of the quantized modules."""
+    blocks_name, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    quantized = []
+    it = range(len(blocks))
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="quantizing blocks", unit="block")
+    for i in it:
+        name = f"{blocks_name}.{i}"
+        modules = quantizable_modules(blocks[i], keep, prefix=name)
+        if not modules:
+            outputs = [_call(blocks[i], inp) for inp in inputs]
+        else:
+            outputs = run_block(blocks[i], name, modules, inputs, solve, true_sequential)
+            quantized.extend(f"{name}.{n}" for n in modules)
+        inputs = [inp.with_hidden(out) for inp, out in zip(inputs, outputs)]
+    return quantized

@@ -1,0 +1,156 @@
+"""``HFQuantConfig``: the quantization config transformers stores in ``config.json``.
+
+Registered with transformers under ``quant_method: "hfquant"`` (see ``hfquant.integrations.transformers``).
+It validates itself on construction, rejects unknown keys with the list of valid ones, round-trips
+through ``to_dict``/``from_dict``, and keeps runtime-only objects (in-memory datasets, tokenizer objects)
+out of ``config.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from hfquant.algorithms.rtn import OBSERVERS
+from hfquant.errors import ConfigError
+from hfquant.nn.packing import SUPPORTED_BITS
+
+QUANT_METHOD = "hfquant"
+METHODS = ("gptq", "rtn")
+
+# name -> default; the order is the order of to_dict().
+DEFAULTS: dict[str, Any] = {
+    "method": "gptq",
+    "bits": 4,
+    "group_size": 128,
+    "sym": True,
+    "desc_act": False,
+    "static_groups": False,
+    "true_sequential": True,
+    "damp_percent": 0.01,
+    "block_size": 128,
+    "observer": "minmax",
+    "dataset": None,
+    "dataset_config": None,
+    "dataset_split": None,
+    "dataset_column": None,
+    "num_samples": 128,
+    "seq_len": 512,
+    "seed": 0,
+    "calibration_batch_size": 8,
+    "tokenizer": None,
+    "modules_to_not_convert": None,
+}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+class HFQuantConfig(QuantizationConfigMixin):
+    """Configuration of an hfquant quantization run, also stored with the quantized checkpoint.
+
+    Args:
+        method: ``"gptq"`` (calibrated, W4A16 and friends) or ``"rtn"`` (round-to-nearest, no data).
+        bits: weight bits, one of 2, 3, 4, 8.
+        group_size: input columns sharing one scale/zero; ``-1`` for one per output channel. Need not
+            divide ``in_features``: the last group is then partial.
+        sym: symmetric grid (zero point fixed at ``2**(bits-1)``) or asymmetric (zero point fitted).
+        desc_act: GPTQ act-order: quantize columns by decreasing Hessian diagonal.
+        static_groups: fit every group's grid before GPTQ updates (keeps ``g_idx`` monotone with act-order).
+        true_sequential: inside a block, quantize q/k/v, then o, then gate/up, then down, each seeing the
+            quantized outputs of the ones before.
+        damp_percent: GPTQ dampening, a fraction of the mean Hessian diagonal; raised 10x on failure.
+        block_size: GPTQ lazy-update block width.
+        observer: ``"minmax"`` (reference grid) or ``"mse"`` (range shrink search minimising ``|w - q|^2.4``).
+        dataset: calibration text: ``None`` (bundled WikiText-2 valid), a list of strings, a local
+            .txt/.json/.jsonl/.csv/.parquet path, or a Hub dataset id.
+        dataset_config / dataset_split / dataset_column: for Hub ids and files with several columns.
+        num_samples: calibration windows.
+        seq_len: tokens per window.
+        seed: seed of the window sampler.
+        calibration_batch_size: windows per forward pass during calibration.
+        tokenizer: tokenizer name/path (or object, not saved); defaults to the model's own.
+        modules_to_not_convert: module names (or transformers skip patterns) to keep float; ``lm_head``
+            and tied embeddings are always kept float.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.pop("quant_method", None)
+        unknown = sorted(set(kwargs) - set(DEFAULTS))
+        if unknown:
+            raise ConfigError(
+                f"HFQuantConfig: unknown key(s) {unknown}; valid keys are {sorted(DEFAULTS)}"
+            )
+        self.quant_method = QUANT_METHOD
+        for key, default in DEFAULTS.items():
+            setattr(self, key, copy.deepcopy(kwargs.get(key, default)))
+        self.post_init()
+
+    # transformers calls cls(**dict) in from_dict; keep that behaviour and our validation.
+    @classmethod
+    def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs):
+        config = cls(**{**config_dict, **kwargs})
+        return (config, {}) if return_unused_kwargs else config
+
+    def post_init(self) -> None:
+        """Validate every field; raise ``ConfigError`` naming the field, the value and what is accepted."""
+        def bad(field, expected):
+            raise ConfigError(f"HFQuantConfig.{field}: got {getattr(self, field)!r}; expected {expected}")
+
+        if self.method not in METHODS:
+            bad("method", f"one of {list(METHODS)}")
+        if not _is_int(self.bits) or self.bits not in SUPPORTED_BITS:
+            bad("bits", f"one of {list(SUPPORTED_BITS)}")
+        if not _is_int(self.group_size) or not (self.group_size == -1 or self.group_size > 0):
+            bad("group_size", "-1 (one group per output channel) or a positive integer such as 128")
+        for flag in ("sym", "desc_act", "static_groups", "true_sequential"):
+            if not isinstance(getattr(self, flag), bool):
+                bad(flag, "true or false")
+        if isinstance(self.damp_percent, bool) or not isinstance(self.damp_percent, (int, float)) or not 0 <= self.damp_percent <= 1:
+            bad("damp_percent", "a number in [0, 1], e.g. 0.01")
+        if not _is_int(self.block_size) or self.block_size <= 0:
+            bad("block_size", "a positive integer, e.g. 128")
+        if self.observer not in OBSERVERS:
+            bad("observer", f"one of {list(OBSERVERS)}")
+        for field in ("num_samples", "seq_len", "calibration_batch_size"):
+            if not _is_int(getattr(self, field)) or getattr(self, field) <= 0:
+                bad(field, "a positive integer")
+        if not _is_int(self.seed) or self.seed < 0:
+            bad("seed", "a non-negative integer")
+        if self.dataset is not None and not isinstance(self.dataset, (str, list, tuple)):
+            bad("dataset", "a list of strings, a local file path or a Hub dataset id")
+        for field in ("dataset_config", "dataset_split", "dataset_column"):
+            if getattr(self, field) is not None and not isinstance(getattr(self, field), str):
+                bad(field, "a string or null")
+        m = self.modules_to_not_convert
+        if m is not None and (not isinstance(m, (list, tuple)) or not all(isinstance(x, str) for x in m)):
+            bad("modules_to_not_convert", "a list of module names")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Serializable fields only: in-memory datasets and tokenizer objects become ``None``."""
+        out = {"quant_method": self.quant_method}
+        for key in DEFAULTS:
+            value = getattr(self, key)
+            if key == "dataset" and not isinstance(value, str):
+                value = None
+            if key == "tokenizer" and not isinstance(value, str):
+                value = None
+            if isinstance(value, tuple):
+                value = list(value)
+            out[key] = copy.deepcopy(value)
+        return out
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """Fields that differ from the defaults (plus ``quant_method``)."""
+        full = self.to_dict()
+        return {k: v for k, v in full.items() if k == "quant_method" or v != DEFAULTS.get(k)}
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, HFQuantConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.to_diff_dict().items() if k != "quant_method")
+        return f"HFQuantConfig({fields})"

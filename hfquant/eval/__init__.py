@@ -1,0 +1,5 @@
+"""Evaluation: perplexity on non-overlapping windows."""
+
+from hfquant.eval.perplexity import perplexity
+
+__all__ = ["perplexity"]

@@ -1,0 +1,1 @@
+"""Glue to the Hugging Face libraries. Only this layer touches transformers internals."""

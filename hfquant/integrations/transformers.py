@@ -1,0 +1,125 @@
+"""The transformers quantizer for ``quant_method: "hfquant"``.
+
+Fresh quantization runs in ``_process_model_after_weight_loading`` (calibration needs the loaded float
+model, like transformers' own GPTQ integration). Reloading a saved checkpoint swaps the Linears for
+``QuantLinearW4A16`` skeletons before the weights load, so the saved tensors load by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from transformers.quantizers.base import HfQuantizer
+from transformers.quantizers.quantizers_utils import should_convert_module
+
+from hfquant.calibration.modules import in_out_features, is_quantizable, set_submodule
+from hfquant.config import HFQuantConfig
+from hfquant.errors import ConfigError
+from hfquant.nn.w4a16 import QuantLinearW4A16
+
+logger = logging.getLogger(__name__)
+
+
+class HFQuantHfQuantizer(HfQuantizer):
+    """transformers ``HfQuantizer`` for hfquant checkpoints and fresh hfquant quantization."""
+
+    requires_calibration = False  # True would forbid quantizing at load (see transformers' base class)
+
+    def __init__(self, quantization_config: HFQuantConfig, **kwargs):
+        super().__init__(quantization_config, **kwargs)
+        self.report: dict = {}
+
+    def validate_environment(self, *args, device_map=None, **kwargs):
+        if self.pre_quantized or not isinstance(device_map, dict):
+            return
+        devices = {str(d) for d in device_map.values()}
+        if len(devices) > 1 and devices & {"cpu", "disk"}:
+            raise ConfigError(
+                f"hfquant: quantizing while offloading to {sorted(devices & {'cpu', 'disk'})} is not supported "
+                f"(device_map has {sorted(devices)}); quantize on one device, save, then reload with the device_map"
+            )
+
+    def update_dtype(self, dtype):
+        return dtype
+
+    def _keep(self, name: str) -> bool:
+        return should_convert_module(name, self.modules_to_not_convert)
+
+    def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
+        cfg = self.quantization_config
+        self.modules_to_not_convert = self.get_modules_to_not_convert(
+            model, cfg.modules_to_not_convert, keep_in_fp32_modules or model._keep_in_fp32_modules, add_default_skips=True
+        )
+        if not self.pre_quantized:
+            return
+        dtype = kwargs.get("dtype") or torch.get_default_dtype()
+        for name, module in list(model.named_modules()):
+            if not name or not is_quantizable(module) or not self._keep(name):
+                continue
+            in_f, out_f = in_out_features(module)
+            bias = getattr(module, "bias", None) is not None
+            with torch.device("meta"):
+                q = QuantLinearW4A16(in_f, out_f, cfg.bits, cfg.group_size, bias=bias, dtype=dtype)
+            set_submodule(model, name, q)
+
+    def _process_model_after_weight_loading(self, model, **kwargs):
+        if self.pre_quantized:
+            _freeze(model)
+            return model
+        from hfquant.runner import quantize_loaded_model_
+
+        t0 = time.perf_counter()
+        self.report = quantize_loaded_model_(model, self.quantization_config, keep=self._keep)
+        self.report["quantization_seconds"] = time.perf_counter() - t0
+        # Record the resolved skip list so a reload rebuilds exactly the same modules.
+        self.quantization_config.modules_to_not_convert = sorted(self.modules_to_not_convert)
+        model.config.quantization_config = self.quantization_config
+        model.hfquant_report = self.report
+        _freeze(model)
+        return model
+
+    def is_serializable(self, safe_serialization=None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return False
+
+
+def _freeze(model) -> None:
+    for m in model.modules():
+        if isinstance(m, QuantLinearW4A16):
+            for p in m.parameters(recurse=False):
+                p.requires_grad_(False)
+
+
+_REGISTERED = False
+
+
+def register() -> None:
+    """Register ``HFQuantConfig`` and the quantizer with transformers (idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+        register_quantizer,
+    )
+
+    from hfquant.config import QUANT_METHOD
+
+    if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not HFQuantConfig:
+        AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)  # a stale class from a reloaded module
+        register_quantization_config(QUANT_METHOD)(HFQuantConfig)
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not HFQuantHfQuantizer:
+        AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
+        register_quantizer(QUANT_METHOD)(HFQuantHfQuantizer)
+    _REGISTERED = True
+
+
+_READY = True
+register()

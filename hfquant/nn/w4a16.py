@@ -1,0 +1,95 @@
+"""``QuantLinearW4A16``: a Linear with low-bit integer weights (2/3/4/8 bits) and float activations.
+
+Tensors (all saved; names and shapes are the checkpoint format):
+
+* ``weight``: int32 ``[out, ceil(in/32), bits]`` packed codes, layout in ``hfquant.nn.packing``.
+* ``scales``: float ``[out, G]`` group scales (model dtype), ``G = ceil(in / group_size)``.
+* ``zeros``: uint8 ``[out, G]`` group zero points (integers in ``[0, 2**bits - 1]``).
+* ``g_idx``: int32 ``[in]`` group of each input column.
+* ``bias``: float ``[out]``, when the source Linear had one.
+
+The dequantized weight is ``W[o, i] = scales[o, g_idx[i]] * (q[o, i] - zeros[o, g_idx[i]])``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hfquant.nn.packing import SUPPORTED_BITS, pack_codes, packed_shape, unpack_codes
+
+
+class QuantLinearW4A16(nn.Module):
+    """Weight-only quantized Linear. ``forward`` calls one op chosen at call time (``hfquant.kernels``).
+
+    Args:
+        in_features: input features.
+        out_features: output features.
+        bits: code width, one of 2, 3, 4, 8.
+        group_size: input columns per group, or -1 for one group per output row.
+        bias: whether there is a bias.
+        dtype: dtype of ``scales`` and ``bias``.
+        device: where to allocate (``"meta"`` while transformers builds the skeleton).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int = 128,
+                 bias: bool = False, dtype: torch.dtype = torch.float32, device=None):
+        super().__init__()
+        if bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        g = in_features if group_size == -1 else group_size
+        n_groups = (in_features + g - 1) // g
+
+        def param(t):
+            return nn.Parameter(t, requires_grad=False)
+
+        self.weight = param(torch.zeros(packed_shape(out_features, in_features, bits), dtype=torch.int32, device=device))
+        self.scales = param(torch.zeros(out_features, n_groups, dtype=dtype, device=device))
+        self.zeros = param(torch.zeros(out_features, n_groups, dtype=torch.uint8, device=device))
+        self.g_idx = param(torch.zeros(in_features, dtype=torch.int32, device=device))
+        self.bias = param(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._kernel_cache: dict = {}
+
+    @classmethod
+    def from_float(cls, linear: nn.Module, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                   g_idx: torch.Tensor, bits: int, group_size: int) -> "QuantLinearW4A16":
+        """Build from a float Linear (for its bias and dtype) and quantization results.
+
+        ``codes`` is ``[out, in]`` in the Linear's ``y = x W^T`` orientation (for a GPT-2 ``Conv1D``,
+        whose weight is ``[in, out]``, pass the codes of the transposed weight).
+        """
+        out_features, in_features = codes.shape
+        bias = getattr(linear, "bias", None)
+        dtype = bias.dtype if bias is not None else linear.weight.dtype
+        m = cls(in_features, out_features, bits, group_size, bias is not None, dtype=dtype, device="cpu")
+        m.weight.data = pack_codes(codes.cpu(), bits)
+        # Clones: results of a fused solve (q/k/v) are views of one tensor, and safetensors refuses shared storage.
+        m.scales.data = scales.to(dtype).cpu().clone()
+        m.zeros.data = zeros.to(torch.uint8).cpu().clone()
+        m.g_idx.data = g_idx.to(torch.int32).cpu().clone()
+        if bias is not None:
+            m.bias.data = bias.detach().clone().cpu()
+        return m.to(linear.weight.device)
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked int32 codes ``[out, in]``."""
+        return unpack_codes(self.weight, self.bits, self.in_features)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Float weight ``[out, in]`` (computed in float32, then cast to ``dtype``, default the scales' dtype)."""
+        g = self.g_idx.long()
+        scale = self.scales.float()[:, g]
+        zero = self.zeros.float()[:, g]
+        w = scale * (self.codes().float() - zero)
+        return w.to(dtype or self.scales.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from hfquant.kernels import w4a16_linear
+
+        return w4a16_linear(x, self)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, bias={self.bias is not None}")

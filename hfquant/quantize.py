@@ -1,0 +1,134 @@
+"""Model-level quantization: RTN or GPTQ over every selected Linear, then the swap to quantized modules.
+
+This layer knows torch modules and the calibration runner, not transformers: the caller says which
+module names to keep float (``keep``) and provides calibration batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from hfquant.algorithms.gptq import gptq_quantize
+from hfquant.algorithms.rtn import rtn_quantize
+from hfquant.calibration.modules import (
+    find_blocks,
+    float_weight,
+    quantizable_modules,
+    set_float_weight_,
+    set_submodule,
+)
+from hfquant.calibration.sequential import calibrate_blocks_
+from hfquant.nn.w4a16 import QuantLinearW4A16
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModuleReport:
+    """What happened to one module."""
+
+    name: str
+    method: str
+    loss: float | None = None
+    damp: float | None = None
+    damp_retries: int = 0
+    note: str = ""
+
+
+@dataclass
+class WeightScheme:
+    """The grid settings shared by RTN and GPTQ."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    observer: str = "minmax"
+
+
+def _rtn(module: nn.Module, scheme: WeightScheme):
+    return rtn_quantize(float_weight(module).float(), scheme.bits, scheme.group_size, scheme.sym, scheme.observer)
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module, codes, scales, zeros, g_idx, scheme: WeightScheme) -> None:
+    q = QuantLinearW4A16.from_float(module, codes, scales, zeros, g_idx, scheme.bits, scheme.group_size)
+    set_submodule(model, name, q)
+
+
+def quantize_rtn_(model: nn.Module, keep: Callable[[str], bool], scheme: WeightScheme) -> list[ModuleReport]:
+    """Round-to-nearest every quantizable module whose name passes ``keep``; swap in quantized modules."""
+    reports = []
+    for name, module in list(quantizable_modules(model, keep).items()):
+        codes, scales, zeros, g_idx = _rtn(module, scheme)
+        _swap(model, name, module, codes, scales, zeros, g_idx, scheme)
+        reports.append(ModuleReport(name, "rtn"))
+    return reports
+
+
+def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool], scheme: WeightScheme,
+                   *, act_order: bool, static_groups: bool, damp_percent: float, block_size: int,
+                   true_sequential: bool, progress: bool = True) -> list[ModuleReport]:
+    """GPTQ over the model's repeated blocks, block by block; Linears outside the blocks get RTN."""
+    results: dict[str, tuple] = {}
+    reports: dict[str, ModuleReport] = {}
+
+    def fallback(name: str, module: nn.Module, full: str | None = None, note: str = "not called during calibration"):
+        full = full or name
+        codes, scales, zeros, g_idx = _rtn(module, scheme)
+        results[full] = (module, codes, scales, zeros, g_idx)
+        reports[full] = ModuleReport(full, "rtn", note=note)
+
+    def solve(block_name: str, group, hessian: torch.Tensor) -> None:
+        weights = [float_weight(m).float() for m in group.modules]
+        res = gptq_quantize(torch.cat(weights, 0), hessian, bits=scheme.bits, group_size=scheme.group_size,
+                            sym=scheme.sym, act_order=act_order, static_groups=static_groups,
+                            damp_percent=damp_percent, block_size=block_size, observer=scheme.observer)
+        names = [f"{block_name}.{n}" for n in group.names]
+        if res is None:
+            for n, m in zip(names, group.modules):
+                logger.warning("%s: Hessian not positive definite even at maximum damping; using RTN", n)
+                fallback(n, m, note="Hessian not positive definite at any damping")
+                set_float_weight_(m, _dequant(*results[n][1:]))
+            return
+        if res.retries:
+            logger.warning("%s: Hessian needed damping %.4g (%d retries)", ", ".join(names), res.damp, res.retries)
+        deq = res.dequantized()
+        row = 0
+        for n, m, w in zip(names, group.modules, weights):
+            rows = slice(row, row + w.shape[0])
+            row += w.shape[0]
+            set_float_weight_(m, deq[rows])
+            results[n] = (m, res.codes[rows], res.scales[rows], res.zeros[rows], res.g_idx)
+            reports[n] = ModuleReport(n, "gptq", loss=float(res.row_losses[rows].sum()), damp=res.damp,
+                                      damp_retries=res.retries)
+
+    calibrate_blocks_(model, batches, keep, solve, true_sequential, progress=progress)
+    blocks_name, _ = find_blocks(model)
+    for name, module in quantizable_modules(model, keep).items():
+        if name not in results and not name.startswith(blocks_name + "."):
+            fallback(name, module, note="outside the repeated blocks")
+        elif name not in results:
+            fallback(name, module)
+    for name, (module, codes, scales, zeros, g_idx) in results.items():
+        _swap(model, name, module, codes, scales, zeros, g_idx, scheme)
+    return [reports[n] for n in results]
+
+
+def _dequant(codes, scales, zeros, g_idx):
+    g = g_idx.long()
+    return scales[:, g] * (codes.float() - zeros[:, g].float())
+
+
+def reports_as_dicts(reports: list[ModuleReport]) -> list[dict]:
+    return [asdict(r) for r in reports]
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - t0

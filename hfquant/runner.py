@@ -1,0 +1,66 @@
+"""Quantize a loaded float model according to an ``HFQuantConfig`` (calibration data included)."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+
+from hfquant.errors import CalibrationError
+from hfquant.quantize import WeightScheme, quantize_gptq_, quantize_rtn_, reports_as_dicts
+
+logger = logging.getLogger(__name__)
+
+
+def _tokenizer_for(model, config):
+    tok = config.tokenizer
+    if tok is not None and not isinstance(tok, str):
+        return tok
+    from transformers import AutoTokenizer
+
+    source = tok or getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    if not source:
+        raise CalibrationError("hfquant: no tokenizer for calibration; pass HFQuantConfig(tokenizer=...)")
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:
+        raise CalibrationError(f"hfquant: cannot load a tokenizer from {source!r} ({type(exc).__name__}); pass HFQuantConfig(tokenizer=...)") from None
+
+
+def _check_seq_len(model, seq_len: int) -> None:
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and seq_len > limit:
+        raise CalibrationError(f"hfquant: seq_len={seq_len} exceeds the model's maximum of {limit} positions; lower seq_len")
+
+
+def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: torch.Tensor | None = None,
+                           progress: bool = True) -> dict:
+    """Quantize ``model`` in place; returns a report (per-module results, calibration fingerprint, timings)."""
+    from hfquant.calibration.data import calibration_windows, fingerprint
+
+    scheme = WeightScheme(config.bits, config.group_size, config.sym, config.observer)
+    report: dict = {"method": config.method, "torch": torch.__version__, "machine": platform.machine()}
+    model.eval()
+    if config.method == "rtn":
+        modules = quantize_rtn_(model, keep, scheme)
+    else:
+        _check_seq_len(model, config.seq_len)
+        t0 = time.perf_counter()
+        if windows is None:
+            tokenizer = _tokenizer_for(model, config)
+            windows = calibration_windows(tokenizer, dataset=config.dataset, config_name=config.dataset_config,
+                                          split=config.dataset_split, column=config.dataset_column,
+                                          num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
+        report["calibration"] = {"fingerprint": fingerprint(windows), "shape": list(windows.shape),
+                                 "seconds": time.perf_counter() - t0}
+        batches = list(windows.split(config.calibration_batch_size))
+        modules = quantize_gptq_(model, batches, keep, scheme, act_order=config.desc_act,
+                                 static_groups=config.static_groups, damp_percent=config.damp_percent,
+                                 block_size=config.block_size, true_sequential=config.true_sequential,
+                                 progress=progress)
+    report["modules"] = reports_as_dicts(modules)
+    report["damp_retries"] = sum(m.damp_retries for m in modules)
+    return report

@@ -1,0 +1,77 @@
+"""Tiny offline models and a tiny tokenizer for the tests."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from hfquant.calibration.data import BUNDLED_CALIBRATION
+
+VOCAB = 320
+
+
+@lru_cache(maxsize=1)
+def tiny_tokenizer():
+    """A byte-level BPE with a few hundred tokens, trained in well under a second on bundled text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"], show_progress=False)
+    text = BUNDLED_CALIBRATION.read_text()[:60000]
+    tok.train_from_iterator([text], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def tiny_config(arch: str):
+    """Configs of a few families, each small enough for CPU tests in seconds."""
+    import transformers as tf
+
+    common = dict(vocab_size=VOCAB)
+    if arch == "llama":
+        return tf.LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True, **common)
+    if arch == "qwen2":
+        return tf.Qwen2Config(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                              num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=False, **common)
+    if arch == "opt":
+        return tf.OPTConfig(hidden_size=64, ffn_dim=160, num_hidden_layers=2, num_attention_heads=4,
+                            max_position_embeddings=256, word_embed_proj_dim=64, **common)
+    if arch == "gpt2":
+        return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+    if arch == "bert":
+        return tf.BertConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                             max_position_embeddings=256, **common)
+    raise ValueError(arch)
+
+
+def save_tiny_model(arch: str, folder: Path, seed: int = 0) -> Path:
+    """Build a randomly initialised tiny model (seeded) and save it with the tiny tokenizer."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = tiny_config(arch)
+    cls = tf.AutoModel if arch == "bert" else tf.AutoModelForCausalLM
+    model = cls.from_config(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def auto_class(arch: str):
+    import transformers as tf
+
+    return tf.AutoModel if arch == "bert" else tf.AutoModelForCausalLM
+
+
+def small_calibration(**overrides):
+    """Config kwargs for a fast calibration on bundled text."""
+    kw = dict(num_samples=8, seq_len=64, calibration_batch_size=4)
+    kw.update(overrides)
+    return kw
