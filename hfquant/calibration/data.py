@@ -32,7 +32,7 @@ def _pick_column(ds, column: str | None, source: str) -> str:
         return column
     if "text" in names:
         return "text"
-    string_cols = [n for n in names if getattr(ds.features[n], "dtype", None) == "string"]
+    string_cols = [n for n in names if getattr(ds.features[n], "dtype", None) in ("string", "large_string")]
     if len(string_cols) == 1:
         return string_cols[0]
     raise CalibrationError(f"calibration dataset {source}: cannot tell which column holds text among {names}; set dataset_column")

@@ -56,6 +56,12 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
     out, chunks, b = packed.shape
     if b != bits:
         raise ValueError(f"packed tensor has {b} words per chunk but bits={bits}")
+    if CHUNK % bits == 0:
+        # Whole codes per word: one shift-and-mask per code position (fast path for 2, 4 and 8 bits).
+        per_word = CHUNK // bits
+        shifts = torch.arange(0, CHUNK, bits, dtype=torch.int32, device=packed.device)
+        values = (packed[..., None] >> shifts) & (2**bits - 1)
+        return values.reshape(out, chunks * b * per_word)[:, :in_features].contiguous()
     shifts = torch.arange(CHUNK, dtype=torch.int32, device=packed.device)
     stream = (packed[..., None] >> shifts) & 1  # arithmetic shift; the & 1 makes the sign bit harmless
     stream = stream.reshape(out, chunks, CHUNK, bits)

@@ -1,0 +1,186 @@
+"""Accuracy benchmark on SmolLM2-135M: PPL-16K, quantization wall time, peak RSS and checkpoint size.
+
+Each row runs in its own subprocess so its peak RSS is its own. Writes ``OUT/accuracy.json`` and
+``OUT/accuracy.md``; with ``--update-benchmarks`` the markdown table also replaces the block between
+the accuracy markers in ``BENCHMARKS.md``.
+
+PPL-16K: WikiText-2 test.txt tokenized whole, first 32 non-overlapping 512-token windows,
+exp(mean NLL). Calibration: 128 windows x 512 tokens of valid.txt, seed 0.
+
+Usage:
+    python scripts/prepare_reference_model.py --out models
+    python scripts/bench_accuracy.py --model models/smollm2-135m --out bench --update-benchmarks
+    python scripts/bench_accuracy.py --only gptq-w4-g64   # a subset (substring match on row names)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GPTQ = {"method": "gptq"}
+RTN = {"method": "rtn"}
+ROWS: dict[str, dict | None] = {
+    "fp32": None,
+    "rtn-w4-g128-sym": {**RTN, "group_size": 128, "sym": True},
+    "rtn-w4-g128-asym": {**RTN, "group_size": 128, "sym": False},
+    "rtn-w4-g64-sym": {**RTN, "group_size": 64, "sym": True},
+    "rtn-w4-g64-asym": {**RTN, "group_size": 64, "sym": False},
+    "gptq-w4-g64-sym": {**GPTQ, "group_size": 64, "sym": True, "desc_act": False},
+    "gptq-w4-g64-sym-actorder": {**GPTQ, "group_size": 64, "sym": True, "desc_act": True},
+    "gptq-w4-g64-asym": {**GPTQ, "group_size": 64, "sym": False, "desc_act": True},
+    "gptq-w4-g128-sym": {**GPTQ, "group_size": 128, "sym": True, "desc_act": False},
+    "gptq-w4-g128-sym-actorder": {**GPTQ, "group_size": 128, "sym": True, "desc_act": True},
+    "gptq-w4-g128-asym": {**GPTQ, "group_size": 128, "sym": False, "desc_act": True},
+    "gptq-w3-g128-asym": {**GPTQ, "bits": 3, "group_size": 128, "sym": False, "desc_act": True},
+    "bnb-nf4-b64": {"method": "bnb-nf4"},
+}
+
+
+def _dir_mb(folder: Path) -> float:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
+
+
+def run_row(name: str, model_path: str, extra: dict, windows: int) -> dict:
+    """Run one row in this process and return its measurements."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hfquant
+    from hfquant.calibration.data import BUNDLED_EVALUATION
+    from hfquant.eval import perplexity
+
+    torch.manual_seed(0)
+    spec = ROWS[name]
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    row: dict = {"row": name, "config": spec}
+    t0 = time.perf_counter()
+    if spec is None:
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        row["quant_seconds"] = None
+    elif spec["method"] == "bnb-nf4":
+        try:
+            from transformers import BitsAndBytesConfig
+
+            bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=bnb, dtype=torch.float32)
+        except Exception as exc:  # not installed, or no backend for this CPU
+            return {**row, "skipped": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+        row["quant_seconds"] = time.perf_counter() - t0
+    else:
+        cfg = hfquant.HFQuantConfig(**{**spec, **extra})
+        model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=cfg, dtype=torch.float32)
+        row["quant_seconds"] = time.perf_counter() - t0
+        row["damp_retries"] = getattr(model, "hfquant_report", {}).get("damp_retries")
+    text = BUNDLED_EVALUATION.read_text()
+    t1 = time.perf_counter()
+    row["ppl16k"] = perplexity(model, tokenizer, text, seq_len=512, max_windows=windows)
+    row["eval_seconds"] = time.perf_counter() - t1
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            model.save_pretrained(tmp)
+            row["checkpoint_mb"] = _dir_mb(Path(tmp))
+        except Exception as exc:
+            row["checkpoint_mb"] = None
+            row["save_error"] = str(exc).splitlines()[0][:160]
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return row
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}; "
+        f"{meta['threads']} threads; {meta['date']}",
+        "",
+        "| row | PPL-16K | vs fp32 | quantization wall time (s) | peak RSS (MiB) | checkpoint (MiB) |",
+        "|---|---|---|---|---|---|",
+    ]
+    base = next((r["ppl16k"] for r in rows if r["row"] == "fp32" and "ppl16k" in r), None)
+    for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['row']} | skipped: {r['skipped']} | | | | |")
+            continue
+        qs = "—" if r.get("quant_seconds") is None else f"{r['quant_seconds']:.1f}"
+        rel = f"{r['ppl16k'] / base:.3f}x" if base else ""
+        ck = "—" if r.get("checkpoint_mb") is None else f"{r['checkpoint_mb']:.1f}"
+        lines.append(f"| {r['row']} | {r['ppl16k']:.2f} | {rel} | {qs} | {r['peak_rss_mb']:.0f} | {ck} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_benchmarks(md: str, marker: str = "accuracy") -> None:
+    path = ROOT / "BENCHMARKS.md"
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{begin}\n{md}{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m"))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    parser.add_argument("--only", nargs="*", help="run only rows whose name contains one of these")
+    parser.add_argument("--windows", type=int, default=32)
+    parser.add_argument("--set", nargs="*", default=[], help="extra HFQuantConfig fields for every row, key=json")
+    parser.add_argument("--update-benchmarks", action="store_true")
+    parser.add_argument("--row", help=argparse.SUPPRESS)
+    parser.add_argument("--row-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+
+    if args.row:
+        Path(args.row_out).write_text(json.dumps(run_row(args.row, args.model, extra, args.windows)))
+        return
+
+    if not Path(args.model, "config.json").is_file():
+        sys.exit(f"error: no model at {args.model}; run: python scripts/prepare_reference_model.py --out models")
+    names = [n for n in ROWS if not args.only or any(o in n for o in args.only)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in names:
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [sys.executable, __file__, "--model", args.model, "--row", name, "--row-out", f.name,
+                   "--windows", str(args.windows), "--set", *args.set]
+            proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            if proc.returncode != 0:
+                rows.append({"row": name, "skipped": f"failed: {proc.stderr.strip().splitlines()[-1][:160]}"})
+            else:
+                rows.append(json.loads(Path(f.name).read_text()))
+        r = rows[-1]
+        print(f"{name}: " + (r.get("skipped") or f"PPL-16K {r['ppl16k']:.3f}, quant {r.get('quant_seconds') or 0:.1f}s, "
+                             f"RSS {r['peak_rss_mb']:.0f} MiB, ckpt {r.get('checkpoint_mb') or 0:.1f} MiB"), flush=True)
+    import torch
+    import transformers
+
+    meta = {
+        "command": "python scripts/bench_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+    }
+    (args.out / "accuracy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    md = markdown(rows, meta)
+    (args.out / "accuracy.md").write_text(md)
+    print(md)
+    if args.update_benchmarks:
+        update_benchmarks(md)
+
+
+if __name__ == "__main__":
+    main()

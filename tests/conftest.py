@@ -1,0 +1,32 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REFERENCE_MODEL = Path(os.environ.get("HFQUANT_REFERENCE_MODEL", Path(__file__).parent.parent / "models" / "smollm2-135m"))
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_slow = pytest.mark.skip(reason=f"reference model not found at {REFERENCE_MODEL}; run scripts/prepare_reference_model.py")
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "slow" in item.keywords and not (REFERENCE_MODEL / "config.json").is_file():
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory):
+    """Saved tiny float models, one folder per architecture (built once per session)."""
+    from helpers import save_tiny_model
+
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: save_tiny_model(arch, root / arch) for arch in ("llama", "qwen2", "opt", "gpt2", "bert")}

@@ -1,0 +1,53 @@
+import json
+
+import pytest
+
+from hfquant import HFQuantConfig
+from hfquant.errors import ConfigError
+
+
+def test_defaults_are_gptq_w4_g128_sym():
+    c = HFQuantConfig()
+    assert (c.method, c.bits, c.group_size, c.sym) == ("gptq", 4, 128, True)
+    assert c.quant_method == "hfquant"
+
+
+def test_unknown_key_lists_valid_keys():
+    with pytest.raises(ConfigError) as e:
+        HFQuantConfig(bitz=4)
+    msg = str(e.value)
+    assert "bitz" in msg and "group_size" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("field,value", [
+    ("bits", 5), ("bits", "4"), ("bits", True), ("group_size", 0), ("group_size", -2), ("method", "awq"),
+    ("sym", "yes"), ("damp_percent", -0.1), ("damp_percent", 2), ("num_samples", 0), ("seq_len", -1),
+    ("block_size", 0), ("observer", "max"), ("seed", -1), ("dataset", 3), ("modules_to_not_convert", "lm_head"),
+    ("calibration_batch_size", 0), ("dataset_split", 1),
+])
+def test_bad_values_are_rejected_with_the_field_name(field, value):
+    with pytest.raises(ConfigError) as e:
+        HFQuantConfig(**{field: value})
+    assert field in str(e.value) and "expected" in str(e.value)
+
+
+def test_round_trip_and_runtime_objects_stay_out():
+    c = HFQuantConfig(method="rtn", bits=3, group_size=64, sym=False, dataset=["a text", "another"],
+                      tokenizer=object(), modules_to_not_convert=["lm_head"])
+    d = c.to_dict()
+    json.dumps(d)  # serializable
+    assert d["dataset"] is None and d["tokenizer"] is None
+    back = HFQuantConfig.from_dict(d)
+    assert back.to_dict() == d
+    assert HFQuantConfig.from_dict(HFQuantConfig(dataset="data.txt").to_dict()).dataset == "data.txt"
+
+
+def test_diff_dict_has_only_changes():
+    assert HFQuantConfig(bits=3).to_diff_dict() == {"quant_method": "hfquant", "bits": 3}
+
+
+def test_transformers_round_trip_through_auto_config():
+    from transformers.quantizers.auto import AutoQuantizationConfig
+
+    c = AutoQuantizationConfig.from_dict({"quant_method": "hfquant", "bits": 8, "group_size": -1})
+    assert isinstance(c, HFQuantConfig) and c.bits == 8

@@ -1,0 +1,61 @@
+import pytest
+import torch
+
+from hfquant.algorithms.rtn import rtn_quantize
+from hfquant.kernels.w4a16 import w4a16_cpu_int4, w4a16_linear, w4a16_reference
+from hfquant.nn.w4a16 import QuantLinearW4A16
+
+
+def make_module(in_f, out_f, bits=4, group=128, bias=True, act_perm=False, seed=0):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f, bias=bias)
+    codes, scales, zeros, g_idx = rtn_quantize(lin.weight.data, bits, group, sym=False)
+    if act_perm:  # act-order layout: groups are sets of permuted columns, g_idx is not monotone
+        g = in_f if group == -1 else group
+        perm = torch.randperm(in_f)
+        g_idx = (torch.arange(in_f) // g)[torch.argsort(perm)].int()
+    return QuantLinearW4A16.from_float(lin, codes, scales, zeros, g_idx, bits, group)
+
+
+@pytest.mark.parametrize("in_f,out_f,group", [(576, 960, 128), (576, 1536, 64), (1536, 576, 128), (256, 96, 32),
+                                              (200, 64, 64), (512, 128, 256)])
+@pytest.mark.parametrize("m", [1, 7, 64, 512])
+@pytest.mark.parametrize("act_perm", [False, True])
+def test_cpu_int4_matches_reference(in_f, out_f, group, m, act_perm):
+    mod = make_module(in_f, out_f, group=group, act_perm=act_perm)
+    x = torch.randn(m, in_f)
+    ref = w4a16_reference(x, mod)
+    fast = w4a16_cpu_int4(x, mod)
+    assert fast is not None
+    # Stated tolerance: the kernel takes bf16 activations, ~3e-3 relative error; allow 1e-2.
+    rel = float((fast - ref).norm() / ref.norm())
+    assert rel < 1e-2, rel
+
+
+def test_dispatch_falls_back_for_other_bits_and_dtypes():
+    mod = make_module(96, 32, bits=3, group=32)
+    assert w4a16_cpu_int4(torch.randn(2, 96), mod) is None
+    x3 = torch.randn(2, 96)
+    assert torch.equal(w4a16_linear(x3, mod), w4a16_reference(x3, mod))
+    mod4 = make_module(128, 32, group=-1)
+    assert w4a16_cpu_int4(torch.randn(2, 128), mod4) is None  # per-channel: the CPU kernel needs groups <= 256
+    x = torch.randn(3, 128, dtype=torch.bfloat16)
+    assert w4a16_linear(x, mod4).dtype == torch.bfloat16
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def test_batched_3d_input_and_cache_invalidation():
+    mod = make_module(256, 64, group=64)
+    x = torch.randn(2, 5, 256)  # 10 rows: the decode kernel
+    assert rel_err(w4a16_linear(x, mod), w4a16_reference(x, mod)) < 1e-2
+    mod.scales.data = mod.scales.data * 2  # new tensor: the cached operands must be rebuilt
+    assert rel_err(w4a16_linear(x, mod), w4a16_reference(x, mod)) < 1e-2
+
+
+def test_prefill_uses_the_exact_reference():
+    mod = make_module(256, 64, group=64)
+    x = torch.randn(4, 32, 256)
+    assert torch.equal(w4a16_linear(x, mod), w4a16_reference(x, mod))
