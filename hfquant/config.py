@@ -18,7 +18,9 @@ from hfquant.errors import ConfigError
 from hfquant.nn.packing import SUPPORTED_BITS
 
 QUANT_METHOD = "hfquant"
-METHODS = ("gptq", "rtn")
+METHODS = ("gptq", "rtn", "smoothquant")
+WEIGHT_METHODS = ("rtn", "gptq")
+ACTIVATION_SCHEMES = ("dynamic", "static")
 
 # name -> default; the order is the order of to_dict().
 DEFAULTS: dict[str, Any] = {
@@ -42,6 +44,9 @@ DEFAULTS: dict[str, Any] = {
     "calibration_batch_size": 8,
     "tokenizer": None,
     "modules_to_not_convert": None,
+    "alpha": 0.8,
+    "weight_method": "rtn",
+    "activation_scheme": "dynamic",
 }
 
 
@@ -75,6 +80,11 @@ class HFQuantConfig(QuantizationConfigMixin):
         tokenizer: tokenizer name/path (or object, not saved); defaults to the model's own.
         modules_to_not_convert: module names (or transformers skip patterns) to keep float; ``lm_head``
             and tied embeddings are always kept float.
+        alpha: SmoothQuant migration strength in [0, 1], ``"auto"`` (per-group search over a grid, keeping
+            the smallest W8A8 output error on calibration data) or ``None`` (no smoothing: plain W8A8).
+        weight_method: SmoothQuant int8 weights by ``"rtn"`` (per channel) or ``"gptq"``.
+        activation_scheme: SmoothQuant int8 activations ``"dynamic"`` (per token, at run time) or
+            ``"static"`` (one per-tensor scale from calibration).
     """
 
     def __init__(self, **kwargs):
@@ -125,6 +135,13 @@ class HFQuantConfig(QuantizationConfigMixin):
         for field in ("dataset_config", "dataset_split", "dataset_column"):
             if getattr(self, field) is not None and not isinstance(getattr(self, field), str):
                 bad(field, "a string or null")
+        if not (self.alpha is None or self.alpha == "auto" or (
+                isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and 0 <= self.alpha <= 1)):
+            bad("alpha", 'a number in [0, 1], "auto", or null (no smoothing)')
+        if self.weight_method not in WEIGHT_METHODS:
+            bad("weight_method", f"one of {list(WEIGHT_METHODS)}")
+        if self.activation_scheme not in ACTIVATION_SCHEMES:
+            bad("activation_scheme", f"one of {list(ACTIVATION_SCHEMES)}")
         m = self.modules_to_not_convert
         if m is not None and (not isinstance(m, (list, tuple)) or not all(isinstance(x, str) for x in m)):
             bad("modules_to_not_convert", "a list of module names")

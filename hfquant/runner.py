@@ -45,7 +45,7 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: 
     report: dict = {"method": config.method, "torch": torch.__version__, "machine": platform.machine()}
     model.eval()
     if config.method == "rtn":
-        modules = quantize_rtn_(model, keep, scheme)
+        modules = reports_as_dicts(quantize_rtn_(model, keep, scheme))
     else:
         _check_seq_len(model, config.seq_len)
         t0 = time.perf_counter()
@@ -57,10 +57,17 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: 
         report["calibration"] = {"fingerprint": fingerprint(windows), "shape": list(windows.shape),
                                  "seconds": time.perf_counter() - t0}
         batches = list(windows.split(config.calibration_batch_size))
-        modules = quantize_gptq_(model, batches, keep, scheme, act_order=config.desc_act,
-                                 static_groups=config.static_groups, damp_percent=config.damp_percent,
-                                 block_size=config.block_size, true_sequential=config.true_sequential,
-                                 progress=progress)
-    report["modules"] = reports_as_dicts(modules)
-    report["damp_retries"] = sum(m.damp_retries for m in modules)
+        if config.method == "smoothquant":
+            from hfquant.quantize_w8a8 import quantize_w8a8_
+
+            modules = quantize_w8a8_(model, batches, keep, alpha=config.alpha, weight_method=config.weight_method,
+                                     static_activations=config.activation_scheme == "static",
+                                     damp_percent=config.damp_percent, block_size=config.block_size, progress=progress)
+        else:
+            modules = reports_as_dicts(quantize_gptq_(
+                model, batches, keep, scheme, act_order=config.desc_act, static_groups=config.static_groups,
+                damp_percent=config.damp_percent, block_size=config.block_size,
+                true_sequential=config.true_sequential, progress=progress))
+    report["modules"] = modules
+    report["damp_retries"] = sum(m.get("damp_retries", 0) for m in modules)
     return report

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from hfquant import HFQuantConfig
 from hfquant.nn.w4a16 import QuantLinearW4A16
+from hfquant.nn.w8a8 import QuantLinearW8A8
 from helpers import auto_class, small_calibration
 
 CASES = {
@@ -22,6 +23,11 @@ CASES = {
     "opt-gptq": ("opt", dict(group_size=32)),
     "gpt2-gptq": ("gpt2", dict(group_size=32)),
     "bert-gptq": ("bert", dict(group_size=32)),
+    "llama-smoothquant-auto": ("llama", dict(method="smoothquant", alpha="auto")),
+    "opt-smoothquant-gptq-static": ("opt", dict(method="smoothquant", alpha=0.5, weight_method="gptq",
+                                                activation_scheme="static")),
+    "gpt2-w8a8-nosmooth": ("gpt2", dict(method="smoothquant", alpha=None)),
+    "bert-smoothquant": ("bert", dict(method="smoothquant", alpha=0.5)),
 }
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -77,7 +83,7 @@ def test_fresh_process_reload_is_bit_identical(saved):
 @pytest.mark.parametrize("case", list(CASES))
 def test_quantized_structure_and_sanity(saved, case):
     arch, folder, ref, model = saved[case]
-    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinearW4A16)]
+    quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantLinearW4A16, QuantLinearW8A8))]
     assert len(quantized) >= 4 * 2  # at least 4 Linears per block, 2 blocks
     out = load_file(str(ref))
     q, fp = out["out"], out["fp"]
@@ -87,7 +93,7 @@ def test_quantized_structure_and_sanity(saved, case):
     assert cfg["quant_method"] == "hfquant" and cfg["dataset"] is None
     if arch != "bert":
         head = model.get_output_embeddings()
-        assert not isinstance(head, QuantLinearW4A16) and head.weight.is_floating_point()
+        assert not isinstance(head, (QuantLinearW4A16, QuantLinearW8A8)) and head.weight.is_floating_point()
     assert type(model.get_input_embeddings()).__name__ == "Embedding"
 
 

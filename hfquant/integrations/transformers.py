@@ -18,6 +18,7 @@ from hfquant.calibration.modules import in_out_features, is_quantizable, set_sub
 from hfquant.config import HFQuantConfig
 from hfquant.errors import ConfigError
 from hfquant.nn.w4a16 import QuantLinearW4A16
+from hfquant.nn.w8a8 import QuantLinearW8A8
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,10 @@ class HFQuantHfQuantizer(HfQuantizer):
             in_f, out_f = in_out_features(module)
             bias = getattr(module, "bias", None) is not None
             with torch.device("meta"):
-                q = QuantLinearW4A16(in_f, out_f, cfg.bits, cfg.group_size, bias=bias, dtype=dtype)
+                if cfg.method == "smoothquant":
+                    q = QuantLinearW8A8(in_f, out_f, bias=bias, dtype=dtype)
+                else:
+                    q = QuantLinearW4A16(in_f, out_f, cfg.bits, cfg.group_size, bias=bias, dtype=dtype)
             set_submodule(model, name, q)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
@@ -90,7 +94,7 @@ class HFQuantHfQuantizer(HfQuantizer):
 
 def _freeze(model) -> None:
     for m in model.modules():
-        if isinstance(m, QuantLinearW4A16):
+        if isinstance(m, (QuantLinearW4A16, QuantLinearW8A8)):
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
 

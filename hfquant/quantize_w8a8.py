@@ -1,0 +1,135 @@
+"""Model-level W8A8: SmoothQuant smoothing, int8 weights (RTN or GPTQ), block by block.
+
+Per block: (1) one float forward over the calibration batches collects, for every group of Linears
+reading one tensor, the per-channel abs-max of that input (and its Hessian when weights use GPTQ, and a
+token sample when alpha is searched); (2) each group fed by a norm is smoothed, with a fixed alpha or the
+alpha of ``ALPHA_GRID`` whose W8A8 output error is smallest, and the fold is kept only if the block's
+output is unchanged; (3) weights become int8 per channel; (4) the block runs quantized to produce the
+next block's inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from hfquant.algorithms.gptq import gptq_quantize
+from hfquant.algorithms.smoothquant import QMAX, column_absmax, search_alpha, smoothing_scales
+from hfquant.calibration.modules import find_blocks, float_weight, quantizable_modules, set_submodule
+from hfquant.calibration.sequential import HessianStat, _call, capture_block_inputs, discover_groups
+from hfquant.calibration.smoothing import find_producers, fold_, relative_change
+from hfquant.nn.w8a8 import QuantLinearW8A8
+
+logger = logging.getLogger(__name__)
+SAMPLE_TOKENS = 2048  # tokens kept per group for the alpha search
+EXACT_TOL = 1e-4      # relative change of the block output that still counts as "unchanged"
+
+
+class _GroupStats:
+    def __init__(self, cols: int, hessian: bool, sample: bool, n_batches: int):
+        self.absmax = torch.zeros(cols)
+        self.hessian = HessianStat(torch.zeros(cols, cols)) if hessian else None
+        self.sample = [] if sample else None
+        self.per_batch = max(1, SAMPLE_TOKENS // max(n_batches, 1))
+
+    def add(self, x: torch.Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        self.absmax = torch.maximum(self.absmax, x2.abs().amax(dim=0).cpu())
+        if self.hessian is not None:
+            self.hessian.add(x2)
+        if self.sample is not None:
+            step = max(1, x2.shape[0] // self.per_batch)
+            self.sample.append(x2[::step][: self.per_batch].cpu())
+
+
+def quantize_w8a8_(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool], *,
+                   alpha, weight_method: str = "rtn", static_activations: bool = False,
+                   damp_percent: float = 0.01, block_size: int = 128, progress: bool = True) -> list[dict]:
+    """Smooth and quantize every selected Linear to W8A8 in place. Returns one report dict per Linear."""
+    blocks_name, blocks = find_blocks(model)
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    reports: list[dict] = []
+    it = range(len(blocks))
+    if progress:
+        from tqdm.auto import tqdm
+
+        it = tqdm(it, desc="smoothing + W8A8", unit="block")
+    for i in it:
+        block, prefix = blocks[i], f"{blocks_name}.{i}"
+        modules = quantizable_modules(block, keep, prefix=prefix)
+        if modules:
+            reports.extend(_quantize_block(block, prefix, modules, inputs, alpha, weight_method,
+                                           static_activations, damp_percent, block_size))
+        with torch.no_grad():
+            inputs = [inp.with_hidden(_call(block, inp)) for inp in inputs]
+    # Linears outside the repeated blocks: W8A8 without smoothing or calibration (dynamic activations).
+    for name, module in quantizable_modules(model, keep).items():
+        if name.startswith(blocks_name + "."):
+            continue
+        set_submodule(model, name, QuantLinearW8A8.from_float(module, float_weight(module).float()))
+        reports.append({"name": name, "smoothed": False, "alpha": None, "note": "outside the repeated blocks"})
+    return reports
+
+
+def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static_activations, damp_percent, block_size):
+    groups, _ = discover_groups(block, modules, inputs[0])
+    groups = find_producers(block, groups, lambda: _call(block, inputs[0]))
+    stats = []
+    handles = []
+    for g in groups:
+        cols = float_weight(g.modules[0]).shape[1]
+        st = _GroupStats(cols, weight_method == "gptq", alpha == "auto" and g.norm is not None, len(inputs))
+        stats.append(st)
+        handles.append(g.modules[0].register_forward_pre_hook(lambda _m, a, _st=st: _st.add(a[0])))
+    try:
+        with torch.no_grad():
+            baseline = _call(block, inputs[0])
+            for inp in inputs[1:]:
+                _call(block, inp)
+    finally:
+        for h in handles:
+            h.remove()
+
+    reports = []
+    for g, st in zip(groups, stats):
+        s, chosen, note = None, None, ""
+        if alpha is None:
+            note = "smoothing off"
+        elif g.norm is None:
+            note = "input does not come from a norm (e.g. attention output or activation function)"
+        else:
+            weights = [float_weight(m).float() for m in g.modules]
+            if alpha == "auto":
+                chosen, _ = search_alpha(torch.cat(st.sample), weights, st.absmax)
+            else:
+                chosen = float(alpha)
+            s = smoothing_scales(st.absmax, column_absmax(weights), chosen).to(g.norm.weight.device)
+            fold_(g.norm, g.modules, s)
+            with torch.no_grad():
+                change = relative_change(_call(block, inputs[0]), baseline)
+            if change > EXACT_TOL:
+                fold_(g.norm, g.modules, 1.0 / s)  # undo
+                s, note = None, f"folding into {g.norm_name} changes the block output ({change:.1e}): its output feeds more than these Linears"
+                chosen = None
+        smoothed = s is not None
+        act_max = st.absmax / s.cpu() if smoothed else st.absmax
+        input_scale = float(act_max.max()) / QMAX if static_activations else None
+        for name, m in zip(g.names, g.modules):
+            w = float_weight(m).float()
+            codes = scales = None
+            if weight_method == "gptq":
+                h = st.hessian.normalized()
+                if smoothed:
+                    inv = 1.0 / s.cpu().float()
+                    h = h * inv[:, None] * inv[None, :]  # Hessian of the smoothed input X / s
+                res = gptq_quantize(w, h, bits=8, group_size=-1, sym=True, damp_percent=damp_percent, block_size=block_size)
+                if res is not None:
+                    codes, scales = (res.codes - 128).to(torch.int8), res.scales[:, 0]
+            q = QuantLinearW8A8.from_float(m, w, input_scale, codes, scales)
+            set_submodule(block, name, q)
+            reports.append({"name": f"{prefix}.{name}", "smoothed": smoothed, "alpha": chosen, "smoothed_by": g.norm_name if smoothed else None,
+                            "weights": weight_method if codes is not None else "rtn", "note": note})
+    return reports

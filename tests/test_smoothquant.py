@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from hfquant.algorithms.smoothquant import (
+    ALPHA_GRID,
+    column_absmax,
+    fake_w8a8,
+    quantize_activation_int8,
+    quantize_weight_int8,
+    search_alpha,
+    smoothing_scales,
+)
+from hfquant.calibration.smoothing import fold_
+from hfquant.kernels.w8a8 import w8a8_int_mm, w8a8_linear, w8a8_reference
+from hfquant.nn.w8a8 import QuantLinearW8A8
+
+
+def outlier_inputs(n=512, cols=64, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cols, generator=gen)
+    x[:, [3, 17]] *= 60  # persistent outlier channels, the case SmoothQuant targets
+    return x
+
+
+@pytest.mark.parametrize("arch,pairs", [
+    ("llama", [("input_layernorm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+               ("post_attention_layernorm", ["mlp.gate_proj", "mlp.up_proj"])]),
+    ("opt", [("self_attn_layer_norm", ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"]),
+             ("final_layer_norm", ["fc1"])]),
+])
+def test_smoothing_leaves_fp32_outputs_unchanged(tiny_models, arch, pairs):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
+    ids = torch.randint(0, 300, (2, 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        blocks = model.model.layers if arch == "llama" else model.model.decoder.layers
+        gen = torch.Generator().manual_seed(2)
+        for block in blocks:
+            for norm, linears in pairs:
+                s = torch.rand(64, generator=gen) * 10 + 0.05
+                fold_(block.get_submodule(norm), [block.get_submodule(n) for n in linears], s)
+        after = model(input_ids=ids).logits
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_smoothing_reduces_w8a8_error_on_outlier_channels():
+    x = outlier_inputs()
+    w = torch.randn(32, 64)
+    ref = x @ w.t()
+    plain = float(((fake_w8a8(x, w) - ref) ** 2).sum())
+    s = smoothing_scales(x.abs().amax(0), column_absmax([w]), 0.5)
+    smoothed = float(((fake_w8a8(x / s, w * s) - ref) ** 2).sum())
+    assert smoothed < plain / 2
+
+
+def test_alpha_search_picks_the_grid_minimum():
+    x = outlier_inputs()
+    ws = [torch.randn(16, 64), torch.randn(8, 64)]
+    best, errors = search_alpha(x, ws, x.abs().amax(0))
+    assert set(errors) == set(ALPHA_GRID) and errors[best] == min(errors.values())
+
+
+def test_int8_grids():
+    w = torch.randn(8, 40)
+    q, s = quantize_weight_int8(w)
+    assert q.dtype == torch.int8 and q.abs().max() <= 127
+    assert torch.allclose(q.float() * s[:, None], w, atol=float(s.max()) / 2 + 1e-6)
+    x = torch.randn(3, 5, 40)
+    qx, sx = quantize_activation_int8(x)
+    assert sx.shape == (3, 5, 1) and (qx.abs().amax(-1) == 127).all()
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("shape", [(1, 64), (7, 64), (3, 33, 64)])
+def test_int_mm_path_is_bit_identical_to_reference(static, shape):
+    lin = torch.nn.Linear(64, 48)
+    m = QuantLinearW8A8.from_float(lin, lin.weight.data, input_scale=0.1 if static else None)  # covers |x| <= 12.7
+    x = torch.randn(*shape) * 3
+    assert torch.equal(w8a8_int_mm(x, m), w8a8_reference(x, m))
+    assert torch.equal(w8a8_linear(x, m), w8a8_reference(x, m))
+    y = w8a8_reference(x, m)
+    assert float((y - lin(x)).norm() / lin(x).norm()) < 0.05
+
+
+def test_bert_post_norm_is_reported_not_smoothed(tiny_models):
+    from transformers import AutoModel
+
+    from hfquant import HFQuantConfig
+
+    model = AutoModel.from_pretrained(tiny_models["bert"], quantization_config=HFQuantConfig(
+        method="smoothquant", alpha=0.5, num_samples=4, seq_len=32, calibration_batch_size=2))
+    mods = {m["name"]: m for m in model.hfquant_report["modules"]}
+    inter = mods["encoder.layer.1.intermediate.dense"]  # reads attention.output.LayerNorm, which also feeds the residual
+    assert not inter["smoothed"] and "changes the block output" in inter["note"]
+    assert not mods["encoder.layer.1.attention.self.query"]["smoothed"]  # its LayerNorm is in the previous block
+    assert not mods["encoder.layer.0.attention.output.dense"]["smoothed"]
+
+
+def test_llama_groups_are_smoothed_and_reported(tiny_models):
+    from transformers import AutoModelForCausalLM
+
+    from hfquant import HFQuantConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], quantization_config=HFQuantConfig(
+        method="smoothquant", alpha="auto", num_samples=4, seq_len=32, calibration_batch_size=2))
+    mods = {m["name"]: m for m in model.hfquant_report["modules"]}
+    for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+        r = mods[f"model.layers.0.{n}"]
+        assert r["smoothed"] and r["alpha"] in ALPHA_GRID, r
+    for n in ("self_attn.o_proj", "mlp.down_proj"):
+        assert not mods[f"model.layers.1.{n}"]["smoothed"]
