@@ -93,27 +93,30 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
         for h in handles:
             h.remove()
 
-    reports = []
+    # Decide and fold every group's smoothing first (each checked against the float block), then quantize.
+    decisions = []
     for g, st in zip(groups, stats):
         s, chosen, note = None, None, ""
         if alpha is None:
             note = "smoothing off"
         elif g.norm is None:
-            note = "input does not come from a norm (e.g. attention output or activation function)"
+            note = "input does not come from a norm in this block (attention output, activation, or block input)"
         else:
             weights = [float_weight(m).float() for m in g.modules]
-            if alpha == "auto":
-                chosen, _ = search_alpha(torch.cat(st.sample), weights, st.absmax)
-            else:
-                chosen = float(alpha)
+            chosen = search_alpha(torch.cat(st.sample), weights, st.absmax)[0] if alpha == "auto" else float(alpha)
             s = smoothing_scales(st.absmax, column_absmax(weights), chosen).to(g.norm.weight.device)
             fold_(g.norm, g.modules, s)
             with torch.no_grad():
                 change = relative_change(_call(block, inputs[0]), baseline)
             if change > EXACT_TOL:
                 fold_(g.norm, g.modules, 1.0 / s)  # undo
-                s, note = None, f"folding into {g.norm_name} changes the block output ({change:.1e}): its output feeds more than these Linears"
-                chosen = None
+                note = (f"folding into {g.norm_name} changes the block output ({change:.1e}): "
+                        "its output feeds more than these Linears")
+                s, chosen = None, None
+        decisions.append((s, chosen, note))
+
+    reports = []
+    for g, st, (s, chosen, note) in zip(groups, stats, decisions):
         smoothed = s is not None
         act_max = st.absmax / s.cpu() if smoothed else st.absmax
         input_scale = float(act_max.max()) / QMAX if static_activations else None
@@ -130,6 +133,7 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
                     codes, scales = (res.codes - 128).to(torch.int8), res.scales[:, 0]
             q = QuantLinearW8A8.from_float(m, w, input_scale, codes, scales)
             set_submodule(block, name, q)
-            reports.append({"name": f"{prefix}.{name}", "smoothed": smoothed, "alpha": chosen, "smoothed_by": g.norm_name if smoothed else None,
+            reports.append({"name": f"{prefix}.{name}", "smoothed": smoothed, "alpha": chosen,
+                            "smoothed_by": g.norm_name if smoothed else None,
                             "weights": weight_method if codes is not None else "rtn", "note": note})
     return reports
