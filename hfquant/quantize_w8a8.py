@@ -2,10 +2,11 @@
 
 Per block: (1) one float forward over the calibration batches collects, for every group of Linears
 reading one tensor, the per-channel abs-max of that input (and its Hessian when weights use GPTQ, and a
-token sample when alpha is searched); (2) each group fed by a norm is smoothed, with a fixed alpha or the
-alpha of ``ALPHA_GRID`` whose W8A8 output error is smallest, and the fold is kept only if the block's
-output is unchanged; (3) weights become int8 per channel; (4) the block runs quantized to produce the
-next block's inputs.
+token sample when alpha is searched); its outputs are the next block's inputs, so the statistics are
+those of the float model, as in the SmoothQuant reference, and the whole run costs one forward pass;
+(2) each group fed by a norm is smoothed, with a fixed alpha or the alpha of ``ALPHA_GRID`` whose W8A8
+output error is smallest, and the fold is kept only if the block's output is unchanged; (3) weights
+become int8 per channel.
 """
 
 from __future__ import annotations
@@ -61,10 +62,13 @@ def quantize_w8a8_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
         block, prefix = blocks[i], f"{blocks_name}.{i}"
         modules = quantizable_modules(block, keep, prefix=prefix)
         if modules:
-            reports.extend(_quantize_block(block, prefix, modules, inputs, alpha, weight_method,
-                                           static_activations, damp_percent, block_size))
-        with torch.no_grad():
-            inputs = [inp.with_hidden(_call(block, inp)) for inp in inputs]
+            block_reports, outputs = _quantize_block(block, prefix, modules, inputs, alpha, weight_method,
+                                                     static_activations, damp_percent, block_size)
+            reports.extend(block_reports)
+        else:
+            with torch.no_grad():
+                outputs = [_call(block, inp) for inp in inputs]
+        inputs = [inp.with_hidden(out) for inp, out in zip(inputs, outputs)]
     # Linears outside the repeated blocks: W8A8 without smoothing or calibration (dynamic activations).
     for name, module in quantizable_modules(model, keep).items():
         if name.startswith(blocks_name + "."):
@@ -86,9 +90,7 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
         handles.append(g.modules[0].register_forward_pre_hook(lambda _m, a, _st=st: _st.add(a[0])))
     try:
         with torch.no_grad():
-            baseline = _call(block, inputs[0])
-            for inp in inputs[1:]:
-                _call(block, inp)
+            outputs = [_call(block, inp) for inp in inputs]
     finally:
         for h in handles:
             h.remove()
@@ -107,7 +109,7 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
             s = smoothing_scales(st.absmax, column_absmax(weights), chosen).to(g.norm.weight.device)
             fold_(g.norm, g.modules, s)
             with torch.no_grad():
-                change = relative_change(_call(block, inputs[0]), baseline)
+                change = relative_change(_call(block, inputs[0]), outputs[0])
             if change > EXACT_TOL:
                 fold_(g.norm, g.modules, 1.0 / s)  # undo
                 note = (f"folding into {g.norm_name} changes the block output ({change:.1e}): "
@@ -136,4 +138,4 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
             reports.append({"name": f"{prefix}.{name}", "smoothed": smoothed, "alpha": chosen,
                             "smoothed_by": g.norm_name if smoothed else None,
                             "weights": weight_method if codes is not None else "rtn", "note": note})
-    return reports
+    return reports, outputs

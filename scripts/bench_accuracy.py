@@ -45,6 +45,11 @@ ROWS: dict[str, dict | None] = {
     "gptq-w4-g128-asym": {**GPTQ, "group_size": 128, "sym": False, "desc_act": True},
     "gptq-w3-g128-asym": {**GPTQ, "bits": 3, "group_size": 128, "sym": False, "desc_act": True},
     "bnb-nf4-b64": {"method": "bnb-nf4"},
+    "w8a8-nosmooth": {"method": "smoothquant", "alpha": None},
+    "smoothquant-w8a8-a0.5": {"method": "smoothquant", "alpha": 0.5},
+    "smoothquant-w8a8-a0.8": {"method": "smoothquant", "alpha": 0.8},
+    "smoothquant-w8a8-auto": {"method": "smoothquant", "alpha": "auto"},
+    "smoothquant-w8a8-a0.8-gptq": {"method": "smoothquant", "alpha": 0.8, "weight_method": "gptq"},
 }
 
 

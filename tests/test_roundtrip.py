@@ -123,3 +123,14 @@ def test_loading_without_hfquant_fails_loudly(saved):
     proc = subprocess.run([sys.executable, "-c", NO_HFQUANT, str(folder)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 3, proc.stdout + proc.stderr[-1000:]
     assert "RAISED" in proc.stdout and "size mismatch" in (proc.stdout + proc.stderr).lower() or "mismatch" in proc.stderr.lower()
+
+
+def test_sharded_save_reloads_identically(saved, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    _, _, ref, model = saved["llama-gptq-actorder-asym"]
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1 and (tmp_path / "model.safetensors.index.json").is_file()
+    assert not list(tmp_path.glob("*.bin"))  # safetensors only
+    with torch.no_grad():
+        assert torch.equal(_out(AutoModelForCausalLM.from_pretrained(tmp_path).eval()), load_file(str(ref))["out"])
