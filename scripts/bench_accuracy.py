@@ -31,20 +31,22 @@ sys.path.insert(0, str(ROOT))
 
 GPTQ = {"method": "gptq"}
 RTN = {"method": "rtn"}
+STATIC_ACT = {"desc_act": True, "static_groups": True}
 ROWS: dict[str, dict | None] = {
     "fp32": None,
     "rtn-w4-g128-sym": {**RTN, "group_size": 128, "sym": True},
     "rtn-w4-g128-asym": {**RTN, "group_size": 128, "sym": False},
     "rtn-w4-g64-sym": {**RTN, "group_size": 64, "sym": True},
     "rtn-w4-g64-asym": {**RTN, "group_size": 64, "sym": False},
-    "gptq-w4-g64-sym": {**GPTQ, "group_size": 64, "sym": True, "desc_act": False},
-    "gptq-w4-g64-sym-actorder": {**GPTQ, "group_size": 64, "sym": True, "desc_act": True},
-    "gptq-w4-g64-asym": {**GPTQ, "group_size": 64, "sym": False, "desc_act": True},
-    "gptq-w4-g128-sym": {**GPTQ, "group_size": 128, "sym": True, "desc_act": False},
-    "gptq-w4-g128-sym-actorder": {**GPTQ, "group_size": 128, "sym": True, "desc_act": True},
-    "gptq-w4-g128-asym": {**GPTQ, "group_size": 128, "sym": False, "desc_act": True},
-    "gptq-w3-g128-asym": {**GPTQ, "bits": 3, "group_size": 128, "sym": False, "desc_act": True},
     "bnb-nf4-b64": {"method": "bnb-nf4"},
+    "gptq-w4-g64-sym": {**GPTQ, "group_size": 64, "sym": True, "desc_act": False},
+    "gptq-w4-g64-sym-actorder": {**GPTQ, "group_size": 64, "sym": True, **STATIC_ACT},
+    "gptq-w4-g64-sym-actorder-dynamic": {**GPTQ, "group_size": 64, "sym": True, "desc_act": True, "static_groups": False},
+    "gptq-w4-g64-asym-actorder": {**GPTQ, "group_size": 64, "sym": False, **STATIC_ACT},
+    "gptq-w4-g128-sym": {**GPTQ, "group_size": 128, "sym": True, "desc_act": False},
+    "gptq-w4-g128-sym-actorder": {**GPTQ, "group_size": 128, "sym": True, **STATIC_ACT},
+    "gptq-w4-g128-asym-actorder": {**GPTQ, "group_size": 128, "sym": False, **STATIC_ACT},
+    "gptq-w3-g128-asym-actorder": {**GPTQ, "bits": 3, "group_size": 128, "sym": False, **STATIC_ACT},
     "w8a8-nosmooth": {"method": "smoothquant", "alpha": None},
     "smoothquant-w8a8-a0.5": {"method": "smoothquant", "alpha": 0.5},
     "smoothquant-w8a8-a0.8": {"method": "smoothquant", "alpha": 0.8},
