@@ -21,7 +21,7 @@ from hfquant.algorithms.gptq import gptq_quantize
 from hfquant.algorithms.smoothquant import QMAX, column_absmax, search_alpha, smoothing_scales
 from hfquant.calibration.modules import find_blocks, float_weight, quantizable_modules, set_submodule
 from hfquant.calibration.sequential import HessianStat, _call, capture_block_inputs, discover_groups
-from hfquant.calibration.smoothing import find_producers, fold_, relative_change
+from hfquant.calibration.smoothing import find_producers, fold_, missing_known_groups, relative_change
 from hfquant.nn.w8a8 import QuantLinearW8A8
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ def quantize_w8a8_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
             block_reports, outputs = _quantize_block(block, prefix, modules, inputs, alpha, weight_method,
                                                      static_activations, damp_percent, block_size)
             reports.extend(block_reports)
+            if alpha is not None:
+                _check_known_groups(getattr(getattr(model, "config", None), "model_type", None), prefix, block_reports)
         else:
             with torch.no_grad():
                 outputs = [_call(block, inp) for inp in inputs]
@@ -76,6 +78,15 @@ def quantize_w8a8_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
         set_submodule(model, name, QuantLinearW8A8.from_float(module, float_weight(module).float()))
         reports.append({"name": name, "smoothed": False, "alpha": None, "note": "outside the repeated blocks"})
     return reports
+
+
+def _check_known_groups(model_type, prefix: str, block_reports: list[dict]) -> None:
+    pairs: dict[str, list[str]] = {}
+    for r in block_reports:
+        if r["smoothed"]:
+            pairs.setdefault(r["smoothed_by"], []).append(r["name"][len(prefix) + 1:])
+    for miss in missing_known_groups(model_type, [(n, tuple(ls)) for n, ls in pairs.items()]):
+        logger.warning("%s: the known %s pair %s was not smoothed (see the report's notes)", prefix, model_type, miss)
 
 
 def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static_activations, damp_percent, block_size):

@@ -59,3 +59,12 @@ def test_prefill_uses_the_exact_reference():
     mod = make_module(256, 64, group=64)
     x = torch.randn(4, 32, 256)
     assert torch.equal(w4a16_linear(x, mod), w4a16_reference(x, mod))
+
+
+@pytest.mark.parametrize("bits,group,act_perm", [(4, 128, False), (4, 64, True), (3, 48, False), (2, 32, False),
+                                                 (8, -1, False), (4, 100, False)])
+def test_dequantize_matches_the_gather_formula(bits, group, act_perm):
+    mod = make_module(200, 24, bits=bits, group=group, act_perm=act_perm)
+    idx = mod.g_idx.long()
+    expected = mod.scales.float()[:, idx] * (mod.codes().float() - mod.zeros.float()[:, idx])
+    assert torch.equal(mod.dequantize(torch.float32), expected)

@@ -111,3 +111,13 @@ def test_llama_groups_are_smoothed_and_reported(tiny_models):
         assert r["smoothed"] and r["alpha"] in ALPHA_GRID, r
     for n in ("self_attn.o_proj", "mlp.down_proj"):
         assert not mods[f"model.layers.1.{n}"]["smoothed"]
+
+
+def test_known_family_table_cross_check():
+    from hfquant.calibration.smoothing import missing_known_groups
+
+    found = [("input_layernorm", ("self_attn.k_proj", "self_attn.q_proj", "self_attn.v_proj")),
+             ("post_attention_layernorm", ("mlp.up_proj", "mlp.gate_proj"))]
+    assert missing_known_groups("llama", found) == []
+    assert missing_known_groups("qwen2", found[:1]) == ["post_attention_layernorm -> mlp.gate_proj, mlp.up_proj"]
+    assert missing_known_groups("unknown-family", []) == []

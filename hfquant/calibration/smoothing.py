@@ -18,6 +18,25 @@ from torch import nn
 from hfquant.calibration.modules import is_conv1d
 
 
+# Norm -> Linears pairs the SmoothQuant reference (smooth.py) and llm-compressor use, per model family.
+# Discovery is generic; this table only cross-checks it, so a family whose graph hides a known pair is reported.
+KNOWN_GROUPS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
+    "llama": [("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+              ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))],
+    "opt": [("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("final_layer_norm", ("fc1",))],
+}
+for _alias in ("mistral", "qwen2", "qwen3"):
+    KNOWN_GROUPS[_alias] = KNOWN_GROUPS["llama"]
+
+
+def missing_known_groups(model_type: str | None, found: list[tuple[str, tuple[str, ...]]]) -> list[str]:
+    """Known pairs of ``model_type`` that discovery did not smooth, as readable strings."""
+    found_set = {(n, tuple(sorted(ls))) for n, ls in found}
+    return [f"{n} -> {', '.join(ls)}" for n, ls in KNOWN_GROUPS.get(model_type or "", [])
+            if (n, tuple(sorted(ls))) not in found_set]
+
+
 def is_norm(module: nn.Module) -> bool:
     w = getattr(module, "weight", None)
     return "Norm" in type(module).__name__ and isinstance(w, torch.Tensor) and w.dim() == 1

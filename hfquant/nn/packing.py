@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import torch
 
+import sys
+
 SUPPORTED_BITS = (2, 3, 4, 8)
+_LITTLE_ENDIAN = sys.byteorder == "little"
 CHUNK = 32
 
 
@@ -57,11 +60,13 @@ def unpack_codes(packed: torch.Tensor, bits: int, in_features: int) -> torch.Ten
     if b != bits:
         raise ValueError(f"packed tensor has {b} words per chunk but bits={bits}")
     if CHUNK % bits == 0:
-        # Whole codes per word: one shift-and-mask per code position (fast path for 2, 4 and 8 bits).
-        per_word = CHUNK // bits
-        shifts = torch.arange(0, CHUNK, bits, dtype=torch.int32, device=packed.device)
-        values = (packed[..., None] >> shifts) & (2**bits - 1)
-        return values.reshape(out, chunks * b * per_word)[:, :in_features].contiguous()
+        # Whole codes per byte of the little-endian words: work on bytes (fast path for 2, 4 and 8 bits).
+        as_bytes = packed.contiguous().view(torch.uint8).reshape(out, chunks * b * 4, 1)
+        if not _LITTLE_ENDIAN:
+            as_bytes = packed.contiguous().view(torch.uint8).reshape(out, chunks * b, 4).flip(-1).reshape(out, -1, 1)
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
+        values = (as_bytes >> shifts) & (2**bits - 1)
+        return values.reshape(out, chunks * CHUNK)[:, :in_features].to(torch.int32)
     shifts = torch.arange(CHUNK, dtype=torch.int32, device=packed.device)
     stream = (packed[..., None] >> shifts) & 1  # arithmetic shift; the & 1 makes the sign bit harmless
     stream = stream.reshape(out, chunks, CHUNK, bits)

@@ -79,11 +79,28 @@ class QuantLinearW4A16(nn.Module):
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Float weight ``[out, in]`` (computed in float32, then cast to ``dtype``, default the scales' dtype)."""
-        g = self.g_idx.long()
-        scale = self.scales.float()[:, g]
-        zero = self.zeros.float()[:, g]
-        w = scale * (self.codes().float() - zero)
+        codes = self.codes().float()
+        g = self.in_features if self.group_size == -1 else self.group_size
+        n_groups = self.scales.shape[1]
+        if self._contiguous_groups(g):
+            # g_idx == i // g: broadcast per group instead of gathering [out, in] scales (same float ops).
+            pad = n_groups * g - self.in_features
+            c = torch.nn.functional.pad(codes, (0, pad)).view(self.out_features, n_groups, g)
+            w = (c - self.zeros.float()[..., None]) * self.scales.float()[..., None]
+            w = w.view(self.out_features, n_groups * g)[:, : self.in_features]
+        else:
+            idx = self.g_idx.long()
+            w = (codes - self.zeros.float()[:, idx]) * self.scales.float()[:, idx]
         return w.to(dtype or self.scales.dtype)
+
+    def _contiguous_groups(self, g: int) -> bool:
+        key = self.g_idx.data_ptr()
+        cached = self._kernel_cache.get("contiguous")
+        if cached is None or cached[0] != key:
+            arange = torch.arange(self.in_features, device=self.g_idx.device) // g
+            cached = (key, bool(torch.equal(self.g_idx.long(), arange)))
+            self._kernel_cache["contiguous"] = cached
+        return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from hfquant.kernels import w4a16_linear
