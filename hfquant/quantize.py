@@ -7,7 +7,6 @@ module names to keep float (``keep``) and provides calibration batches.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
@@ -126,9 +125,3 @@ def _dequant(codes, scales, zeros, g_idx):
 
 def reports_as_dicts(reports: list[ModuleReport]) -> list[dict]:
     return [asdict(r) for r in reports]
-
-
-def timed(fn, *args, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    return out, time.perf_counter() - t0

@@ -79,8 +79,8 @@ def main(argv=None) -> int:
     ppl_q = perplexity(reloaded, tokenizer, text, seq_len=512, max_windows=32, progress=True)
     size = sum(f.stat().st_size for f in args.out.glob("*.safetensors")) / 2**20
     print()
-    print(f"| model | PPL-16K | quantization (s) | checkpoint (MiB) |")
-    print(f"|---|---|---|---|")
+    print("| model | PPL-16K | quantization (s) | checkpoint (MiB) |")
+    print("|---|---|---|---|")
     print(f"| fp32 | {ppl_fp:.2f} | — | — |")
     print(f"| {config!r} | {ppl_q:.2f} | {seconds:.1f} | {size:.1f} |")
     print(f"\nsaved to {args.out}; reloaded logits identical: {same}")
