@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "calibration_batch_size": 8,
     "tokenizer": None,
     "modules_to_not_convert": None,
-    "alpha": 0.8,
+    "alpha": "auto",
     "weight_method": "rtn",
     "activation_scheme": "dynamic",
 }
