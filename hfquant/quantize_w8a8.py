@@ -5,9 +5,8 @@ reading one tensor, the per-channel abs-max of that input (and its Hessian when 
 token sample when alpha is searched); its outputs are the next block's inputs, so the statistics are
 those of the float model, as in the SmoothQuant reference, and the whole run costs one forward pass;
 (2) each group fed by a norm is smoothed, with a fixed alpha or the alpha of ``ALPHA_GRID`` whose W8A8
-output error is smallest, and the fold is kept only if the block's output is unchanged; a lone Linear fed
-by another Linear through per-channel-linear ops (v -> o, up -> down) is smoothed through that producer's
-output rows, under the same check; (3) weights become int8 per channel.
+output error is smallest, and the fold is kept only if the block's output is unchanged; (3) weights
+become int8 per channel.
 """
 
 from __future__ import annotations
