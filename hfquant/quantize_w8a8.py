@@ -21,16 +21,7 @@ from hfquant.algorithms.gptq import gptq_quantize
 from hfquant.algorithms.smoothquant import QMAX, column_absmax, search_alpha, smoothing_scales
 from hfquant.calibration.modules import find_blocks, float_weight, quantizable_modules, set_submodule
 from hfquant.calibration.sequential import HessianStat, _call, capture_block_inputs, discover_groups
-from hfquant.calibration.smoothing import (
-    channel_map,
-    find_producers,
-    fold_,
-    fold_pair_,
-    missing_known_groups,
-    pair_producer,
-    relative_change,
-    to_producer_space,
-)
+from hfquant.calibration.smoothing import find_producers, fold_, missing_known_groups, relative_change
 from hfquant.nn.w8a8 import QuantLinearW8A8
 
 logger = logging.getLogger(__name__)
@@ -89,36 +80,6 @@ def quantize_w8a8_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
     return reports
 
 
-def _smooth_pair(block, g, st, alpha, first_input, first_output):
-    """Smooth a lone Linear through the Linear that produces its input (v -> o, up -> down), if exact."""
-    consumer_name = g.names[0] if len(g.names) == 1 else None
-    producer_name = pair_producer(block, consumer_name) if consumer_name else None
-    if producer_name is None:
-        return None, None, "input does not come from a norm or a channel-aligned Linear in this block"
-    producer, consumer = block.get_submodule(producer_name), g.modules[0]
-    parent = block.get_submodule(producer_name.rpartition(".")[0]) if "." in producer_name else block
-    cmap = channel_map(producer.out_features, consumer.in_features, getattr(parent, "head_dim", None))
-    if cmap is None:
-        return None, None, f"cannot map {producer_name} outputs onto {consumer_name} inputs"
-    size = producer.out_features
-    act_p = to_producer_space(st.absmax, cmap, size)
-    w_p = to_producer_space(consumer.weight.detach().abs().amax(dim=0).float().cpu(), cmap, size)
-
-    def scales(a):
-        return smoothing_scales(act_p, w_p, a)[cmap]
-
-    weight = [consumer.weight.detach().float().cpu()]
-    chosen = search_alpha(torch.cat(st.sample), weight, st.absmax, scales_fn=scales)[0] if alpha == "auto" else float(alpha)
-    s_p = smoothing_scales(act_p, w_p, chosen).to(producer.weight.device)
-    fold_pair_(producer, consumer, s_p, cmap)
-    with torch.no_grad():
-        change = relative_change(_call(block, first_input), first_output)
-    if change > EXACT_TOL:
-        fold_pair_(producer, consumer, 1.0 / s_p, cmap)
-        return None, None, f"folding into {producer_name} changes the block output ({change:.1e})"
-    return s_p[cmap.to(s_p.device)], chosen, ""
-
-
 def _check_known_groups(model_type, prefix: str, block_reports: list[dict]) -> None:
     pairs: dict[str, list[str]] = {}
     for r in block_reports:
@@ -135,8 +96,7 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
     handles = []
     for g in groups:
         cols = float_weight(g.modules[0]).shape[1]
-        smoothable = g.norm is not None or (len(g.names) == 1 and pair_producer(block, g.names[0]) is not None)
-        st = _GroupStats(cols, weight_method == "gptq", alpha == "auto" and smoothable, len(inputs))
+        st = _GroupStats(cols, weight_method == "gptq", alpha == "auto" and g.norm is not None, len(inputs))
         stats.append(st)
         handles.append(g.modules[0].register_forward_pre_hook(lambda _m, a, _st=st: _st.add(a[0])))
     try:
@@ -149,12 +109,11 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
     # Decide and fold every group's smoothing first (each checked against the float block), then quantize.
     decisions = []
     for g, st in zip(groups, stats):
-        s, chosen, note, by = None, None, "", g.norm_name
+        s, chosen, note = None, None, ""
         if alpha is None:
             note = "smoothing off"
         elif g.norm is None:
-            s, chosen, note = _smooth_pair(block, g, st, alpha, inputs[0], outputs[0])
-            by = pair_producer(block, g.names[0]) if s is not None else None
+            note = "input does not come from a norm in this block (attention output, activation, or block input)"
         else:
             weights = [float_weight(m).float() for m in g.modules]
             chosen = search_alpha(torch.cat(st.sample), weights, st.absmax)[0] if alpha == "auto" else float(alpha)
@@ -167,10 +126,10 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
                 note = (f"folding into {g.norm_name} changes the block output ({change:.1e}): "
                         "its output feeds more than these Linears")
                 s, chosen = None, None
-        decisions.append((s, chosen, note, by))
+        decisions.append((s, chosen, note))
 
     reports = []
-    for g, st, (s, chosen, note, by) in zip(groups, stats, decisions):
+    for g, st, (s, chosen, note) in zip(groups, stats, decisions):
         smoothed = s is not None
         act_max = st.absmax / s.cpu() if smoothed else st.absmax
         input_scale = float(act_max.max()) / QMAX if static_activations else None
@@ -188,6 +147,6 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
             q = QuantLinearW8A8.from_float(m, w, input_scale, codes, scales)
             set_submodule(block, name, q)
             reports.append({"name": f"{prefix}.{name}", "smoothed": smoothed, "alpha": chosen,
-                            "smoothed_by": by if smoothed else None,
+                            "smoothed_by": g.norm_name if smoothed else None,
                             "weights": weight_method if codes is not None else "rtn", "note": note})
     return reports, outputs

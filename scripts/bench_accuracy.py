@@ -181,14 +181,6 @@ def main(argv=None) -> None:
         "torch": torch.__version__, "transformers": transformers.__version__,
         "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
     }
-    previous = args.out / "accuracy.json"
-    if args.only and previous.is_file():
-        # A partial run replaces its rows in the last table and keeps the other rows as they were measured.
-        old = json.loads(previous.read_text())
-        merged = {r["row"]: r for r in old["rows"]}
-        merged.update({r["row"]: r for r in rows})
-        rows = [merged[n] for n in ROWS if n in merged]
-        meta["command"] = f"{old['meta']['command']}`, then rows {names} re-run with `{meta['command']}"
     (args.out / "accuracy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = markdown(rows, meta)
     (args.out / "accuracy.md").write_text(md)

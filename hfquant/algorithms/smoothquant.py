@@ -64,11 +64,10 @@ def fake_w8a8(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def search_alpha(x: torch.Tensor, weights: list[torch.Tensor], act_absmax: torch.Tensor,
-                 grid=ALPHA_GRID, scales_fn=None) -> tuple[float, dict[float, float]]:
+                 grid=ALPHA_GRID) -> tuple[float, dict[float, float]]:
     """Pick the alpha whose smoothed W8A8 output is closest to the float output on sample inputs ``x``.
 
     ``x`` is ``[tokens, in]``; the error is ``sum ||x W^T - fakeW8A8(x / s, W * s)||^2`` over the Linears.
-    ``scales_fn(alpha)``, when given, computes ``s`` instead (e.g. tied across grouped-query heads).
     Returns ``(best_alpha, {alpha: error})``.
     """
     x = x.float()
@@ -76,7 +75,7 @@ def search_alpha(x: torch.Tensor, weights: list[torch.Tensor], act_absmax: torch
     refs = [x @ w.float().t() for w in weights]
     errors = {}
     for alpha in grid:
-        s = scales_fn(alpha) if scales_fn is not None else smoothing_scales(act_absmax, w_max, alpha)
+        s = smoothing_scales(act_absmax, w_max, alpha)
         xs = x / s
         errors[alpha] = float(sum(((fake_w8a8(xs, w.float() * s) - r) ** 2).sum() for w, r in zip(weights, refs)))
     best = min(errors, key=errors.get)

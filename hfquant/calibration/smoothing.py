@@ -37,50 +37,6 @@ def missing_known_groups(model_type: str | None, found: list[tuple[str, tuple[st
             if (n, tuple(sorted(ls))) not in found_set]
 
 
-# Linear -> Linear pairs where dividing the first's output rows by s and multiplying the second's input
-# columns by s is exact: between them only per-channel-linear ops act (attention mixes tokens, not channels;
-# act(gate) * up is linear in up). These are the AWQ-style mappings; exactness is still checked on data.
-LINEAR_PAIRS = (
-    ("self_attn.v_proj", "self_attn.o_proj"),
-    ("self_attn.v_proj", "self_attn.out_proj"),
-    ("mlp.up_proj", "mlp.down_proj"),
-)
-
-
-def pair_producer(block: nn.Module, consumer: str) -> str | None:
-    """Name of the Linear whose output channels feed ``consumer`` one-to-one, if the block has one."""
-    names = dict(block.named_modules())
-    for producer, cons in LINEAR_PAIRS:
-        if cons == consumer and isinstance(names.get(producer), nn.Linear):
-            return producer
-    return None
-
-
-def channel_map(producer_out: int, consumer_in: int, head_dim: int | None) -> torch.Tensor | None:
-    """Producer output row of each consumer input column (grouped-query attention repeats kv heads)."""
-    cols = torch.arange(consumer_in)
-    if producer_out == consumer_in:
-        return cols
-    if head_dim and consumer_in % producer_out == 0 and producer_out % head_dim == 0:
-        rep = consumer_in // producer_out
-        return (cols // head_dim // rep) * head_dim + cols % head_dim
-    return None
-
-
-def to_producer_space(values: torch.Tensor, cmap: torch.Tensor, size: int) -> torch.Tensor:
-    """Max of ``values`` (per consumer column) over the columns that share a producer row."""
-    return torch.zeros(size, dtype=values.dtype).scatter_reduce(0, cmap, values, reduce="amax")
-
-
-@torch.no_grad()
-def fold_pair_(producer: nn.Linear, consumer: nn.Linear, s_p: torch.Tensor, cmap: torch.Tensor) -> None:
-    """``producer`` output rows ``/= s_p``; ``consumer`` input columns ``*= s_p[cmap]``."""
-    producer.weight.div_(s_p.to(producer.weight)[:, None])
-    if producer.bias is not None:
-        producer.bias.div_(s_p.to(producer.bias))
-    consumer.weight.mul_(s_p[cmap].to(consumer.weight)[None, :])
-
-
 def is_norm(module: nn.Module) -> bool:
     w = getattr(module, "weight", None)
     return "Norm" in type(module).__name__ and isinstance(w, torch.Tensor) and w.dim() == 1
