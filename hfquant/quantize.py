@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from hfquant.algorithms.gptq import gptq_quantize
-from hfquant.algorithms.rtn import rtn_quantize
+from hfquant.algorithms.rtn import dequantize_grouped, rtn_quantize
 from hfquant.calibration.modules import (
     find_blocks,
     float_weight,
@@ -92,7 +92,7 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
             for n, m in zip(names, group.modules):
                 logger.warning("%s: Hessian not positive definite even at maximum damping; using RTN", n)
                 fallback(n, m, note="Hessian not positive definite at any damping")
-                set_float_weight_(m, _dequant(*results[n][1:]))
+                set_float_weight_(m, dequantize_grouped(*results[n][1:]))
             return
         if res.retries:
             logger.warning("%s: Hessian needed damping %.4g (%d retries)", ", ".join(names), res.damp, res.retries)
@@ -116,11 +116,6 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
     for name, (module, codes, scales, zeros, g_idx) in results.items():
         _swap(model, name, module, codes, scales, zeros, g_idx, scheme)
     return [reports[n] for n in results]
-
-
-def _dequant(codes, scales, zeros, g_idx):
-    g = g_idx.long()
-    return scales[:, g] * (codes.float() - zeros[:, g].float())
 
 
 def reports_as_dicts(reports: list[ModuleReport]) -> list[dict]:

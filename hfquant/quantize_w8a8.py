@@ -20,7 +20,7 @@ from torch import nn
 from hfquant.algorithms.gptq import gptq_quantize
 from hfquant.algorithms.smoothquant import QMAX, column_absmax, search_alpha, smoothing_scales
 from hfquant.calibration.modules import find_blocks, float_weight, quantizable_modules, set_submodule
-from hfquant.calibration.sequential import HessianStat, _call, capture_block_inputs, discover_groups
+from hfquant.calibration.sequential import HessianStat, call_block, capture_block_inputs, discover_groups
 from hfquant.calibration.smoothing import find_producers, fold_, missing_known_groups, relative_change
 from hfquant.nn.w8a8 import QuantLinearW8A8
 
@@ -69,7 +69,7 @@ def quantize_w8a8_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
                 _check_known_groups(getattr(getattr(model, "config", None), "model_type", None), prefix, block_reports)
         else:
             with torch.no_grad():
-                outputs = [_call(block, inp) for inp in inputs]
+                outputs = [call_block(block, inp) for inp in inputs]
         inputs = [inp.with_hidden(out) for inp, out in zip(inputs, outputs)]
     # Linears outside the repeated blocks: W8A8 without smoothing or calibration (dynamic activations).
     for name, module in quantizable_modules(model, keep).items():
@@ -91,7 +91,7 @@ def _check_known_groups(model_type, prefix: str, block_reports: list[dict]) -> N
 
 def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static_activations, damp_percent, block_size):
     groups, _ = discover_groups(block, modules, inputs[0])
-    groups = find_producers(block, groups, lambda: _call(block, inputs[0]))
+    groups = find_producers(block, groups, lambda: call_block(block, inputs[0]))
     stats = []
     handles = []
     for g in groups:
@@ -101,7 +101,7 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
         handles.append(g.modules[0].register_forward_pre_hook(lambda _m, a, _st=st: _st.add(a[0])))
     try:
         with torch.no_grad():
-            outputs = [_call(block, inp) for inp in inputs]
+            outputs = [call_block(block, inp) for inp in inputs]
     finally:
         for h in handles:
             h.remove()
@@ -120,7 +120,7 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
             s = smoothing_scales(st.absmax, column_absmax(weights), chosen).to(g.norm.weight.device)
             fold_(g.norm, g.modules, s)
             with torch.no_grad():
-                change = relative_change(_call(block, inputs[0]), outputs[0])
+                change = relative_change(call_block(block, inputs[0]), outputs[0])
             if change > EXACT_TOL:
                 fold_(g.norm, g.modules, 1.0 / s)  # undo
                 note = (f"folding into {g.norm_name} changes the block output ({change:.1e}): "

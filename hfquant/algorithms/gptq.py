@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hfquant.algorithms.rtn import dequantize, fit_grid, group_bounds, quantize_codes
+from hfquant.algorithms.rtn import dequantize, dequantize_grouped, fit_grid, group_bounds, quantize_codes
 
 
 @dataclass
@@ -62,8 +62,7 @@ class GPTQResult:
 
     def dequantized(self) -> torch.Tensor:
         """The fake-quantized weight ``scale[g_idx] * (codes - zero[g_idx])`` in float32."""
-        g = self.g_idx.long()
-        return dequantize(self.codes.float(), self.scales[:, g], self.zeros[:, g].float())
+        return dequantize_grouped(self.codes, self.scales, self.zeros, self.g_idx)
 
 
 def inverse_hessian_factor(h: torch.Tensor, damp_percent: float, max_damp: float = 10.0):

@@ -95,6 +95,12 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torc
     return scale * (q - zero)
 
 
+def dequantize_grouped(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor) -> torch.Tensor:
+    """Float32 weight ``scales[:, g_idx] * (codes - zeros[:, g_idx])`` from per-group parameters."""
+    g = g_idx.long()
+    return dequantize(codes.float(), scales.float()[:, g], zeros.float()[:, g])
+
+
 def group_bounds(cols: int, group_size: int) -> list[tuple[int, int]]:
     """Column ranges of the groups; the last one is partial when ``group_size`` does not divide ``cols``."""
     g = cols if group_size == -1 else group_size

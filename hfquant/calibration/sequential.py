@@ -98,7 +98,8 @@ def _replaying(modules: dict[str, nn.Module], cache: dict[str, list], batch: lis
                 m.forward = saved[name]
 
 
-def _call(block: nn.Module, inp: BlockInputs):
+def call_block(block: nn.Module, inp: BlockInputs):
+    """Run ``block`` on recorded inputs and return its hidden-state output."""
     out = block(*inp.args, **inp.kwargs)
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -121,7 +122,7 @@ def discover_groups(block: nn.Module, modules: dict[str, nn.Module], inp: BlockI
                 seen[key].append(_name)
         handles.append(m.register_forward_pre_hook(pre))
     with _hooks(handles), torch.no_grad():
-        _call(block, inp)
+        call_block(block, inp)
     groups = [Group(seen[k], [modules[n] for n in seen[k]]) for k in order]
     called = {n for g in groups for n in g.names}
     return groups, [n for n in modules if n not in called]
@@ -191,7 +192,7 @@ def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], 
                 batch[0] = b
                 pending[0] = len(stage)
                 try:
-                    _call(block, inp)
+                    call_block(block, inp)
                 except _Stop:
                     pass
         # Modules that ran in this stage but were not reached on some batch (should not happen) get no cache.
@@ -209,7 +210,7 @@ def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], 
     with _replaying(replay, cache, batch), torch.no_grad():
         for b, inp in enumerate(inputs):
             batch[0] = b
-            outputs.append(_call(block, inp))
+            outputs.append(call_block(block, inp))
     return outputs
 
 
@@ -228,7 +229,7 @@ def calibrate_blocks_(model: nn.Module, batches: list[torch.Tensor], keep: Calla
         name = f"{blocks_name}.{i}"
         modules = quantizable_modules(blocks[i], keep, prefix=name)
         if not modules:
-            outputs = [_call(blocks[i], inp) for inp in inputs]
+            outputs = [call_block(blocks[i], inp) for inp in inputs]
         else:
             outputs = run_block(blocks[i], name, modules, inputs, solve, true_sequential)
             quantized.extend(f"{name}.{n}" for n in modules)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hfquant.algorithms.rtn import dequantize_grouped
 from hfquant.nn.packing import SUPPORTED_BITS, pack_codes, packed_shape, unpack_codes
 
 
@@ -89,8 +90,7 @@ class QuantLinearW4A16(nn.Module):
             w = (c - self.zeros.float()[..., None]) * self.scales.float()[..., None]
             w = w.view(self.out_features, n_groups * g)[:, : self.in_features]
         else:
-            idx = self.g_idx.long()
-            w = (codes - self.zeros.float()[:, idx]) * self.scales.float()[:, idx]
+            w = dequantize_grouped(codes, self.scales, self.zeros, self.g_idx)
         return w.to(dtype or self.scales.dtype)
 
     def _contiguous_groups(self, g: int) -> bool:
