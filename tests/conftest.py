@@ -9,6 +9,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if not torch.cuda.is_available():
+    # Triton kernels run on CPU tensors under the interpreter (must be set before triton is imported).
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 REFERENCE_MODEL = Path(os.environ.get("HFQUANT_REFERENCE_MODEL", Path(__file__).parent.parent / "models" / "smollm2-135m"))
 

@@ -93,10 +93,14 @@ class HFQuantHfQuantizer(HfQuantizer):
 
 
 def _freeze(model) -> None:
+    """Freeze the quantized tensors and convert them to their kernels' layouts once, at load time."""
+    from hfquant.kernels import prepare_model
+
     for m in model.modules():
         if isinstance(m, (QuantLinearW4A16, QuantLinearW8A8)):
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
+    prepare_model(model)
 
 
 _REGISTERED = False

@@ -1,5 +1,27 @@
 """Kernels, chosen at call time by device, dtype and shape. The pure PyTorch reference is the oracle."""
 
+from __future__ import annotations
+
 from hfquant.kernels.w4a16 import w4a16_linear, w4a16_reference
 
-__all__ = ["w4a16_linear", "w4a16_reference"]
+__all__ = ["prepare_model", "w4a16_linear", "w4a16_reference"]
+
+
+def prepare_model(model) -> int:
+    """Convert every quantized Linear's weights into its kernel's layout once (at load time).
+
+    Returns the number of modules prepared. Calling it again is free (the operands are cached).
+    """
+    from hfquant.kernels import w4a16, w8a8
+    from hfquant.nn.w4a16 import QuantLinearW4A16
+    from hfquant.nn.w8a8 import QuantLinearW8A8
+
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinearW4A16):
+            w4a16.prepare_module(m)
+            n += 1
+        elif isinstance(m, QuantLinearW8A8):
+            w8a8.prepare_module(m)
+            n += 1
+    return n

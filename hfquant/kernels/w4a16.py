@@ -1,20 +1,26 @@
-"""W4A16 matmul: a pure PyTorch reference and torch's int4 CPU kernel for small batches.
+"""W4A16 matmul, dispatched at call time by device, dtype and shape.
 
-Reference (the oracle every fast path is tested against): dequantize the weight in float32
-(``scale[g_idx] * (q - zero[g_idx])``) and call ``F.linear``. It is also the fastest choice on CPU for
-prefill-sized inputs, where the dense float32 GEMM beats the int4 kernel.
+Paths (``w4a16_linear`` picks one per call; ``HFQUANT_KERNEL=reference`` forces the first):
 
-CPU int4 path (``torch.ops.aten._weight_int4pack_mm_for_cpu``), used for up to ``DECODE_MAX_ROWS``
-rows (decode): the kernel's fast (AVX-512) path takes bfloat16 activations, so ``x`` is cast to bf16
-and the result back to ``x.dtype``; that costs about 3e-3 relative error against the float32
-reference (tests state the tolerance). It dequantizes ``w = (q - 8) * s + z`` per group of
-``group_size`` consecutive input columns, so our ``s * (q - zero)`` maps to ``z = (8 - zero) * s``.
-It needs groups of 32/64/128/256 contiguous columns: act-order checkpoints (non-monotone ``g_idx``)
-are handled by permuting the weight's columns once so each group is contiguous and gathering ``x``'s
-columns the same way per call; a partial last group is zero-padded (``x`` too). The packed operand
-is built once per module and cached (not saved).
+* **reference** -- the oracle every fast path is tested against: dequantize the whole weight in float32
+  (``scale[g_idx] * (q - zero[g_idx])``, ``QuantLinearW4A16.dequantize``), cast it to ``x.dtype`` and call
+  ``F.linear``. Used for layouts no fast path takes (2/3-bit codes, float16 on CPU, ...).
+* **CPU decode** (up to ``DECODE_MAX_ROWS`` rows): torch's int4 CPU kernel
+  ``aten._weight_int4pack_mm_for_cpu``. Its fast (AVX-512) path takes bfloat16 activations, so ``x`` is
+  cast to bf16 and the result back (about 3e-3 relative error against the float32 reference; the tests
+  allow 1e-2). It dequantizes ``w = (q - 8) * s + z`` per group of ``group_size`` consecutive input
+  columns, so our ``s * (q - zero)`` maps to ``z = (8 - zero) * s``. It needs groups of 32/64/128/256
+  contiguous columns: act-order checkpoints (non-monotone ``g_idx``) have their columns permuted once so
+  each group is contiguous, and ``x``'s columns are gathered the same way per call; a partial last group
+  is zero-padded (``x`` too).
+* **CPU prefill** (more rows, float32): the weight is dequantized a tile of ``PREFILL_TILE_ROWS`` output
+  rows at a time, each tile consumed by a float32 GEMM while it is still in cache; the dequantized
+  values are bit-identical to the reference's, only the GEMM is split by output columns.
+* **CUDA**: Triton kernels (``hfquant.kernels.triton_kernels``): a GEMV for decode, a GEMM otherwise.
 
-``HFQUANT_KERNEL=reference`` forces the reference path.
+Operands of the fast paths are built once per module -- ``prepare_module`` does it at load time (the
+quantizer calls it), or the first call does -- and cached on the module (not saved). The CPU int4 operand
+is a second copy of the packed weight in the kernel's own layout (0.5 byte per weight).
 """
 
 from __future__ import annotations
@@ -24,8 +30,15 @@ import os
 import torch
 import torch.nn.functional as F
 
+from hfquant.kernels._cache import cached_operands
+
 _CPU_GROUPS = (32, 64, 128, 256)
 DECODE_MAX_ROWS = 16
+PREFILL_TILE_ROWS = 256
+
+
+def forced_reference() -> bool:
+    return os.environ.get("HFQUANT_KERNEL", "auto") == "reference"
 
 
 def w4a16_reference(x: torch.Tensor, module) -> torch.Tensor:
@@ -34,32 +47,41 @@ def w4a16_reference(x: torch.Tensor, module) -> torch.Tensor:
     return F.linear(x, module.dequantize(torch.float32).to(x.dtype), bias)
 
 
-def _cpu_int4_operands(module):
-    """Build (and cache) the packed weight, scale/zero table and column permutation for the CPU kernel."""
-    key = (module.weight.data_ptr(), module.scales.data_ptr(), module.zeros.data_ptr(), module.g_idx.data_ptr())
-    cached = module._kernel_cache.get("cpu_int4")
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    ops = None
-    g = module.group_size
-    if module.bits == 4 and g in _CPU_GROUPS:
-        g_idx = module.g_idx.long()
+def group_permutation(module):
+    """``(perm, k_pad)`` that makes every group a contiguous run of ``group_size`` columns, or ``None``.
+
+    ``perm`` is ``None`` when ``g_idx`` is already ``i // group_size``; ``k_pad`` is the number of columns
+    once the last (partial) group is padded. ``None`` when some group other than the last is not whole.
+    """
+    def build():
+        g = module.in_features if module.group_size == -1 else module.group_size
+        g_idx = module.g_idx.long().cpu()
         n_groups = module.scales.shape[1]
         counts = torch.bincount(g_idx, minlength=n_groups)
-        # Every group but the last must be whole, or the columns cannot be laid out as contiguous groups.
-        if bool((counts[:-1] == g).all()) and 0 < int(counts[-1]) <= g:
-            perm = torch.argsort(g_idx, stable=True)
-            identity = bool((perm == torch.arange(module.in_features)).all())
-            k_pad = n_groups * g
-            padded = torch.full((module.out_features, k_pad), 8, dtype=torch.int32)
-            padded[:, : module.in_features] = module.codes()[:, perm]
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded, 1)
-            s = module.scales.float()
-            z = (8 - module.zeros.float()) * s
-            scale_zero = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()
-            ops = (packed, scale_zero, None if identity else perm, k_pad)
-    module._kernel_cache["cpu_int4"] = (key, ops)
-    return ops
+        if not (bool((counts[:-1] == g).all()) and 0 < int(counts[-1]) <= g):
+            return None
+        perm = torch.argsort(g_idx, stable=True)
+        identity = bool((perm == torch.arange(module.in_features)).all())
+        return (None if identity else perm), n_groups * g
+    return cached_operands(module, "group_perm", (module.g_idx,), build)
+
+
+def _cpu_int4_operands(module):
+    """(packed int4 weight, bf16 scale/zero table, column perm or None, padded K), or None."""
+    def build():
+        layout = group_permutation(module)
+        if module.bits != 4 or module.group_size not in _CPU_GROUPS or layout is None:
+            return None
+        perm, k_pad = layout
+        codes = module.codes()
+        padded = torch.full((module.out_features, k_pad), 8, dtype=torch.int32)
+        padded[:, : module.in_features] = codes if perm is None else codes[:, perm]
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded, 1)
+        s = module.scales.float()
+        z = (8 - module.zeros.float()) * s
+        scale_zero = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()
+        return packed, scale_zero, perm, k_pad
+    return cached_operands(module, "cpu_int4", (module.weight, module.scales, module.zeros, module.g_idx), build)
 
 
 def w4a16_cpu_int4(x: torch.Tensor, module) -> torch.Tensor | None:
@@ -75,23 +97,47 @@ def w4a16_cpu_int4(x: torch.Tensor, module) -> torch.Tensor | None:
     if k_pad != shape[-1]:
         x2 = F.pad(x2, (0, k_pad - shape[-1]))
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, module.group_size, scale_zero)
-    y = y.to(x.dtype)
     if module.bias is not None:
-        y = y + module.bias.to(x.dtype)
-    return y.reshape(*shape[:-1], module.out_features)
+        y = y + module.bias.to(y.dtype)
+    return y.to(x.dtype).reshape(*shape[:-1], module.out_features)
+
+
+def w4a16_cpu_tiled(x: torch.Tensor, module) -> torch.Tensor:
+    """Prefill: dequantize ``PREFILL_TILE_ROWS`` output rows at a time and multiply while they are in cache.
+
+    The dequantized tiles are bit-identical to the reference weight (same float32 operations).
+    """
+    x2 = x.reshape(-1, x.shape[-1])
+    y = torch.empty(x2.shape[0], module.out_features, dtype=x.dtype)
+    for r0 in range(0, module.out_features, PREFILL_TILE_ROWS):
+        r1 = min(r0 + PREFILL_TILE_ROWS, module.out_features)
+        w = module.dequantize(torch.float32, rows=slice(r0, r1)).to(x.dtype)
+        bias = module.bias[r0:r1].to(x.dtype) if module.bias is not None else None
+        y[:, r0:r1] = F.linear(x2, w, bias)
+    return y.reshape(*x.shape[:-1], module.out_features)
+
+
+def prepare_module(module) -> None:
+    """Build the operands of the fast path this module's device uses (called once at load time)."""
+    if module.weight.device.type == "cpu":
+        _cpu_int4_operands(module)
 
 
 def w4a16_linear(x: torch.Tensor, module) -> torch.Tensor:
-    """Dispatch by device, dtype and shape: the int4 CPU kernel for small batches, else the reference."""
-    rows = x.numel() // x.shape[-1]
-    if (
-        rows <= DECODE_MAX_ROWS
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and module.weight.device.type == "cpu"
-        and os.environ.get("HFQUANT_KERNEL", "auto") != "reference"
-    ):
-        y = w4a16_cpu_int4(x, module)
-        if y is not None:
-            return y
+    """Dispatch by device, dtype and shape (see the module docstring)."""
+    if forced_reference():
+        return w4a16_reference(x, module)
+    if x.device.type == "cuda":
+        from hfquant.kernels.triton_kernels import w4a16_triton
+
+        y = w4a16_triton(x, module)
+        return y if y is not None else w4a16_reference(x, module)
+    if x.device.type == "cpu" and module.weight.device.type == "cpu":
+        rows = x.numel() // x.shape[-1]
+        if rows <= DECODE_MAX_ROWS and x.dtype in (torch.float32, torch.bfloat16):
+            y = w4a16_cpu_int4(x, module)
+            if y is not None:
+                return y
+        if rows > DECODE_MAX_ROWS and x.dtype == torch.float32:
+            return w4a16_cpu_tiled(x, module)
     return w4a16_reference(x, module)

@@ -3,7 +3,8 @@
 Both paths quantize ``x`` the same way (per token, or with the static per-tensor scale), compute the
 integer products exactly (int32 in ``_int_mm``; float64 in the reference, exact below 2**53), convert the
 accumulator to float32 and apply ``s_x * s_w`` in the same order, so their outputs are bit-identical.
-The int8 weight is transposed to ``[in, out]`` once per module and cached.
+The int8 weight is transposed to ``[in, out]`` once per module (at load, or at the first call) and cached.
+On CUDA the Triton kernels in ``hfquant.kernels.triton_kernels`` run instead (same numerics).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import torch
 
 from hfquant.algorithms.smoothquant import quantize_activation_int8
+from hfquant.kernels._cache import cached_operands
 
 
 def _quantize_input(x: torch.Tensor, module):
@@ -36,13 +38,8 @@ def w8a8_reference(x: torch.Tensor, module) -> torch.Tensor:
 
 
 def _weight_t(module) -> torch.Tensor:
-    key = module.weight.data_ptr()
-    cached = module._kernel_cache.get("int_mm")
-    if cached is None or cached[0] != key:
-        wt = module.weight.reshape(module.out_features, module.in_features).t().contiguous()
-        cached = (key, wt)
-        module._kernel_cache["int_mm"] = cached
-    return cached[1]
+    return cached_operands(module, "int_mm", (module.weight,),
+                           lambda: module.weight.reshape(module.out_features, module.in_features).t().contiguous())
 
 
 def w8a8_int_mm(x: torch.Tensor, module) -> torch.Tensor:
@@ -52,13 +49,20 @@ def w8a8_int_mm(x: torch.Tensor, module) -> torch.Tensor:
     return _finish(acc, sx, x, module)
 
 
+def prepare_module(module) -> None:
+    """Build the transposed int8 weight ``_int_mm`` reads (called once at load time on CPU)."""
+    if module.weight.device.type == "cpu":
+        _weight_t(module)
+
+
 def w8a8_linear(x: torch.Tensor, module) -> torch.Tensor:
-    """Dispatch: ``_int_mm`` where it runs (CPU always; CUDA needs more than 16 rows and K, N multiples of 8)."""
+    """Dispatch: Triton on CUDA (fused activation quantization and epilogue); ``_int_mm`` on CPU."""
     if os.environ.get("HFQUANT_KERNEL", "auto") == "reference":
         return w8a8_reference(x, module)
-    rows = x.numel() // x.shape[-1]
-    if x.device.type == "cpu" or (
-        x.device.type == "cuda" and rows > 16 and module.in_features % 8 == 0 and module.out_features % 8 == 0
-    ):
+    if x.device.type == "cuda":
+        from hfquant.kernels.triton_kernels import w8a8_triton
+
+        return w8a8_triton(x, module)
+    if x.device.type == "cpu":
         return w8a8_int_mm(x, module)
     return w8a8_reference(x, module)

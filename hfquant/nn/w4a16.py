@@ -74,23 +74,25 @@ class QuantLinearW4A16(nn.Module):
             m.bias.data = bias.detach().clone().cpu()
         return m.to(linear.weight.device)
 
-    def codes(self) -> torch.Tensor:
-        """Unpacked int32 codes ``[out, in]``."""
-        return unpack_codes(self.weight, self.bits, self.in_features)
+    def codes(self, rows: slice = slice(None)) -> torch.Tensor:
+        """Unpacked int32 codes ``[out, in]`` (or of the output rows ``rows``)."""
+        return unpack_codes(self.weight[rows], self.bits, self.in_features)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Float weight ``[out, in]`` (computed in float32, then cast to ``dtype``, default the scales' dtype)."""
-        codes = self.codes().float()
+    def dequantize(self, dtype: torch.dtype | None = None, rows: slice = slice(None)) -> torch.Tensor:
+        """Float weight ``[out, in]`` (or its rows ``rows``), computed in float32, then cast to ``dtype``
+        (default the scales' dtype)."""
+        codes = self.codes(rows).float()
+        scales, zeros = self.scales[rows].float(), self.zeros[rows].float()
         g = self.in_features if self.group_size == -1 else self.group_size
-        n_groups = self.scales.shape[1]
+        n_out, n_groups = scales.shape
         if self._contiguous_groups(g):
             # g_idx == i // g: broadcast per group instead of gathering [out, in] scales (same float ops).
             pad = n_groups * g - self.in_features
-            c = torch.nn.functional.pad(codes, (0, pad)).view(self.out_features, n_groups, g)
-            w = (c - self.zeros.float()[..., None]) * self.scales.float()[..., None]
-            w = w.view(self.out_features, n_groups * g)[:, : self.in_features]
+            c = torch.nn.functional.pad(codes, (0, pad)).view(n_out, n_groups, g)
+            w = (c - zeros[..., None]) * scales[..., None]
+            w = w.view(n_out, n_groups * g)[:, : self.in_features]
         else:
-            w = dequantize_grouped(codes, self.scales, self.zeros, self.g_idx)
+            w = dequantize_grouped(codes, scales, zeros, self.g_idx)
         return w.to(dtype or self.scales.dtype)
 
     def _contiguous_groups(self, g: int) -> bool:

@@ -68,7 +68,11 @@ class QuantLinearW8A8(nn.Module):
 
     @property
     def dynamic(self) -> bool:
-        return float(self.input_scale) == 0.0
+        """Whether activation scales are computed per token at run time (``input_scale == 0``). Cached per
+        tensor, so a forward pass on CUDA does not synchronise with the host (and can be graph-captured)."""
+        from hfquant.kernels._cache import cached_operands
+
+        return cached_operands(self, "dynamic", (self.input_scale,), lambda: float(self.input_scale) == 0.0)
 
     def dequantize(self) -> torch.Tensor:
         """Float32 weight ``[out, in]``."""

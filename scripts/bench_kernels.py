@@ -1,0 +1,218 @@
+"""Kernel benchmark: quantized Linear vs the float baseline at Llama-7B-like shapes, as ratios from one run.
+
+Shapes (in x out): 4096x4096, 4096x11008, 11008x4096, at M = 1, 16, 64, 512 rows. Baseline: float32
+``F.linear`` on CPU, bfloat16 ``F.linear`` on CUDA. Candidates: ``QuantLinearW4A16`` (4-bit, g128,
+through hfquant's dispatch: torch's int4 CPU kernel for decode, tiled dequantize + GEMM for prefill,
+Triton on CUDA) and ``QuantLinearW8A8`` (per-token int8 activations included: ``torch._int_mm`` on CPU,
+Triton on CUDA). Bandwidth = bytes of weight operands the kernel reads / time, next to the machine's
+copy bandwidth measured in the same run ((read + write) / time of a large ``copy_``).
+
+CPU timing: median of ``--repeats`` wall-clock runs. CUDA timing: one CUDA graph replays the call over
+enough copies of the weights (>= 256 MB in all) that the 50 MB L2 cannot serve them; time per call is
+the median replay time / copies. The graph removes Python launch overhead, as serving engines do for
+decode; the eager overhead is not in these numbers.
+
+Writes ``OUT/kernels-<device>.json`` and ``.md``; ``--update-benchmarks`` puts the table in BENCHMARKS.md.
+
+Usage:
+    python scripts/bench_kernels.py --out bench --update-benchmarks            # CPU
+    python scripts/bench_kernels.py --device cuda --out bench                  # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
+ROWS = [1, 16, 64, 512]
+
+
+def timer(device: str, repeats: int):
+    """A function ``fn -> median milliseconds`` for the device."""
+    if device == "cuda":
+        import triton
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=max(repeats, 20), return_mode="median")
+
+    def cpu(fn):
+        with torch.no_grad():
+            for _ in range(2):
+                fn()
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e3
+    return cpu
+
+
+def copy_bandwidth_gbs(device: str, time_ms) -> float:
+    n = (1 << 30 if device == "cuda" else 1 << 28) // 4
+    a = torch.randn(n, device=device)
+    b = torch.empty_like(a)
+    return 2 * a.numel() * 4 / (time_ms(lambda: b.copy_(a)) * 1e-3) / 1e9
+
+
+def build(in_f: int, out_f: int, device: str, dtype: torch.dtype):
+    from hfquant.algorithms.rtn import rtn_quantize
+    from hfquant.kernels import prepare_model
+    from hfquant.nn.w4a16 import QuantLinearW4A16
+    from hfquant.nn.w8a8 import QuantLinearW8A8
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(in_f, out_f, bias=False)
+    codes, scales, zeros, g_idx = rtn_quantize(lin.weight.data, 4, 128, True)
+    w4 = QuantLinearW4A16.from_float(lin, codes, scales, zeros, g_idx, 4, 128).to(device)
+    w8 = QuantLinearW8A8.from_float(lin, lin.weight.data).to(device)
+    prepare_model(torch.nn.ModuleList([w4, w8]))
+    return lin.weight.data.to(device=device, dtype=dtype), w4, w8
+
+
+def weight_bytes(in_f: int, out_f: int, device: str, float_bytes: int) -> dict:
+    groups = -(-in_f // 128)
+    # W4A16 operands read per call: packed codes plus scales/zeros (CPU kernel: bf16 scale+zero pairs;
+    # Triton: float32 scales and int32 zeros); W8A8: int8 codes and float32 per-channel scales.
+    per_group = 4 if device == "cpu" else 8
+    return {"fp": float_bytes * in_f * out_f, "w4a16": in_f * out_f // 2 + per_group * groups * out_f,
+            "w8a8": in_f * out_f + 4 * out_f}
+
+
+def fresh_copy(module):
+    """A copy of a quantized Linear with its own tensors and an empty kernel-operand cache."""
+    import copy
+
+    clone = copy.deepcopy(module)
+    clone._kernel_cache = {}
+    return clone
+
+
+def graph_time_ms(make_calls, weight_bytes: int) -> tuple[float, int]:
+    """CUDA: median time of one call, replayed from a CUDA graph over enough copies of the weights that
+    the L2 cache cannot hold them (>= 256 MB in total). Returns (ms per call, copies)."""
+    copies = max(1, min(64, -(-(256 << 20) // weight_bytes)))
+    calls = make_calls(copies)
+    with torch.no_grad():
+        for fn in calls:  # warm-up: compiles and autotunes outside the capture
+            fn()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for fn in calls:
+                fn()
+        times = []
+        for _ in range(12):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / copies)
+    return statistics.median(times[2:]), copies
+
+
+def run(device: str, repeats: int, shapes, rows_list) -> tuple[list[dict], float]:
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    time_ms = timer(device, repeats)
+    bw = copy_bandwidth_gbs(device, time_ms)
+    rows = []
+    for in_f, out_f in shapes:
+        w, w4, w8 = build(in_f, out_f, device, dtype)
+        nbytes = weight_bytes(in_f, out_f, device, w.element_size())
+        for m in rows_list:
+            x = torch.randn(m, in_f, device=device, dtype=dtype)
+            candidates = {"fp": (w, lambda x, w: F.linear(x, w)), "w4a16": (w4, lambda x, mod: mod(x)),
+                          "w8a8": (w8, lambda x, mod: mod(x))}
+            if device == "cuda" and m > 16:  # the other CUDA W8A8 path: cuBLAS int8 GEMM + fused epilogue
+                from hfquant.kernels.triton_kernels import w8a8_int_mm_cuda
+
+                candidates["w8a8_int_mm"] = (w8, w8a8_int_mm_cuda)
+            t = {}
+            for name, (obj, call) in candidates.items():
+                if device == "cuda":
+                    def make_calls(n, obj=obj, call=call):
+                        objs = [obj] + [obj.clone() if isinstance(obj, torch.Tensor) else fresh_copy(obj)
+                                        for _ in range(n - 1)]
+                        return [lambda o=o: call(x, o) for o in objs]
+                    t[name], copies = graph_time_ms(make_calls, nbytes[name.replace("_int_mm", "")])
+                else:
+                    with torch.no_grad():
+                        t[name] = time_ms(lambda obj=obj, call=call: call(x, obj))
+            row = {"shape": f"{in_f}x{out_f}", "M": m}
+            for k, v in t.items():
+                row[f"{k}_ms"] = v
+                row[f"{k}_gbs"] = nbytes[k.replace("_int_mm", "")] / (v * 1e-3) / 1e9
+            row["w4a16_speedup"], row["w8a8_speedup"] = t["fp"] / t["w4a16"], t["fp"] / t["w8a8"]
+            if "w8a8_int_mm" in t:
+                row["w8a8_int_mm_speedup"] = t["fp"] / t["w8a8_int_mm"]
+            rows.append(row)
+            print(" ".join(f"{k} {v:.4f} ms ({t['fp'] / v:.2f}x)" for k, v in t.items()), f"| {row['shape']} M={m}",
+                  flush=True)
+    return rows, bw
+
+
+def markdown(rows, meta) -> str:
+    base = meta["baseline"]
+    int_mm = any("w8a8_int_mm_ms" in r for r in rows)
+    extra_head = " W8A8 via _int_mm (ms) | its speedup |" if int_mm else ""
+    out = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['timing']}; "
+           f"{meta['date']}. Copy bandwidth measured in the same run: {meta['copy_gbs']:.1f} GB/s.", "",
+           f"| shape (in x out) | M | {base} (ms) | W4A16 (ms) | W4A16 speedup | W8A8 (ms) | W8A8 speedup |{extra_head} "
+           f"{base} GB/s | W4A16 GB/s | W8A8 GB/s |", "|---" * (10 + 2 * int_mm) + "|"]
+    for r in rows:
+        extra = ""
+        if int_mm:
+            extra = (f" {r['w8a8_int_mm_ms']:.4f} | {r['w8a8_int_mm_speedup']:.2f}x |" if "w8a8_int_mm_ms" in r
+                     else " - | - |")
+        out.append(f"| {r['shape']} | {r['M']} | {r['fp_ms']:.4f} | {r['w4a16_ms']:.4f} | {r['w4a16_speedup']:.2f}x | "
+                   f"{r['w8a8_ms']:.4f} | {r['w8a8_speedup']:.2f}x |{extra} {r['fp_gbs']:.0f} | {r['w4a16_gbs']:.0f} | "
+                   f"{r['w8a8_gbs']:.0f} |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated M values")
+    parser.add_argument("--update-benchmarks", action="store_true")
+    args = parser.parse_args(argv)
+    rows_list = [int(v) for v in args.rows.split(",")]
+    rows, bw = run(args.device, args.repeats, SHAPES, rows_list)
+    if args.device == "cuda":
+        machine = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
+        timing = "CUDA-graph replay over weight copies (>= 256 MB, L2 defeated), median; bf16 activations"
+    else:
+        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        timing = f"median of {args.repeats} runs; float32 activations"
+    meta = {"command": "python scripts/bench_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": machine, "torch": torch.__version__, "timing": timing, "copy_gbs": bw,
+            "baseline": "bf16" if args.device == "cuda" else "fp32", "date": time.strftime("%Y-%m-%d")}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"kernels-{args.device}"
+    (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    md = markdown(rows, meta)
+    (args.out / f"{stem}.md").write_text(md)
+    print(md)
+    if args.update_benchmarks:
+        from scripts.bench_accuracy import update_benchmarks
+
+        update_benchmarks(md, marker=stem)
+
+
+if __name__ == "__main__":
+    main()
