@@ -49,16 +49,20 @@ def rel_err(a, b):
 
 def test_batched_3d_input_and_cache_invalidation():
     mod = make_module(256, 64, group=64)
-    x = torch.randn(2, 5, 256)  # 10 rows: the decode kernel
+    x = torch.randn(2, 5, 256)
     assert rel_err(w4a16_linear(x, mod), w4a16_reference(x, mod)) < 1e-2
     mod.scales.data = mod.scales.data * 2  # new tensor: the cached operands must be rebuilt
     assert rel_err(w4a16_linear(x, mod), w4a16_reference(x, mod)) < 1e-2
 
 
-def test_prefill_uses_the_exact_reference():
+def test_prefill_uses_the_int4_kernel_and_odd_layouts_the_exact_reference():
     mod = make_module(256, 64, group=64)
     x = torch.randn(4, 32, 256)
-    assert torch.equal(w4a16_linear(x, mod), w4a16_reference(x, mod))
+    assert torch.equal(w4a16_linear(x, mod), w4a16_cpu_int4(x, mod))
+    assert rel_err(w4a16_linear(x, mod), w4a16_reference(x, mod)) < 1e-2
+    odd = make_module(200, 64, group=100)  # groups of 100 columns: no int4 kernel, the reference runs
+    x = torch.randn(3, 200)
+    assert torch.equal(w4a16_linear(x, odd), w4a16_reference(x, odd))
 
 
 @pytest.mark.parametrize("bits,group,act_perm", [(4, 128, False), (4, 64, True), (3, 48, False), (2, 32, False),
@@ -68,3 +72,18 @@ def test_dequantize_matches_the_gather_formula(bits, group, act_perm):
     idx = mod.g_idx.long()
     expected = mod.scales.float()[:, idx] * (mod.codes().float() - mod.zeros.float()[:, idx])
     assert torch.equal(mod.dequantize(torch.float32), expected)
+
+
+def test_operands_are_built_at_load_time(tiny_models, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hfquant import HFQuantConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], quantization_config=HFQuantConfig(
+        method="rtn", group_size=32))
+    mods = [m for m in model.modules() if isinstance(m, QuantLinearW4A16)]
+    assert mods and all(m._kernel_cache.get("cpu_int4", (None, None))[1] is not None for m in mods)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    mods = [m for m in reloaded.modules() if isinstance(m, QuantLinearW4A16)]
+    assert mods and all(m._kernel_cache.get("cpu_int4", (None, None))[1] is not None for m in mods)

@@ -13,12 +13,18 @@ W4A16 operands (built once per module by ``w4a16_operands``, cached on the modul
   ``hfquant.nn.packing``, is exactly that for 4 bits). Act-order checkpoints (non-monotone ``g_idx``)
   are repacked once with their columns sorted by group, and ``x``'s columns are gathered the same way
   per call, so every kernel sees contiguous groups of ``group_size`` columns (the last may be partial).
-* ``scales`` float32 and ``zeros`` int32 ``[N, G]``.
+* ``scales`` float32 and ``zeros`` int32, ``[G, N]`` (one row per group, so a tile loads them contiguously).
 
-Every kernel dequantizes ``w = (q - z) * s`` in float32 -- the same float operations as the reference
-(``QuantLinearW4A16.dequantize``), so the weights are bit-identical to it; the GEMM casts them to the
-activation dtype before ``tl.dot`` (as the reference casts before ``F.linear``), the GEMV keeps float32.
-Outputs differ from the reference only in the order of the float32 accumulation.
+Group sizes must be a power of two >= 32, or -1 (one group per row); a K tile never crosses a group, so
+each tile loads one scale and one zero per output. Other layouts (2/3/8-bit codes, odd group sizes) fall
+back to the PyTorch reference.
+
+* GEMM (more than ``GEMV_MAX_ROWS`` rows): ``w = (q - z) * s`` in float32 -- the same operations as the
+  reference (``QuantLinearW4A16.dequantize``), so the weight tile is bit-identical to it -- cast to the
+  activation dtype, then ``tl.dot`` with float32 accumulation.
+* GEMV (decode): one program per ``BN`` outputs runs the whole K loop (no split-K, no atomics:
+  deterministic), accumulating ``s * sum((q - z) * x)`` per tile in float32 without rounding the weight to
+  the activation dtype -- slightly more accurate than the reference for 16-bit activations.
 
 W8A8: ``quantize_rows`` reproduces ``hfquant.algorithms.smoothquant.quantize_activation_int8`` exactly
 (absmax / 127, correctly rounded division, round-half-to-even); ``int8_gemm`` accumulates exactly in
@@ -104,53 +110,49 @@ def _w4a16_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, M_BUCK
 
 @triton.autotune(
     configs=_configs(
-        [triton.Config({"BN": bn, "BK": bk, "SPLIT_K": sk}, num_warps=w, num_stages=s)
-         for bn, bk, sk, w, s in [(32, 128, 2, 4, 3), (16, 128, 2, 4, 3), (64, 128, 2, 4, 3), (16, 256, 2, 4, 3),
-                                  (8, 128, 2, 2, 3), (8, 256, 2, 2, 3), (32, 256, 2, 4, 3), (16, 64, 2, 2, 3),
-                                  (32, 64, 2, 2, 3), (64, 64, 1, 4, 3), (128, 128, 2, 8, 3), (16, 32, 2, 2, 3)]],
-        triton.Config({"BN": 16, "BK": 32, "SPLIT_K": 2}, num_warps=2, num_stages=1),
+        [triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+         for bn, bk, w, s in [(8, 128, 2, 4), (16, 128, 4, 4), (4, 128, 1, 4), (8, 256, 4, 3), (16, 256, 4, 3),
+                              (32, 128, 4, 4), (4, 256, 2, 4), (8, 64, 2, 4), (16, 64, 2, 4), (8, 32, 1, 4),
+                              (32, 32, 2, 4)]],
+        triton.Config({"BN": 16, "BK": 32}, num_warps=2, num_stages=1),
     ),
     key=["N", "K", "GROUP"],
     prune_configs_by={"early_config_prune": _prune_w4a16},
-    reset_to_zero=["y_ptr"],
 )
 @triton.jit
 def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K,
                        stride_xm, stride_wn, stride_ym,
                        GROUP: tl.constexpr, SINGLE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr):
-    """Decode: one row of ``x`` per grid column; ``y`` (float32, zeroed) receives SPLIT_K partial sums.
+                       BN: tl.constexpr, BK: tl.constexpr):
+    """Decode: ``BN`` outputs of one row of ``x`` per program, the whole K loop in the program (no split,
+    so no atomics: deterministic, one launch, output written in its dtype).
 
-    SPLIT_K is at most 2 in every config: ``0 + a + b == 0 + b + a`` exactly, so the atomic adds commute
-    and the result is deterministic.
-
-    Per K tile (inside one group): ``acc += s * sum_k (q - z) * x``.
+    Per K tile (inside one group) and nibble ``i``: ``acc += s * (q_i - z) * x[8j + i]`` on ``[BN, BK/8]``.
     """
     pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    row = tl.program_id(2)
+    row = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
     n_ok = rn < N
     words_k = tl.arange(0, BK // 8)
-    sub = tl.arange(0, 8)
-    acc = tl.zeros((BN,), dtype=tl.float32)
-    k_span = tl.cdiv(tl.cdiv(K, SPLIT_K), BK) * BK
-    for k0 in range(pid_k * k_span, (pid_k + 1) * k_span, BK):
+    acc = tl.zeros((BN, BK // 8), dtype=tl.float32)
+    for k0 in range(0, K, BK):
         kw = k0 // 8 + words_k
-        k = kw[:, None] * 8 + sub[None, :]                                           # [BK/8, 8]
-        x = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
         words = tl.load(w_ptr + rn[:, None] * stride_wn + kw[None, :], mask=n_ok[:, None] & (kw * 8 < K)[None, :],
                         other=0)                                                      # [BN, BK/8]
-        q = (words[:, :, None] >> (sub * 4)[None, None, :]) & 0xF                     # [BN, BK/8, 8]
         g = 0 if SINGLE_GROUP else k0 // GROUP
-        s = tl.load(s_ptr + g * N + rn, mask=n_ok & (rn * 0 + k0 < K), other=0.0)
-        z = tl.load(z_ptr + g * N + rn, mask=n_ok & (rn * 0 + k0 < K), other=0)
-        d = tl.sum(tl.sum((q - z[:, None, None]).to(tl.float32) * x[None, :, :], axis=2), axis=1)
-        acc += d * s
+        s = tl.load(s_ptr + g * N + rn, mask=n_ok, other=0.0)
+        z = tl.load(z_ptr + g * N + rn, mask=n_ok, other=0)
+        part = tl.zeros((BN, BK // 8), dtype=tl.float32)
+        for i in tl.static_range(8):
+            k = kw * 8 + i
+            x = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+            q = (words >> (4 * i)) & 0xF
+            part += (q - z[:, None]).to(tl.float32) * x[None, :]
+        acc += part * s[:, None]
+    y = tl.sum(acc, axis=1)
     if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
-    tl.atomic_add(y_ptr + row * stride_ym + rn, acc, mask=n_ok)
+        y += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 def w4a16_operands(module, device: torch.device):
@@ -203,11 +205,10 @@ def w4a16_triton(x: torch.Tensor, module) -> torch.Tensor | None:
     meta = dict(GROUP=k if single else module.group_size, SINGLE_GROUP=single, HAS_BIAS=module.bias is not None)
     bias = module.bias if module.bias is not None else x2  # dummy pointer when HAS_BIAS is False
     if m <= GEMV_MAX_ROWS:
-        y = torch.zeros(m, n, device=x.device, dtype=torch.float32)
-        grid = lambda c: (triton.cdiv(n, c["BN"]), c["SPLIT_K"], m)  # noqa: E731
+        y = torch.empty(m, n, device=x.device, dtype=x.dtype)
+        grid = lambda c: (triton.cdiv(n, c["BN"]), m)  # noqa: E731
         _w4a16_gemv_kernel[grid](x2, packed, scales, zeros, bias, y, n, k, x2.stride(0), packed.stride(0), y.stride(0),
                                  **meta)
-        y = y.to(x.dtype)
     else:
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
         grid = lambda c: (triton.cdiv(m, c["BM"]), triton.cdiv(n, c["BN"]))  # noqa: E731

@@ -74,15 +74,14 @@ class QuantLinearW4A16(nn.Module):
             m.bias.data = bias.detach().clone().cpu()
         return m.to(linear.weight.device)
 
-    def codes(self, rows: slice = slice(None)) -> torch.Tensor:
-        """Unpacked int32 codes ``[out, in]`` (or of the output rows ``rows``)."""
-        return unpack_codes(self.weight[rows], self.bits, self.in_features)
+    def codes(self) -> torch.Tensor:
+        """Unpacked int32 codes ``[out, in]``."""
+        return unpack_codes(self.weight, self.bits, self.in_features)
 
-    def dequantize(self, dtype: torch.dtype | None = None, rows: slice = slice(None)) -> torch.Tensor:
-        """Float weight ``[out, in]`` (or its rows ``rows``), computed in float32, then cast to ``dtype``
-        (default the scales' dtype)."""
-        codes = self.codes(rows).float()
-        scales, zeros = self.scales[rows].float(), self.zeros[rows].float()
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Float weight ``[out, in]`` computed in float32, then cast to ``dtype`` (default the scales' dtype)."""
+        codes = self.codes().float()
+        scales, zeros = self.scales.float(), self.zeros.float()
         g = self.in_features if self.group_size == -1 else self.group_size
         n_out, n_groups = scales.shape
         if self._contiguous_groups(g):

@@ -1,0 +1,110 @@
+"""End-to-end speed on this CPU: SmolLM2-135M tokens/s, fp32 vs W4A16 vs W8A8, as ratios from one run.
+
+* decode: batch 1, a 16-token prompt, 128 new tokens, greedy (``generate`` with ``min_new_tokens`` so
+  every run makes exactly 128 tokens); tokens/s = 128 / wall time of the whole ``generate`` call.
+* prefill: one forward pass over 1 x 512 tokens; tokens/s = 512 / wall time.
+
+Models: the fp32 reference; W4A16 = RTN 4-bit g128 sym (the same kernel path and layout as a GPTQ
+g128 checkpoint: speed does not depend on how the codes were chosen); W8A8 = int8 weights per channel,
+dynamic per-token int8 activations (SmoothQuant without smoothing; smoothing does not change speed).
+The embedding and tied ``lm_head`` stay float32 in every model (hfquant never quantizes a tied head).
+
+Writes ``OUT/generate.json`` and ``.md``; ``--update-benchmarks`` puts the table in BENCHMARKS.md.
+
+Usage:
+    python scripts/bench_generate.py --out bench --update-benchmarks
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def wall(fn, repeats: int) -> float:
+    with torch.no_grad():
+        fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def load_models(path: str) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from hfquant import HFQuantConfig
+
+    small = dict(num_samples=8, seq_len=128)  # calibration size does not change the kernels' speed
+    return {
+        "fp32": AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        "w4a16": AutoModelForCausalLM.from_pretrained(path, quantization_config=HFQuantConfig(method="rtn", group_size=128)),
+        "w8a8": AutoModelForCausalLM.from_pretrained(path, quantization_config=HFQuantConfig(
+            method="smoothquant", alpha=None, **small)),
+    }
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m"))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--update-benchmarks", action="store_true")
+    args = parser.parse_args(argv)
+    if not Path(args.model, "config.json").is_file():
+        sys.exit(f"error: no model at {args.model}; run `python scripts/prepare_reference_model.py --out models` first")
+    models = load_models(args.model)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 49152, (1, 16), generator=gen)
+    long = torch.randint(0, 49152, (1, 512), generator=gen)
+    n = args.new_tokens
+    rows = []
+    for name, model in models.items():
+        model.eval()
+        decode_s = wall(lambda m=model: m.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                                                   pad_token_id=0), args.repeats)
+        prefill_s = wall(lambda m=model: m(input_ids=long), args.repeats)
+        rows.append({"model": name, "decode_tok_s": n / decode_s, "prefill_tok_s": 512 / prefill_s})
+        print(f"{name}: decode {n / decode_s:.1f} tok/s, prefill {512 / prefill_s:.1f} tok/s", flush=True)
+    base = rows[0]
+    for r in rows:
+        r["decode_speedup"] = r["decode_tok_s"] / base["decode_tok_s"]
+        r["prefill_speedup"] = r["prefill_tok_s"] / base["prefill_tok_s"]
+    meta = {"command": "python scripts/bench_generate.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                       f"{torch.get_num_threads()} threads", "torch": torch.__version__,
+            "repeats": args.repeats, "date": time.strftime("%Y-%m-%d")}
+    md = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; torch {meta['torch']}; median of "
+          f"{args.repeats} runs; {meta['date']}. Decode: batch 1, 16-token prompt, {n} new tokens (greedy); "
+          "prefill: 1 x 512 tokens.", "",
+          "| model | decode tok/s | decode speedup | prefill tok/s | prefill speedup |", "|---|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {r['model']} | {r['decode_tok_s']:.1f} | {r['decode_speedup']:.2f}x | {r['prefill_tok_s']:.1f} | "
+                  f"{r['prefill_speedup']:.2f}x |")
+    md = "\n".join(md) + "\n"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "generate.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (args.out / "generate.md").write_text(md)
+    print(md)
+    if args.update_benchmarks:
+        from scripts.bench_accuracy import update_benchmarks
+
+        update_benchmarks(md, marker="generate")
+
+
+if __name__ == "__main__":
+    main()
