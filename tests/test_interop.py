@@ -20,17 +20,17 @@ import textwrap
 
 import pytest
 import torch
+from helpers import VOCAB, small_calibration, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
 from hfquant import HFQuantConfig
 from hfquant.errors import ConfigError, FormatError
-from hfquant.kernels import w8a8 as w8a8_kernels
 from hfquant.interop import cli_export, export_checkpoint, load_gptq
 from hfquant.interop.gptq import from_gptq, to_gptq
+from hfquant.kernels import w8a8 as w8a8_kernels
 from hfquant.nn.packing import pack_codes
 from hfquant.nn.w4a16 import QuantLinearW4A16
 from hfquant.nn.w8a8 import QuantLinearW8A8
-from helpers import VOCAB, small_calibration, tiny_tokenizer
 
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
 
@@ -57,7 +57,7 @@ def test_gptq_qweight_is_lsb_first_along_input_for_4_bits():
             expected = sum(int(codes[o, 8 * r + j]) << (4 * j) for j in range(8))
             assert int(qweight[r, o]) == _wrap32(expected)
     # v1 stores zero - 1: symmetric 4-bit (zero 8) is 0x77777777 in every word
-    assert qzeros.shape == (1, 1) and int(qzeros[0, 0]) == 0x77777777 == 2004318071
+    assert qzeros.shape == (1, 1) and int(qzeros[0, 0]) == 0x77777777  # 2004318071
 
 
 @pytest.mark.parametrize("bits", [2, 3, 8])
@@ -113,11 +113,11 @@ def _tiny(folder, arch):
 
 CASES = {
     # name: (arch, HFQuantConfig kwargs)
-    "llama96-gptq-actorder-asym-g64": ("llama96", dict(group_size=64, desc_act=True, static_groups=False, sym=False)),
-    "llama96-rtn-sym-g32": ("llama96", dict(method="rtn", group_size=32)),
-    "qwen2-gptq-sym-g32": ("qwen2", dict(group_size=32, true_sequential=False)),
-    "qwen2-rtn-channel": ("qwen2", dict(method="rtn", group_size=-1)),
-    "llama96-w8a8-dynamic": ("llama96", dict(method="smoothquant", alpha=0.5)),
+    "llama96-gptq-actorder-asym-g64": ("llama96", {"group_size": 64, "desc_act": True, "static_groups": False, "sym": False}),
+    "llama96-rtn-sym-g32": ("llama96", {"method": "rtn", "group_size": 32}),
+    "qwen2-gptq-sym-g32": ("qwen2", {"group_size": 32, "true_sequential": False}),
+    "qwen2-rtn-channel": ("qwen2", {"method": "rtn", "group_size": -1}),
+    "llama96-w8a8-dynamic": ("llama96", {"method": "smoothquant", "alpha": 0.5}),
 }
 
 
@@ -138,7 +138,8 @@ def quantized(tmp_path_factory):
 def test_gptq_export_layout_and_config(quantized):
     root, q = quantized
     src, model = q["llama96-gptq-actorder-asym-g64"]
-    dst = export_checkpoint(src, "gptq", root / "gptq-actorder")
+    with pytest.warns(UserWarning, match="vLLM and gptqmodel refuse"):  # 96 and 160 are not multiples of 64
+        dst = export_checkpoint(src, "gptq", root / "gptq-actorder")
     cfg = json.loads((dst / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "gptq" and cfg["checkpoint_format"] == "gptq"
     assert (cfg["bits"], cfg["group_size"], cfg["sym"], cfg["desc_act"]) == (4, 64, False, True)
@@ -153,6 +154,7 @@ def test_gptq_export_layout_and_config(quantized):
     assert "model.embed_tokens.weight" in tensors and not any(k.endswith(".zeros") for k in tensors)
 
 
+@pytest.mark.filterwarnings("ignore:GPTQ export")  # partial groups in llama96 g64 (asserted above)
 @pytest.mark.parametrize("case", ["llama96-gptq-actorder-asym-g64", "qwen2-gptq-sym-g32"])
 def test_gptq_export_import_round_trip(quantized, case):
     root, q = quantized
@@ -289,7 +291,7 @@ def test_compressed_tensors_export_loads_in_transformers_without_hfquant(quantiz
     assert json.loads((folders["qwen2-rtn-channel"] / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
 
     proc = subprocess.run([sys.executable, "-c", CT_LOAD, json.dumps(IDS.tolist()), json.dumps([str(f) for f in folders.values()])],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     info = json.loads(proc.stdout.strip().splitlines()[-1])
     assert info["hfquant_imported"] is False
@@ -320,7 +322,7 @@ def test_compressed_tensors_export_loads_in_transformers_without_hfquant(quantiz
 # ---------------------------------------------------------------- refusals: one line, nothing written
 
 def test_export_refusals(quantized, tmp_path):
-    root, q = quantized
+    _, q = quantized
     cases = [
         ("llama96-w8a8-dynamic", "gptq", "weight-only"),
         ("llama96-gptq-actorder-asym-g64", "compressed-tensors", "group_size"),  # 96 % 64 != 0
@@ -335,7 +337,7 @@ def test_export_refusals(quantized, tmp_path):
 
 
 def test_export_never_overwrites_a_non_empty_folder(quantized, tmp_path, capsys):
-    root, q = quantized
+    _, q = quantized
     out = tmp_path / "taken"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")

@@ -24,6 +24,8 @@ What the layout cannot express (export refuses with ``FormatError``): activation
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from hfquant.errors import FormatError
@@ -200,6 +202,12 @@ def gptq_writer(ckpt, checkpoint_format: str = "gptq"):
         if not torch.equal(g_idx.long(), torch.arange(g_idx.numel()) // g):
             desc_act = True
             break
+
+    partial = [n for n in ckpt.modules if q.group_size != -1 and ckpt.tensor(f"{n}.g_idx").numel() % q.group_size]
+    if partial:
+        warnings.warn(f"GPTQ export: {len(partial)} modules (e.g. {partial[0]}) have in_features not a multiple of "
+                      f"group_size={q.group_size}; the file is valid GPTQ (ceil groups), but vLLM and gptqmodel refuse "
+                      "such layers; for them re-quantize with a group_size that divides every in_features", stacklevel=2)
 
     def convert(name, t):
         return to_gptq(name, t["weight"], t["scales"], t["zeros"], t["g_idx"], t.get("bias"), q.bits,
