@@ -4,7 +4,7 @@ Tolerances (stated once):
 * compressed-tensors W4A16 loaded by transformers (no hfquant) vs the hfquant model: max |logit diff|
   <= 1e-5 (same codes, same float32 scales; the hfquant side runs its float32 reference kernel for
   these 48-row inputs). W8A8: compressed-tensors fakes activation quantization with scale absmax/127.5
-  (hfquant and vLLM use absmax/127), so the logit bound is 5% of max |logit| (measured 0.7%); module by
+  (hfquant uses absmax/127), so the logit bound is 5% of max |logit| (measured 0.7%); module by
   module on the same input, with that activation rule patched into hfquant's kernel, the two agree
   within 1e-5 x max |output|.
 * GPTQ export -> import: tensors bit-exact against the exported file; outputs bit-exact against the
