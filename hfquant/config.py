@@ -21,6 +21,8 @@ QUANT_METHOD = "hfquant"
 METHODS = ("gptq", "rtn", "smoothquant")
 WEIGHT_METHODS = ("rtn", "gptq")
 ACTIVATION_SCHEMES = ("dynamic", "static")
+SAVE_FORMATS = ("hfquant", "gptq", "compressed-tensors")
+CHECKPOINT_FORMATS = ("hfquant", "gptq", "gptq_v2")
 
 # name -> default; the order is the order of to_dict().
 DEFAULTS: dict[str, Any] = {
@@ -47,6 +49,8 @@ DEFAULTS: dict[str, Any] = {
     "alpha": "auto",
     "weight_method": "rtn",
     "activation_scheme": "dynamic",
+    "save_format": "hfquant",
+    "checkpoint_format": "hfquant",
 }
 
 
@@ -85,6 +89,13 @@ class HFQuantConfig(QuantizationConfigMixin):
         weight_method: SmoothQuant int8 weights by ``"rtn"`` (per channel) or ``"gptq"``.
         activation_scheme: SmoothQuant int8 activations ``"dynamic"`` (per token, at run time) or
             ``"static"`` (one per-tensor scale from calibration).
+        save_format: layout ``save_pretrained`` writes: ``"hfquant"`` (reloads with ``import hfquant``),
+            ``"gptq"`` (GPTQ v1 ``qweight``/``qzeros``/``scales``/``g_idx``, read by transformers+gptqmodel,
+            vLLM, TGI) or ``"compressed-tensors"`` (``pack-quantized`` W4A16, ``int-quantized`` W8A8). See
+            ``hfquant.interop``.
+        checkpoint_format: layout of the pre-quantized weights being loaded: ``"hfquant"``, or ``"gptq"`` /
+            ``"gptq_v2"`` when importing a GPTQ checkpoint (set by ``hfquant.interop.gptq_config``; it is
+            reset to ``"hfquant"`` once the modules are converted).
     """
 
     def __init__(self, **kwargs):
@@ -142,6 +153,10 @@ class HFQuantConfig(QuantizationConfigMixin):
             bad("weight_method", f"one of {list(WEIGHT_METHODS)}")
         if self.activation_scheme not in ACTIVATION_SCHEMES:
             bad("activation_scheme", f"one of {list(ACTIVATION_SCHEMES)}")
+        if self.save_format not in SAVE_FORMATS:
+            bad("save_format", f"one of {list(SAVE_FORMATS)}")
+        if self.checkpoint_format not in CHECKPOINT_FORMATS:
+            bad("checkpoint_format", f"one of {list(CHECKPOINT_FORMATS)}")
         m = self.modules_to_not_convert
         if m is not None and (not isinstance(m, (list, tuple)) or not all(isinstance(x, str) for x in m)):
             bad("modules_to_not_convert", "a list of module names")

@@ -15,3 +15,7 @@ class CalibrationError(HFQuantError, ValueError):
 
 class UnsupportedModelError(HFQuantError, ValueError):
     """The model's structure cannot be quantized with the requested scheme."""
+
+
+class FormatError(HFQuantError, ValueError):
+    """A checkpoint cannot be written in (or read from) another tool's layout; the message says why and what to do."""

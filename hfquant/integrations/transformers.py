@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 
 import torch
 from transformers.quantizers.base import HfQuantizer
@@ -56,6 +57,9 @@ class HFQuantHfQuantizer(HfQuantizer):
         if not self.pre_quantized:
             return
         dtype = kwargs.get("dtype") or torch.get_default_dtype()
+        if cfg.checkpoint_format != "hfquant":
+            self._gptq_skeletons(model, cfg, dtype, kwargs.get("checkpoint_files"))
+            return
         for name, module in list(model.named_modules()):
             if not name or not is_quantizable(module) or not self._keep(name):
                 continue
@@ -68,8 +72,35 @@ class HFQuantHfQuantizer(HfQuantizer):
                     q = QuantLinearW4A16(in_f, out_f, cfg.bits, cfg.group_size, bias=bias, dtype=dtype)
             set_submodule(model, name, q)
 
+    def _gptq_skeletons(self, model, cfg, dtype, checkpoint_files) -> None:
+        """Importing a GPTQ checkpoint: give each module that has a ``qweight`` in the files a skeleton
+        holding the GPTQ tensors; ``_process_model_after_weight_loading`` converts them."""
+        from hfquant.interop.gptq import GPTQImportLinear, checkpoint_keys
+
+        keys = checkpoint_keys(checkpoint_files)
+        names = sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
+        if not names:
+            raise ConfigError(f"hfquant: checkpoint_format={cfg.checkpoint_format!r} but no '*.qweight' tensor in the "
+                              "checkpoint's safetensors files; is it a GPTQ checkpoint (safetensors only)?")
+        tied = {k.rsplit(".", 1)[0] for k in getattr(model, "all_tied_weights_keys", {}) or {}}
+        for name in names:
+            try:
+                module = model.get_submodule(name)
+            except AttributeError:
+                raise ConfigError(f"hfquant: checkpoint has {name}.qweight but the model has no module {name!r}") from None
+            if not is_quantizable(module) or name in tied:
+                raise ConfigError(f"hfquant: {name} is quantized in the GPTQ checkpoint but is not an untied Linear here")
+            in_f, out_f = in_out_features(module)
+            with torch.device("meta"):
+                q = GPTQImportLinear(in_f, out_f, cfg.bits, cfg.group_size, cfg.checkpoint_format,
+                                     f"{name}.g_idx" in keys, f"{name}.bias" in keys, dtype, name=name)
+            set_submodule(model, name, q)
+
     def _process_model_after_weight_loading(self, model, **kwargs):
+        _install_save_format_hook(model)
         if self.pre_quantized:
+            if self.quantization_config.checkpoint_format != "hfquant":
+                _convert_gptq_skeletons(model, self.quantization_config)
             _freeze(model)
             return model
         from hfquant.runner import quantize_loaded_model_
@@ -90,6 +121,33 @@ class HFQuantHfQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _convert_gptq_skeletons(model, cfg) -> None:
+    """Replace the GPTQ skeletons by ``QuantLinearW4A16`` modules; the config then describes an hfquant model
+    (``checkpoint_format="hfquant"``, the Linears left float listed in ``modules_to_not_convert``)."""
+    from hfquant.interop.gptq import GPTQImportLinear
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, GPTQImportLinear):
+            set_submodule(model, name, module.to_w4a16())
+    cfg.checkpoint_format = "hfquant"
+    cfg.modules_to_not_convert = sorted(n for n, m in model.named_modules() if n and is_quantizable(m))
+
+
+def _save_pretrained(self, save_directory, **kwargs):
+    """``save_pretrained`` that honours ``quantization_config.save_format``."""
+    fmt = getattr(self.config.quantization_config, "save_format", "hfquant")
+    if fmt == "hfquant":
+        return type(self).save_pretrained(self, save_directory, **kwargs)
+    from hfquant.interop.export import save_pretrained_as
+
+    return save_pretrained_as(self, save_directory, fmt, **kwargs)
+
+
+def _install_save_format_hook(model) -> None:
+    # A bound method (not a closure), so copy.deepcopy(model) binds it to the copy.
+    model.save_pretrained = types.MethodType(_save_pretrained, model)
 
 
 def _freeze(model) -> None:
