@@ -36,7 +36,10 @@ IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
 
 
 def _logits(model):
-    with torch.no_grad():
+    # The exact reference kernel: these tests compare formats, not the CPU int4 kernel's bf16 rounding.
+    from hfquant.kernels import reference_kernels
+
+    with torch.no_grad(), reference_kernels():
         return model(input_ids=IDS).logits
 
 

@@ -2,9 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 from hfquant.kernels.w4a16 import w4a16_linear, w4a16_reference
 
-__all__ = ["prepare_model", "w4a16_linear", "w4a16_reference"]
+__all__ = ["prepare_model", "reference_kernels", "w4a16_linear", "w4a16_reference"]
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """Run quantized Linears on the exact float32 reference inside the block (``HFQUANT_KERNEL=reference``):
+    for comparing formats or algorithms without the fast kernels' bf16 rounding."""
+    old = os.environ.get("HFQUANT_KERNEL")
+    os.environ["HFQUANT_KERNEL"] = "reference"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("HFQUANT_KERNEL", None)
+        else:
+            os.environ["HFQUANT_KERNEL"] = old
 
 
 def prepare_model(model) -> int:
