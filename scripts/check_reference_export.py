@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -73,7 +74,11 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "out" / "export-check")
     parser.add_argument("--set", nargs="*", default=[], help="HFQuantConfig fields, key=json")
     parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument("--kernel", choices=["reference", "auto"], default="reference",
+                        help="hfquant kernel for the in-memory models (HFQUANT_KERNEL): the exact reference by "
+                             "default, so the comparison measures the formats, not the CPU int4 kernel's bf16 rounding")
     args = parser.parse_args(argv)
+    os.environ["HFQUANT_KERNEL"] = args.kernel
     if not Path(args.model, "config.json").is_file():
         print(f"error: no model at {args.model}; run: python scripts/prepare_reference_model.py --out models", file=sys.stderr)
         return 2
