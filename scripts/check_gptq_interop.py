@@ -85,7 +85,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gptq-python", default=str(ROOT / ".venv-gptq" / "bin" / "python"))
     parser.add_argument("--reference", action="store_true", help="also SmolLM2-135M (models/smollm2-135m)")
+    parser.add_argument("--kernel", choices=["reference", "auto"], default="reference",
+                        help="hfquant kernel for its side of the comparison (HFQUANT_KERNEL); the exact reference "
+                             "by default, so the comparison measures the format, not the CPU int4 kernel's bf16 rounding")
     args = parser.parse_args(argv)
+    os.environ["HFQUANT_KERNEL"] = args.kernel
     if not Path(args.gptq_python).is_file():
         print(f"error: no {args.gptq_python}; run: bash scripts/setup_gptq_venv.sh", file=sys.stderr)
         return 2
