@@ -18,7 +18,7 @@ def make_module(in_f, out_f, bits=4, group=128, bias=True, act_perm=False, seed=
 
 
 @pytest.mark.parametrize("in_f,out_f,group", [(576, 960, 128), (576, 1536, 64), (1536, 576, 128), (256, 96, 32),
-                                              (200, 64, 64), (512, 128, 256)])
+                                              (200, 64, 64), (512, 128, 256), (160, 48, -1), (1024, 64, 512)])
 @pytest.mark.parametrize("m", [1, 7, 64, 512])
 @pytest.mark.parametrize("act_perm", [False, True])
 def test_cpu_int4_matches_reference(in_f, out_f, group, m, act_perm):
@@ -37,10 +37,13 @@ def test_dispatch_falls_back_for_other_bits_and_dtypes():
     assert w4a16_cpu_int4(torch.randn(2, 96), mod) is None
     x3 = torch.randn(2, 96)
     assert torch.equal(w4a16_linear(x3, mod), w4a16_reference(x3, mod))
-    mod4 = make_module(128, 32, group=-1)
-    assert w4a16_cpu_int4(torch.randn(2, 128), mod4) is None  # per-channel: the CPU kernel needs groups <= 256
+    per_channel = make_module(128, 32, group=-1)  # runs as 4 kernel groups of 32 sharing each row's scale
+    x = torch.randn(2, 128)
+    assert rel_err(w4a16_cpu_int4(x, per_channel), w4a16_reference(x, per_channel)) < 1e-2
+    odd = make_module(100, 32, group=-1)  # K=100: no kernel group size divides it, the reference runs
+    assert w4a16_cpu_int4(torch.randn(2, 100), odd) is None
     x = torch.randn(3, 128, dtype=torch.bfloat16)
-    assert w4a16_linear(x, mod4).dtype == torch.bfloat16
+    assert w4a16_linear(x, per_channel).dtype == torch.bfloat16
 
 
 def rel_err(a, b):
@@ -53,6 +56,9 @@ def test_batched_3d_input_and_cache_invalidation():
     assert rel_err(w4a16_linear(x, mod), w4a16_reference(x, mod)) < 1e-2
     mod.scales.data = mod.scales.data * 2  # new tensor: the cached operands must be rebuilt
     assert rel_err(w4a16_linear(x, mod), w4a16_reference(x, mod)) < 1e-2
+    other = make_module(256, 64, group=64, seed=1)
+    mod.load_state_dict(other.state_dict())  # in-place copies: same pointers, new version counters
+    assert rel_err(w4a16_linear(x, mod), w4a16_reference(x, other)) < 1e-2
 
 
 def test_prefill_uses_the_int4_kernel_and_odd_layouts_the_exact_reference():

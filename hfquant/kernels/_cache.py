@@ -6,8 +6,13 @@ from typing import Callable
 
 
 def cached_operands(module, name: str, tensors, build: Callable, extra=()):
-    """``build()`` once per (data pointers of ``tensors``, ``extra``); stored in ``module._kernel_cache``."""
-    key = tuple(t.data_ptr() for t in tensors) + tuple(extra)
+    """``build()`` once per (data pointer and version counter of each of ``tensors``, ``extra``), stored in
+    ``module._kernel_cache``: replacing a tensor or changing it in place (``load_state_dict`` copies into
+    the existing tensors) rebuilds the operands."""
+    key = [extra]
+    for t in tensors:
+        key.append(t.data_ptr())
+        key.append(t._version)
     hit = module._kernel_cache.get(name)
     if hit is None or hit[0] != key:
         hit = (key, build())

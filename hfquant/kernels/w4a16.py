@@ -12,9 +12,11 @@ Paths (``w4a16_linear`` picks one per call; ``HFQUANT_KERNEL=reference`` forces 
   cast to bf16 and the result back (about 3e-3 relative error against the float32 reference; the tests
   allow 1e-2). It dequantizes ``w = (q - 8) * s + z`` per group of ``group_size`` consecutive input
   columns, so our ``s * (q - zero)`` maps to ``z = (8 - zero) * s``. It needs groups of 32/64/128/256
-  contiguous columns: act-order checkpoints (non-monotone ``g_idx``) have their columns permuted once so
-  each group is contiguous, and ``x``'s columns are gathered the same way per call; a partial last group
-  is zero-padded (``x`` too).
+  contiguous columns: a quantization group that is a multiple of one of those runs as several kernel
+  groups sharing its scale (so SmolLM2's 576 columns at g128 run as nine groups of 64, without padding;
+  per-channel ``-1`` works when K is a multiple of 32); otherwise a partial last group is zero-padded
+  (``x`` too). Act-order checkpoints (non-monotone ``g_idx``) have their columns permuted once so each
+  group is contiguous, and ``x``'s columns are gathered the same way per call.
 * **CUDA**: Triton kernels (``hfquant.kernels.triton_kernels``): a GEMV for decode, a GEMM otherwise.
 
 Operands of the fast paths are built once per module -- ``prepare_module`` does it at load time (the
@@ -63,21 +65,36 @@ def group_permutation(module):
     return cached_operands(module, "group_perm", (module.g_idx,), build)
 
 
+def _kernel_group(group: int, k: int) -> int | None:
+    """The group size the int4 CPU kernel runs with: the largest of 256/128/64/32 dividing both the
+    quantization group and K (each quantization group is then several kernel groups sharing one scale and
+    zero, and no padding is needed), else the quantization group itself when the kernel takes it (the
+    partial last group is then zero-padded), else ``None``."""
+    for kg in (256, 128, 64, 32):
+        if group % kg == 0 and k % kg == 0:
+            return kg
+    return group if group in _CPU_GROUPS else None
+
+
 def _cpu_int4_operands(module):
-    """(packed int4 weight, bf16 scale/zero table, column perm or None, padded K), or None."""
+    """(packed int4 weight, bf16 scale/zero table, column perm or None, padded K, kernel group), or None."""
     def build():
+        group = module.in_features if module.group_size == -1 else module.group_size
+        kg = _kernel_group(group, module.in_features)
         layout = group_permutation(module)
-        if module.bits != 4 or module.group_size not in _CPU_GROUPS or layout is None:
+        if module.bits != 4 or kg is None or layout is None:
             return None
-        perm, k_pad = layout
+        perm, _ = layout
+        k_pad = -(-module.in_features // kg) * kg
         codes = module.codes()
         padded = torch.full((module.out_features, k_pad), 8, dtype=torch.int32)
         padded[:, : module.in_features] = codes if perm is None else codes[:, perm]
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded, 1)
         s = module.scales.float()
         z = (8 - module.zeros.float()) * s
-        scale_zero = torch.stack([s.t(), z.t()], dim=-1).to(torch.bfloat16).contiguous()
-        return packed, scale_zero, perm, k_pad
+        per_group = group // kg  # kernel groups per quantization group
+        scale_zero = torch.stack([s.t(), z.t()], dim=-1).repeat_interleave(per_group, dim=0)[: k_pad // kg]
+        return packed, scale_zero.to(torch.bfloat16).contiguous(), perm, k_pad, kg
     return cached_operands(module, "cpu_int4", (module.weight, module.scales, module.zeros, module.g_idx), build)
 
 
@@ -86,17 +103,18 @@ def w4a16_cpu_int4(x: torch.Tensor, module) -> torch.Tensor | None:
     ops = _cpu_int4_operands(module)
     if ops is None:
         return None
-    packed, scale_zero, perm, k_pad = ops
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
+    packed, scale_zero, perm, k_pad, kg = ops
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
     if perm is not None:
-        x2 = x2[:, perm]
-    if k_pad != shape[-1]:
-        x2 = F.pad(x2, (0, k_pad - shape[-1]))
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, module.group_size, scale_zero)
+        x2 = x2.index_select(1, perm)
+    if k_pad != k:
+        x2 = F.pad(x2, (0, k_pad - k))
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, kg, scale_zero)
+    y = y.to(x.dtype)
     if module.bias is not None:
-        y = y + module.bias.to(y.dtype)
-    return y.to(x.dtype).reshape(*shape[:-1], module.out_features)
+        y += module.bias
+    return y.view(*x.shape[:-1], module.out_features)
 
 
 def prepare_module(module) -> None:

@@ -20,6 +20,19 @@ from hfquant.algorithms.rtn import dequantize_grouped
 from hfquant.nn.packing import SUPPORTED_BITS, pack_codes, packed_shape, unpack_codes
 
 
+def _linear():
+    """``hfquant.kernels.w4a16_linear``, imported on first use (kept out of ``import hfquant.nn``)."""
+    global _LINEAR
+    if _LINEAR is None:
+        from hfquant.kernels import w4a16_linear
+
+        _LINEAR = w4a16_linear
+    return _LINEAR
+
+
+_LINEAR = None
+
+
 class QuantLinearW4A16(nn.Module):
     """Weight-only quantized Linear. ``forward`` calls one op chosen at call time (``hfquant.kernels``).
 
@@ -104,9 +117,7 @@ class QuantLinearW4A16(nn.Module):
         return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from hfquant.kernels import w4a16_linear
-
-        return w4a16_linear(x, self)
+        return _linear()(x, self)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
