@@ -123,6 +123,9 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
     except Exception as exc:  # noqa: BLE001
         raise _fail("calibration.tokenizer", f"cannot load a tokenizer from {source!r} ({type(exc).__name__})") from None
 
+    import datasets
+
+    datasets.disable_progress_bars()  # "Generating train split" bars for local files are noise here
     windows = None
     if method != "rtn":
         try:
@@ -130,7 +133,7 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
                                           split=config.dataset_split, column=config.dataset_column,
                                           num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
         except CalibrationError as exc:
-            raise _fail("calibration", exc) from None
+            raise _fail("calibration", str(exc).removeprefix("calibration ")) from None
     eval_ids, eval_name = (None, "")
     if ev["before"] or ev["after"]:
         eval_ids, eval_name = evaluation_ids(ev, tokenizer)
@@ -170,32 +173,42 @@ def _perplexity(model, ids, ev, quiet: bool) -> float:
 
 def execute(p: Plan, quiet: bool = False) -> dict:
     """Run the plan; returns the report (also written to ``report.json``)."""
-    from hfquant.output import (
-        RECIPE,
-        checkpoint_bytes,
-        partial_dir,
-        place,
-        progress_dir,
-        versions,
-        write_card,
-        write_report,
-    )
+    from hfquant.output import partial_dir, progress_dir
     from hfquant.progress import ProgressStore
+
+    timings: dict[str, float] = {}
+    t_start = time.perf_counter()
+    store = ProgressStore(progress_dir(p.out), p.key) if p.config.method == "gptq" else None
+    partial = partial_dir(p.out)
+    try:  # the first writes: fail here, before loading the model, when the output folder is not writable
+        if store is not None:
+            store.start(resume=p.resume)
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
+    except OSError as exc:
+        raise RecipeError(f"output_dir: cannot write next to {str(p.out)!r} ({exc.strerror}); choose another --output") from None
+    if p.resume and store is not None and not store.resumed_from:
+        logger.info("--resume: no finished blocks saved; starting from the first block")
+    try:
+        report = _work(p, store, partial, timings, t_start, quiet)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        if store is not None and store.blocks_done == 0:  # nothing worth resuming
+            shutil.rmtree(store.folder, ignore_errors=True)
+        raise
+    if store is not None:
+        shutil.rmtree(store.folder, ignore_errors=True)
+    logger.info("saved to %s", p.out)
+    return report
+
+
+def _work(p: Plan, store, partial: Path, timings: dict, t_start: float, quiet: bool) -> dict:
+    from hfquant.output import RECIPE, checkpoint_bytes, place, versions, write_card, write_report
     from hfquant.recipe import dump
     from hfquant.runner import quantize_in_place_
 
     recipe, ev = p.recipe, p.recipe["evaluation"]
-    timings: dict[str, float] = {}
-    t_start = time.perf_counter()
-    store = None
-    if p.config.method == "gptq":
-        store = ProgressStore(progress_dir(p.out), p.key)
-        try:
-            store.start(resume=p.resume)
-        except OSError as exc:
-            raise RecipeError(f"output_dir: cannot write next to {str(p.out)!r} ({exc.strerror}); choose another --output") from None
-        if p.resume and not store.resumed_from:
-            logger.info("--resume: no finished blocks saved; starting from the first block")
 
     t0 = time.perf_counter()
     model = load_model(recipe)
@@ -224,9 +237,6 @@ def execute(p: Plan, quiet: bool = False) -> dict:
         timings["eval_after"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    partial = partial_dir(p.out)
-    if partial.exists():
-        shutil.rmtree(partial)
     model.save_pretrained(partial)
     p.tokenizer.save_pretrained(partial)
     (partial / RECIPE).write_text(dump(recipe), encoding="utf-8")
@@ -251,9 +261,6 @@ def execute(p: Plan, quiet: bool = False) -> dict:
     write_report(partial, report)
     write_card(partial, report, recipe)
     place(partial, p.out)
-    if store is not None:
-        shutil.rmtree(store.folder, ignore_errors=True)
-    logger.info("saved to %s", p.out)
     return report
 
 

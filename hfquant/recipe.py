@@ -128,6 +128,8 @@ def _check_dataset_file(path: str, dataset) -> None:
     if isinstance(dataset, str) and looks_local(dataset) and not Path(dataset).expanduser().is_file():
         _fail(path, f"file {dataset!r} does not exist; give an existing .txt/.json/.jsonl/.csv/.parquet file, "
                     "a Hub dataset id, or null for the bundled WikiText-2")
+    if isinstance(dataset, str) and Path(dataset).expanduser().is_file() and Path(dataset).expanduser().stat().st_size == 0:
+        _fail(path, f"file {dataset!r} is empty; give a file with text")
     if isinstance(dataset, list) and (not dataset or not all(isinstance(t, str) and t.strip() for t in dataset)):
         _fail(path, "a list of texts must hold at least one non-empty string and only strings")
 
