@@ -29,13 +29,16 @@ def _status(exc) -> int | None:
     return getattr(response, "status_code", None)
 
 
-def _transient(exc) -> bool:
-    import httpx
+_NETWORK_ERRORS = {"TransportError", "NetworkError", "TimeoutException", "ConnectError", "RemoteProtocolError"}
 
+
+def _transient(exc) -> bool:
     status = _status(exc)
     if status is not None:
         return status == 429 or status >= 500
-    return isinstance(exc, (httpx.TransportError, ConnectionError, TimeoutError))
+    # huggingface_hub's HTTP client (httpx or its fork httpx2) raises TransportError subclasses.
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    return bool(names & _NETWORK_ERRORS) or isinstance(exc, (ConnectionError, TimeoutError))
 
 
 def _call(what: str, repo_id: str, fn, attempts: int, wait: float):
