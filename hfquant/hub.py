@@ -48,7 +48,7 @@ def _call(what: str, repo_id: str, fn, attempts: int, wait: float):
     for attempt in range(1, attempts + 1):
         try:
             return fn()
-        except Exception as exc:  # noqa: BLE001 - classified below, re-raised as HubError
+        except Exception as exc:  # classified below, re-raised as HubError
             status = _status(exc)
             if status in (401, 403):
                 raise HubAuthError(

@@ -98,10 +98,10 @@ def table(report: dict) -> str:
     timing = report.get("timings", {})
     desc = describe(report["config"])
     rows = [f"| model | {label} | checkpoint (MiB) | seconds |", "|---|---|---|---|",
-            f"| {report['model_name']} ({report.get('dtype', 'float32')}) | {_ppl(ev.get('before'))} | "
-            f"{report.get('source_mib', '—')} | — |",
-            f"| {desc} | {_ppl(ev.get('after'))} | {report['checkpoint_bytes'] / 2**20:.1f} | "
-            f"{timing.get('quantize', q.get('quantization_seconds', 0)):.1f} |"]
+            (f"| {report['model_name']} ({report.get('dtype', 'float32')}) | {_ppl(ev.get('before'))} | "
+             f"{report.get('source_mib', '—')} | — |"),
+            (f"| {desc} | {_ppl(ev.get('after'))} | {report['checkpoint_bytes'] / 2**20:.1f} | "
+             f"{timing.get('quantize', q.get('quantization_seconds', 0)):.1f} |")]
     return "\n".join(rows)
 
 
@@ -180,7 +180,7 @@ def check_checkpoint(folder) -> Path:
     for f in files:
         try:
             with safe_open(str(f), framework="pt") as st:
-                for key in st.keys():
+                for key in st.keys():  # noqa: SIM118 - safe_open is not a dict
                     st.get_slice(key).get_shape()
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             raise CheckpointError(f"{str(f)!r}: not a valid safetensors file ({str(exc).splitlines()[0][:120] or type(exc).__name__}); "

@@ -63,7 +63,12 @@ def max_positions(config) -> int | None:
 
 def evaluation_ids(ev: dict, tokenizer) -> tuple[torch.Tensor, str]:
     """Token ids of the evaluation text (bundled WikiText-2 test by default) and a name for reports."""
-    from hfquant.calibration.data import BUNDLED_EVALUATION, join_texts, load_texts, tokenize_text
+    from hfquant.calibration.data import (
+        BUNDLED_EVALUATION,
+        join_texts,
+        load_texts,
+        tokenize_text,
+    )
     from hfquant.errors import CalibrationError
 
     if ev["dataset"] is None:
@@ -204,7 +209,14 @@ def execute(p: Plan, quiet: bool = False) -> dict:
 
 
 def _work(p: Plan, store, partial: Path, timings: dict, t_start: float, quiet: bool) -> dict:
-    from hfquant.output import RECIPE, checkpoint_bytes, place, versions, write_card, write_report
+    from hfquant.output import (
+        RECIPE,
+        checkpoint_bytes,
+        place,
+        versions,
+        write_card,
+        write_report,
+    )
     from hfquant.recipe import dump
     from hfquant.runner import quantize_in_place_
 

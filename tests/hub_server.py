@@ -96,7 +96,7 @@ def make_handler(state: HubState):
             """README.md check: upload_folder sends the model card; its front matter must be a YAML mapping."""
             import yaml
 
-            front = re.match(r"^---\n(.*?)\n---\n", json.loads(body)["content"], re.S)
+            front = re.match(r"^---\n(.*?)\n---\n", json.loads(body)["content"], re.DOTALL)
             try:
                 ok = front is not None and isinstance(yaml.safe_load(front.group(1)), dict)
             except yaml.YAMLError:

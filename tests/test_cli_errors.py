@@ -136,7 +136,7 @@ def test_bad_input_exit_2_one_line_nothing_changed(case, tmp_path, tiny_models, 
     build, expected = CASES[case]
     argv = build(tmp_path, tiny_models["llama"])
     before = snapshot(tmp_path)
-    code, out, err = run_cli(argv, capsys)
+    code, _, err = run_cli(argv, capsys)
     after = snapshot(tmp_path)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2, f"{case}: exit {code}, stderr: {err[-1500:]}"

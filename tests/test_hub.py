@@ -95,7 +95,6 @@ def test_push_gives_up_after_repeated_server_errors(output_folder, tmp_path, cap
 
     with LocalHub(TOKEN) as hub:
         hub.state.fail = [("create", 500)] * 10
-        err = None
         monkeypatch.setattr(hub_module.time, "sleep", lambda s: None)
         with pytest.raises(hub_module.HubError) as err:
             hub_module._call("creating repo", "a/b", lambda: _raise_500(), attempts=3, wait=0.0)
@@ -105,7 +104,7 @@ def test_push_gives_up_after_repeated_server_errors(output_folder, tmp_path, cap
 
 
 class _ServerError(Exception):
-    class response:  # noqa: N801 - shaped like an HTTP response
+    class response:  # shaped like an HTTP response
         status_code = 500
 
 
