@@ -95,7 +95,6 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _eval(args) -> int:
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hfquant  # noqa: F401 - registers the quantizer
@@ -114,7 +113,7 @@ def _eval(args) -> int:
     ev = validate({"model": str(folder), "output_dir": str(folder), "evaluation": ev})["evaluation"]
     tokenizer = AutoTokenizer.from_pretrained(folder)
     ids, name = pipeline.evaluation_ids(ev, tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, dtype="auto").eval()
     limit = pipeline.max_positions(model.config)
     if limit is not None and ev["seq_len"] > limit:
         raise pipeline.RecipeError(f"--seq-len: {ev['seq_len']} exceeds the model's maximum of {limit} positions")

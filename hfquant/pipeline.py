@@ -114,6 +114,7 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
         raise RecipeError(f"output_dir: an unfinished run was found in {str(progress_dir(out))!r}; pass --resume to "
                           "continue it or --overwrite to start over")
 
+    _device(recipe["device"])
     mcfg = model_config(recipe)
     limit = max_positions(mcfg)
     ev = recipe["evaluation"]
@@ -227,14 +228,15 @@ def _work(p: Plan, store, partial: Path, timings: dict, t_start: float, quiet: b
     timings["load"] = time.perf_counter() - t0
     source_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
-    before = store.get("ppl_before") if store is not None else None
+    saved = store.get("ppl_before") if store is not None else None
+    before = saved["value"] if saved and saved["evaluation"] == ev else None  # same evaluation settings only
     if ev["before"] and before is None:
         logger.info("perplexity of the float model")
         t0 = time.perf_counter()
         before = _perplexity(model, p.eval_ids, ev, quiet)
         timings["eval_before"] = time.perf_counter() - t0
         if store is not None:
-            store.put("ppl_before", before)
+            store.put("ppl_before", {"evaluation": ev, "value": before})
 
     logger.info("quantizing: %s", p.config)
     t0 = time.perf_counter()

@@ -84,6 +84,7 @@ CASES = {
     "num_samples 0": (lambda t, m: ["run", _recipe(t, m, calibration={"num_samples": 0})], "calibration.num_samples"),
     "dtype float64": (lambda t, m: ["run", _recipe(t, m, dtype="float64")], "dtype"),
     "device tpu": (lambda t, m: ["run", _recipe(t, m, device="tpu")], "device"),
+    "device cuda without CUDA": (lambda t, m: _no_cuda(["run", _recipe(t, m, device="cuda")]), "CUDA is not available"),
     "trust_remote_code yes": (lambda t, m: ["run", _recipe(t, m, trust_remote_code="yes")], "trust_remote_code"),
     "section not a mapping": (lambda t, m: ["run", _recipe(t, m, quantization=[1, 2])], "quantization: must be a mapping"),
     "output dir is a file": (lambda t, m: ["run", _recipe(t, m), "--output", _file(t, "afile", "x")], "is a file"),
@@ -119,6 +120,14 @@ def _file(tmp, name, text):
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(text)
     return str(p)
+
+
+def _no_cuda(argv):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    return argv
 
 
 def _checkpoint_ok(tmp, model):
