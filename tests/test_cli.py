@@ -133,3 +133,9 @@ def test_commands_table_drives_the_parser():
         assert cli.main(["extra-test", "42"]) == 0 and calls == ["42"]
     finally:
         del cli.COMMANDS["extra-test"]
+
+
+def test_inspect_of_a_float_model_says_it_is_not_quantized(tiny_models, capsys):
+    code, stdout, err = run_cli(["inspect", tiny_models["llama"]], capsys)
+    assert code == 0, err
+    assert "not an hfquant checkpoint" in stdout and "quantized modules: 0" in stdout and "no report.json" in stdout
