@@ -97,7 +97,7 @@ def table(report: dict) -> str:
     q = report["quantization"]
     timing = report.get("timings", {})
     desc = describe(report["config"])
-    rows = [f"| model | {label} | checkpoint (MiB) | seconds |", "|---|---|---|---|",
+    rows = [f"| model | {label} | checkpoint (MiB) | quantization (s) |", "|---|---|---|---|",
             (f"| {report['model_name']} ({report.get('dtype', 'float32')}) | {_ppl(ev.get('before'))} | "
              f"{report.get('source_mib', '—')} | — |"),
             (f"| {desc} | {_ppl(ev.get('after'))} | {report['checkpoint_bytes'] / 2**20:.1f} | "
@@ -113,7 +113,7 @@ def describe(config: dict) -> str:
     return f"hfquant {m.upper()} W{config['bits']}A16 {group} {'sym' if config['sym'] else 'asym'}"
 
 
-def write_card(folder: Path, report: dict, recipe: dict) -> None:
+def write_card(folder: Path, report: dict, recipe: dict, name: str) -> None:
     """``README.md`` made with ``huggingface_hub.ModelCard``: metadata, how to load, the measured table."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -125,10 +125,9 @@ def write_card(folder: Path, report: dict, recipe: dict) -> None:
     repo = recipe["hub"]["repo_id"] or "path/to/this/folder"
     cal = report["quantization"].get("calibration", {})
     body = f"""
-# {folder.name if folder.name != '.' else 'model'}: {describe(report['config'])}
+# {name}
 
-`{report['model_name']}` quantized with [hfquant](https://pypi.org/project/hfquant/) {report['versions']['hfquant']}
-({describe(report['config'])}).
+`{report['model_name']}` quantized with hfquant {report['versions']['hfquant']}: {describe(report['config']).removeprefix('hfquant ')}.
 
 ## How to load
 

@@ -273,7 +273,7 @@ def _work(p: Plan, store, partial: Path, timings: dict, t_start: float, quiet: b
         "layers": qreport.get("modules", []),
     }
     write_report(partial, report)
-    write_card(partial, report, recipe)
+    write_card(partial, report, recipe, p.out.name)
     place(partial, p.out)
     return report
 

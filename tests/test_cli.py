@@ -64,6 +64,7 @@ def test_model_card(finished):
     report = json.loads((out / "report.json").read_text())
     assert f"{report['evaluation']['after']:.3f}" in card.text and f"{report['evaluation']['before']:.3f}" in card.text
     assert "import hfquant" in card.text and "from_pretrained" in card.text
+    assert card.text.lstrip().startswith(f"# {out.name}\n")
 
 
 def test_eval_reproduces_the_reported_perplexity(finished, capsys):
