@@ -36,6 +36,7 @@ class Plan:
     resume: bool
     push_repo: str | None
     key: str
+    seconds: float = 0.0      # time spent checking inputs and preparing calibration/evaluation tokens
 
 
 def _fail(path: str, exc: Exception | str) -> RecipeError:
@@ -101,6 +102,7 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
     from hfquant.output import check_output_dir, progress_dir
     from hfquant.recipe import check_repo_id, to_config
 
+    t0 = time.perf_counter()
     config = to_config(recipe)
     if push_repo is not None:
         check_repo_id(push_repo, "--push-to-hub")
@@ -147,7 +149,8 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
     key_fields = {k: recipe[k] for k in ("model", "revision", "dtype", "device", "quantization", "calibration")}
     key_fields["windows"] = fingerprint(windows) if windows is not None else None
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    return Plan(recipe, config, out, tokenizer, windows, eval_ids, eval_name, resume, push_repo, key)
+    return Plan(recipe, config, out, tokenizer, windows, eval_ids, eval_name, resume, push_repo, key,
+                time.perf_counter() - t0)
 
 
 def _device(name: str) -> str:
@@ -182,7 +185,7 @@ def execute(p: Plan, quiet: bool = False) -> dict:
     from hfquant.output import partial_dir, progress_dir
     from hfquant.progress import ProgressStore
 
-    timings: dict[str, float] = {}
+    timings: dict[str, float] = {"prepare": p.seconds}
     t_start = time.perf_counter()
     store = ProgressStore(progress_dir(p.out), p.key) if p.config.method == "gptq" else None
     partial = partial_dir(p.out)
@@ -226,7 +229,8 @@ def _work(p: Plan, store, partial: Path, timings: dict, t_start: float, quiet: b
     t0 = time.perf_counter()
     model = load_model(recipe)
     timings["load"] = time.perf_counter() - t0
-    source_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights once
+    source_bytes = sum(t.numel() * t.element_size() for t in unique.values())
 
     saved = store.get("ppl_before") if store is not None else None
     before = saved["value"] if saved and saved["evaluation"] == ev else None  # same evaluation settings only

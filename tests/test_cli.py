@@ -31,9 +31,11 @@ def test_output_folder_is_complete(finished):
     assert not any("hfquant-partial" in n or "hfquant-progress" in n for n in siblings), siblings
 
 
-def test_report_has_the_measurements(finished):
+def test_report_has_the_measurements(finished, tiny_models):
     out, _ = finished
     report = json.loads((out / "report.json").read_text())
+    float_mib = (tiny_models["llama"] / "model.safetensors").stat().st_size / 2**20
+    assert abs(report["source_mib"] - float_mib) < 0.05  # tied embeddings counted once
     ev = report["evaluation"]
     assert ev["windows"] == 512 // 64 and ev["seq_len"] == 64 and ev["dataset"].startswith("WikiText-2 test")
     assert ev["before"] > 1 and ev["after"] > 1 and ev["before"] != ev["after"]
@@ -41,7 +43,7 @@ def test_report_has_the_measurements(finished):
     assert len(layers) == 2 * 7 and all(m["method"] == "gptq" and m["loss"] > 0 for m in layers)
     assert report["damp_retries"] == sum(m["damp_retries"] for m in layers)
     assert len(report["quantization"]["calibration"]["fingerprint"]) == 16
-    assert {"load", "quantize", "save", "eval_before", "eval_after"} <= set(report["timings"])
+    assert {"prepare", "load", "quantize", "save", "eval_before", "eval_after"} <= set(report["timings"])
     assert {"hfquant", "torch", "transformers", "huggingface_hub", "safetensors"} <= set(report["versions"])
     assert report["config"]["bits"] == 4 and report["config"]["group_size"] == 32
 
