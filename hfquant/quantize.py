@@ -71,8 +71,12 @@ def quantize_rtn_(model: nn.Module, keep: Callable[[str], bool], scheme: WeightS
 
 def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool], scheme: WeightScheme,
                    *, act_order: bool, static_groups: bool, damp_percent: float, block_size: int,
-                   true_sequential: bool, progress: bool = True) -> list[ModuleReport]:
-    """GPTQ over the model's repeated blocks, block by block; Linears outside the blocks get RTN."""
+                   true_sequential: bool, progress: bool = True, store=None) -> list[ModuleReport]:
+    """GPTQ over the model's repeated blocks, block by block; Linears outside the blocks get RTN.
+
+    ``store`` (a ``hfquant.progress.ProgressStore``) saves each finished block's results and resumes
+    from the blocks it already holds.
+    """
     results: dict[str, tuple] = {}
     reports: dict[str, ModuleReport] = {}
 
@@ -106,7 +110,8 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
             reports[n] = ModuleReport(n, "gptq", loss=float(res.row_losses[rows].sum()), damp=res.damp,
                                       damp_retries=res.retries)
 
-    calibrate_blocks_(model, batches, keep, solve, true_sequential, progress=progress)
+    resume = _GPTQResume(model, store, results, reports) if store is not None else None
+    calibrate_blocks_(model, batches, keep, solve, true_sequential, progress=progress, resume=resume)
     blocks_name, _ = find_blocks(model)
     for name, module in quantizable_modules(model, keep).items():
         if name not in results and not name.startswith(blocks_name + "."):
@@ -116,6 +121,31 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
     for name, (module, codes, scales, zeros, g_idx) in results.items():
         _swap(model, name, module, codes, scales, zeros, g_idx, scheme)
     return [reports[n] for n in results]
+
+
+_RESULT_FIELDS = ("codes", "scales", "zeros", "g_idx")
+
+
+class _GPTQResume:
+    """``BlockResume`` for GPTQ: a block's state is its modules' codes/scales/zeros/g_idx and reports."""
+
+    def __init__(self, model: nn.Module, store, results: dict, reports: dict):
+        self.model, self.store, self.results, self.reports = model, store, results, reports
+
+    def start(self):
+        done = self.store.blocks_done
+        for i in range(done):
+            tensors, meta = self.store.load_block(i)
+            for name, report in meta.items():
+                module = self.model.get_submodule(name)
+                self.results[name] = (module, *(tensors[f"{name}:{f}"] for f in _RESULT_FIELDS))
+                self.reports[name] = ModuleReport(**report)
+        return done, (self.store.load_hidden() if done else None)
+
+    def done(self, index: int, block_name: str, outputs: list[torch.Tensor]) -> None:
+        names = [n for n in self.results if n.startswith(block_name + ".")]
+        tensors = {f"{n}:{f}": t for n in names for f, t in zip(_RESULT_FIELDS, self.results[n][1:])}
+        self.store.save_block(index, tensors, {n: asdict(self.reports[n]) for n in names}, outputs)
 
 
 def reports_as_dicts(reports: list[ModuleReport]) -> list[dict]:

@@ -37,8 +37,11 @@ def _check_seq_len(model, seq_len: int) -> None:
 
 
 def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: torch.Tensor | None = None,
-                           progress: bool = True) -> dict:
-    """Quantize ``model`` in place; returns a report (per-module results, calibration fingerprint, timings)."""
+                           progress: bool = True, store=None) -> dict:
+    """Quantize ``model`` in place; returns a report (per-module results, calibration fingerprint, timings).
+
+    ``store`` (a ``hfquant.progress.ProgressStore``, GPTQ only) saves progress per block and resumes from it.
+    """
     from hfquant.calibration.data import calibration_windows, fingerprint
 
     scheme = WeightScheme(config.bits, config.group_size, config.sym, config.observer)
@@ -67,7 +70,25 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: 
             modules = reports_as_dicts(quantize_gptq_(
                 model, batches, keep, scheme, act_order=config.desc_act, static_groups=config.static_groups,
                 damp_percent=config.damp_percent, block_size=config.block_size,
-                true_sequential=config.true_sequential, progress=progress))
+                true_sequential=config.true_sequential, progress=progress, store=store))
+    if store is not None:
+        report["resumed_from_block"] = store.resumed_from
     report["modules"] = modules
     report["damp_retries"] = sum(m.get("damp_retries", 0) for m in modules)
     return report
+
+
+def quantize_in_place_(model, config, **options) -> dict:
+    """Quantize an already loaded float transformers model in place, exactly as
+    ``from_pretrained(..., quantization_config=config)`` would (same skip list, config and report), so it
+    saves and reloads like one. ``options`` go to ``quantize_loaded_model_`` (``windows``, ``progress``,
+    ``store``). Returns ``model.hfquant_report``.
+    """
+    from hfquant.integrations.transformers import HFQuantHfQuantizer
+
+    quantizer = HFQuantHfQuantizer(config, pre_quantized=False)
+    quantizer.run_options = options
+    quantizer.preprocess_model(model)
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+    return model.hfquant_report

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Set up, build the offline reference model, quantize it (GPTQ W4A16 g128 sym) and print PPL-16K before/after.
+# Set up, build the offline reference model, then run the offline default recipe with the CLI:
+# SmolLM2-135M GPTQ W4A16 g128 on the bundled WikiText-2, printing PPL-16K before/after.
+# It replaces out/smollm2-135m-gptq-w4a16-g128 from an earlier run (--overwrite); extra arguments go to
+# `hfquant run` (e.g. --resume after an interrupted run, --set quantization.bits=3, --quiet).
 set -euo pipefail
 . "$(dirname "$0")/env.sh"
-python scripts/quantize_reference.py --overwrite "$@"
+hfquant run recipes/smollm2-135m-gptq-w4a16-g128.yaml --overwrite "$@"

@@ -75,3 +75,33 @@ def small_calibration(**overrides):
     kw = dict(num_samples=8, seq_len=64, calibration_batch_size=4)
     kw.update(overrides)
     return kw
+
+
+def write_recipe(path: Path, model, output_dir, **sections) -> Path:
+    """A small fast recipe for a tiny model (calibration 8 x 64, evaluation 8 x 64); ``sections`` override."""
+    import yaml
+
+    recipe = {
+        "model": str(model),
+        "output_dir": str(output_dir),
+        "quantization": {"method": "gptq", "group_size": 32},
+        "calibration": {"num_samples": 8, "seq_len": 64, "batch_size": 4},
+        "evaluation": {"seq_len": 64, "max_tokens": 512},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``hfquant.cli.main(argv)`` in-process: (exit code, stdout, stderr)."""
+    from hfquant.cli import main
+
+    capsys.readouterr()
+    code = main([str(a) for a in argv])
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -21,6 +21,7 @@ import logging
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -214,24 +215,49 @@ def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], 
     return outputs
 
 
+class BlockResume(Protocol):
+    """Saves and restores per-block progress for ``calibrate_blocks_`` (see ``hfquant.quantize``)."""
+
+    def start(self) -> tuple[int, list[torch.Tensor] | None]:
+        """Number of finished blocks, and the hidden states entering the first unfinished one."""
+
+    def done(self, index: int, block_name: str, outputs: list[torch.Tensor]) -> None:
+        """Block ``index`` is quantized; ``outputs`` are the next block's hidden states."""
+
+
 def calibrate_blocks_(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool], solve: SolveFn,
-                      true_sequential: bool = True, progress: bool = True) -> list[str]:
-    """Run block-by-block calibration over the whole model. Returns the names of the quantized modules."""
+                      true_sequential: bool = True, progress: bool = True,
+                      resume: BlockResume | None = None) -> list[str]:
+    """Run block-by-block calibration over the whole model. Returns the names of the modules quantized now.
+
+    With ``resume``, blocks it reports finished are skipped (their inputs replaced by the saved hidden
+    states) and every finished block is reported to it.
+    """
     blocks_name, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], batches)
+    first = 0
+    if resume is not None:
+        first, hidden = resume.start()
+        if first:
+            logger.info("resuming at block %d of %d", first, len(blocks))
+            device = next(model.parameters()).device
+            inputs = [inp.with_hidden(h.to(device)) for inp, h in zip(inputs, hidden, strict=True)]
     quantized = []
-    it = range(len(blocks))
+    it = range(first, len(blocks))
     if progress:
         from tqdm.auto import tqdm
 
-        it = tqdm(it, desc="quantizing blocks", unit="block")
+        it = tqdm(it, desc="quantizing blocks", unit="block", initial=first, total=len(blocks))
     for i in it:
         name = f"{blocks_name}.{i}"
         modules = quantizable_modules(blocks[i], keep, prefix=name)
         if not modules:
-            outputs = [call_block(blocks[i], inp) for inp in inputs]
+            with torch.no_grad():
+                outputs = [call_block(blocks[i], inp) for inp in inputs]
         else:
             outputs = run_block(blocks[i], name, modules, inputs, solve, true_sequential)
             quantized.extend(f"{name}.{n}" for n in modules)
+        if resume is not None:
+            resume.done(i, name, outputs)
         inputs = [inp.with_hidden(out) for inp, out in zip(inputs, outputs)]
     return quantized

@@ -32,6 +32,7 @@ class HFQuantHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: HFQuantConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.report: dict = {}
+        self.run_options: dict = {}  # extra quantize_loaded_model_ arguments (hfquant.runner.quantize_in_place_)
 
     def validate_environment(self, *args, device_map=None, **kwargs):
         if self.pre_quantized or not isinstance(device_map, dict):
@@ -106,7 +107,7 @@ class HFQuantHfQuantizer(HfQuantizer):
         from hfquant.runner import quantize_loaded_model_
 
         t0 = time.perf_counter()
-        self.report = quantize_loaded_model_(model, self.quantization_config, keep=self._keep)
+        self.report = quantize_loaded_model_(model, self.quantization_config, keep=self._keep, **self.run_options)
         self.report["quantization_seconds"] = time.perf_counter() - t0
         # Record the resolved skip list so a reload rebuilds exactly the same modules.
         self.quantization_config.modules_to_not_convert = sorted(self.modules_to_not_convert)

@@ -1,0 +1,95 @@
+"""Recipe schema: shipped recipes, defaults, --set, the mapping onto HFQuantConfig, round trip."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hfquant import recipe
+from hfquant.config import DEFAULTS
+from hfquant.errors import ConfigError
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+REFERENCE = Path(__file__).parent.parent / "models" / "smollm2-135m"
+
+
+def test_every_shipped_recipe_validates(monkeypatch):
+    assert len(RECIPES) >= 5
+    monkeypatch.chdir(Path(__file__).parent.parent)  # recipes use paths relative to the repository root
+    names = set()
+    for path in RECIPES:
+        raw = yaml.safe_load(path.read_text())
+        if recipe.looks_local(raw["model"]) and not REFERENCE.is_dir():
+            pytest.skip(f"{raw['model']} not built; run scripts/prepare_reference_model.py")
+        r = recipe.load(path)
+        cfg = recipe.to_config(r)
+        names.add((r["model"], cfg.method))
+        assert r["hub"]["repo_id"] is None, f"{path.name}: shipped recipes must not push anywhere by default"
+        assert r["trust_remote_code"] is False
+    assert ("models/smollm2-135m", "gptq") in names and ("models/smollm2-135m", "smoothquant") in names
+    assert {m for m, _ in names} >= {"meta-llama/Meta-Llama-3-8B", "Qwen/Qwen2.5-7B"}
+
+
+def test_offline_default_is_gptq_w4_g128_on_bundled_wikitext(monkeypatch):
+    monkeypatch.chdir(Path(__file__).parent.parent)
+    raw = yaml.safe_load(Path("recipes/smollm2-135m-gptq-w4a16-g128.yaml").read_text())
+    assert raw["model"] == "models/smollm2-135m"
+    q = raw["quantization"]
+    assert (q["method"], q["bits"], q["group_size"]) == ("gptq", 4, 128)
+    assert raw["calibration"]["dataset"] is None and raw["evaluation"].get("dataset") is None
+
+
+def _tiny(tmp_path, tiny_models, **extra):
+    return {"model": str(tiny_models["llama"]), "output_dir": str(tmp_path / "o"), **extra}
+
+
+def test_defaults_are_filled_and_map_onto_hfquantconfig(tmp_path, tiny_models):
+    r = recipe.validate(_tiny(tmp_path, tiny_models, calibration={"split": "validation", "batch_size": 2, "config": "c"}))
+    cfg = recipe.to_config(r)
+    assert (cfg.dataset_split, cfg.calibration_batch_size, cfg.dataset_config) == ("validation", 2, "c")
+    for key in recipe.METHOD_FIELDS["gptq"]:
+        assert r["quantization"][key] == DEFAULTS[key] == getattr(cfg, key)
+    assert r["evaluation"] == recipe.EVALUATION_DEFAULTS and r["hub"] == recipe.HUB_DEFAULTS
+    # every calibration key reaches a distinct HFQuantConfig field
+    assert len(set(recipe.CALIBRATION_FIELDS.values())) == len(recipe.CALIBRATION_FIELDS)
+    assert set(recipe.CALIBRATION_FIELDS.values()) <= set(DEFAULTS)
+
+
+def test_smoothquant_section_keeps_only_its_fields(tmp_path, tiny_models):
+    r = recipe.validate(_tiny(tmp_path, tiny_models, quantization={"method": "smoothquant", "alpha": 0.5}))
+    assert set(r["quantization"]) == {"method", *recipe.METHOD_FIELDS["smoothquant"]}
+    assert recipe.to_config(r).alpha == 0.5
+
+
+def test_set_overrides_and_dump_round_trip(tmp_path, tiny_models):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_tiny(tmp_path, tiny_models)))
+    r = recipe.load(path, ["quantization.bits=3", "quantization.sym=false", "calibration.dataset=null",
+                           "evaluation.max_tokens=1024", "hub.repo_id=me/model"], output=str(tmp_path / "x"))
+    assert (r["quantization"]["bits"], r["quantization"]["sym"], r["output_dir"]) == (3, False, str(tmp_path / "x"))
+    assert r["evaluation"]["max_tokens"] == 1024 and r["hub"]["repo_id"] == "me/model"
+    dumped = tmp_path / "resolved.yaml"
+    dumped.write_text(recipe.dump(r))
+    assert recipe.load(dumped) == r
+
+
+@pytest.mark.parametrize("raw,path", [
+    ({"quantization": {"group_size": 0}}, "quantization.group_size"),
+    ({"calibration": {"seed": -1}}, "calibration.seed"),
+    ({"calibration": {"tokenizer": 3}}, "calibration.tokenizer"),
+    ({"evaluation": {"before": "yes"}}, "evaluation.before"),
+    ({"hub": {"repo_id": "no-slash"}}, "hub.repo_id"),
+    ({"hub": {"private": "no"}}, "hub.private"),
+    ({"hub": {"weird": 1}}, "hub.weird"),
+    ({"output_dir": 7}, "output_dir"),
+])
+def test_errors_start_with_the_key_path(tmp_path, tiny_models, raw, path):
+    with pytest.raises(ConfigError) as e:
+        recipe.validate({**_tiny(tmp_path, tiny_models), **raw})
+    assert str(e.value).startswith(f"{path}: ") and "\n" not in str(e.value)
+
+
+def test_hub_ids_are_not_checked_on_disk(tmp_path):
+    r = recipe.validate({"model": "org/some-model", "output_dir": str(tmp_path / "o")})
+    assert r["model"] == "org/some-model"
+    assert recipe.looks_local("./org/some-model") and recipe.looks_local("/abs/path") and not recipe.looks_local("org/m")

@@ -1,0 +1,91 @@
+"""Kill a run with SIGKILL after a block is saved, resume it, and get the same checkpoint bit for bit."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from helpers import run_cli, tiny_config, tiny_tokenizer, write_recipe
+
+
+def _four_layer_llama(folder):
+    import transformers as tf
+
+    torch.manual_seed(1)
+    cfg = tiny_config("llama")
+    cfg.num_hidden_layers = 4
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _cli(*args, env=None):
+    return [sys.executable, "-m", "hfquant", "--quiet", *map(str, args)]
+
+
+def test_sigkill_then_resume_gives_identical_checkpoint(tmp_path, capsys):
+    model = _four_layer_llama(tmp_path / "model")
+    recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "unused",
+                          evaluation={"before": False, "after": False})
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    straight = tmp_path / "straight"
+    proc = subprocess.run(_cli("run", recipe, "--output", straight), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+    out = tmp_path / "resumed"
+    progress = tmp_path / ".resumed.hfquant-progress"
+    victim = subprocess.Popen(_cli("run", recipe, "--output", out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env={**env, "HFQUANT_TEST_PAUSE_AFTER_BLOCK": "1"})
+    deadline = time.time() + 240
+    state = {}
+    while time.time() < deadline and victim.poll() is None:
+        try:
+            state = json.loads((progress / "state.json").read_text())
+        except (OSError, ValueError):
+            state = {}
+        if state.get("blocks_done") == 2:
+            break
+        time.sleep(0.2)
+    assert state.get("blocks_done") == 2, f"run ended early: {victim.poll()} {victim.stderr.read()[-2000:] if victim.poll() is not None else ''}"
+    os.kill(victim.pid, signal.SIGKILL)
+    assert victim.wait(timeout=60) == -signal.SIGKILL
+    victim.stderr.close()
+    assert not out.exists(), "a killed run must not leave a folder that looks complete"
+    assert sorted(p.name for p in progress.iterdir()) == [
+        "block-0.json", "block-0.safetensors", "block-1.json", "block-1.safetensors", "hidden-2.safetensors", "state.json"]
+
+    # Without --resume the unfinished run is reported, not silently discarded.
+    code, _, err = run_cli(["run", recipe, "--output", out], capsys)
+    assert code == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
+    assert progress.is_dir()
+
+    proc = subprocess.run(_cli("run", recipe, "--output", out, "--resume"), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "report.json").read_text())["resumed_from_block"] == 2
+    assert not progress.exists()
+
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 20
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == []
+    layers_a = json.loads((straight / "report.json").read_text())["layers"]
+    layers_b = json.loads((out / "report.json").read_text())["layers"]
+    assert layers_a == layers_b
+
+
+def test_resume_refuses_progress_of_another_recipe(tmp_path, capsys, tiny_models):
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], out, evaluation={"before": False, "after": False})
+    progress = tmp_path / ".out.hfquant-progress"
+    progress.mkdir()
+    (progress / "state.json").write_text(json.dumps({"key": "something-else", "blocks_done": 1, "hidden": None, "extra": {}}))
+    before = (progress / "state.json").read_text()
+    code, _, err = run_cli(["run", recipe, "--resume"], capsys)
+    assert code == 2 and "different recipe" in err and len(err.strip().splitlines()) == 1
+    assert (progress / "state.json").read_text() == before and not out.exists()
