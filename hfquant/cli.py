@@ -224,6 +224,27 @@ def _push(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ export
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="an hfquant checkpoint folder")
+    p.add_argument("--format", required=True, choices=["gptq", "compressed-tensors"], help="layout to write")
+    p.add_argument("out", help="new (or empty) output folder; never overwritten")
+    p.add_argument("--checkpoint-format", default="gptq", choices=["gptq", "gptq_v2"],
+                   help="GPTQ zero-point convention (gptq = v1, stores zero-1)")
+
+
+def _export(args) -> int:
+    from hfquant.interop import export_checkpoint
+
+    try:
+        path = export_checkpoint(args.dir, args.format, args.out, checkpoint_format=args.checkpoint_format)
+    except OSError as exc:  # unreadable source, unwritable destination: bad input, one line
+        _err(f"{args.dir} -> {args.out}: {exc.strerror or exc}")
+        return 2
+    print(f"wrote a {args.format} checkpoint to {path}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------------ validate
 def _validate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("recipe", help="recipe YAML file")
@@ -244,6 +265,7 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("perplexity of a saved checkpoint", _eval_args, _eval),
     "inspect": Command("show a checkpoint's config, sizes and per-layer report", _inspect_args, _inspect),
     "push": Command("push an output folder to the Hugging Face Hub", _push_args, _push),
+    "export": Command("write a saved hfquant checkpoint in the GPTQ or compressed-tensors layout", _export_args, _export),
     "validate": Command("check a recipe without loading anything", _validate_args, _validate),
 }
 

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 
 from hfquant import HFQuantConfig
 from hfquant.errors import ConfigError, FormatError
-from hfquant.interop import cli_export, export_checkpoint, load_gptq
+from hfquant.cli import main as cli
+from hfquant.interop import export_checkpoint, load_gptq
 from hfquant.interop.gptq import from_gptq, to_gptq
 from hfquant.kernels import w8a8 as w8a8_kernels
 from hfquant.nn.packing import pack_codes
@@ -368,12 +369,15 @@ def test_export_never_overwrites_a_non_empty_folder(quantized, tmp_path, capsys)
     out = tmp_path / "taken"
     out.mkdir()
     (out / "mine.txt").write_text("keep me")
-    assert cli_export(str(q["llama96-rtn-sym-g32"][0]), "gptq", str(out)) == 2
+    src = str(q["llama96-rtn-sym-g32"][0])
+    assert cli(["export", src, "--format", "gptq", str(out)]) == 2
     err = capsys.readouterr().err
-    assert "already exists" in err and err.count("\n") == 1
+    assert "already exists" in err and err.count("\n") == 1 and err.startswith("hfquant: error:")
     assert [p.name for p in out.iterdir()] == ["mine.txt"] and (out / "mine.txt").read_text() == "keep me"
-    assert cli_export(str(tmp_path / "missing"), "gptq", str(tmp_path / "new")) == 2
-    assert cli_export(str(q["llama96-rtn-sym-g32"][0]), "gptq", str(tmp_path / "new")) == 0
+    assert cli(["export", str(tmp_path / "missing"), "--format", "gptq", str(tmp_path / "new")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "new").exists()
+    assert cli(["export", src, "--format", "nope", str(tmp_path / "new")]) == 2
+    assert cli(["-q", "export", src, "--format", "compressed-tensors", str(tmp_path / "new")]) == 0
     assert (tmp_path / "new" / "model.safetensors").is_file()
 
 

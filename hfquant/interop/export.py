@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -201,14 +200,3 @@ def save_pretrained_as(model, save_directory: str | os.PathLike, fmt: str, **kwa
             os.replace(p, out / p.name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-
-
-def cli_export(src: str, fmt: str, out: str) -> int:
-    """For ``hfquant export SRC --format F OUT``: export, print one line, return the exit code (0 or 2)."""
-    try:
-        path = export_checkpoint(src, fmt, out)
-    except (FormatError, OSError) as exc:
-        print(f"hfquant export: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"hfquant export: wrote {fmt} checkpoint to {path}")
-    return 0
