@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,16 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def wall(fn, repeats: int) -> float:
-    with torch.no_grad():
-        fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from scripts.timing import median_seconds  # noqa: E402
 
 
 def load_models(path: str) -> dict:
@@ -75,9 +65,9 @@ def main(argv=None) -> None:
     rows = []
     for name, model in models.items():
         model.eval()
-        decode_s = wall(lambda m=model: m.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        decode_s = median_seconds(lambda m=model: m.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                                    pad_token_id=0), args.repeats)
-        prefill_s = wall(lambda m=model: m(input_ids=long), args.repeats)
+        prefill_s = median_seconds(lambda m=model: m(input_ids=long), args.repeats)
         rows.append({"model": name, "decode_tok_s": n / decode_s, "prefill_tok_s": 512 / prefill_s})
         print(f"{name}: decode {n / decode_s:.1f} tok/s, prefill {512 / prefill_s:.1f} tok/s", flush=True)
     base = rows[0]

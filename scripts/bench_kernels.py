@@ -36,6 +36,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.timing import median_seconds  # noqa: E402
+
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 ROWS = [1, 16, 64, 512]
 
@@ -47,17 +49,7 @@ def timer(device: str, repeats: int):
 
         return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=max(repeats, 20), return_mode="median")
 
-    def cpu(fn):
-        with torch.no_grad():
-            for _ in range(2):
-                fn()
-            times = []
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times) * 1e3
-    return cpu
+    return lambda fn: median_seconds(fn, repeats, warmup=2) * 1e3
 
 
 def copy_bandwidth_gbs(device: str, time_ms) -> float:

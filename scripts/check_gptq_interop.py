@@ -18,7 +18,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import shutil
@@ -69,16 +68,9 @@ def _tiny(folder: Path, seed: int = 0) -> Path:
 
 
 def _rounded(model):
-    from hfquant.nn.w4a16 import QuantLinearW4A16
+    from hfquant.interop.gptq import float16_rounded
 
-    r = copy.deepcopy(model)
-    for m in r.modules():
-        if isinstance(m, QuantLinearW4A16):
-            m.scales.data = m.scales.half().float()
-            if m.bias is not None:
-                m.bias.data = m.bias.half().float()
-            m._kernel_cache.clear()
-    return r
+    return float16_rounded(model)
 
 
 def main(argv=None) -> int:

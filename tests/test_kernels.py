@@ -93,3 +93,37 @@ def test_operands_are_built_at_load_time(tiny_models, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     mods = [m for m in reloaded.modules() if isinstance(m, QuantLinearW4A16)]
     assert mods and all(m._kernel_cache.get("cpu_int4", (None, None))[1] is not None for m in mods)
+
+
+def _gemv_or_skip():
+    from hfquant.kernels import cpu_ext
+
+    if cpu_ext.extension() is None:
+        pytest.skip("hfquant's CPU extension is not available here (no compiler or no AVX-512)")
+
+
+@pytest.mark.parametrize("in_f,out_f,group,act_perm", [(576, 960, 128, False), (576, 1536, 64, True), (4096, 64, 128, False),
+                                                       (160, 66, -1, False), (96, 40, 32, True), (1536, 576, 256, False)])
+def test_cpu_gemv_extension_matches_reference(in_f, out_f, group, act_perm):
+    from hfquant.kernels.w4a16 import w4a16_cpu_gemv
+
+    _gemv_or_skip()
+    mod = make_module(in_f, out_f, group=group, act_perm=act_perm)
+    for m in (1, 3):  # the kernel takes any row count; dispatch uses it for one row
+        x = torch.randn(m, in_f)
+        assert rel_err(w4a16_cpu_gemv(x, mod), w4a16_reference(x, mod)) < 1e-5  # float32 throughout
+    x = torch.randn(1, 1, in_f)
+    assert torch.equal(w4a16_linear(x, mod), w4a16_cpu_gemv(x, mod))
+
+
+def test_dispatch_without_the_extension_and_for_odd_shapes(monkeypatch):
+    from hfquant.kernels import cpu_ext
+
+    mod = make_module(256, 66, group=64)  # N = 66: torch's int4 packing needs N % 16 == 0
+    assert w4a16_cpu_int4(torch.randn(2, 256), mod) is None
+    x = torch.randn(2, 256)
+    assert torch.equal(w4a16_linear(x, mod), w4a16_reference(x, mod))
+    monkeypatch.setitem(cpu_ext._STATE, "ext", None)  # as on a machine where it cannot be built
+    mod = make_module(256, 64, group=64)
+    x = torch.randn(1, 256)
+    assert torch.equal(w4a16_linear(x, mod), w4a16_cpu_int4(x, mod))

@@ -279,3 +279,20 @@ def checkpoint_keys(checkpoint_files) -> set[str]:
             with safe_open(f, "pt") as h:
                 keys.update(h.keys())
     return keys
+
+
+def float16_rounded(model):
+    """A copy of ``model`` whose W4A16 scales and biases are rounded to float16, as the GPTQ layout stores
+    them: what a GPTQ export of ``model`` computes exactly."""
+    import copy
+
+    from hfquant.nn.w4a16 import QuantLinearW4A16
+
+    rounded = copy.deepcopy(model)
+    for m in rounded.modules():
+        if isinstance(m, QuantLinearW4A16):
+            m.scales.data = m.scales.half().float()
+            if m.bias is not None:
+                m.bias.data = m.bias.half().float()
+            m._kernel_cache.clear()
+    return rounded

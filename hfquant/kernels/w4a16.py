@@ -5,7 +5,9 @@ Paths (``w4a16_linear`` picks one per call; ``HFQUANT_KERNEL=reference`` forces 
 * **reference** -- the oracle every fast path is tested against: dequantize the whole weight in float32
   (``scale[g_idx] * (q - zero[g_idx])``, ``QuantLinearW4A16.dequantize``), cast it to ``x.dtype`` and call
   ``F.linear``. Used for layouts no fast path takes (2/3-bit codes, float16 on CPU, ...).
-* **CPU** (any number of rows, float32 or bfloat16 activations): torch's int4 CPU kernel
+* **CPU, one row, float32** (decode): hfquant's own AVX-512 kernel (``hfquant.kernels.cpu_ext``), float32
+  throughout (< 1e-5 relative to the reference), about 20% faster than torch's kernel at M=1.
+* **CPU** (otherwise, float32 or bfloat16 activations): torch's int4 CPU kernel
   ``aten._weight_int4pack_mm_for_cpu``. It beats dequantize + float32 GEMM at every size measured
   (4096x4096, one thread: 2.4x fp32 at M=1; at M=64, 46 ms against 290 ms for the reference and 28 ms
   for the fp32 GEMM of an unquantized weight). Its fast (AVX-512) path takes bfloat16 activations, so ``x`` is
@@ -31,9 +33,12 @@ import os
 import torch
 import torch.nn.functional as F
 
+from hfquant.kernels import cpu_ext
 from hfquant.kernels._cache import cached_operands
+from hfquant.nn.packing import _LITTLE_ENDIAN, pack_codes
 
 _CPU_GROUPS = (32, 64, 128, 256)
+GEMV_MAX_ROWS = 1
 
 
 def forced_reference() -> bool:
@@ -82,8 +87,8 @@ def _cpu_int4_operands(module):
         group = module.in_features if module.group_size == -1 else module.group_size
         kg = _kernel_group(group, module.in_features)
         layout = group_permutation(module)
-        if module.bits != 4 or kg is None or layout is None:
-            return None
+        if module.bits != 4 or kg is None or layout is None or module.out_features % 16:
+            return None  # the kernel's packing needs N divisible by 16
         perm, _ = layout
         k_pad = -(-module.in_features // kg) * kg
         codes = module.codes()
@@ -117,10 +122,46 @@ def w4a16_cpu_int4(x: torch.Tensor, module) -> torch.Tensor | None:
     return y.view(*x.shape[:-1], module.out_features)
 
 
+def _gemv_operands(module):
+    """(packed bytes uint8 [N, KB], scales f32 [N, G], zeros f32 [N, G], column perm or None, group), or None."""
+    def build():
+        group = module.in_features if module.group_size == -1 else module.group_size
+        layout = group_permutation(module)
+        if module.bits != 4 or group % 32 or layout is None:
+            return None
+        perm = layout[0]
+        packed = module.weight if perm is None else pack_codes(module.codes()[:, perm], 4)
+        as_bytes = packed.contiguous().view(torch.uint8).reshape(module.out_features, -1)
+        if not _LITTLE_ENDIAN:
+            return None
+        return (as_bytes, module.scales.float().contiguous(), module.zeros.float().contiguous(), perm, group)
+    return cached_operands(module, "cpu_gemv", (module.weight, module.scales, module.zeros, module.g_idx), build)
+
+
+def w4a16_cpu_gemv(x: torch.Tensor, module) -> torch.Tensor | None:
+    """hfquant's float32 CPU kernel for few rows (``hfquant.kernels.cpu_ext``), or ``None`` when it is not
+    built or the layout does not allow it."""
+    ext = cpu_ext.extension()
+    ops = _gemv_operands(module) if ext is not None else None
+    if ops is None:
+        return None
+    as_bytes, scales, zeros, perm, group = ops
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if perm is not None:
+        x2 = x2.index_select(1, perm)
+    y = ext.w4a16_gemv(x2.contiguous(), as_bytes, scales, zeros, group)
+    if module.bias is not None:
+        y += module.bias
+    return y.view(*x.shape[:-1], module.out_features)
+
+
 def prepare_module(module) -> None:
-    """Build the operands of the fast path this module's device uses (called once at load time)."""
+    """Build the operands of the fast paths this module's device uses (called once at load time)."""
     if module.weight.device.type == "cpu":
         _cpu_int4_operands(module)
+        if cpu_ext.extension() is not None:
+            _gemv_operands(module)
 
 
 def w4a16_linear(x: torch.Tensor, module) -> torch.Tensor:
@@ -133,6 +174,10 @@ def w4a16_linear(x: torch.Tensor, module) -> torch.Tensor:
         y = w4a16_triton(x, module)
         return y if y is not None else w4a16_reference(x, module)
     if x.device.type == "cpu" and module.weight.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+        if x.dtype == torch.float32 and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]:
+            y = w4a16_cpu_gemv(x, module)
+            if y is not None:
+                return y
         y = w4a16_cpu_int4(x, module)
         if y is not None:
             return y
