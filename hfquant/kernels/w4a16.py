@@ -109,14 +109,21 @@ def w4a16_cpu_int4(x: torch.Tensor, module) -> torch.Tensor | None:
     if ops is None:
         return None
     packed, scale_zero, perm, k_pad, kg = ops
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if perm is not None:
-        x2 = x2.index_select(1, perm)
-    if k_pad != k:
-        x2 = F.pad(x2, (0, k_pad - k))
+    x2 = _rows(x, perm)
+    if k_pad != x2.shape[1]:
+        x2 = F.pad(x2, (0, k_pad - x2.shape[1]))
     y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), packed, kg, scale_zero)
-    y = y.to(x.dtype)
+    return _finish(y.to(x.dtype), x, module)
+
+
+def _rows(x: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+    """``x`` as ``[rows, K]``, its columns in the operands' (group-sorted) order."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if perm is None else x2.index_select(1, perm)
+
+
+def _finish(y: torch.Tensor, x: torch.Tensor, module) -> torch.Tensor:
+    """Add the bias in place and give ``y`` ``x``'s leading dimensions."""
     if module.bias is not None:
         y += module.bias
     return y.view(*x.shape[:-1], module.out_features)
@@ -146,14 +153,7 @@ def w4a16_cpu_gemv(x: torch.Tensor, module) -> torch.Tensor | None:
     if ops is None:
         return None
     as_bytes, scales, zeros, perm, group = ops
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if perm is not None:
-        x2 = x2.index_select(1, perm)
-    y = ext.w4a16_gemv(x2.contiguous(), as_bytes, scales, zeros, group)
-    if module.bias is not None:
-        y += module.bias
-    return y.view(*x.shape[:-1], module.out_features)
+    return _finish(ext.w4a16_gemv(_rows(x, perm).contiguous(), as_bytes, scales, zeros, group), x, module)
 
 
 def prepare_module(module) -> None:
