@@ -165,18 +165,13 @@ def w4a16_operands(module, device: torch.device):
         g = module.group_size
         if module.bits != 4 or not (g == -1 or (g >= 32 and g & (g - 1) == 0)):
             return None
-        from hfquant.kernels.w4a16 import group_permutation
-        from hfquant.nn.packing import pack_codes
+        from hfquant.kernels.w4a16 import grouped_weight
 
-        layout = group_permutation(module)
-        if layout is None:
+        grouped = grouped_weight(module)
+        if grouped is None:
             return None
-        perm = layout[0]
-        if perm is None:
-            packed = module.weight.reshape(module.out_features, -1)
-        else:
-            packed = pack_codes(module.codes()[:, perm.to(module.weight.device)], 4).reshape(module.out_features, -1)
-        return (packed.to(device).contiguous(), module.scales.float().t().to(device).contiguous(),
+        packed, perm = grouped
+        return (packed.reshape(module.out_features, -1).to(device).contiguous(), module.scales.float().t().to(device).contiguous(),
                 module.zeros.t().to(device=device, dtype=torch.int32).contiguous(),
                 None if perm is None else perm.to(device))
     return cached_operands(module, "triton_w4a16", (module.weight, module.scales, module.zeros, module.g_idx), build,

@@ -35,13 +35,15 @@ import torch.nn.functional as F
 
 from hfquant.kernels import cpu_ext
 from hfquant.kernels._cache import cached_operands
-from hfquant.nn.packing import _LITTLE_ENDIAN, pack_codes
+from hfquant.nn.packing import _LITTLE_ENDIAN, pack_codes, unpack_codes
 
 _CPU_GROUPS = (32, 64, 128, 256)
 GEMV_MAX_ROWS = 1
 
 
 def forced_reference() -> bool:
+    """``HFQUANT_KERNEL=reference`` (or ``hfquant.kernels.reference_kernels()``): every quantized Linear
+    runs its exact reference."""
     return os.environ.get("HFQUANT_KERNEL", "auto") == "reference"
 
 
@@ -51,23 +53,23 @@ def w4a16_reference(x: torch.Tensor, module) -> torch.Tensor:
     return F.linear(x, module.dequantize(torch.float32).to(x.dtype), bias)
 
 
-def group_permutation(module):
-    """``(perm, k_pad)`` that makes every group a contiguous run of ``group_size`` columns, or ``None``.
-
-    ``perm`` is ``None`` when ``g_idx`` is already ``i // group_size``; ``k_pad`` is the number of columns
-    once the last (partial) group is padded. ``None`` when some group other than the last is not whole.
-    """
+def grouped_weight(module):
+    """``(packed, perm)``: the packed codes with their columns sorted by group, so every group is a
+    contiguous run of ``group_size`` columns (the last may be partial), and the column permutation that
+    does it (``None`` when ``g_idx`` is already ``i // group_size`` and ``packed`` is the module's own
+    ``weight``). ``None`` when some group other than the last is not whole. Built once, shared by every
+    fast path."""
     def build():
         g = module.in_features if module.group_size == -1 else module.group_size
-        g_idx = module.g_idx.long().cpu()
-        n_groups = module.scales.shape[1]
-        counts = torch.bincount(g_idx, minlength=n_groups)
+        g_idx = module.g_idx.long()
+        counts = torch.bincount(g_idx, minlength=module.scales.shape[1])
         if not (bool((counts[:-1] == g).all()) and 0 < int(counts[-1]) <= g):
             return None
         perm = torch.argsort(g_idx, stable=True)
-        identity = bool((perm == torch.arange(module.in_features)).all())
-        return (None if identity else perm), n_groups * g
-    return cached_operands(module, "group_perm", (module.g_idx,), build)
+        if bool((perm == torch.arange(module.in_features, device=perm.device)).all()):
+            return module.weight, None
+        return pack_codes(module.codes()[:, perm], module.bits), perm
+    return cached_operands(module, "grouped", (module.weight, module.g_idx), build)
 
 
 def _kernel_group(group: int, k: int) -> int | None:
@@ -86,14 +88,13 @@ def _cpu_int4_operands(module):
     def build():
         group = module.in_features if module.group_size == -1 else module.group_size
         kg = _kernel_group(group, module.in_features)
-        layout = group_permutation(module)
-        if module.bits != 4 or kg is None or layout is None or module.out_features % 16:
+        grouped = grouped_weight(module) if module.bits == 4 else None
+        if kg is None or grouped is None or module.out_features % 16:
             return None  # the kernel's packing needs N divisible by 16
-        perm, _ = layout
+        packed_codes, perm = grouped
         k_pad = -(-module.in_features // kg) * kg
-        codes = module.codes()
         padded = torch.full((module.out_features, k_pad), 8, dtype=torch.int32)
-        padded[:, : module.in_features] = codes if perm is None else codes[:, perm]
+        padded[:, : module.in_features] = unpack_codes(packed_codes, 4, module.in_features)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded, 1)
         s = module.scales.float()
         z = (8 - module.zeros.float()) * s
@@ -133,14 +134,11 @@ def _gemv_operands(module):
     """(packed bytes uint8 [N, KB], scales f32 [N, G], zeros f32 [N, G], column perm or None, group), or None."""
     def build():
         group = module.in_features if module.group_size == -1 else module.group_size
-        layout = group_permutation(module)
-        if module.bits != 4 or group % 32 or layout is None:
+        grouped = grouped_weight(module) if module.bits == 4 and group % 32 == 0 and _LITTLE_ENDIAN else None
+        if grouped is None:
             return None
-        perm = layout[0]
-        packed = module.weight if perm is None else pack_codes(module.codes()[:, perm], 4)
+        packed, perm = grouped
         as_bytes = packed.contiguous().view(torch.uint8).reshape(module.out_features, -1)
-        if not _LITTLE_ENDIAN:
-            return None
         return (as_bytes, module.scales.float().contiguous(), module.zeros.float().contiguous(), perm, group)
     return cached_operands(module, "cpu_gemv", (module.weight, module.scales, module.zeros, module.g_idx), build)
 

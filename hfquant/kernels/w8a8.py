@@ -9,11 +9,10 @@ On CUDA the Triton kernels in ``hfquant.kernels.triton_kernels`` run instead (sa
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from hfquant.algorithms.smoothquant import quantize_activation_int8
+from hfquant.kernels.w4a16 import forced_reference
 
 
 def _quantize_input(x: torch.Tensor, module):
@@ -52,7 +51,7 @@ def w8a8_int_mm(x: torch.Tensor, module) -> torch.Tensor:
 
 def w8a8_linear(x: torch.Tensor, module) -> torch.Tensor:
     """Dispatch: Triton on CUDA (fused activation quantization and epilogue); ``_int_mm`` on CPU."""
-    if os.environ.get("HFQUANT_KERNEL", "auto") == "reference":
+    if forced_reference():
         return w8a8_reference(x, module)
     if x.device.type == "cuda":
         from hfquant.kernels.triton_kernels import w8a8_triton

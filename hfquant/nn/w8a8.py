@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from hfquant.algorithms.smoothquant import quantize_weight_int8
+from hfquant.kernels._cache import cached_operands
 
 
 class QuantLinearW8A8(nn.Module):
@@ -70,8 +71,6 @@ class QuantLinearW8A8(nn.Module):
     def dynamic(self) -> bool:
         """Whether activation scales are computed per token at run time (``input_scale == 0``). Cached per
         tensor, so a forward pass on CUDA does not synchronise with the host (and can be graph-captured)."""
-        from hfquant.kernels._cache import cached_operands
-
         return cached_operands(self, "dynamic", (self.input_scale,), lambda: float(self.input_scale) == 0.0)
 
     def dequantize(self) -> torch.Tensor:
