@@ -79,7 +79,7 @@ def _run(args) -> int:
     print()
     print(table(report))
     print(f"\nsaved to {plan.out}")
-    repo = args.push_to_hub or resolved["hub"]["repo_id"]
+    repo = plan.push_repo or resolved["hub"]["repo_id"]
     if repo:
         url = pipeline.push(plan.out, repo, resolved["hub"])
         print(f"pushed to {repo}: {url}")

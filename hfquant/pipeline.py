@@ -19,6 +19,7 @@ import torch
 
 from hfquant.errors import HFQuantError
 from hfquant.recipe import RecipeError
+from hfquant.runner import max_positions
 
 logger = logging.getLogger(__name__)
 BUNDLED_EVAL_NAME = "WikiText-2 test (bundled)"
@@ -56,10 +57,6 @@ def model_config(recipe: dict):
     except Exception as exc:  # noqa: BLE001 - transformers raises OSError/ValueError/... for missing models
         raise _fail("model", f"cannot load the config of {recipe['model']!r} ({type(exc).__name__}); check the "
                              "Hub id or folder (offline: HF_HUB_OFFLINE=1 only finds cached models)") from None
-
-
-def max_positions(config) -> int | None:
-    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
 
 
 def evaluation_ids(ev: dict, tokenizer) -> tuple[torch.Tensor, str]:

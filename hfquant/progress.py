@@ -32,11 +32,13 @@ def atomic_write_text(path: Path, text: str) -> None:
     _replace(tmp, path)
 
 
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: t.detach().contiguous().clone() for k, t in tensors.items()}, str(tmp), metadata=metadata)
+    # Own host copies: views of one tensor (a fused solve's codes, a shared g_idx) cannot be saved as they
+    # are, and copying to the host directly costs no device memory (hidden states can be GiBs on a GPU).
+    save_file({k: t.detach().to("cpu", copy=True).contiguous() for k, t in tensors.items()}, str(tmp))
     _replace(tmp, path)
 
 

@@ -105,10 +105,6 @@ def _check_keys(path: str, section: dict, valid, extra_hint: str = "") -> None:
             _fail(full, f"unknown key; valid keys are {sorted(valid)}{extra_hint}")
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
 def _check_config_field(path: str, field: str, value) -> None:
     """Validate one HFQuantConfig field by building a config with it; re-word the error with ``path``."""
     from hfquant.config import HFQuantConfig
@@ -182,7 +178,7 @@ def validate(raw) -> dict:
                 f" for method {method!r}")
     for key, value in q.items():
         _check_config_field(f"quantization.{key}", key, value)
-    from hfquant.config import DEFAULTS
+    from hfquant.config import DEFAULTS, _is_int
 
     q_out = {"method": method}
     for key in METHOD_FIELDS[method]:

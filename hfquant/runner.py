@@ -30,8 +30,13 @@ def _tokenizer_for(model, config):
         raise CalibrationError(f"hfquant: cannot load a tokenizer from {source!r} ({type(exc).__name__}); pass HFQuantConfig(tokenizer=...)") from None
 
 
+def max_positions(config) -> int | None:
+    """The longest sequence a model config allows (``None`` when it does not say)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+
+
 def _check_seq_len(model, seq_len: int) -> None:
-    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    limit = max_positions(model.config)
     if limit is not None and seq_len > limit:
         raise CalibrationError(f"hfquant: seq_len={seq_len} exceeds the model's maximum of {limit} positions; lower seq_len")
 

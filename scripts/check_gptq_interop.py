@@ -67,12 +67,6 @@ def _tiny(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def _rounded(model):
-    from hfquant.interop.gptq import float16_rounded
-
-    return float16_rounded(model)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gptq-python", default=str(ROOT / ".venv-gptq" / "bin" / "python"))
@@ -91,6 +85,7 @@ def main(argv=None) -> int:
 
     from hfquant import HFQuantConfig
     from hfquant.interop import export_checkpoint
+    from hfquant.interop.gptq import float16_rounded
 
     work = Path(tempfile.mkdtemp(prefix="gptq-interop-"))
     tiny = _tiny(work / "tiny-fp")
@@ -113,7 +108,7 @@ def main(argv=None) -> int:
         folder = export_checkpoint(work / f"{name}-hfquant", "gptq", work / name)
         save_file({"ids": ids}, f"{folder}.ids.safetensors")
         with torch.no_grad():
-            refs[name] = (model(input_ids=ids).logits, _rounded(model)(input_ids=ids).logits)
+            refs[name] = (model(input_ids=ids).logits, float16_rounded(model)(input_ids=ids).logits)
         del model
     env = {**os.environ, "GPTQMODEL_CPU_WORKERS": os.environ.get("GPTQMODEL_CPU_WORKERS", "2"), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([args.gptq_python, "-c", CHILD, json.dumps([str(work / n) for n in cases])],

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from hfquant.errors import FormatError
+from hfquant.output import place
 
 EXPORT_FORMATS = ("gptq", "compressed-tensors")
 _W4A16_KEYS = ("weight", "scales", "zeros", "g_idx")
@@ -166,10 +167,8 @@ def export_checkpoint(src_dir: str | os.PathLike, fmt: str, out_dir: str | os.Pa
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         convert_into(src_dir, fmt, tmp, checkpoint_format)
-        _check_out_dir(out)
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
+        _check_out_dir(out)  # still missing or empty: place() only moves the finished folder in
+        place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

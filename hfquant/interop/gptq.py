@@ -60,13 +60,19 @@ def pack_stream(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return pack_codes(codes, bits).reshape(rows, -1)[:, : n * bits // 32].contiguous()
 
 
-def unpack_stream(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
-    """Inverse of ``pack_stream``: int32 ``[rows, n * bits / 32]`` to int32 codes ``[rows, n]``."""
+def _stream_to_packed(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Per-row streams int32 ``[rows, n * bits / 32]`` as hfquant's packed ``[rows, ceil(n/32), bits]``
+    (the same words; the last chunk zero-padded as ``pack_codes`` pads it)."""
     rows, w = words.shape
     chunks = (n + CHUNK - 1) // CHUNK
     full = torch.zeros(rows, chunks * bits, dtype=torch.int32, device=words.device)
     full[:, :w] = words.to(torch.int32)
-    return unpack_codes(full.reshape(rows, chunks, bits), bits, n)
+    return full.reshape(rows, chunks, bits)
+
+
+def unpack_stream(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of ``pack_stream``: int32 ``[rows, n * bits / 32]`` to int32 codes ``[rows, n]``."""
+    return unpack_codes(_stream_to_packed(words, bits, n), bits, n)
 
 
 def to_gptq(name: str, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
@@ -99,7 +105,16 @@ def to_gptq(name: str, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.
 
 def from_gptq(name: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor | None,
               bits: int, group_size: int, checkpoint_format: str = "gptq"):
-    """GPTQ tensors -> ``(codes [out, in] int32, scales [out, G], zeros [out, G] uint8, g_idx [in] int32)``.
+    """GPTQ tensors -> ``(codes [out, in] int32, scales [out, G], zeros [out, G] uint8, g_idx [in] int32)``."""
+    packed, scales, zeros, g_idx = gptq_to_packed(name, qweight, qzeros, scales, g_idx, bits, group_size,
+                                                  checkpoint_format)
+    return unpack_codes(packed, bits, g_idx.numel()), scales, zeros, g_idx
+
+
+def gptq_to_packed(name: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor,
+                   g_idx: torch.Tensor | None, bits: int, group_size: int, checkpoint_format: str = "gptq"):
+    """GPTQ tensors -> ``(packed [out, ceil(in/32), bits] int32, scales [out, G], zeros [out, G] uint8,
+    g_idx [in] int32)``: ``packed`` is ``QuantLinearW4A16.weight`` as is (the same words as ``qweight``).
 
     Scales keep their dtype (float16 in GPTQ files); zero points get the format's offset back, so a v1
     stored ``2**bits - 1`` becomes ``2**bits``, exactly what GPTQ kernels compute with.
@@ -118,7 +133,7 @@ def from_gptq(name: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: to
             f"{name}: GPTQ shapes qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, scales {tuple(scales.shape)} "
             f"do not match bits={bits}, group_size={group_size}, in_features={in_features}; check the checkpoint's quantization_config"
         )
-    codes = unpack_stream(qweight.t().contiguous(), bits, in_features)
+    packed = _stream_to_packed(qweight.t().contiguous(), bits, in_features)
     zeros = unpack_stream(qzeros, bits, out_features).t() + zero_offset(checkpoint_format)
     if int(zeros.max()) > 255:
         raise FormatError(f"{name}: zero point {int(zeros.max())} does not fit hfquant's uint8 zero points")
@@ -126,7 +141,7 @@ def from_gptq(name: str, qweight: torch.Tensor, qzeros: torch.Tensor, scales: to
         g_idx = torch.arange(in_features, dtype=torch.int32) // g
     elif int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups:
         raise FormatError(f"{name}: g_idx values {int(g_idx.min())}..{int(g_idx.max())} outside 0..{n_groups - 1}")
-    return codes, scales.t().contiguous(), zeros.to(torch.uint8).contiguous(), g_idx.to(torch.int32)
+    return packed, scales.t().contiguous(), zeros.to(torch.uint8).contiguous(), g_idx.to(torch.int32)
 
 
 def gptq_quantization_config(*, bits: int, group_size: int, sym: bool, desc_act: bool, true_sequential: bool = True,
@@ -253,17 +268,16 @@ class GPTQImportLinear(torch.nn.Module):
         self.bias = param(out_features, dt=dtype) if bias else None
 
     def to_w4a16(self):
-        from hfquant.nn.packing import pack_codes
         from hfquant.nn.w4a16 import QuantLinearW4A16
 
-        codes, scales, zeros, g_idx = from_gptq(self.name, self.qweight.data, self.qzeros.data, self.scales.data,
+        packed, scales, zeros, g_idx = gptq_to_packed(self.name, self.qweight.data, self.qzeros.data, self.scales.data,
                                                 None if self.g_idx is None else self.g_idx.data,
                                                 self.bits, self.group_size, self.checkpoint_format)
         dtype = self.scales.dtype
         m = QuantLinearW4A16(self.in_features, self.out_features, self.bits, self.group_size, self.bias is not None,
                              dtype=dtype, device="cpu")
-        m.weight.data = pack_codes(codes, self.bits)
-        m.scales.data, m.zeros.data, m.g_idx.data = scales.to(dtype), zeros, g_idx
+        m.weight.data = packed
+        m.scales.data, m.zeros.data, m.g_idx.data = scales, zeros, g_idx
         if self.bias is not None:
             m.bias.data = self.bias.data.clone()
         return m.to(self.qweight.device)

@@ -70,8 +70,6 @@ def gptq_config(path: str | os.PathLike, **overrides):
     (e.g. ``save_format="compressed-tensors"``)."""
     from transformers import AutoConfig
 
-    import hfquant  # noqa: F401  (registers quant_method "hfquant" with transformers)
-
     hq = gptq_to_hfquant_config(read_gptq_config(path), **overrides)
     config = AutoConfig.from_pretrained(path)
     config.quantization_config = hq.to_dict()
