@@ -47,10 +47,10 @@ CT_CHILD = textwrap.dedent("""
 
 
 def _windows(tokenizer, n: int, seq_len: int = 512):
+    from hfquant.calibration.data import BUNDLED_EVALUATION
     from hfquant.eval.perplexity import _ids
 
-    text = (ROOT / "hfquant" / "data" / "wikitext2" / "test.txt").read_text()
-    ids = _ids(text, tokenizer)
+    ids = _ids(BUNDLED_EVALUATION.read_text(), tokenizer)
     return ids[: n * seq_len].reshape(n, seq_len)
 
 
