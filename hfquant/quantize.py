@@ -71,12 +71,19 @@ def quantize_rtn_(model: nn.Module, keep: Callable[[str], bool], scheme: WeightS
 
 def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool], scheme: WeightScheme,
                    *, act_order: bool, static_groups: bool, damp_percent: float, block_size: int,
-                   true_sequential: bool, progress: bool = True, store=None) -> list[ModuleReport]:
+                   true_sequential: bool, progress: bool = True, store=None, hidden=None, dist=None,
+                   onload=None, cache_outputs: bool = True) -> list[ModuleReport]:
     """GPTQ over the model's repeated blocks, block by block; Linears outside the blocks get RTN.
 
-    ``store`` (a ``hfquant.progress.ProgressStore``) saves each finished block's results and resumes
-    from the blocks it already holds.
+    Each block's modules are swapped for quantized ones as soon as the block is done, so its float
+    weights can be freed. ``store`` (a ``hfquant.progress.ProgressStore``) saves each finished block's
+    results and resumes from the blocks it already holds. ``hidden`` (a ``HiddenStore``) keeps the
+    activations between blocks; ``dist`` reduces statistics over calibration processes; ``onload`` (a
+    ``hfquant.onload.LayerLoader``) loads each block's float weights when its turn comes;
+    ``cache_outputs`` is ``run_block``'s.
     """
+    from hfquant.calibration.sequential import BlockCallbacks
+
     results: dict[str, tuple] = {}
     reports: dict[str, ModuleReport] = {}
 
@@ -110,19 +117,45 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
             reports[n] = ModuleReport(n, "gptq", loss=float(res.row_losses[rows].sum()), damp=res.damp,
                                       damp_retries=res.retries)
 
+    order: list[str] = []
+
+    def swap(prefix: str | None) -> None:
+        """Swap every pending result (under ``prefix``) for its quantized module and drop the float one."""
+        for name in [n for n in results if prefix is None or n.startswith(prefix + ".")]:
+            module, codes, scales, zeros, g_idx = results.pop(name)
+            _swap(model, name, module, codes, scales, zeros, g_idx, scheme)
+            order.append(name)
+
+    blocks_name, blocks = find_blocks(model)
+
+    def after_block(index: int, block_name: str) -> None:
+        # Modules of this block the calibration never reached: RTN while their float weights are here.
+        for n, m in quantizable_modules(blocks[index], keep, prefix=block_name).items():
+            if f"{block_name}.{n}" not in results and f"{block_name}.{n}" not in reports:
+                fallback(f"{block_name}.{n}", m)
+        swap(block_name)
+        if onload is not None:
+            onload.block_done(index)
+
+    def before_block(index: int) -> None:
+        swap(None)  # blocks restored by ``resume`` (the only results pending here)
+        if onload is not None:
+            onload.load_block(index)
+
+    callbacks = BlockCallbacks(after_capture=onload.capture_done if onload is not None else None,
+                               before_block=before_block, after_block=after_block)
     resume = _GPTQResume(model, store, results, reports) if store is not None else None
-    calibrate_blocks_(model, batches, keep, solve, true_sequential, progress=progress, resume=resume)
-    blocks_name, _ = find_blocks(model)
+    calibrate_blocks_(model, batches, keep, solve, true_sequential, progress=progress, resume=resume,
+                      store=hidden, dist=dist, callbacks=callbacks,
+                      cache_outputs=cache_outputs)
+    if onload is not None:
+        onload.load_rest()
     for name, module in quantizable_modules(model, keep).items():
-        if name not in results and not name.startswith(blocks_name + "."):
-            fallback(name, module, note="outside the repeated blocks")
-        elif name not in results:
-            fallback(name, module)
-    for name, (module, codes, scales, zeros, g_idx) in results.items():
-        _swap(model, name, module, codes, scales, zeros, g_idx, scheme)
-    return [reports[n] for n in results]
-
-
+        if isinstance(module, QuantLinearW4A16) or name in reports:
+            continue
+        fallback(name, module, note="outside the repeated blocks")
+    swap(None)
+    return [reports[n] for n in order]
 _RESULT_FIELDS = ("codes", "scales", "zeros", "g_idx")
 
 

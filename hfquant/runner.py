@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import torch
 
-from hfquant.errors import CalibrationError
+from hfquant.errors import CalibrationError, ConfigError
 from hfquant.quantize import WeightScheme, quantize_gptq_, quantize_rtn_, reports_as_dicts
 
 logger = logging.getLogger(__name__)
@@ -42,18 +42,31 @@ def _check_seq_len(model, seq_len: int) -> None:
 
 
 def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: torch.Tensor | None = None,
-                           progress: bool = True, store=None) -> dict:
+                           progress: bool = True, store=None, *, onload=None, activations: str = "device",
+                           offload_folder=None, dist=None) -> dict:
     """Quantize ``model`` in place; returns a report (per-module results, calibration fingerprint, timings).
 
     ``store`` (a ``hfquant.progress.ProgressStore``, GPTQ only) saves progress per block and resumes from it.
+    ``onload`` (a ``hfquant.onload.LayerLoader``): the model is a meta skeleton whose blocks load one at a
+    time. ``activations`` (``"device"``, ``"cpu"``, ``"disk"`` under ``offload_folder``) says where the
+    calibration hidden states live between blocks. ``dist`` (``hfquant.calibration.distributed.Dist``,
+    default: the initialised ``torch.distributed`` group, if any) splits the calibration batches across
+    processes and reduces the statistics exactly.
     """
+    from hfquant.calibration import distributed
     from hfquant.calibration.data import calibration_windows, fingerprint
+
+    dist = dist or distributed.current()
+    if (onload is not None or dist.active) and config.method == "smoothquant":
+        raise ConfigError("hfquant: layer-wise loading and multi-process calibration support methods gptq and rtn, "
+                          "not smoothquant yet; run SmoothQuant in one process on a fully loaded model")
 
     scheme = WeightScheme(config.bits, config.group_size, config.sym, config.observer)
     report: dict = {"method": config.method, "torch": torch.__version__, "machine": platform.machine()}
     model.eval()
     if config.method == "rtn":
-        modules = reports_as_dicts(quantize_rtn_(model, keep, scheme))
+        modules = reports_as_dicts(_rtn_layerwise(model, keep, scheme, onload) if onload is not None
+                                   else quantize_rtn_(model, keep, scheme))
     else:
         _check_seq_len(model, config.seq_len)
         t0 = time.perf_counter()
@@ -65,6 +78,10 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: 
         report["calibration"] = {"fingerprint": fingerprint(windows), "shape": list(windows.shape),
                                  "seconds": time.perf_counter() - t0}
         batches = list(windows.split(config.calibration_batch_size))
+        if dist.active:
+            share = dist.batch_range(len(batches))
+            report["calibration"]["processes"] = dist.world
+            batches = batches[share.start:share.stop]
         if config.method == "smoothquant":
             from hfquant.quantize_w8a8 import quantize_w8a8_
 
@@ -72,15 +89,36 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: 
                                      static_activations=config.activation_scheme == "static",
                                      damp_percent=config.damp_percent, block_size=config.block_size, progress=progress)
         else:
-            modules = reports_as_dicts(quantize_gptq_(
-                model, batches, keep, scheme, act_order=config.desc_act, static_groups=config.static_groups,
-                damp_percent=config.damp_percent, block_size=config.block_size,
-                true_sequential=config.true_sequential, progress=progress, store=store))
+            from hfquant.calibration.spill import ACTIVATIONS, make_store
+
+            if activations not in ACTIVATIONS:
+                raise ConfigError(f"hfquant: activations must be one of {list(ACTIVATIONS)}, got {activations!r}")
+            device = onload.device if onload is not None else next(model.parameters()).device
+            hidden = make_store(activations, device, offload_folder)
+            try:
+                modules = reports_as_dicts(quantize_gptq_(
+                    model, batches, keep, scheme, act_order=config.desc_act, static_groups=config.static_groups,
+                    damp_percent=config.damp_percent, block_size=config.block_size,
+                    true_sequential=config.true_sequential, progress=progress, store=store, hidden=hidden,
+                    dist=dist, onload=onload, cache_outputs=activations != "disk"))
+            finally:
+                hidden.close()
     if store is not None:
         report["resumed_from_block"] = store.resumed_from
     report["modules"] = modules
     report["damp_retries"] = sum(m.get("damp_retries", 0) for m in modules)
     return report
+
+
+def _rtn_layerwise(model, keep, scheme, onload) -> list:
+    """RTN a block at a time (loaded, quantized, its float Linears dropped), then the rest of the model."""
+    reports = []
+    for i in range(len(onload.blocks)):
+        prefix = f"{onload.blocks_name}.{i}."
+        onload.load_block(i)
+        reports += quantize_rtn_(model, lambda n, _p=prefix: n.startswith(_p) and keep(n), scheme)
+    onload.load_rest()
+    return reports + quantize_rtn_(model, lambda n: not n.startswith(onload.blocks_name + ".") and keep(n), scheme)
 
 
 def quantize_in_place_(model, config, **options) -> dict:
@@ -97,3 +135,27 @@ def quantize_in_place_(model, config, **options) -> dict:
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)
     return model.hfquant_report
+
+
+def quantize_layerwise(model, config, *, device="cpu", dtype=torch.float32, activations: str = "device",
+                       offload_folder=None, revision=None, trust_remote_code: bool = False, **options):
+    """Load and quantize a model a decoder layer at a time, never holding all its float weights.
+
+    ``model`` is a local folder (or Hub id) with safetensors weights. Returns the quantized model, the same
+    module for module and bit for bit as ``from_pretrained(model, dtype=dtype)`` followed by
+    ``quantize_in_place_(model, config)``, ready for ``save_pretrained``. ``activations`` says where the
+    calibration hidden states live between blocks: ``"device"`` (the execution device), ``"cpu"`` or
+    ``"disk"`` (safetensors files in a temporary folder under ``offload_folder``; quantized modules are then
+    recomputed rather than having their outputs cached). ``options`` go to ``quantize_loaded_model_``
+    (``windows``, ``progress``, ``dist``).
+    """
+    from hfquant.onload import LayerLoader, empty_model, local_folder
+
+    folder = local_folder(str(model), revision)
+    skeleton = empty_model(folder, dtype, revision=revision, trust_remote_code=trust_remote_code)
+    loader = LayerLoader(skeleton, folder, device, dtype)
+    loader.load_outside()
+    report = quantize_in_place_(skeleton, config, onload=loader, activations=activations,
+                                offload_folder=offload_folder, **options)
+    report["layerwise"] = {"activations": activations, "read_seconds": loader.seconds}
+    return skeleton

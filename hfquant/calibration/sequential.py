@@ -18,7 +18,7 @@ The per-group solve is a callback, so this module knows nothing of GPTQ itself.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -26,7 +26,9 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from hfquant.calibration.distributed import Dist
 from hfquant.calibration.modules import find_blocks, in_out_features, quantizable_modules
+from hfquant.calibration.spill import HiddenStore
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +52,31 @@ class BlockInputs:
 
 @dataclass
 class HessianStat:
-    """Running ``sum X^T X`` (float32) and token count for one input."""
+    """Running ``sum X^T X`` (float32) and token count for one input.
+
+    With a multi-process ``dist``, ranks after the first keep their inputs (``pending``) until ``reduce``
+    chains the running sum through them in batch order (see ``hfquant.calibration.distributed``).
+    """
 
     h: torch.Tensor
     n: int = 0
+    dist: Dist = field(default_factory=Dist)
+    pending: list = field(default_factory=list, repr=False)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
-        self.h.addmm_(x.t(), x)
+        if self.dist.rank > 0:
+            self.pending.append(x.clone())
+        else:
+            self.h.addmm_(x.t(), x)
         self.n += x.shape[0]
+
+    def reduce(self) -> None:
+        """Make ``h`` and ``n`` the totals over every process (a no-op for a single process)."""
+        if self.dist.active:
+            self.dist.chain_addmm_(self.h, self.pending)
+            self.pending.clear()
+            self.n = self.dist.sum_int(self.n, self.h.device)
 
     def normalized(self) -> torch.Tensor:
         """``2/n * sum X^T X``, the reference's scaling."""
@@ -157,9 +175,17 @@ SolveFn = Callable[[str, Group, torch.Tensor], None]
 their dequantized values) and remember the results."""
 
 
-def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], inputs: list[BlockInputs],
-              solve: SolveFn, true_sequential: bool = True) -> list[torch.Tensor]:
-    """Quantize one block's modules with ``solve`` and return the block's outputs for every batch."""
+def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], inputs: Sequence[BlockInputs],
+              solve: SolveFn, true_sequential: bool = True, *, dist: Dist | None = None,
+              sink: Callable[[int, torch.Tensor], None] | None = None, cache_outputs: bool = True) -> list[torch.Tensor]:
+    """Quantize one block's modules with ``solve`` and return the block's outputs for every batch.
+
+    ``dist``: reduce the Hessians over the calibration processes (each holds its own ``inputs``).
+    ``sink(b, output)``: hand each output over instead of returning them (returns ``[]``).
+    ``cache_outputs=False``: recompute already-quantized modules in later stages instead of replaying their
+    cached outputs (same numbers, less memory, more compute).
+    """
+    dist = dist or Dist()
     groups, uncalled = discover_groups(block, modules, inputs[0])
     for name in uncalled:
         logger.warning("%s.%s was not called during calibration; it is quantized without data (RTN)", block_name, name)
@@ -173,7 +199,7 @@ def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], 
         stats = []
         for g in stage:
             cols = in_out_features(g.modules[0])[0]
-            stats.append(HessianStat(torch.zeros(cols, cols, device=device)))
+            stats.append(HessianStat(torch.zeros(cols, cols, device=device), dist=dist))
         pending = [len(stage)]
         handles = []
         for g, st in zip(stage, stats):
@@ -183,17 +209,17 @@ def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], 
                 if pending[0] == 0:
                     raise _Stop
             handles.append(g.modules[0].register_forward_pre_hook(pre))
-        fresh = {n: m for n, m in done.items() if n not in cache}
+        fresh = {n: m for n, m in done.items() if n not in cache} if cache_outputs else {}
         for n in fresh:
             cache[n] = []
             handles.append(fresh[n].register_forward_hook(lambda _m, _a, out, _n=n: cache[_n].append(out)))
-        replay = {n: m for n, m in done.items() if n not in fresh}
+        replay = {n: m for n, m in done.items() if n in cache and n not in fresh}
         with _hooks(handles), _replaying(replay, cache, batch), torch.no_grad():
-            for b, inp in enumerate(inputs):
+            for b in range(len(inputs)):
                 batch[0] = b
                 pending[0] = len(stage)
                 try:
-                    call_block(block, inp)
+                    call_block(block, inputs[b])
                 except _Stop:
                     pass
         # Modules that ran in this stage but were not reached on some batch (should not happen) get no cache.
@@ -201,6 +227,7 @@ def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], 
             if len(cache[n]) != len(inputs):
                 del cache[n]
         for g, st in zip(stage, stats):
+            st.reduce()
             solve(block_name, g, st.normalized())
             for n, m in zip(g.names, g.modules):
                 done[n] = m
@@ -209,9 +236,13 @@ def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], 
     outputs = []
     replay = {n: m for n, m in done.items() if n in cache}
     with _replaying(replay, cache, batch), torch.no_grad():
-        for b, inp in enumerate(inputs):
+        for b in range(len(inputs)):
             batch[0] = b
-            outputs.append(call_block(block, inp))
+            out = call_block(block, inputs[b])
+            if sink is None:
+                outputs.append(out)
+            else:
+                sink(b, out)
     return outputs
 
 
@@ -225,23 +256,69 @@ class BlockResume(Protocol):
         """Block ``index`` is quantized; ``outputs`` are the next block's hidden states."""
 
 
+@dataclass
+class BlockCallbacks:
+    """Optional steps around ``calibrate_blocks_``'s loop (layer-wise onloading, per-block swapping)."""
+
+    after_capture: Callable[[], None] | None = None      # the block-0 inputs are recorded
+    before_block: Callable[[int], None] | None = None     # block i is about to run
+    after_block: Callable[[int, str], None] | None = None  # block i (named) is quantized and has run
+
+
+class _Inputs(Sequence):
+    """Each batch's recorded block inputs with its current hidden state taken from a ``HiddenStore``."""
+
+    def __init__(self, base: list[BlockInputs], store: HiddenStore):
+        self.base, self.store = base, store
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, b):
+        if not 0 <= b < len(self.base):
+            raise IndexError(b)
+        return self.base[b].with_hidden(self.store.get(b))
+
+
+def _hidden_of(inp: BlockInputs) -> torch.Tensor:
+    return inp.args[0] if inp.args else inp.kwargs["hidden_states"]
+
+
 def calibrate_blocks_(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool], solve: SolveFn,
                       true_sequential: bool = True, progress: bool = True,
-                      resume: BlockResume | None = None) -> list[str]:
+                      resume: BlockResume | None = None, *, store: HiddenStore | None = None,
+                      dist: Dist | None = None, callbacks: BlockCallbacks | None = None,
+                      cache_outputs: bool = True) -> list[str]:
     """Run block-by-block calibration over the whole model. Returns the names of the modules quantized now.
 
     With ``resume``, blocks it reports finished are skipped (their inputs replaced by the saved hidden
-    states) and every finished block is reported to it.
+    states) and every finished block is reported to it. ``store`` keeps the hidden states between blocks
+    (default: in memory where computed); ``dist`` reduces statistics over calibration processes (``batches``
+    are then this process's share); ``callbacks`` run around the capture and each block.
     """
+    cb = callbacks or BlockCallbacks()
     blocks_name, blocks = find_blocks(model)
-    inputs = capture_block_inputs(model, blocks[0], batches)
+    records = capture_block_inputs(model, blocks[0], batches)
+    device = _hidden_of(records[0]).device
+    if store is None:
+        store = HiddenStore(device)
+    for b, rec in enumerate(records):
+        store.put(b, _hidden_of(rec))
+    store.advance()
+    inputs = _Inputs([rec.with_hidden(None) for rec in records], store)
+    del records
+    if cb.after_capture is not None:
+        cb.after_capture()
     first = 0
     if resume is not None:
         first, hidden = resume.start()
         if first:
             logger.info("resuming at block %d of %d", first, len(blocks))
-            device = next(model.parameters()).device
-            inputs = [inp.with_hidden(h.to(device)) for inp, h in zip(inputs, hidden, strict=True)]
+            if len(hidden) != len(inputs):
+                raise ValueError("saved hidden states do not match the calibration batches")
+            for b, h in enumerate(hidden):
+                store.put(b, h.to(device))
+            store.advance()
     quantized = []
     it = range(first, len(blocks))
     if progress:
@@ -250,14 +327,21 @@ def calibrate_blocks_(model: nn.Module, batches: list[torch.Tensor], keep: Calla
         it = tqdm(it, desc="quantizing blocks", unit="block", initial=first, total=len(blocks))
     for i in it:
         name = f"{blocks_name}.{i}"
+        if cb.before_block is not None:
+            cb.before_block(i)
         modules = quantizable_modules(blocks[i], keep, prefix=name)
         if not modules:
             with torch.no_grad():
-                outputs = [call_block(blocks[i], inp) for inp in inputs]
+                for b in range(len(inputs)):
+                    store.put(b, call_block(blocks[i], inputs[b]))
         else:
-            outputs = run_block(blocks[i], name, modules, inputs, solve, true_sequential)
+            run_block(blocks[i], name, modules, inputs, solve, true_sequential, dist=dist, sink=store.put,
+                      cache_outputs=cache_outputs)
             quantized.extend(f"{name}.{n}" for n in modules)
+        store.advance()
         if resume is not None:
-            resume.done(i, name, outputs)
-        inputs = [inp.with_hidden(out) for inp, out in zip(inputs, outputs)]
+            resume.done(i, name, [store.get(b) for b in range(len(inputs))])
+        if cb.after_block is not None:
+            cb.after_block(i, name)
+    store.close()
     return quantized
