@@ -70,12 +70,15 @@ def _run(args) -> int:
     from hfquant.output import table
 
     resolved = recipe.load(args.recipe, args.set, args.output)
+    dist = _distributed(args.dry_run)
     plan = pipeline.plan(resolved, overwrite=args.overwrite, resume=args.resume, push_repo=args.push_to_hub)
     if args.dry_run:
         print(recipe.dump(resolved), end="")
         print(f"dry run: {args.recipe} is valid and its inputs are readable; nothing was loaded or written")
         return 0
-    report = pipeline.execute(plan, quiet=args.quiet)
+    report = pipeline.execute(plan, quiet=args.quiet or not dist.is_main)
+    if not dist.is_main:  # the main process prints, saves and pushes
+        return 0
     print()
     print(table(report))
     print(f"\nsaved to {plan.out}")
@@ -84,6 +87,19 @@ def _run(args) -> int:
         url = pipeline.push(plan.out, repo, resolved["hub"])
         print(f"pushed to {repo}: {url}")
     return 0
+
+
+def _distributed(dry_run: bool):
+    """Under ``accelerate launch --num_processes N`` (``WORLD_SIZE > 1``): join the process group; the
+    calibration batches are split across the processes and only the main one writes."""
+    from hfquant.calibration.distributed import Dist, init_from_env
+
+    if dry_run:
+        return Dist()
+    dist = init_from_env()
+    if not dist.is_main:
+        logger.setLevel(logging.WARNING)
+    return dist
 
 
 # ---------------------------------------------------------------------------------------------- eval

@@ -114,6 +114,25 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
                           "continue it or --overwrite to start over")
 
     _device(recipe["device"])
+    cal = recipe["calibration"]
+    from hfquant.calibration.distributed import current
+
+    dist = current()
+    if resume and (cal["layerwise"] or dist.active):
+        raise RecipeError("--resume: resuming is not supported with calibration.layerwise or several processes; "
+                          "rerun without --resume (or with --overwrite)")
+    if dist.active and method == "smoothquant":
+        raise RecipeError("quantization.method: smoothquant runs in one process only for now; launch without "
+                          "accelerate (or with --num_processes 1)")
+    if cal["layerwise"]:
+        from hfquant.onload import checkpoint_files
+        from hfquant.recipe import looks_local
+
+        if looks_local(recipe["model"]):
+            try:
+                checkpoint_files(Path(recipe["model"]).expanduser())
+            except HFQuantError as exc:
+                raise _fail("calibration.layerwise", str(exc).removeprefix("hfquant: ")) from None
     mcfg = model_config(recipe)
     limit = max_positions(mcfg)
     ev = recipe["evaluation"]
@@ -150,18 +169,42 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
                 time.perf_counter() - t0)
 
 
-def _device(name: str) -> str:
+def _device(name: str, dist=None) -> str:
     if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RecipeError(f"device: {name!r} requested but CUDA is not available; use device: cpu")
+    if name == "cuda" and dist is not None and dist.active:  # one GPU per process
+        import os
+
+        name = f"cuda:{int(os.environ.get('LOCAL_RANK', dist.rank))}"
     return name
 
 
-def load_model(recipe: dict):
+def _checkpoint_float_bytes(recipe: dict) -> int:
+    """Bytes of the float model as ``dtype`` (for the report), from the safetensors headers."""
+    from safetensors import safe_open
+
+    from hfquant.onload import checkpoint_files, local_folder
+
+    size = torch.tensor([], dtype=getattr(torch, recipe["dtype"])).element_size()
+    total = 0
+    files = checkpoint_files(local_folder(recipe["model"], recipe["revision"]))
+    for file in sorted(set(files.values())):
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                n = 1
+                for d in sl.get_shape():
+                    n *= d
+                total += n * (size if sl.get_dtype().startswith(("F", "BF")) else 0)
+    return total
+
+
+def load_model(recipe: dict, dist=None):
     from transformers import AutoModelForCausalLM
 
-    device = _device(recipe["device"])
+    device = _device(recipe["device"], dist)
     kwargs = dict(_load_kwargs(recipe), dtype=getattr(torch, recipe["dtype"]), use_safetensors=True)
     if device != "cpu":
         kwargs["device_map"] = {"": device}
@@ -182,9 +225,18 @@ def execute(p: Plan, quiet: bool = False) -> dict:
     from hfquant.output import partial_dir, progress_dir
     from hfquant.progress import ProgressStore
 
+    from hfquant.calibration.distributed import current
+
     timings: dict[str, float] = {"prepare": p.seconds}
     t_start = time.perf_counter()
-    store = ProgressStore(progress_dir(p.out), p.key) if p.config.method == "gptq" else None
+    dist = current()
+    if not dist.is_main:  # other calibration processes compute, wait, and write nothing
+        report = _work(p, None, None, timings, t_start, True, dist)
+        dist.barrier()  # on success only: a failing process exits and the launcher stops the others
+        return report
+    # progress is per process (hidden states of its own batches): no resume store with several processes
+    resumable = p.config.method == "gptq" and not dist.active and not p.recipe["calibration"]["layerwise"]
+    store = ProgressStore(progress_dir(p.out), p.key) if resumable else None
     partial = partial_dir(p.out)
     try:  # the first writes: fail here, before loading the model, when the output folder is not writable
         if store is not None:
@@ -197,19 +249,20 @@ def execute(p: Plan, quiet: bool = False) -> dict:
     if p.resume and store is not None and not store.resumed_from:
         logger.info("--resume: no finished blocks saved; starting from the first block")
     try:
-        report = _work(p, store, partial, timings, t_start, quiet)
+        report = _work(p, store, partial, timings, t_start, quiet, dist)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         if store is not None and store.blocks_done == 0:  # nothing worth resuming
             shutil.rmtree(store.folder, ignore_errors=True)
         raise
+    dist.barrier()
     if store is not None:
         shutil.rmtree(store.folder, ignore_errors=True)
     logger.info("saved to %s", p.out)
     return report
 
 
-def _work(p: Plan, store, partial: Path, timings: dict, t_start: float, quiet: bool) -> dict:
+def _work(p: Plan, store, partial: Path | None, timings: dict, t_start: float, quiet: bool, dist) -> dict:
     from hfquant.output import (
         RECIPE,
         checkpoint_bytes,
@@ -219,19 +272,27 @@ def _work(p: Plan, store, partial: Path, timings: dict, t_start: float, quiet: b
         write_report,
     )
     from hfquant.recipe import dump
-    from hfquant.runner import quantize_in_place_
+    from hfquant.runner import quantize_in_place_, quantize_layerwise
 
-    recipe, ev = p.recipe, p.recipe["evaluation"]
+    recipe, ev, cal = p.recipe, p.recipe["evaluation"], p.recipe["calibration"]
+    options = dict(windows=p.windows, progress=not quiet, activations=cal["activations"],
+                   offload_folder=cal["offload_folder"], dist=dist)
 
     t0 = time.perf_counter()
-    model = load_model(recipe)
-    timings["load"] = time.perf_counter() - t0
-    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights once
-    source_bytes = sum(t.numel() * t.element_size() for t in unique.values())
+    if cal["layerwise"]:
+        model = None
+        source_bytes = _checkpoint_float_bytes(recipe)
+        if ev["before"] and dist.is_main:
+            logger.info("calibration.layerwise: the float model is never loaded whole; skipping its perplexity")
+    else:
+        model = load_model(recipe, dist)
+        timings["load"] = time.perf_counter() - t0
+        unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights once
+        source_bytes = sum(t.numel() * t.element_size() for t in unique.values())
 
     saved = store.get("ppl_before") if store is not None else None
     before = saved["value"] if saved and saved["evaluation"] == ev else None  # same evaluation settings only
-    if ev["before"] and before is None:
+    if ev["before"] and before is None and model is not None and dist.is_main:
         logger.info("perplexity of the float model")
         t0 = time.perf_counter()
         before = _perplexity(model, p.eval_ids, ev, quiet)
@@ -241,8 +302,16 @@ def _work(p: Plan, store, partial: Path, timings: dict, t_start: float, quiet: b
 
     logger.info("quantizing: %s", p.config)
     t0 = time.perf_counter()
-    qreport = quantize_in_place_(model, p.config, windows=p.windows, progress=not quiet, store=store)
+    if model is None:
+        model = quantize_layerwise(recipe["model"], p.config, device=_device(recipe["device"], dist),
+                                   dtype=getattr(torch, recipe["dtype"]), revision=recipe["revision"],
+                                   trust_remote_code=recipe["trust_remote_code"], **options)
+        qreport = model.hfquant_report
+    else:
+        qreport = quantize_in_place_(model, p.config, store=store, **options)
     timings["quantize"] = time.perf_counter() - t0
+    if not dist.is_main:
+        return qreport
 
     after = None
     if ev["after"]:

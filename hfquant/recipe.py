@@ -5,7 +5,8 @@ The schema is strict and maps one-to-one onto the objects a run builds:
 - top level: ``model`` (Hub id or local folder), ``output_dir``, and the ``from_pretrained`` arguments
   ``revision``, ``trust_remote_code``, ``dtype``, ``device``;
 - ``quantization``: ``HFQuantConfig`` fields, by their own names (only the ones the method uses);
-- ``calibration``: ``HFQuantConfig`` calibration fields, through ``CALIBRATION_FIELDS``;
+- ``calibration``: ``HFQuantConfig`` calibration fields, through ``CALIBRATION_FIELDS``, and how the run holds
+  the model and its activations (``LOADING_DEFAULTS``: ``layerwise``, ``activations``, ``offload_folder``);
 - ``evaluation``: perplexity before/after (``EVALUATION_DEFAULTS``);
 - ``hub``: where ``upload_folder`` pushes (``HUB_DEFAULTS``).
 
@@ -61,6 +62,12 @@ CALIBRATION_FIELDS: dict[str, str] = {
     "seed": "seed",
     "batch_size": "calibration_batch_size",
     "tokenizer": "tokenizer",
+}
+# calibration keys that describe how the run loads the model and keeps activations (not saved in config.json)
+LOADING_DEFAULTS: dict[str, Any] = {
+    "layerwise": False,      # true: meta skeleton, one decoder layer's float weights loaded at a time
+    "activations": "device",  # where hidden states live between blocks: device | cpu | disk
+    "offload_folder": None,  # parent of the temporary folder for activations: disk (default: system temp)
 }
 EVALUATION_DEFAULTS: dict[str, Any] = {
     "before": True,        # perplexity of the float model
@@ -187,13 +194,16 @@ def validate(raw) -> dict:
 
     # calibration
     c = _section(raw, "calibration")
-    _check_keys("calibration", c, CALIBRATION_FIELDS)
+    _check_keys("calibration", c, {**CALIBRATION_FIELDS, **LOADING_DEFAULTS})
     for key, value in c.items():
+        if key in LOADING_DEFAULTS:
+            continue
         if key == "tokenizer" and value is not None and not isinstance(value, str):
             _fail("calibration.tokenizer", f"must be a tokenizer name or folder (a string) or null, got {_type_name(value)}")
         _check_config_field(f"calibration.{key}", CALIBRATION_FIELDS[key], value)
     _check_dataset_file("calibration.dataset", c.get("dataset"))
     out["calibration"] = {k: copy.deepcopy(c.get(k, DEFAULTS[f])) for k, f in CALIBRATION_FIELDS.items()}
+    out["calibration"].update(_loading(c, method))
 
     # evaluation
     e = _section(raw, "evaluation")
@@ -227,6 +237,25 @@ def validate(raw) -> dict:
             _fail(f"hub.{key}", f"must be a non-empty string or null, got {hub[key]!r}")
     out["hub"] = hub
     return out
+
+
+def _loading(c: dict, method: str) -> dict:
+    from hfquant.calibration.spill import ACTIVATIONS
+
+    lo = {k: copy.deepcopy(c.get(k, v)) for k, v in LOADING_DEFAULTS.items()}
+    if not isinstance(lo["layerwise"], bool):
+        _fail("calibration.layerwise", f"must be true or false, got {lo['layerwise']!r}")
+    if lo["layerwise"] and method == "smoothquant":
+        _fail("calibration.layerwise", "layer-wise loading supports quantization.method gptq and rtn, not "
+                                       "smoothquant yet; set layerwise: false")
+    if lo["activations"] not in ACTIVATIONS:
+        _fail("calibration.activations", f"must be one of {list(ACTIVATIONS)}, got {lo['activations']!r}")
+    folder = lo["offload_folder"]
+    if folder is not None and (not isinstance(folder, str) or not folder.strip()):
+        _fail("calibration.offload_folder", f"must be a folder path (a string) or null, got {_type_name(folder)}")
+    if folder is not None and lo["activations"] != "disk":
+        _fail("calibration.offload_folder", "is only used with activations: disk; set activations: disk or remove it")
+    return lo
 
 
 def check_repo_id(repo_id, path: str = "repo_id") -> str:

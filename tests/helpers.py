@@ -105,3 +105,40 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     code = main([str(a) for a in argv])
     out = capsys.readouterr()
     return code, out.out, out.err
+
+
+def dist_quantize_worker(rank: int, world: int, port: int, folder: str, out: str, config_kwargs: dict,
+                         layerwise: bool = False) -> None:
+    """One process of a gloo group (1 thread): quantize ``folder`` under ``PartialState``; rank 0 saves the
+    quantized state dict to ``out`` (safetensors). ``world == 1`` runs without a process group."""
+    import os
+
+    import torch
+
+    torch.set_num_threads(1)
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                          LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+        from accelerate import PartialState
+
+        PartialState(cpu=True)
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    from hfquant.config import HFQuantConfig
+    from hfquant.runner import quantize_in_place_, quantize_layerwise
+
+    config = HFQuantConfig(tokenizer=tiny_tokenizer(), **config_kwargs)
+    if layerwise:
+        model = quantize_layerwise(folder, config, progress=False)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        quantize_in_place_(model, config, progress=False)
+    if rank == 0:
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        save_file(state, out)
+    if world > 1:
+        import torch.distributed as td
+
+        td.barrier()
+        td.destroy_process_group()
