@@ -128,6 +128,16 @@ def dist_quantize_worker(rank: int, world: int, port: int, folder: str, out: str
     from hfquant.config import HFQuantConfig
     from hfquant.runner import quantize_in_place_, quantize_layerwise
 
+    import hfquant.quantize as hq
+
+    hessians = []
+    solve = hq.gptq_quantize
+
+    def recording(w, h, **kw):  # the reduced Hessians themselves, not only the (rounded) results
+        hessians.append(h.clone())
+        return solve(w, h, **kw)
+
+    hq.gptq_quantize = recording
     config = HFQuantConfig(tokenizer=tiny_tokenizer(), **config_kwargs)
     if layerwise:
         model = quantize_layerwise(folder, config, progress=False)
@@ -136,7 +146,9 @@ def dist_quantize_worker(rank: int, world: int, port: int, folder: str, out: str
         quantize_in_place_(model, config, progress=False)
     if rank == 0:
         state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+        state.update({f"hessian.{i}": h for i, h in enumerate(hessians)})
         save_file(state, out)
+    hq.gptq_quantize = solve
     if world > 1:
         import torch.distributed as td
 

@@ -1,0 +1,238 @@
+"""Scale: layer-wise onloading, exact multi-process calibration, device_map loading (tiny models, CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import dist_quantize_worker, run_cli, small_calibration, tiny_tokenizer, write_recipe
+
+import hfquant  # noqa: F401 - registers the quantizer
+from hfquant.calibration.distributed import Dist
+from hfquant.calibration.spill import DiskHiddenStore, HiddenStore
+from hfquant.config import HFQuantConfig
+from hfquant.recipe import RecipeError, validate
+
+
+def _config(method="gptq", **kw):
+    return HFQuantConfig(method=method, group_size=32, tokenizer=tiny_tokenizer(), **small_calibration(**kw))
+
+
+def _full(folder, config):
+    from transformers import AutoModelForCausalLM
+
+    from hfquant.runner import quantize_in_place_
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    quantize_in_place_(model, config, progress=False)
+    return model
+
+
+def _assert_same_state(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    different = [k for k in a if a[k].dtype != b[k].dtype or not torch.equal(a[k], b[k])]
+    assert not different, different
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("method,activations", [("gptq", "device"), ("gptq", "disk"), ("gptq", "cpu"), ("rtn", "device")])
+def test_layerwise_is_bit_identical_to_full_load(tiny_models, tmp_path, arch, method, activations):
+    from hfquant.runner import quantize_layerwise
+
+    full = _full(tiny_models[arch], _config(method))
+    lw = quantize_layerwise(tiny_models[arch], _config(method), activations=activations,
+                            offload_folder=tmp_path / "spill" if activations == "disk" else None, progress=False)
+    assert not [k for k, v in lw.state_dict().items() if v.is_meta]
+    _assert_same_state(full.state_dict(), lw.state_dict())
+    if activations == "disk":
+        assert list((tmp_path / "spill").iterdir()) == []  # the spill folder is removed afterwards
+    full.save_pretrained(tmp_path / "full")
+    lw.save_pretrained(tmp_path / "lw")
+    assert json.loads((tmp_path / "full" / "config.json").read_text()) == json.loads((tmp_path / "lw" / "config.json").read_text())
+    from safetensors.torch import load_file
+
+    _assert_same_state(load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "lw" / "model.safetensors"))
+
+
+def test_layerwise_never_holds_two_float_blocks(tiny_models):
+    """While block i runs, no other block has float Linear weights loaded (they are meta or quantized)."""
+    from hfquant.onload import LayerLoader
+    from hfquant.runner import quantize_layerwise
+
+    seen = []
+    original = LayerLoader.load_block
+
+    def spy(self, index):
+        original(self, index)
+        loaded = [i for i, blk in enumerate(self.blocks)
+                  if any(isinstance(m, torch.nn.Linear) and not m.weight.is_meta for m in blk.modules())]
+        seen.append((index, loaded))
+
+    LayerLoader.load_block = spy
+    try:
+        quantize_layerwise(tiny_models["llama"], _config(), progress=False)
+    finally:
+        LayerLoader.load_block = original
+    assert seen == [(i, [i]) for i in range(len(seen))] and len(seen) == 2
+
+
+def test_disk_store_round_trip(tmp_path):
+    store = DiskHiddenStore("cpu", tmp_path)
+    xs = [torch.randn(2, 3, 4) for _ in range(3)]
+    for b, x in enumerate(xs):
+        store.put(b, x)
+    store.advance()
+    assert len(store) == 3 and all(torch.equal(store.get(b), x) for b, x in enumerate(xs))
+    store.put(0, xs[2] * 2)
+    store.advance()
+    assert len(store) == 1 and torch.equal(store.get(0), xs[2] * 2)
+    with pytest.raises(IndexError):
+        store.get(1)
+    store.close()
+    assert list(tmp_path.iterdir()) == []
+    mem = HiddenStore("cpu", "cpu")
+    mem.put(0, xs[0])
+    mem.advance()
+    assert torch.equal(mem.get(0), xs[0])
+
+
+@pytest.mark.parametrize("n,world", [(16, 2), (5, 2), (7, 3), (3, 3)])
+def test_batch_ranges_partition_in_order(n, world):
+    ranges = [Dist(r, world).batch_range(n) for r in range(world)]
+    assert [b for r in ranges for b in r] == list(range(n))
+    assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
+
+
+def test_too_few_batches_for_the_processes():
+    from hfquant.errors import CalibrationError
+
+    with pytest.raises(CalibrationError, match="cannot be split across 3 processes"):
+        Dist(0, 3).batch_range(2)
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_two_processes_bit_identical_to_one(tiny_models, tmp_path, layerwise):
+    """Python API under PartialState (gloo, 2 processes x 1 thread) vs one process with 1 thread: every
+    tensor equal. 5 batches: an uneven split (3 + 2), so the chain crosses ranks mid-sequence."""
+    import torch.multiprocessing as mp
+    from safetensors.torch import load_file
+
+    kw = dict(method="gptq", group_size=32, **small_calibration(num_samples=10, calibration_batch_size=2))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        dist_quantize_worker(0, 1, 0, str(tiny_models["llama"]), str(tmp_path / "one.safetensors"), kw, layerwise)
+    finally:
+        torch.set_num_threads(threads)
+    mp.spawn(dist_quantize_worker, args=(2, _port(), str(tiny_models["llama"]), str(tmp_path / "two.safetensors"),
+                                         kw, layerwise), nprocs=2)
+    _assert_same_state(load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors"))
+
+
+def test_accelerate_launch_two_processes(tiny_models, tmp_path, capsys):
+    """``accelerate launch --multi_gpu --num_processes 2 -m hfquant run`` on CPU (gloo): same checkpoint as
+    ``hfquant run`` in one process with one thread; only the main process writes."""
+    from safetensors.torch import load_file
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], tmp_path / "one",
+                          evaluation={"before": False, "after": False})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert run_cli(["-q", "run", recipe], capsys)[0] == 0
+    finally:
+        torch.set_num_threads(threads)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(_port())}
+    launcher = Path(sys.executable).parent / "accelerate"
+    proc = subprocess.run([str(launcher), "launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_cpu_threads_per_process", "1", "--main_process_port", env["MASTER_PORT"],
+                           "-m", "hfquant", "-q", "run", str(recipe), "--output", str(tmp_path / "two")],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("saved to") == 1
+    _assert_same_state(load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors"))
+    report = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert report["quantization"]["calibration"]["processes"] == 2
+
+
+def test_recipe_layerwise_run_matches_full(tiny_models, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    ev = {"before": False, "after": True}
+    full = write_recipe(tmp_path / "f.yaml", tiny_models["qwen2"], tmp_path / "full", evaluation=ev)
+    lw = write_recipe(tmp_path / "l.yaml", tiny_models["qwen2"], tmp_path / "lw", evaluation=ev,
+                      calibration={"layerwise": True, "activations": "disk", "offload_folder": str(tmp_path / "act")})
+    assert run_cli(["-q", "run", full], capsys)[0] == 0
+    assert run_cli(["-q", "run", lw], capsys)[0] == 0
+    _assert_same_state(load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "lw" / "model.safetensors"))
+    a, b = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("full", "lw"))
+    assert a["evaluation"]["after"] == b["evaluation"]["after"]
+    assert b["quantization"]["layerwise"]["activations"] == "disk"
+    code, _, err = run_cli(["run", lw, "--resume", "--output", tmp_path / "lw2"], capsys)
+    assert code == 2 and "not supported with calibration.layerwise" in err
+
+
+@pytest.mark.parametrize("calibration,message", [
+    ({"layerwise": "yes"}, "calibration.layerwise: must be true or false"),
+    ({"activations": "gpu"}, "calibration.activations: must be one of"),
+    ({"offload_folder": "/tmp/x"}, "calibration.offload_folder: is only used with activations: disk"),
+    ({"activations": "disk", "offload_folder": 3}, "calibration.offload_folder: must be a folder path"),
+])
+def test_recipe_loading_keys_are_checked(tiny_models, calibration, message):
+    with pytest.raises(RecipeError, match=message):
+        validate({"model": str(tiny_models["llama"]), "output_dir": "o", "calibration": calibration})
+
+
+def test_recipe_layerwise_smoothquant_refused(tiny_models):
+    with pytest.raises(RecipeError, match="calibration.layerwise: .*not smoothquant"):
+        validate({"model": str(tiny_models["llama"]), "output_dir": "o", "quantization": {"method": "smoothquant"},
+                  "calibration": {"layerwise": True}})
+
+
+def test_layerwise_needs_safetensors(tmp_path):
+    from hfquant.errors import ConfigError
+    from hfquant.onload import checkpoint_files
+
+    with pytest.raises(ConfigError, match="needs model.safetensors"):
+        checkpoint_files(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def quantized_folder(tiny_models, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("q") / "llama"
+    _full(tiny_models["llama"], _config()).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("name", ["auto", "auto-disk", "cpu+disk"])
+def test_device_map_loads_give_identical_logits(quantized_folder, tmp_path, name):
+    from transformers import AutoModelForCausalLM
+
+    maps = {
+        "auto": dict(device_map="auto"),
+        "auto-disk": dict(device_map="auto", max_memory={"cpu": 50_000}, offload_folder=str(tmp_path / "off")),
+        "cpu+disk": dict(device_map={"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu",
+                                     "model.layers.1": "disk", "model.norm": "cpu", "lm_head": "cpu"},
+                         offload_folder=str(tmp_path / "off")),
+    }
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    plain = AutoModelForCausalLM.from_pretrained(quantized_folder).eval()
+    placed = AutoModelForCausalLM.from_pretrained(quantized_folder, **maps[name]).eval()
+    if name != "auto":
+        assert "disk" in set(placed.hf_device_map.values())
+    with torch.no_grad():
+        expected = plain(ids).logits
+        for _ in range(2):  # twice: kernel operand caches must stay right when offloaded weights come back
+            assert torch.equal(placed(ids).logits, expected)
