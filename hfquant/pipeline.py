@@ -121,9 +121,6 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
     if resume and (cal["layerwise"] or dist.active):
         raise RecipeError("--resume: resuming is not supported with calibration.layerwise or several processes; "
                           "rerun without --resume (or with --overwrite)")
-    if dist.active and method == "smoothquant":
-        raise RecipeError("quantization.method: smoothquant runs in one process only for now; launch without "
-                          "accelerate (or with --num_processes 1)")
     if cal["layerwise"]:
         from hfquant.onload import checkpoint_files
         from hfquant.recipe import looks_local

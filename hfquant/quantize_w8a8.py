@@ -19,6 +19,7 @@ from torch import nn
 
 from hfquant.algorithms.gptq import gptq_quantize
 from hfquant.algorithms.smoothquant import QMAX, column_absmax, search_alpha, smoothing_scales
+from hfquant.calibration.distributed import Dist
 from hfquant.calibration.modules import find_blocks, float_weight, quantizable_modules, set_submodule
 from hfquant.calibration.sequential import HessianStat, call_block, capture_block_inputs, discover_groups
 from hfquant.calibration.smoothing import find_producers, fold_, missing_known_groups, relative_change
@@ -30,9 +31,9 @@ EXACT_TOL = 1e-4      # relative change of the block output that still counts as
 
 
 class _GroupStats:
-    def __init__(self, cols: int, hessian: bool, sample: bool, n_batches: int):
+    def __init__(self, cols: int, hessian: bool, sample: bool, n_batches: int, dist: Dist):
         self.absmax = torch.zeros(cols)
-        self.hessian = HessianStat(torch.zeros(cols, cols)) if hessian else None
+        self.hessian = HessianStat(torch.zeros(cols, cols), dist=dist) if hessian else None
         self.sample = [] if sample else None
         self.per_batch = max(1, SAMPLE_TOKENS // max(n_batches, 1))
 
@@ -45,13 +46,34 @@ class _GroupStats:
             step = max(1, x2.shape[0] // self.per_batch)
             self.sample.append(x2[::step][: self.per_batch].cpu())
 
+    def reduce(self, dist: Dist, device) -> None:
+        """Totals over the calibration processes: max of maxima, the Hessian chain, samples in batch order."""
+        if not dist.active:
+            return
+        self.absmax = dist.max(self.absmax, device)
+        if self.hessian is not None:
+            self.hessian.reduce()
+        if self.sample is not None:
+            self.sample = dist.gather_lists(self.sample)
+
 
 def quantize_w8a8_(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool], *,
                    alpha, weight_method: str = "rtn", static_activations: bool = False,
-                   damp_percent: float = 0.01, block_size: int = 128, progress: bool = True) -> list[dict]:
-    """Smooth and quantize every selected Linear to W8A8 in place. Returns one report dict per Linear."""
+                   damp_percent: float = 0.01, block_size: int = 128, progress: bool = True,
+                   dist: Dist | None = None, onload=None) -> list[dict]:
+    """Smooth and quantize every selected Linear to W8A8 in place. Returns one report dict per Linear.
+
+    ``dist``: ``batches`` are this process's share; statistics are reduced exactly over the processes
+    (maxima, the Hessian chain, alpha-search samples gathered in batch order, fold checks on rank 0's first
+    batch, which is batch 0). ``onload`` (``hfquant.onload.LayerLoader``): load each block when its turn comes.
+    """
+    dist = dist or Dist()
     blocks_name, blocks = find_blocks(model)
+    device = next(model.parameters()).device
     inputs = capture_block_inputs(model, blocks[0], batches)
+    n_total = dist.sum_int(len(inputs), device) if dist.active else len(inputs)
+    if onload is not None:
+        onload.capture_done()
     reports: list[dict] = []
     it = range(len(blocks))
     if progress:
@@ -60,10 +82,12 @@ def quantize_w8a8_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
         it = tqdm(it, desc="smoothing + W8A8", unit="block")
     for i in it:
         block, prefix = blocks[i], f"{blocks_name}.{i}"
+        if onload is not None:
+            onload.load_block(i)
         modules = quantizable_modules(block, keep, prefix=prefix)
         if modules:
             block_reports, outputs = _quantize_block(block, prefix, modules, inputs, alpha, weight_method,
-                                                     static_activations, damp_percent, block_size)
+                                                     static_activations, damp_percent, block_size, dist, n_total)
             reports.extend(block_reports)
             if alpha is not None:
                 _check_known_groups(getattr(getattr(model, "config", None), "model_type", None), prefix, block_reports)
@@ -71,6 +95,8 @@ def quantize_w8a8_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
             with torch.no_grad():
                 outputs = [call_block(block, inp) for inp in inputs]
         inputs = [inp.with_hidden(out) for inp, out in zip(inputs, outputs)]
+    if onload is not None:
+        onload.load_rest()
     # Linears outside the repeated blocks: W8A8 without smoothing or calibration (dynamic activations).
     for name, module in quantizable_modules(model, keep).items():
         if name.startswith(blocks_name + "."):
@@ -89,14 +115,15 @@ def _check_known_groups(model_type, prefix: str, block_reports: list[dict]) -> N
         logger.warning("%s: the known %s pair %s was not smoothed (see the report's notes)", prefix, model_type, miss)
 
 
-def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static_activations, damp_percent, block_size):
+def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static_activations, damp_percent, block_size,
+                    dist: Dist, n_total: int):
     groups, _ = discover_groups(block, modules, inputs[0])
     groups = find_producers(block, groups, lambda: call_block(block, inputs[0]))
     stats = []
     handles = []
     for g in groups:
         cols = float_weight(g.modules[0]).shape[1]
-        st = _GroupStats(cols, weight_method == "gptq", alpha == "auto" and g.norm is not None, len(inputs))
+        st = _GroupStats(cols, weight_method == "gptq", alpha == "auto" and g.norm is not None, n_total, dist)
         stats.append(st)
         handles.append(g.modules[0].register_forward_pre_hook(lambda _m, a, _st=st: _st.add(a[0])))
     try:
@@ -105,6 +132,9 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
     finally:
         for h in handles:
             h.remove()
+    device = next(block.parameters()).device
+    for st in stats:
+        st.reduce(dist, device)
 
     # Decide and fold every group's smoothing first (each checked against the float block), then quantize.
     decisions = []
@@ -119,8 +149,12 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
             chosen = search_alpha(torch.cat(st.sample), weights, st.absmax)[0] if alpha == "auto" else float(alpha)
             s = smoothing_scales(st.absmax, column_absmax(weights), chosen).to(g.norm.weight.device)
             fold_(g.norm, g.modules, s)
-            with torch.no_grad():
-                change = relative_change(call_block(block, inputs[0]), outputs[0])
+            change = 0.0
+            if dist.is_main:  # batch 0 lives on rank 0; every rank follows its decision
+                with torch.no_grad():
+                    change = relative_change(call_block(block, inputs[0]), outputs[0])
+            if dist.active:
+                change = dist.from_main(change, device)
             if change > EXACT_TOL:
                 fold_(g.norm, g.modules, 1.0 / s)  # undo
                 note = (f"folding into {g.norm_name} changes the block output ({change:.1e}): "

@@ -245,11 +245,11 @@ def _loading(c: dict, method: str) -> dict:
     lo = {k: copy.deepcopy(c.get(k, v)) for k, v in LOADING_DEFAULTS.items()}
     if not isinstance(lo["layerwise"], bool):
         _fail("calibration.layerwise", f"must be true or false, got {lo['layerwise']!r}")
-    if lo["layerwise"] and method == "smoothquant":
-        _fail("calibration.layerwise", "layer-wise loading supports quantization.method gptq and rtn, not "
-                                       "smoothquant yet; set layerwise: false")
     if lo["activations"] not in ACTIVATIONS:
         _fail("calibration.activations", f"must be one of {list(ACTIVATIONS)}, got {lo['activations']!r}")
+    if lo["activations"] != "device" and method == "smoothquant":
+        _fail("calibration.activations", "only gptq moves activations off the device; SmoothQuant keeps them "
+                                         "there (set activations: device)")
     folder = lo["offload_folder"]
     if folder is not None and (not isinstance(folder, str) or not folder.strip()):
         _fail("calibration.offload_folder", f"must be a folder path (a string) or null, got {_type_name(folder)}")

@@ -57,9 +57,9 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: 
     from hfquant.calibration.data import calibration_windows, fingerprint
 
     dist = dist or distributed.current()
-    if (onload is not None or dist.active) and config.method == "smoothquant":
-        raise ConfigError("hfquant: layer-wise loading and multi-process calibration support methods gptq and rtn, "
-                          "not smoothquant yet; run SmoothQuant in one process on a fully loaded model")
+    if config.method == "smoothquant" and activations != "device":
+        raise ConfigError(f"hfquant: activations={activations!r} is supported for gptq only; SmoothQuant keeps its "
+                          "activations on the device (use activations: device)")
 
     scheme = WeightScheme(config.bits, config.group_size, config.sym, config.observer)
     report: dict = {"method": config.method, "torch": torch.__version__, "machine": platform.machine()}
@@ -87,7 +87,8 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: 
 
             modules = quantize_w8a8_(model, batches, keep, alpha=config.alpha, weight_method=config.weight_method,
                                      static_activations=config.activation_scheme == "static",
-                                     damp_percent=config.damp_percent, block_size=config.block_size, progress=progress)
+                                     damp_percent=config.damp_percent, block_size=config.block_size, progress=progress,
+                                     dist=dist, onload=onload)
         else:
             from hfquant.calibration.spill import ACTIVATIONS, make_store
 

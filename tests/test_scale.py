@@ -41,12 +41,14 @@ def _assert_same_state(a: dict, b: dict):
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-@pytest.mark.parametrize("method,activations", [("gptq", "device"), ("gptq", "disk"), ("gptq", "cpu"), ("rtn", "device")])
+@pytest.mark.parametrize("method,activations", [("gptq", "device"), ("gptq", "disk"), ("gptq", "cpu"), ("rtn", "device"),
+                                               ("smoothquant", "device")])
 def test_layerwise_is_bit_identical_to_full_load(tiny_models, tmp_path, arch, method, activations):
     from hfquant.runner import quantize_layerwise
 
-    full = _full(tiny_models[arch], _config(method))
-    lw = quantize_layerwise(tiny_models[arch], _config(method), activations=activations,
+    extra = {"weight_method": "gptq"} if method == "smoothquant" else {}
+    full = _full(tiny_models[arch], _config(method, **extra))
+    lw = quantize_layerwise(tiny_models[arch], _config(method, **extra), activations=activations,
                             offload_folder=tmp_path / "spill" if activations == "disk" else None, progress=False)
     assert not [k for k, v in lw.state_dict().items() if v.is_meta]
     _assert_same_state(full.state_dict(), lw.state_dict())
@@ -122,14 +124,17 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("layerwise", [False, True])
-def test_two_processes_bit_identical_to_one(tiny_models, tmp_path, layerwise):
+@pytest.mark.parametrize("method,layerwise", [("gptq", False), ("gptq", True), ("smoothquant", False)])
+def test_two_processes_bit_identical_to_one(tiny_models, tmp_path, method, layerwise):
     """Python API under PartialState (gloo, 2 processes x 1 thread) vs one process with 1 thread: every
-    tensor equal. 5 batches: an uneven split (3 + 2), so the chain crosses ranks mid-sequence."""
+    tensor and every reduced Hessian equal. 5 batches: an uneven split (3 + 2), so the chain crosses ranks
+    mid-sequence. SmoothQuant: alpha search (samples gathered in batch order), maxima, GPTQ int8 weights."""
     import torch.multiprocessing as mp
     from safetensors.torch import load_file
 
-    kw = dict(method="gptq", group_size=32, **small_calibration(num_samples=10, calibration_batch_size=2))
+    extra = dict(method="smoothquant", weight_method="gptq", activation_scheme="static") if method == "smoothquant" \
+        else dict(method="gptq", group_size=32)
+    kw = dict(**extra, **small_calibration(num_samples=10, calibration_batch_size=2))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -195,10 +200,10 @@ def test_recipe_loading_keys_are_checked(tiny_models, calibration, message):
         validate({"model": str(tiny_models["llama"]), "output_dir": "o", "calibration": calibration})
 
 
-def test_recipe_layerwise_smoothquant_refused(tiny_models):
-    with pytest.raises(RecipeError, match="calibration.layerwise: .*not smoothquant"):
+def test_recipe_smoothquant_activations_stay_on_device(tiny_models):
+    with pytest.raises(RecipeError, match="calibration.activations: only gptq"):
         validate({"model": str(tiny_models["llama"]), "output_dir": "o", "quantization": {"method": "smoothquant"},
-                  "calibration": {"layerwise": True}})
+                  "calibration": {"layerwise": True, "activations": "disk"}})
 
 
 def test_layerwise_needs_safetensors(tmp_path):

@@ -75,10 +75,29 @@ class Dist:
         td.all_reduce(t, op=td.ReduceOp.SUM)
         return int(t.item())
 
-    def max_(self, t: torch.Tensor) -> None:
+    def max(self, t: torch.Tensor, device) -> torch.Tensor:
+        """Elementwise maximum of ``t`` over the processes (exact in any order), computed on ``device``."""
         import torch.distributed as td
 
-        td.all_reduce(t, op=td.ReduceOp.MAX)
+        u = t.to(device).clone()
+        td.all_reduce(u, op=td.ReduceOp.MAX)
+        return u.to(t.device)
+
+    def from_main(self, value: float, device) -> float:
+        """Rank 0's ``value`` on every rank."""
+        import torch.distributed as td
+
+        t = torch.tensor([value], dtype=torch.float64, device=device)
+        td.broadcast(t, src=0)
+        return float(t.item())
+
+    def gather_lists(self, items: list) -> list:
+        """Every rank's ``items``, concatenated in rank order (= batch order for contiguous batch ranges)."""
+        import torch.distributed as td
+
+        parts: list = [None] * self.world
+        td.all_gather_object(parts, [t.cpu() for t in items])
+        return [t for part in parts for t in part]
 
     def barrier(self) -> None:
         if self.active:
