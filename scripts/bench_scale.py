@@ -21,7 +21,7 @@ test, 32 x 512 tokens, exact reference kernel) of the full and layer-wise checkp
 Writes ``OUT/scale.json`` and ``OUT/scale.md``; ``--update-benchmarks`` puts the table in BENCHMARKS.md.
 
 Usage:
-    python scripts/bench_scale.py --out bench --update-benchmarks           # about 25 minutes on 2 cores
+    python scripts/bench_scale.py --out bench --update-benchmarks   # five GPTQ runs + 2 evaluations (estimate: ~25 min quiet)
     python scripts/bench_scale.py --set calibration.num_samples=16 --variants full layerwise-disk   # quick look
 """
 
