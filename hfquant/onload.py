@@ -14,8 +14,10 @@ The result is the same model, module for module and bit for bit, as ``from_pretr
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 
@@ -126,16 +128,33 @@ class LayerLoader:
     def capture_done(self) -> None:
         """The block inputs are recorded: free the tensors outside the blocks until the end."""
         self._unload(self._outside())
+        release_freed_memory()
 
     def load_block(self, index: int) -> None:
         self._load(self._names(f"{self.blocks_name}.{index}"))
 
     def block_done(self, index: int) -> None:
-        """Nothing to free: the quantized modules replaced the float ones; norms and float-kept Linears stay."""
+        """The quantized modules replaced the float ones (norms and float-kept Linears stay): hand the memory
+        the block's float weights and activations used back to the system."""
+        release_freed_memory()
 
     def load_rest(self) -> None:
         """Load whatever is still on meta (the modules outside the blocks, any block never run)."""
         self._load([n for n, t in self.model.state_dict(keep_vars=True).items() if t.is_meta])
+
+
+def release_freed_memory() -> None:
+    """Return freed heap memory to the operating system (glibc only; elsewhere a no-op).
+
+    glibc keeps memory freed by a block's large temporaries (attention scores, MLP activations) in its
+    arenas, so without this the resident size grows block after block even though nothing is live.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # musl or another libc: nothing to trim
+        pass
 
 
 def empty_model(folder, dtype: torch.dtype, *, revision=None, trust_remote_code: bool = False):
