@@ -49,11 +49,20 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: 
     """
     from hfquant.calibration.data import calibration_windows, fingerprint
 
-    scheme = WeightScheme(config.bits, config.group_size, config.sym, config.observer)
+    from hfquant import mixed
+
     report: dict = {"method": config.method, "torch": torch.__version__, "machine": platform.machine()}
+    schemes = None
+    if mixed.is_mixed(config):
+        schemes, skipped, conflicts = mixed.resolve_for_model(model, config, keep)
+        report.update(skipped=skipped, override_conflicts=conflicts)
+        keep = (lambda n, _keep=keep, _skip=frozenset(skipped): _keep(n) and n not in _skip)
+    default = mixed.default_scheme(config)
+    scheme = WeightScheme(default.bits, config.group_size if config.bits != "auto" else default.group_size,
+                          config.sym, config.observer)
     model.eval()
     if config.method == "rtn":
-        modules = reports_as_dicts(quantize_rtn_(model, keep, scheme))
+        modules = reports_as_dicts(quantize_rtn_(model, keep, scheme, schemes))
     else:
         _check_seq_len(model, config.seq_len)
         t0 = time.perf_counter()
@@ -72,13 +81,23 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: 
                                      static_activations=config.activation_scheme == "static",
                                      damp_percent=config.damp_percent, block_size=config.block_size, progress=progress)
         else:
+            if config.bits == "auto":
+                t1 = time.perf_counter()
+                schemes, report["auto"] = mixed.auto_schemes(model, config, keep, batches,
+                                                             lambda: _tokenizer_for(model, config), progress)
+                report["auto"]["seconds"] = time.perf_counter() - t1
             modules = reports_as_dicts(quantize_gptq_(
                 model, batches, keep, scheme, act_order=config.desc_act, static_groups=config.static_groups,
                 damp_percent=config.damp_percent, block_size=config.block_size,
-                true_sequential=config.true_sequential, progress=progress, store=store))
+                true_sequential=config.true_sequential, progress=progress, store=store, schemes=schemes))
     if store is not None:
         report["resumed_from_block"] = store.resumed_from
     report["modules"] = modules
+    if schemes is not None and config.method != "smoothquant":
+        # The resolved scheme of every quantized module: reload builds each module from it.
+        config.module_schemes = {m["name"]: {"bits": m["bits"], "group_size": m["group_size"],
+                                             "sym": schemes[m["name"]].sym if m["name"] in schemes else config.sym,
+                                             "method": m["method"]} for m in modules}
     report["damp_retries"] = sum(m.get("damp_retries", 0) for m in modules)
     return report
 
