@@ -232,3 +232,30 @@ def test_cli_sensitivity_and_auto_run_write_plot_and_card(tiny_models, tmp_path,
     assert report["stored_bits"]["avg_bits"] <= 4.0
     assert report["stored_bits"]["avg_bits"] == pytest.approx(report["auto"]["predicted_avg_bits"], rel=1e-12)
     assert set(report["auto"]["allocation"]) == set(report["config"]["module_schemes"])
+
+
+def test_auto_run_equals_its_module_schemes_run(tiny_models):
+    """What scripts/bench_mixed.py relies on: quantizing a bits-auto run's stored module_schemes gives the same model."""
+    a = _quantize(tiny_models["llama"], bits="auto", target_avg_bits=4.0, candidates=CANDS)
+    schemes = a.config.quantization_config.module_schemes
+    b = _quantize(tiny_models["llama"], bits=4, group_size=32, module_schemes=schemes)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_readme_precedence_example():
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    block = re.search(r"```yaml\n(quantization:\n  method: gptq\n.*?)```", text, re.S).group(1)
+    q = yaml.safe_load(block)["quantization"]
+    names = [f"model.layers.{i}.{m}" for i in (0, 5) for m in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")]
+    schemes, skipped, _ = resolve(q["overrides"], names, ModuleScheme(q["bits"], q["group_size"], True, "gptq"))
+    assert skipped == ["model.layers.0.mlp.down_proj"]
+    assert schemes["model.layers.0.self_attn.q_proj"] == ModuleScheme(3, 64, True, "gptq")
+    assert schemes["model.layers.5.mlp.down_proj"] == ModuleScheme(8, 128, True, "gptq")
+    assert schemes["model.layers.0.self_attn.v_proj"] == ModuleScheme(3, 64, True, "rtn")
+    assert schemes["model.layers.5.self_attn.v_proj"] == ModuleScheme(4, 128, True, "rtn")
