@@ -177,8 +177,13 @@ def _inspect(args) -> int:
     print(f"{folder}: {config.get('model_type', '?')} ({', '.join(config.get('architectures') or ['?'])})")
     if qc.get("quant_method") == "hfquant":
         print(f"quantization: {describe(qc)}")
-        print("  " + ", ".join(f"{k}={v}" for k, v in qc.items() if k not in ("quant_method", "modules_to_not_convert")))
+        print("  " + ", ".join(f"{k}={v}" for k, v in qc.items()
+                               if k not in ("quant_method", "modules_to_not_convert", "module_schemes")))
         print(f"  kept float: {', '.join(qc.get('modules_to_not_convert') or []) or '-'}")
+        if qc.get("module_schemes"):
+            from hfquant.mixed import summary
+
+            print(f"  per-module schemes: {summary(qc['module_schemes'])}")
     else:
         print("quantization: none (not an hfquant checkpoint)")
     by_dtype: dict[str, int] = {}

@@ -259,3 +259,14 @@ def test_readme_precedence_example():
     assert schemes["model.layers.5.mlp.down_proj"] == ModuleScheme(8, 128, True, "gptq")
     assert schemes["model.layers.0.self_attn.v_proj"] == ModuleScheme(3, 64, True, "rtn")
     assert schemes["model.layers.5.self_attn.v_proj"] == ModuleScheme(4, 128, True, "rtn")
+
+
+def test_cli_run_with_overrides_then_inspect(tiny_models, tmp_path, capsys):
+    quant = {"overrides": {"re:.*down_proj": {"bits": 8}, "*.0.self_attn.k_proj": {"skip": True}}}
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], tmp_path / "o", quantization=quant)
+    code, out, err = run_cli(["-q", "run", str(recipe)], capsys)
+    assert code == 0, err
+    cfg = json.loads((tmp_path / "o" / "config.json").read_text())["quantization_config"]
+    assert len(cfg["module_schemes"]) == 13 and "model.layers.0.self_attn.k_proj" in cfg["modules_to_not_convert"]
+    code, out, err = run_cli(["inspect", str(tmp_path / "o")], capsys)
+    assert code == 0 and "per-module schemes: W4 g32: 11, W8 g32: 2" in out
