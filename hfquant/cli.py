@@ -78,6 +78,12 @@ def _run(args) -> int:
     report = pipeline.execute(plan, quiet=args.quiet)
     print()
     print(table(report))
+    schemes = report["config"].get("module_schemes")
+    if schemes:
+        from hfquant.mixed import summary
+
+        bits = report.get("stored_bits", {}).get("avg_bits")
+        print(f"\nper-module schemes: {summary(schemes)}" + (f"; {bits:.4f} stored bits per weight" if bits else ""))
     print(f"\nsaved to {plan.out}")
     repo = plan.push_repo or resolved["hub"]["repo_id"]
     if repo:

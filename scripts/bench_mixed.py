@@ -16,6 +16,7 @@ by both targets (it does not depend on the target); the allocation is then quant
 
 Usage:
     python scripts/bench_mixed.py --out bench [--update-benchmarks] [--only auto] [--sensitivity FILE]
+    python scripts/bench_mixed.py --out bench --collect --update-benchmarks   # table from rows run separately
 """
 
 from __future__ import annotations
@@ -132,12 +133,17 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     parser.add_argument("--only", nargs="*", help="rows whose name contains one of these")
     parser.add_argument("--sensitivity", type=Path, help="reuse a sensitivity table (JSON) measured on the same model and data")
+    parser.add_argument("--collect", action="store_true",
+                        help="measure nothing: build the table from the OUT/mixed-ROW.json files of earlier runs")
     parser.add_argument("--update-benchmarks", action="store_true")
     args = parser.parse_args(argv)
     os.environ.setdefault("HFQUANT_KERNEL", "reference")
     names = [n for n in ROWS if not args.only or any(o in n for o in args.only)]
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = run(args.model, names, args.out, args.sensitivity)
+    if args.collect:
+        rows = [json.loads((args.out / f"mixed-{n}.json").read_text()) for n in names]
+    else:
+        rows = run(args.model, names, args.out, args.sensitivity)
     import torch
     import transformers
 

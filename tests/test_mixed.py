@@ -225,6 +225,7 @@ def test_cli_sensitivity_and_auto_run_write_plot_and_card(tiny_models, tmp_path,
     assert (folder / "sensitivity.png").read_bytes()[:4] == b"\x89PNG"
     code, out, err = run_cli(["-q", "run", str(recipe), "--output", str(tmp_path / "run")], capsys)
     assert code == 0, err
+    assert "per-module schemes: W" in out and "stored bits per weight" in out
     run = tmp_path / "run"
     card = (run / "README.md").read_text()
     assert "![per-module sensitivity](sensitivity.png)" in card and (run / "sensitivity.png").is_file()
