@@ -1,4 +1,4 @@
-"""The ``hfquant`` command line: ``run``, ``eval``, ``inspect``, ``push``, ``validate``.
+"""The ``hfquant`` command line: ``run``, ``sensitivity``, ``eval``, ``inspect``, ``push``, ``export``, ``validate``.
 
 Exit codes: 0 success, 2 bad input (one line on stderr, no traceback, nothing written), 1 failure.
 Subcommands live in ``COMMANDS``: a new one is one ``Command`` entry (its arguments and its handler).
@@ -81,6 +81,12 @@ def _run(args) -> int:
         return 0
     print()
     print(table(report))
+    schemes = report["config"].get("module_schemes")
+    if schemes:
+        from hfquant.mixed import summary
+
+        bits = report.get("stored_bits", {}).get("avg_bits")
+        print(f"\nper-module schemes: {summary(schemes)}" + (f"; {bits:.4f} stored bits per weight" if bits else ""))
     print(f"\nsaved to {plan.out}")
     repo = plan.push_repo or resolved["hub"]["repo_id"]
     if repo:
@@ -100,6 +106,28 @@ def _distributed(dry_run: bool):
     if not dist.is_main:
         logger.setLevel(logging.WARNING)
     return dist
+
+
+# ------------------------------------------------------------------------------------------ sensitivity
+def _sensitivity_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file (its model, calibration and GPTQ settings; candidates from "
+                                  "quantization.candidates, else the default set)")
+    _set_arg(p)
+    p.add_argument("--output", metavar="DIR", help="output folder (overrides output_dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+
+def _sensitivity(args) -> int:
+    from hfquant import pipeline, recipe
+    from hfquant.mixed_output import SENSITIVITY_MD, run_sensitivity
+
+    resolved = recipe.load(args.recipe, args.set, args.output)
+    resolved["evaluation"] = {**resolved["evaluation"], "before": False, "after": False}
+    plan = pipeline.plan(resolved, overwrite=args.overwrite)
+    table = run_sensitivity(plan, quiet=args.quiet)
+    print(f"sensitivity of {len(table['modules'])} modules x {len(table['candidates'])} candidates in "
+          f"{table['seconds']:.1f} s; table {plan.out / SENSITIVITY_MD}, plot and card in {plan.out}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- eval
@@ -171,8 +199,13 @@ def _inspect(args) -> int:
     print(f"{folder}: {config.get('model_type', '?')} ({', '.join(config.get('architectures') or ['?'])})")
     if qc.get("quant_method") == "hfquant":
         print(f"quantization: {describe(qc)}")
-        print("  " + ", ".join(f"{k}={v}" for k, v in qc.items() if k not in ("quant_method", "modules_to_not_convert")))
+        print("  " + ", ".join(f"{k}={v}" for k, v in qc.items()
+                               if k not in ("quant_method", "modules_to_not_convert", "module_schemes")))
         print(f"  kept float: {', '.join(qc.get('modules_to_not_convert') or []) or '-'}")
+        if qc.get("module_schemes"):
+            from hfquant.mixed import summary
+
+            print(f"  per-module schemes: {summary(qc['module_schemes'])}")
     else:
         print("quantization: none (not an hfquant checkpoint)")
     by_dtype: dict[str, int] = {}
@@ -278,6 +311,8 @@ def _validate(args) -> int:
 
 COMMANDS: dict[str, Command] = {
     "run": Command("quantize a model as a recipe says, evaluate it and save (and push) the result", _run_args, _run),
+    "sensitivity": Command("measure per-module sensitivity to each candidate scheme (table, plot, card)",
+                           _sensitivity_args, _sensitivity),
     "eval": Command("perplexity of a saved checkpoint", _eval_args, _eval),
     "inspect": Command("show a checkpoint's config, sizes and per-layer report", _inspect_args, _inspect),
     "push": Command("push an output folder to the Hugging Face Hub", _push_args, _push),

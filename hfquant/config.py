@@ -51,7 +51,20 @@ DEFAULTS: dict[str, Any] = {
     "activation_scheme": "dynamic",
     "save_format": "hfquant",
     "checkpoint_format": "hfquant",
+    "overrides": None,
+    "target_avg_bits": None,
+    "max_ppl_increase": None,
+    "candidates": None,
+    "module_schemes": None,
 }
+# ``bits: auto`` chooses per module among these (bits, group_size) unless ``candidates`` says otherwise.
+DEFAULT_CANDIDATES: tuple[dict, ...] = (
+    {"bits": 2, "group_size": 64},
+    {"bits": 3, "group_size": 128},
+    {"bits": 4, "group_size": 128},
+    {"bits": 8, "group_size": 128},
+)
+AUTO = "auto"
 
 
 def _is_int(v) -> bool:
@@ -63,7 +76,8 @@ class HFQuantConfig(QuantizationConfigMixin):
 
     Args:
         method: ``"gptq"`` (calibrated, W4A16 and friends) or ``"rtn"`` (round-to-nearest, no data).
-        bits: weight bits, one of 2, 3, 4, 8.
+        bits: weight bits, one of 2, 3, 4, 8, or ``"auto"`` (GPTQ only): choose a scheme per module from
+            ``candidates`` to meet ``target_avg_bits`` or ``max_ppl_increase`` (see ``hfquant.budget``).
         group_size: input columns sharing one scale/zero; ``-1`` for one per output channel. Need not
             divide ``in_features``: the last group is then partial.
         sym: symmetric grid (zero point fixed at ``2**(bits-1)``) or asymmetric (zero point fitted).
@@ -96,6 +110,19 @@ class HFQuantConfig(QuantizationConfigMixin):
         checkpoint_format: layout of the pre-quantized weights being loaded: ``"hfquant"``, or ``"gptq"`` /
             ``"gptq_v2"`` when importing a GPTQ checkpoint (set by ``hfquant.interop.gptq_config``; it is
             reset to ``"hfquant"`` once the modules are converted).
+        overrides: per-module schemes, ``{pattern: {bits?, group_size?, method?, sym?, skip?}}``; a pattern
+            is an exact module name, a glob, or ``"re:<regex>"``; the most specific pattern wins (rule in
+            ``hfquant.schemes``). ``method`` per module is ``"gptq"`` (GPTQ runs only) or ``"rtn"``;
+            ``skip: true`` keeps the module float. SmoothQuant runs accept ``skip`` only.
+        target_avg_bits: with ``bits="auto"``: the stored bits per quantized weight to stay within
+            (codes + scales + zeros + g_idx, as saved), e.g. 3.5.
+        max_ppl_increase: with ``bits="auto"``: the largest relative perplexity increase allowed on held-out
+            WikiText-2 *valid* windows, e.g. 0.05 for 5%.
+        candidates: with ``bits="auto"``: the ``{bits, group_size}`` schemes to choose from (default
+            ``DEFAULT_CANDIDATES``).
+        module_schemes: written by the run: the resolved ``{module: {bits, group_size, sym, method}}`` of
+            every quantized module when overrides or ``bits="auto"`` were used; reload builds each module
+            from it. Given at quantization time, it is used as is (exact names, no patterns).
     """
 
     def __init__(self, **kwargs):
@@ -123,8 +150,8 @@ class HFQuantConfig(QuantizationConfigMixin):
 
         if self.method not in METHODS:
             bad("method", f"one of {list(METHODS)}")
-        if not _is_int(self.bits) or self.bits not in SUPPORTED_BITS:
-            bad("bits", f"one of {list(SUPPORTED_BITS)}")
+        if self.bits != AUTO and (not _is_int(self.bits) or self.bits not in SUPPORTED_BITS):
+            bad("bits", f"one of {list(SUPPORTED_BITS)} or \"auto\"")
         if not _is_int(self.group_size) or not (self.group_size == -1 or self.group_size > 0):
             bad("group_size", "-1 (one group per output channel) or a positive integer such as 128")
         for flag in ("sym", "desc_act", "static_groups", "true_sequential"):
@@ -160,6 +187,54 @@ class HFQuantConfig(QuantizationConfigMixin):
         m = self.modules_to_not_convert
         if m is not None and (not isinstance(m, (list, tuple)) or not all(isinstance(x, str) for x in m)):
             bad("modules_to_not_convert", "a list of module names")
+        self._check_mixed(bad)
+
+    def _check_mixed(self, bad) -> None:
+        from hfquant.schemes import MODULE_METHODS, validate_overrides
+
+        validate_overrides(self.overrides)
+        auto = self.bits == AUTO
+        if auto and self.method != "gptq":
+            bad("bits", f'an integer for method {self.method!r}; "auto" needs method "gptq"')
+        for field in ("target_avg_bits", "max_ppl_increase", "candidates"):
+            if getattr(self, field) is not None and not auto:
+                bad(field, 'null unless bits is "auto"')
+        if auto and (self.target_avg_bits is None) == (self.max_ppl_increase is None):
+            bad("bits", '"auto" with exactly one of target_avg_bits (e.g. 3.5) or max_ppl_increase (e.g. 0.05)')
+        t = self.target_avg_bits
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 1 < t <= 16):
+            bad("target_avg_bits", "a number of stored bits per weight in (1, 16], e.g. 3.5")
+        m = self.max_ppl_increase
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 10):
+            bad("max_ppl_increase", "a relative increase in (0, 10], e.g. 0.05 for 5%")
+        c = self.candidates
+        if c is not None:
+            if not isinstance(c, (list, tuple)) or not c:
+                bad("candidates", "a non-empty list of {bits, group_size}")
+            for item in c:
+                if (not isinstance(item, dict) or set(item) != {"bits", "group_size"} or not _is_int(item["bits"])
+                        or item["bits"] not in SUPPORTED_BITS or not _is_int(item["group_size"])
+                        or not (item["group_size"] == -1 or item["group_size"] > 0)):
+                    bad("candidates", f"a list of {{bits: one of {list(SUPPORTED_BITS)}, group_size: -1 or > 0}}")
+        if self.overrides and (self.method == "smoothquant" or auto):
+            for pattern, fields in self.overrides.items():
+                if set(fields) - {"skip"}:
+                    what = "SmoothQuant" if self.method == "smoothquant" else 'bits "auto"'
+                    raise ConfigError(f"HFQuantConfig.overrides[{pattern!r}]: {what} supports only skip overrides, "
+                                      f"got {sorted(set(fields) - {'skip'})}; remove them or use method gptq/rtn with fixed bits")
+        if self.overrides and self.method == "rtn":
+            for pattern, fields in self.overrides.items():
+                if fields.get("method") == "gptq":
+                    raise ConfigError(f"HFQuantConfig.overrides[{pattern!r}].method: gptq needs calibration data; "
+                                      "use method gptq for the run (modules can then be rtn per override)")
+        ms = self.module_schemes
+        if ms is not None:
+            ok = isinstance(ms, dict) and all(
+                isinstance(k, str) and isinstance(v, dict) and set(v) == {"bits", "group_size", "sym", "method"}
+                and v["bits"] in SUPPORTED_BITS and _is_int(v["group_size"]) and isinstance(v["sym"], bool)
+                and v["method"] in MODULE_METHODS for k, v in ms.items())
+            if not ok:
+                bad("module_schemes", "a mapping module name -> {bits, group_size, sym, method}")
 
     def to_dict(self) -> dict[str, Any]:
         """Serializable fields only: in-memory datasets and tokenizer objects become ``None``."""

@@ -109,13 +109,22 @@ def describe(config: dict) -> str:
     m = config["method"]
     if m == "smoothquant":
         return f"hfquant SmoothQuant W8A8 (alpha={config['alpha']}, weights {config['weight_method']}, {config['activation_scheme']} activations)"
+    sym = "sym" if config["sym"] else "asym"
+    if config.get("bits") == "auto":
+        goal = (f"{config['target_avg_bits']} avg bits" if config.get("target_avg_bits") is not None
+                else f"max PPL +{config['max_ppl_increase']:.1%}")
+        return f"hfquant {m.upper()} mixed precision (bits auto, {goal}) {sym}"
     group = "per-channel" if config["group_size"] == -1 else f"g{config['group_size']}"
-    return f"hfquant {m.upper()} W{config['bits']}A16 {group} {'sym' if config['sym'] else 'asym'}"
+    mixed = " with per-module overrides" if config.get("overrides") else ""
+    return f"hfquant {m.upper()} W{config['bits']}A16 {group} {sym}{mixed}"
 
 
 def write_card(folder: Path, report: dict, recipe: dict, name: str) -> None:
-    """``README.md`` made with ``huggingface_hub.ModelCard``: metadata, how to load, the measured table."""
+    """``README.md`` made with ``huggingface_hub.ModelCard``: metadata, how to load, the measured table
+    (and the mixed-precision allocation and sensitivity plot, when there are)."""
     from huggingface_hub import ModelCard, ModelCardData
+
+    from hfquant.mixed_output import card_section
 
     from hfquant.recipe import looks_local
 
@@ -149,7 +158,8 @@ Calibration: {cal.get('shape', ['—', '—'])[0]} windows x {cal.get('shape', [
 `{cal.get('fingerprint', '—')}`. Every number above was measured by this run; the per-layer errors,
 timings and package versions are in `report.json`, the exact recipe in `hfquant_recipe.yaml`
 (`hfquant run hfquant_recipe.yaml` reproduces it).
-"""
+
+{card_section(report, folder)}"""
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     card.save(str(folder / CARD))
 

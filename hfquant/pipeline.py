@@ -138,6 +138,9 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
         if used and limit is not None and seq_len > limit:
             raise _fail(path, f"{seq_len} exceeds the model's maximum of {limit} positions; lower it")
 
+    from hfquant.mixed import check_before_loading
+
+    check_before_loading(config, mcfg, getattr(torch, recipe["dtype"]))
     source = recipe["calibration"]["tokenizer"] or recipe["model"]
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_load_kwargs(recipe))
@@ -321,6 +324,11 @@ def _work(p: Plan, store, partial: Path | None, timings: dict, t_start: float, q
     model.save_pretrained(partial)
     p.tokenizer.save_pretrained(partial)
     (partial / RECIPE).write_text(dump(recipe), encoding="utf-8")
+    auto = qreport.get("auto")
+    if auto:
+        from hfquant.mixed_output import write_sensitivity
+
+        write_sensitivity(partial, auto["sensitivity"], auto["allocation"])
     timings["save"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_start
     windows = eval_windows(ev, p.eval_ids) if p.eval_ids is not None else 0
@@ -336,9 +344,15 @@ def _work(p: Plan, store, partial: Path | None, timings: dict, t_start: float, q
         "resumed_from_block": qreport.get("resumed_from_block", 0),
         "timings": timings,
         "versions": versions(),
-        "quantization": {k: v for k, v in qreport.items() if k != "modules"},
+        "quantization": {k: v for k, v in qreport.items() if k not in ("modules", "auto")},
         "layers": qreport.get("modules", []),
     }
+    if p.config.module_schemes:
+        from hfquant.mixed_output import stored_average_bits
+
+        report["stored_bits"] = stored_average_bits(partial)
+    if auto:  # the table itself is sensitivity.json
+        report["auto"] = {k: v for k, v in auto.items() if k != "sensitivity"}
     write_report(partial, report)
     write_card(partial, report, recipe, p.out.name)
     place(partial, p.out)

@@ -38,6 +38,8 @@ class ModuleReport:
     damp: float | None = None
     damp_retries: int = 0
     note: str = ""
+    bits: int | None = None
+    group_size: int | None = None
 
 
 @dataclass
@@ -50,6 +52,17 @@ class WeightScheme:
     observer: str = "minmax"
 
 
+Schemes = dict  # module name -> hfquant.schemes.ModuleScheme; modules not in it use the run's scheme
+
+
+def _scheme_of(name: str, scheme: WeightScheme, schemes: Schemes | None) -> tuple[WeightScheme, str | None]:
+    """The grid and method (``None``: the run's own) of module ``name``."""
+    s = (schemes or {}).get(name)
+    if s is None:
+        return scheme, None
+    return WeightScheme(s.bits, s.group_size, s.sym, scheme.observer), s.method
+
+
 def _rtn(module: nn.Module, scheme: WeightScheme):
     return rtn_quantize(float_weight(module).float(), scheme.bits, scheme.group_size, scheme.sym, scheme.observer)
 
@@ -59,20 +72,24 @@ def _swap(model: nn.Module, name: str, module: nn.Module, codes, scales, zeros, 
     set_submodule(model, name, q)
 
 
-def quantize_rtn_(model: nn.Module, keep: Callable[[str], bool], scheme: WeightScheme) -> list[ModuleReport]:
-    """Round-to-nearest every quantizable module whose name passes ``keep``; swap in quantized modules."""
+def quantize_rtn_(model: nn.Module, keep: Callable[[str], bool], scheme: WeightScheme,
+                  schemes: Schemes | None = None) -> list[ModuleReport]:
+    """Round-to-nearest every quantizable module whose name passes ``keep``; swap in quantized modules.
+
+    ``schemes`` (name -> ``ModuleScheme``) gives modules their own grid."""
     reports = []
     for name, module in list(quantizable_modules(model, keep).items()):
-        codes, scales, zeros, g_idx = _rtn(module, scheme)
-        _swap(model, name, module, codes, scales, zeros, g_idx, scheme)
-        reports.append(ModuleReport(name, "rtn"))
+        ws, _ = _scheme_of(name, scheme, schemes)
+        codes, scales, zeros, g_idx = _rtn(module, ws)
+        _swap(model, name, module, codes, scales, zeros, g_idx, ws)
+        reports.append(ModuleReport(name, "rtn", bits=ws.bits, group_size=ws.group_size))
     return reports
 
 
 def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool], scheme: WeightScheme,
                    *, act_order: bool, static_groups: bool, damp_percent: float, block_size: int,
                    true_sequential: bool, progress: bool = True, store=None, hidden=None, dist=None,
-                   onload=None, cache_outputs: bool = True) -> list[ModuleReport]:
+                   onload=None, cache_outputs: bool = True, schemes: Schemes | None = None) -> list[ModuleReport]:
     """GPTQ over the model's repeated blocks, block by block; Linears outside the blocks get RTN.
 
     Each block's modules are swapped for quantized ones as soon as the block is done, so its float
@@ -80,7 +97,10 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
     results and resumes from the blocks it already holds. ``hidden`` (a ``HiddenStore``) keeps the
     activations between blocks; ``dist`` reduces statistics over calibration processes; ``onload`` (a
     ``hfquant.onload.LayerLoader``) loads each block's float weights when its turn comes;
-    ``cache_outputs`` is ``run_block``'s.
+    ``cache_outputs`` is ``run_block``'s. ``schemes`` (name -> ``ModuleScheme``) gives modules their own
+    grid and method: modules that share an input (q/k/v, gate/up) are solved in one GPTQ call when their
+    schemes are equal, otherwise one call per distinct scheme on the same Hessian; ``method: rtn`` modules
+    are rounded to nearest (their rounded weights still feed the later modules of the block).
     """
     from hfquant.calibration.sequential import BlockCallbacks
 
@@ -89,18 +109,18 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
 
     def fallback(name: str, module: nn.Module, full: str | None = None, note: str = "not called during calibration"):
         full = full or name
-        codes, scales, zeros, g_idx = _rtn(module, scheme)
+        ws, _ = _scheme_of(full, scheme, schemes)
+        codes, scales, zeros, g_idx = _rtn(module, ws)
         results[full] = (module, codes, scales, zeros, g_idx)
-        reports[full] = ModuleReport(full, "rtn", note=note)
+        reports[full] = ModuleReport(full, "rtn", note=note, bits=ws.bits, group_size=ws.group_size)
 
-    def solve(block_name: str, group, hessian: torch.Tensor) -> None:
-        weights = [float_weight(m).float() for m in group.modules]
-        res = gptq_quantize(torch.cat(weights, 0), hessian, bits=scheme.bits, group_size=scheme.group_size,
-                            sym=scheme.sym, act_order=act_order, static_groups=static_groups,
-                            damp_percent=damp_percent, block_size=block_size, observer=scheme.observer)
-        names = [f"{block_name}.{n}" for n in group.names]
+    def solve_part(names: list[str], modules: list[nn.Module], hessian: torch.Tensor, ws: WeightScheme) -> None:
+        weights = [float_weight(m).float() for m in modules]
+        res = gptq_quantize(torch.cat(weights, 0), hessian, bits=ws.bits, group_size=ws.group_size,
+                            sym=ws.sym, act_order=act_order, static_groups=static_groups,
+                            damp_percent=damp_percent, block_size=block_size, observer=ws.observer)
         if res is None:
-            for n, m in zip(names, group.modules):
+            for n, m in zip(names, modules):
                 logger.warning("%s: Hessian not positive definite even at maximum damping; using RTN", n)
                 fallback(n, m, note="Hessian not positive definite at any damping")
                 set_float_weight_(m, dequantize_grouped(*results[n][1:]))
@@ -109,13 +129,28 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
             logger.warning("%s: Hessian needed damping %.4g (%d retries)", ", ".join(names), res.damp, res.retries)
         deq = res.dequantized()
         row = 0
-        for n, m, w in zip(names, group.modules, weights):
+        for n, m, w in zip(names, modules, weights):
             rows = slice(row, row + w.shape[0])
             row += w.shape[0]
             set_float_weight_(m, deq[rows])
             results[n] = (m, res.codes[rows], res.scales[rows], res.zeros[rows], res.g_idx)
             reports[n] = ModuleReport(n, "gptq", loss=float(res.row_losses[rows].sum()), damp=res.damp,
-                                      damp_retries=res.retries)
+                                      damp_retries=res.retries, bits=ws.bits, group_size=ws.group_size)
+
+    def solve(block_name: str, group, hessian: torch.Tensor) -> None:
+        names = [f"{block_name}.{n}" for n in group.names]
+        parts: dict[tuple, list[int]] = {}  # equal schemes share one solve; insertion order = call order
+        for i, n in enumerate(names):
+            ws, method = _scheme_of(n, scheme, schemes)
+            parts.setdefault((ws.bits, ws.group_size, ws.sym, ws.observer, method or "gptq"), []).append(i)
+        for (bits, group_size, sym, observer, method), idx in parts.items():
+            ws = WeightScheme(bits, group_size, sym, observer)
+            if method == "rtn":
+                for i in idx:
+                    fallback(names[i], group.modules[i], note="method rtn (override)")
+                    set_float_weight_(group.modules[i], dequantize_grouped(*results[names[i]][1:]))
+                continue
+            solve_part([names[i] for i in idx], [group.modules[i] for i in idx], hessian, ws)
 
     order: list[str] = []
 
@@ -123,7 +158,7 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
         """Swap every pending result (under ``prefix``) for its quantized module and drop the float one."""
         for name in [n for n in results if prefix is None or n.startswith(prefix + ".")]:
             module, codes, scales, zeros, g_idx = results.pop(name)
-            _swap(model, name, module, codes, scales, zeros, g_idx, scheme)
+            _swap(model, name, module, codes, scales, zeros, g_idx, _scheme_of(name, scheme, schemes)[0])
             order.append(name)
 
     blocks_name, blocks = find_blocks(model)
@@ -156,6 +191,8 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
         fallback(name, module, note="outside the repeated blocks")
     swap(None)
     return [reports[n] for n in order]
+
+
 _RESULT_FIELDS = ("codes", "scales", "zeros", "g_idx")
 
 

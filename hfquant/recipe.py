@@ -46,11 +46,14 @@ DTYPES = ("float32", "bfloat16", "float16")
 # HFQuantConfig fields each method reads; other quantization keys are rejected for that method.
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "gptq": ("bits", "group_size", "sym", "desc_act", "static_groups", "true_sequential", "damp_percent",
-             "block_size", "observer", "modules_to_not_convert"),
-    "rtn": ("bits", "group_size", "sym", "observer", "modules_to_not_convert"),
+             "block_size", "observer", "modules_to_not_convert", "overrides", "target_avg_bits",
+             "max_ppl_increase", "candidates"),
+    "rtn": ("bits", "group_size", "sym", "observer", "modules_to_not_convert", "overrides"),
     "smoothquant": ("alpha", "weight_method", "activation_scheme", "damp_percent", "block_size",
-                    "modules_to_not_convert"),
+                    "modules_to_not_convert", "overrides"),
 }
+# Fields checked together (they constrain each other), after the one-by-one checks of the others.
+_JOINT_FIELDS = ("bits", "target_avg_bits", "max_ppl_increase", "candidates", "overrides")
 # recipe key under ``calibration`` -> HFQuantConfig field
 CALIBRATION_FIELDS: dict[str, str] = {
     "dataset": "dataset",
@@ -86,8 +89,6 @@ HUB_DEFAULTS: dict[str, Any] = {
     "commit_message": None,
 }
 NOT_YET = {
-    ("quantization", "overrides"): "per-module overrides are not supported yet; remove the key "
-                                   "(use quantization.modules_to_not_convert to keep modules float)",
     ("hub", "token"): "tokens are never read from recipes; log in with `hf auth login` or set HF_TOKEN",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
@@ -183,13 +184,22 @@ def validate(raw) -> dict:
         _fail("quantization.method", f"must be one of {list(METHOD_FIELDS)}, got {method!r}")
     _check_keys("quantization", q, ("method", *METHOD_FIELDS[method]),
                 f" for method {method!r}")
+    from hfquant.schemes import validate_overrides
+
+    validate_overrides(q.get("overrides"), "quantization.overrides")
     for key, value in q.items():
-        _check_config_field(f"quantization.{key}", key, value)
-    from hfquant.config import DEFAULTS, _is_int
+        if key not in _JOINT_FIELDS:
+            _check_config_field(f"quantization.{key}", key, value)
+    from hfquant.config import DEFAULTS, HFQuantConfig, _is_int
 
     q_out = {"method": method}
     for key in METHOD_FIELDS[method]:
         q_out[key] = copy.deepcopy(q.get(key, DEFAULTS[key]))
+    try:
+        HFQuantConfig(**q_out)
+    except ConfigError as exc:
+        field, _, rest = str(exc).removeprefix("HFQuantConfig.").partition(": ")
+        _fail(f"quantization.{field}", rest)
     out["quantization"] = q_out
 
     # calibration

@@ -53,6 +53,7 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: 
     default: the initialised ``torch.distributed`` group, if any) splits the calibration batches across
     processes and reduces the statistics exactly.
     """
+    from hfquant import mixed
     from hfquant.calibration import distributed
     from hfquant.calibration.data import calibration_windows, fingerprint
 
@@ -60,13 +61,22 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: 
     if config.method == "smoothquant" and activations != "device":
         raise ConfigError(f"hfquant: activations={activations!r} is supported for gptq only; SmoothQuant keeps its "
                           "activations on the device (use activations: device)")
-
-    scheme = WeightScheme(config.bits, config.group_size, config.sym, config.observer)
+    if config.bits == "auto" and (onload is not None or dist.active):
+        raise ConfigError("hfquant: bits: auto runs its sensitivity pass on the whole model in one process; "
+                          "it cannot be combined with layerwise: true or several processes (use fixed bits there)")
     report: dict = {"method": config.method, "torch": torch.__version__, "machine": platform.machine()}
+    schemes = None
+    if mixed.is_mixed(config):
+        schemes, skipped, conflicts = mixed.resolve_for_model(model, config, keep)
+        report.update(skipped=skipped, override_conflicts=conflicts)
+        keep = (lambda n, _keep=keep, _skip=frozenset(skipped): _keep(n) and n not in _skip)
+    default = mixed.default_scheme(config)
+    scheme = WeightScheme(default.bits, config.group_size if config.bits != "auto" else default.group_size,
+                          config.sym, config.observer)
     model.eval()
     if config.method == "rtn":
-        modules = reports_as_dicts(_rtn_layerwise(model, keep, scheme, onload) if onload is not None
-                                   else quantize_rtn_(model, keep, scheme))
+        modules = reports_as_dicts(_rtn_layerwise(model, keep, scheme, onload, schemes) if onload is not None
+                                   else quantize_rtn_(model, keep, scheme, schemes))
     else:
         _check_seq_len(model, config.seq_len)
         t0 = time.perf_counter()
@@ -90,6 +100,11 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: 
                                      damp_percent=config.damp_percent, block_size=config.block_size, progress=progress,
                                      dist=dist, onload=onload)
         else:
+            if config.bits == "auto":
+                t1 = time.perf_counter()
+                schemes, report["auto"] = mixed.auto_schemes(model, config, keep, batches,
+                                                             lambda: _tokenizer_for(model, config), progress)
+                report["auto"]["seconds"] = time.perf_counter() - t1
             from hfquant.calibration.spill import ACTIVATIONS, make_store
 
             if activations not in ACTIVATIONS:
@@ -101,25 +116,31 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: 
                     model, batches, keep, scheme, act_order=config.desc_act, static_groups=config.static_groups,
                     damp_percent=config.damp_percent, block_size=config.block_size,
                     true_sequential=config.true_sequential, progress=progress, store=store, hidden=hidden,
-                    dist=dist, onload=onload, cache_outputs=activations != "disk"))
+                    dist=dist, onload=onload, cache_outputs=activations != "disk", schemes=schemes))
             finally:
                 hidden.close()
     if store is not None:
         report["resumed_from_block"] = store.resumed_from
     report["modules"] = modules
+    if schemes is not None and config.method != "smoothquant":
+        # The resolved scheme of every quantized module: reload builds each module from it.
+        config.module_schemes = {m["name"]: {"bits": m["bits"], "group_size": m["group_size"],
+                                             "sym": schemes[m["name"]].sym if m["name"] in schemes else config.sym,
+                                             "method": m["method"]} for m in modules}
     report["damp_retries"] = sum(m.get("damp_retries", 0) for m in modules)
     return report
 
 
-def _rtn_layerwise(model, keep, scheme, onload) -> list:
+def _rtn_layerwise(model, keep, scheme, onload, schemes=None) -> list:
     """RTN a block at a time (loaded, quantized, its float Linears dropped), then the rest of the model."""
     reports = []
     for i in range(len(onload.blocks)):
         prefix = f"{onload.blocks_name}.{i}."
         onload.load_block(i)
-        reports += quantize_rtn_(model, lambda n, _p=prefix: n.startswith(_p) and keep(n), scheme)
+        reports += quantize_rtn_(model, lambda n, _p=prefix: n.startswith(_p) and keep(n), scheme, schemes)
     onload.load_rest()
-    return reports + quantize_rtn_(model, lambda n: not n.startswith(onload.blocks_name + ".") and keep(n), scheme)
+    return reports + quantize_rtn_(model, lambda n: not n.startswith(onload.blocks_name + ".") and keep(n), scheme,
+                                   schemes)
 
 
 def quantize_in_place_(model, config, **options) -> dict:

@@ -61,16 +61,21 @@ class HFQuantHfQuantizer(HfQuantizer):
         if cfg.checkpoint_format != "hfquant":
             self._gptq_skeletons(model, cfg, dtype, kwargs.get("checkpoint_files"))
             return
+        per_module = cfg.module_schemes or {}
         for name, module in list(model.named_modules()):
             if not name or not is_quantizable(module) or not self._keep(name):
                 continue
             in_f, out_f = in_out_features(module)
             bias = getattr(module, "bias", None) is not None
+            s = per_module.get(name) or {"bits": cfg.bits, "group_size": cfg.group_size}
+            if s["bits"] == "auto":
+                raise ConfigError(f"hfquant: {name} has no entry in quantization_config.module_schemes of this "
+                                  "bits='auto' checkpoint; the config.json is incomplete, re-save the model")
             with torch.device("meta"):
                 if cfg.method == "smoothquant":
                     q = QuantLinearW8A8(in_f, out_f, bias=bias, dtype=dtype)
                 else:
-                    q = QuantLinearW4A16(in_f, out_f, cfg.bits, cfg.group_size, bias=bias, dtype=dtype)
+                    q = QuantLinearW4A16(in_f, out_f, s["bits"], s["group_size"], bias=bias, dtype=dtype)
             set_submodule(model, name, q)
 
     def _gptq_skeletons(self, model, cfg, dtype, checkpoint_files) -> None:
@@ -110,7 +115,8 @@ class HFQuantHfQuantizer(HfQuantizer):
         self.report = quantize_loaded_model_(model, self.quantization_config, keep=self._keep, **self.run_options)
         self.report["quantization_seconds"] = time.perf_counter() - t0
         # Record the resolved skip list so a reload rebuilds exactly the same modules.
-        self.quantization_config.modules_to_not_convert = sorted(self.modules_to_not_convert)
+        self.quantization_config.modules_to_not_convert = sorted(set(self.modules_to_not_convert)
+                                                                 | set(self.report.get("skipped", [])))
         model.config.quantization_config = self.quantization_config
         model.hfquant_report = self.report
         _freeze(model)

@@ -14,6 +14,9 @@ with the library and compared with hfquant's dequantized weight (``torch.equal``
 load differently is never written. The config block is written by the library's
 ``ModelCompressor.update_config``.
 
+Per-module schemes (``module_schemes``, from overrides or ``bits: auto``) become one config group per
+distinct ``(bits, group_size, sym)``, each targeting its modules by exact name.
+
 Refused (``FormatError``): groups that do not divide ``in_features`` (compressed-tensors' group strategy
 requires it), act-order with a non-monotone ``g_idx`` (``actorder="group"`` was removed from
 compressed-tensors 0.20), GPT-2 ``Conv1D`` modules, and zero points outside the signed range.
@@ -36,13 +39,25 @@ def _import_ct():
         raise FormatError("compressed-tensors export needs the compressed-tensors package: pip install 'compressed-tensors>=0.15'") from None
 
 
-def _scheme(q, w8a8: bool):
+def _module_q(q, name: str):
+    """The config fields of module ``name``: its entry in ``module_schemes``, else the top-level ones."""
+    from types import SimpleNamespace
+
+    s = (q.module_schemes or {}).get(name)
+    if s is None:
+        return q
+    return SimpleNamespace(bits=s["bits"], group_size=s["group_size"], sym=s["sym"], activation_scheme=q.activation_scheme)
+
+
+def _scheme(q, w8a8: bool, targets: list[str] | None = None):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    targets = targets or ["Linear"]
 
     if w8a8:
         static = q.activation_scheme == "static"
         return QuantizationScheme(
-            targets=["Linear"],
+            targets=targets,
             weights=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel", dynamic=False),
             input_activations=QuantizationArgs(num_bits=8, type="int", symmetric=True,
                                                strategy="tensor" if static else "token", dynamic=not static),
@@ -50,7 +65,7 @@ def _scheme(q, w8a8: bool):
         )
     grouped = q.group_size != -1
     return QuantizationScheme(
-        targets=["Linear"],
+        targets=targets,
         weights=QuantizationArgs(num_bits=q.bits, type="int", symmetric=q.sym, strategy="group" if grouped else "channel",
                                  group_size=q.group_size if grouped else None, dynamic=False),
         format="pack-quantized",
@@ -108,13 +123,26 @@ def ct_writer(ckpt):
         if not isinstance(types.get(name), nn.Linear):
             kind = type(types.get(name)).__name__
             raise FormatError(f"{name}: is a {kind}, not nn.Linear; compressed-tensors export supports Linear modules only")
-    scheme = _scheme(q, ckpt.w8a8)
-    compressor = BaseCompressor.get_value_from_registry(scheme.format)
     quantized = set(ckpt.modules)
     ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
+    by_key: dict[tuple, list[str]] = {}
+    for name in ckpt.modules:
+        mq = _module_q(q, name)
+        by_key.setdefault((mq.bits, mq.group_size, mq.sym) if not ckpt.w8a8 else (), []).append(name)
+    if len(by_key) == 1:
+        only = _module_q(q, ckpt.modules[0])
+        groups = {"group_0": _scheme(only, ckpt.w8a8)}
+        scheme_of = dict.fromkeys(ckpt.modules, groups["group_0"])
+    else:  # mixed precision: one group per scheme, targeting its modules by name
+        groups, scheme_of = {}, {}
+        for i, names in enumerate(by_key.values()):
+            groups[f"group_{i}"] = _scheme(_module_q(q, names[0]), ckpt.w8a8, targets=names)
+            scheme_of.update(dict.fromkeys(names, groups[f"group_{i}"]))
+    compressor = BaseCompressor.get_value_from_registry(next(iter(groups.values())).format)
 
     def convert(name, t):
-        state = (_w8a8_state if ckpt.w8a8 else _w4a16_state)(name, t, q)
+        scheme = scheme_of[name]
+        state = (_w8a8_state if ckpt.w8a8 else _w4a16_state)(name, t, _module_q(q, name))
         packed = compressor.compress(dict(state), scheme)
         back = compressor.decompress(dict(packed), scheme)["weight"]
         if not torch.equal(back.float(), state["weight"].float()):
@@ -125,7 +153,7 @@ def ct_writer(ckpt):
             out[f"{name}.bias"] = t["bias"]
         return out
 
-    qc = QuantizationConfig(config_groups={"group_0": scheme}, format=scheme.format, ignore=ignore,
+    qc = QuantizationConfig(config_groups=groups, format=next(iter(groups.values())).format, ignore=ignore,
                             quantization_status=QuantizationStatus.COMPRESSED)
 
     def write_config(config: dict, folder) -> None:

@@ -208,6 +208,12 @@ def gptq_writer(ckpt, checkpoint_format: str = "gptq"):
     if ckpt.w8a8:
         raise FormatError("W8A8 (SmoothQuant) checkpoint: the GPTQ layout is weight-only and cannot store int8 "
                           "activation quantization; export to compressed-tensors instead")
+    mixed = {(s["bits"], s["group_size"], s["sym"]) for s in (q.module_schemes or {}).values()}
+    if mixed - {(q.bits, q.group_size, q.sym)}:
+        from hfquant.mixed import summary
+
+        raise FormatError(f"per-module schemes ({summary(q.module_schemes)}): the GPTQ v1 layout has one bits/group_size "
+                          "for the whole model; export to compressed-tensors (one config group per scheme) instead")
     zero_offset(checkpoint_format)
     block_name, subset = _block_layout(ckpt)
     desc_act = False

@@ -1,0 +1,167 @@
+"""Mixed-precision benchmark on SmolLM2-135M: uniform W3/W4 g128 against ``bits: auto`` at average-bit targets.
+
+Every row is GPTQ with the default recipe settings (sym, act-order with static groups, true-sequential,
+damp 0.01; calibration 128 x 512 tokens of WikiText-2 valid, seed 0). Reported per row:
+
+* PPL-16K: WikiText-2 test, first 32 windows of 512 tokens (as ``bench_accuracy.py``; reference kernel);
+* PPL valid: the last 8 windows of 512 tokens of WikiText-2 valid (what ``max_ppl_increase`` uses; the
+  split to compare allocation variants on, never the test split);
+* true average bits: measured from the saved safetensors (``weight`` + ``scales`` + ``zeros`` + ``g_idx``
+  bits over the quantized modules' ``in * out``), and the allocation's prediction for the auto rows.
+
+The auto rows run exactly what ``bits: auto`` runs (``hfquant.mixed.auto_schemes``: sensitivity on the
+float model, then the budget allocation), except that the sensitivity table is measured once and shared
+by both targets (it does not depend on the target); the allocation is then quantized through
+``module_schemes``, which ``tests/test_mixed.py`` checks gives the same model as a ``bits: auto`` run.
+
+Usage:
+    python scripts/bench_mixed.py --out bench [--update-benchmarks] [--only auto] [--sensitivity FILE]
+    python scripts/bench_mixed.py --out bench --collect --update-benchmarks   # table from rows run separately
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+ROWS = {
+    "gptq-w3-g128": {"bits": 3},
+    "gptq-w4-g128": {"bits": 4},
+    "auto-3.5": {"target_avg_bits": 3.5},
+    "auto-3.25": {"target_avg_bits": 3.25},
+}
+
+
+def _valid_ppl(model, tokenizer) -> float:
+    from hfquant.budget import valid_ids
+    from hfquant.eval import perplexity
+
+    return perplexity(model, None, valid_ids(tokenizer, 512, 8), seq_len=512, max_windows=8)
+
+
+def run(model_path: str, names: list[str], out: Path, sensitivity_file: Path | None) -> list[dict]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import hfquant
+    from hfquant.budget import allocate_bits
+    from hfquant.calibration.data import BUNDLED_EVALUATION, calibration_windows
+    from hfquant.config import DEFAULT_CANDIDATES
+    from hfquant.eval import perplexity
+    from hfquant.mixed import scale_bits_of, summary
+    from hfquant.mixed_output import stored_average_bits, write_sensitivity
+    from hfquant.sensitivity import measure_sensitivity
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    test_text = BUNDLED_EVALUATION.read_text()
+    table = None
+    rows = []
+    for name in names:
+        spec = ROWS[name]
+        torch.manual_seed(0)
+        row: dict = {"row": name}
+        kw: dict = {"method": "gptq", "group_size": 128}
+        if "bits" in spec:
+            kw["bits"] = spec["bits"]
+        else:
+            if table is None:
+                if sensitivity_file is not None:
+                    table = json.loads(sensitivity_file.read_text())
+                    row["sensitivity_from"] = str(sensitivity_file)
+                else:
+                    fp = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+                    windows = calibration_windows(tokenizer, num_samples=128, seq_len=512, seed=0)
+                    keep = (lambda n: not n.endswith("lm_head"))
+                    table = measure_sensitivity(fp, list(windows.split(8)), keep, list(DEFAULT_CANDIDATES),
+                                                progress=False)
+                    (out / "mixed-sensitivity.json").write_text(json.dumps(table))
+                    del fp
+                write_sensitivity(out, table)
+                print(f"sensitivity: {len(table['modules'])} modules x {len(table['candidates'])} candidates, "
+                      f"{table['seconds']:.1f} s", flush=True)
+            allocation, predicted = allocate_bits(table, spec["target_avg_bits"], 32)
+            row.update(target_avg_bits=spec["target_avg_bits"], predicted_avg_bits=predicted,
+                       allocation=summary(allocation), sensitivity_seconds=table["seconds"])
+            kw["module_schemes"] = {n: {**s, "sym": True, "method": "gptq"} for n, s in allocation.items()}
+        t0 = time.perf_counter()
+        model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=hfquant.HFQuantConfig(**kw),
+                                                     dtype=torch.float32).eval()
+        row["quant_seconds"] = time.perf_counter() - t0
+        assert scale_bits_of(model) == 32
+        t1 = time.perf_counter()
+        row["ppl16k"] = perplexity(model, tokenizer, test_text, seq_len=512, max_windows=32)
+        row["eval_seconds"] = time.perf_counter() - t1
+        row["ppl_valid"] = _valid_ppl(model, tokenizer)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            row["true_avg_bits"] = stored_average_bits(Path(tmp))["avg_bits"]
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        (out / f"mixed-{name}.json").write_text(json.dumps(row, indent=1))
+        del model
+    return rows
+
+
+def markdown(rows: list[dict], meta: dict) -> str:
+    lines = [
+        f"Command: `{meta['command']}`  ",
+        f"Machine: {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}; "
+        f"{meta['threads']} threads; {meta['date']}",
+        "",
+        "| row | PPL-16K (test) | PPL valid (8 x 512) | true avg bits (saved) | predicted avg bits | allocation | quantization (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        pred = f"{r['predicted_avg_bits']:.4f}" if "predicted_avg_bits" in r else "—"
+        lines.append(f"| {r['row']} | {r['ppl16k']:.2f} | {r['ppl_valid']:.2f} | {r['true_avg_bits']:.4f} | {pred} | "
+                     f"{r.get('allocation', 'uniform')} | {r['quant_seconds']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m"))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench")
+    parser.add_argument("--only", nargs="*", help="rows whose name contains one of these")
+    parser.add_argument("--sensitivity", type=Path, help="reuse a sensitivity table (JSON) measured on the same model and data")
+    parser.add_argument("--collect", action="store_true",
+                        help="measure nothing: build the table from the OUT/mixed-ROW.json files of earlier runs")
+    parser.add_argument("--update-benchmarks", action="store_true")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HFQUANT_KERNEL", "reference")
+    names = [n for n in ROWS if not args.only or any(o in n for o in args.only)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.collect:
+        rows = [json.loads((args.out / f"mixed-{n}.json").read_text()) for n in names]
+    else:
+        rows = run(args.model, names, args.out, args.sensitivity)
+    import torch
+    import transformers
+
+    meta = {
+        "command": "python scripts/bench_mixed.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+    }
+    (args.out / "mixed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    md = markdown(rows, meta)
+    (args.out / "mixed.md").write_text(md)
+    print(md)
+    if args.update_benchmarks:
+        from scripts.bench_accuracy import update_benchmarks
+
+        update_benchmarks(md, marker="mixed")
+
+
+if __name__ == "__main__":
+    main()
