@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -180,21 +179,10 @@ def main(argv=None) -> None:
         r = rows[-1]
         print(f"{name}: " + (r.get("skipped") or f"PPL-16K {r['ppl16k']:.3f}, quant {r.get('quant_seconds') or 0:.1f}s, "
                              f"RSS {r['peak_rss_mb']:.0f} MiB, ckpt {r.get('checkpoint_mb') or 0:.1f} MiB"), flush=True)
-    import torch
-    import transformers
+    from scripts.timing import run_meta, save_table
 
-    meta = {
-        "command": "python scripts/bench_accuracy.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-    }
-    (args.out / "accuracy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    md = markdown(rows, meta)
-    (args.out / "accuracy.md").write_text(md)
-    print(md)
-    if args.update_benchmarks:
-        update_benchmarks(md)
+    meta = run_meta("bench_accuracy.py", argv)
+    save_table(args.out, "accuracy", meta, rows, markdown(rows, meta), "accuracy" if args.update_benchmarks else None)
 
 
 if __name__ == "__main__":

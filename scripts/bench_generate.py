@@ -18,7 +18,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -30,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.timing import median_seconds  # noqa: E402
+from scripts.timing import median_seconds, save_table  # noqa: E402
 
 
 def load_models(path: str) -> dict:
@@ -86,14 +85,7 @@ def main(argv=None) -> None:
         md.append(f"| {r['model']} | {r['decode_tok_s']:.1f} | {r['decode_speedup']:.2f}x | {r['prefill_tok_s']:.1f} | "
                   f"{r['prefill_speedup']:.2f}x |")
     md = "\n".join(md) + "\n"
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "generate.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (args.out / "generate.md").write_text(md)
-    print(md)
-    if args.update_benchmarks:
-        from scripts.bench_accuracy import update_benchmarks
-
-        update_benchmarks(md, marker="generate")
+    save_table(args.out, "generate", meta, rows, md, "generate" if args.update_benchmarks else None)
 
 
 if __name__ == "__main__":

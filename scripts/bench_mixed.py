@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -144,23 +143,10 @@ def main(argv=None) -> None:
         rows = [json.loads((args.out / f"mixed-{n}.json").read_text()) for n in names]
     else:
         rows = run(args.model, names, args.out, args.sensitivity)
-    import torch
-    import transformers
+    from scripts.timing import run_meta, save_table
 
-    meta = {
-        "command": "python scripts/bench_mixed.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__, "transformers": transformers.__version__,
-        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
-    }
-    (args.out / "mixed.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    md = markdown(rows, meta)
-    (args.out / "mixed.md").write_text(md)
-    print(md)
-    if args.update_benchmarks:
-        from scripts.bench_accuracy import update_benchmarks
-
-        update_benchmarks(md, marker="mixed")
+    meta = run_meta("bench_mixed.py", argv)
+    save_table(args.out, "mixed", meta, rows, markdown(rows, meta), "mixed" if args.update_benchmarks else None)
 
 
 if __name__ == "__main__":

@@ -19,3 +19,36 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def run_meta(script: str, argv=None) -> dict:
+    """The command, machine and versions a benchmark table is stamped with."""
+    import os
+    import platform
+    import sys
+
+    import transformers
+
+    return {
+        "command": f"python scripts/{script} " + " ".join(sys.argv[1:] if argv is None else argv),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "torch": torch.__version__, "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def save_table(out, stem: str, meta: dict, rows: list, md: str, marker: str | None = None) -> None:
+    """Write ``<stem>.json`` and ``<stem>.md`` under ``out``, print the table and, with ``marker``, replace
+    that marked section of BENCHMARKS.md."""
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (out / f"{stem}.md").write_text(md)
+    print(md)
+    if marker is not None:
+        from scripts.bench_accuracy import update_benchmarks
+
+        update_benchmarks(md, marker=marker)

@@ -241,3 +241,29 @@ def test_device_map_loads_give_identical_logits(quantized_folder, tmp_path, name
         expected = plain(ids).logits
         for _ in range(2):  # twice: kernel operand caches must stay right when offloaded weights come back
             assert torch.equal(placed(ids).logits, expected)
+
+
+def test_layerwise_honours_per_module_overrides(tiny_models, tmp_path):
+    """Per-module schemes (issue 8) go through the layer-wise path unchanged: same tensors as a full load."""
+    from safetensors.torch import load_file
+
+    from hfquant.runner import quantize_layerwise
+
+    overrides = {"*.down_proj": {"bits": 8}, "re:.*\\.1\\.self_attn\\.(k|v)_proj": {"bits": 3, "sym": False},
+                 "model.layers.0.mlp.up_proj": {"method": "rtn"}, "*.0.self_attn.o_proj": {"skip": True}}
+    full = _full(tiny_models["llama"], _config(overrides=overrides))
+    lw = quantize_layerwise(tiny_models["llama"], _config(overrides=overrides), activations="disk", progress=False)
+    full.save_pretrained(tmp_path / "full")
+    lw.save_pretrained(tmp_path / "lw")
+    assert lw.config.quantization_config.module_schemes == full.config.quantization_config.module_schemes
+    schemes = lw.config.quantization_config.module_schemes
+    assert schemes["model.layers.1.mlp.down_proj"]["bits"] == 8 and "model.layers.0.self_attn.o_proj" not in schemes
+    _assert_same_state(load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "lw" / "model.safetensors"))
+
+
+def test_auto_bits_refuses_layerwise(tiny_models):
+    from hfquant.errors import ConfigError
+    from hfquant.runner import quantize_layerwise
+
+    with pytest.raises(ConfigError, match="bits: auto .* cannot be combined with layerwise"):
+        quantize_layerwise(tiny_models["llama"], _config(bits="auto", target_avg_bits=3.5), progress=False)
