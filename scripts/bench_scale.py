@@ -142,8 +142,8 @@ def markdown(rows: list[dict], checks: dict, meta: dict) -> str:
         delta, full_delta = r["peak_mib"] - r["baseline_mib"], full["peak_mib"] - full["baseline_mib"]
         work, full_work = r["work_peak_mib"] - r["baseline_mib"], full["work_peak_mib"] - full["baseline_mib"]
         lines.append(f"| {r['variant']} | {r['processes']} x {r['threads']} | {r['wall']:.1f} | "
-                     f"{r['wall'] / full['wall']:.2f}x | {r['peak_mib']:.0f} | {r['peak_mib'] / full['peak_mib']:.0%} | "
-                     f"{delta:.0f} | {delta / full_delta:.0%} | {work:.0f} | {work / full_work:.0%} |")
+                     f"{r['wall'] / full['wall']:.2f}x | {r['peak_mib']:.0f} | {r['peak_mib'] / full['peak_mib']:.1%} | "
+                     f"{delta:.0f} | {delta / full_delta:.1%} | {work:.0f} | {work / full_work:.1%} |")
     lines.append("")
     for key, value in checks.items():
         lines.append(f"- {key}: {value}")
