@@ -110,11 +110,10 @@ def run_row(name: str, model_path: str, extra: dict, windows: int) -> dict:
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
+    from scripts.timing import table_header
+
     lines = [
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}; "
-        f"{meta['threads']} threads; {meta['date']}",
-        "",
+        *table_header(meta),
         "| row | PPL-16K | vs fp32 | quantization wall time (s) | peak RSS (MiB) | checkpoint (MiB) |",
         "|---|---|---|---|---|---|",
     ]

@@ -111,11 +111,10 @@ def run(model_path: str, names: list[str], out: Path, sensitivity_file: Path | N
 
 
 def markdown(rows: list[dict], meta: dict) -> str:
+    from scripts.timing import table_header
+
     lines = [
-        f"Command: `{meta['command']}`  ",
-        f"Machine: {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}; "
-        f"{meta['threads']} threads; {meta['date']}",
-        "",
+        *table_header(meta),
         "| row | PPL-16K (test) | PPL valid (8 x 512) | true avg bits (saved) | predicted avg bits | allocation | quantization (s) |",
         "|---|---|---|---|---|---|---|",
     ]

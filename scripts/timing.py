@@ -52,3 +52,10 @@ def save_table(out, stem: str, meta: dict, rows: list, md: str, marker: str | No
         from scripts.bench_accuracy import update_benchmarks
 
         update_benchmarks(md, marker=marker)
+
+
+def table_header(meta: dict) -> list[str]:
+    """The command and machine lines that open a benchmark's markdown table."""
+    return [f"Command: `{meta['command']}`  ",
+            f"Machine: {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}; "
+            f"{meta['threads']} threads; {meta['date']}", ""]
