@@ -26,24 +26,28 @@ def write_sensitivity(folder: Path, table: dict, allocation: dict | None = None)
 def stored_average_bits(folder: Path) -> dict:
     """Measured from the saved safetensors: bits of ``weight`` + ``scales`` + ``zeros`` + ``g_idx`` of every
     W4A16 module, over its ``in * out`` weights. Returns ``{"avg_bits", "modules", "weights"}``."""
+    import math
+
     from safetensors import safe_open
 
-    sizes: dict[str, dict] = {}
+    itemsize = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
+    sizes: dict[str, dict] = {}  # module -> leaf -> (shape, bytes); read from the headers, no tensor data
     for f in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as st:
             for key in st.keys():  # noqa: SIM118 - safe_open is not a dict
                 name, _, leaf = key.rpartition(".")
                 if leaf in ("weight", "scales", "zeros", "g_idx"):
-                    t = st.get_tensor(key)
-                    sizes.setdefault(name, {})[leaf] = t
+                    sl = st.get_slice(key)
+                    shape = sl.get_shape()
+                    sizes.setdefault(name, {})[leaf] = (shape, math.prod(shape) * itemsize[sl.get_dtype()])
     bits = weights = 0
     count = 0
     for parts in sizes.values():
         if set(parts) != {"weight", "scales", "zeros", "g_idx"}:
             continue  # a float Linear (no scales/zeros/g_idx)
         count += 1
-        bits += sum(t.numel() * t.element_size() * 8 for t in parts.values())
-        weights += parts["g_idx"].numel() * parts["scales"].shape[0]
+        bits += sum(nbytes * 8 for _, nbytes in parts.values())
+        weights += parts["g_idx"][0][0] * parts["scales"][0][0]
     return {"avg_bits": bits / weights if weights else None, "modules": count, "weights": weights}
 
 
