@@ -97,9 +97,11 @@ class LayerLoader:
         for file, file_names in by_file.items():
             with safe_open(str(file), "pt") as f:
                 for name in file_names:
+                    # A private copy: the tensor safetensors returns lives in the file's memory map, and
+                    # any tensor still using it (a norm weight kept after its block) would keep the whole
+                    # mapping, and every page of it the block touched, resident until the end of the run.
                     t = f.get_tensor(name)
-                    if t.is_floating_point():
-                        t = t.to(self.dtype)
+                    t = t.to(self.dtype, copy=True) if t.is_floating_point() else t.clone()
                     set_module_tensor_to_device(self.model, name, self.device, value=t)
         if self.tied:
             self.model.tie_weights()

@@ -84,6 +84,24 @@ def test_layerwise_never_holds_two_float_blocks(tiny_models):
     assert seen == [(i, [i]) for i in range(len(seen))] and len(seen) == 2
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux /proc")
+def test_layerwise_keeps_no_mapping_of_the_checkpoint(tiny_models, tmp_path):
+    """Loaded tensors are private copies: a kept norm weight must not pin the file's memory map (and with
+    it every page a block touched) until the end of the run."""
+    import shutil
+
+    from hfquant.onload import LayerLoader, empty_model
+
+    folder = Path(shutil.copytree(tiny_models["llama"], tmp_path / "model"))  # a path no other test maps
+    loader = LayerLoader(empty_model(folder, torch.float32), folder, "cpu", torch.float32)
+    loader.load_outside()
+    for i in range(len(loader.blocks)):
+        loader.load_block(i)
+    assert not loader.model.state_dict()["model.layers.0.input_layernorm.weight"].is_meta
+    mapped = [line for line in Path("/proc/self/maps").read_text().splitlines() if str(folder.resolve()) in line]
+    assert mapped == []
+
+
 def test_disk_store_round_trip(tmp_path):
     store = DiskHiddenStore("cpu", tmp_path)
     xs = [torch.randn(2, 3, 4) for _ in range(3)]
