@@ -38,14 +38,20 @@ def candidate_costs(table: dict, scale_bits: int) -> tuple[list[str], list[list[
 
 
 def losses_of(table: dict) -> list[list[float]]:
-    """Per module per candidate: the quantity the allocation minimises, the GPTQ proxy loss relative to the
-    module's output energy, ``tr(E H E^T) / tr(W H W^T)``.
+    """Per module per candidate: the quantity the allocation minimises.
 
-    Why relative: absolute losses grow with the residual stream's size, which grows with depth, so summing
-    them sent the first blocks to 2 bits; on SmolLM2-135M at 3.5 bits a round-to-nearest trial of that
-    allocation had perplexity 8619 on WikiText-2 valid windows against 850 for the relative one (a third
-    variant, losses divided by the block's o_proj + down_proj output energy, 11341); see BENCHMARKS.md.
+    * With the ``fisher_gptq`` estimates (``hfquant.sensitivity``): the second-order estimate of the increase
+      of the model's next-token loss when only that module is quantized with GPTQ at that candidate. It
+      weights each output channel's error by how much the loss reacts to it, so it is comparable across
+      module kinds and depths.
+    * Without them: the GPTQ proxy loss relative to the module's output energy, ``tr(E H E^T) / tr(W H W^T)``.
+      Why relative: absolute losses grow with the residual stream's size, which grows with depth, so summing
+      them sent the first blocks to 2 bits; on SmolLM2-135M at 3.5 bits a round-to-nearest trial of that
+      allocation had perplexity 8619 on WikiText-2 valid windows against 850 for the relative one (a third
+      variant, losses divided by the block's o_proj + down_proj output energy, 11341); see BENCHMARKS.md.
     """
+    if all("fisher_gptq" in m for m in table["modules"].values()):
+        return [list(m["fisher_gptq"]) for m in table["modules"].values()]
     return [[x / (m["energy"] or 1.0) for x in m["gptq"]] for m in table["modules"].values()]
 
 

@@ -55,6 +55,7 @@ DEFAULTS: dict[str, Any] = {
     "target_avg_bits": None,
     "max_ppl_increase": None,
     "candidates": None,
+    "fisher_windows": 16,
     "module_schemes": None,
 }
 # ``bits: auto`` chooses per module among these (bits, group_size) unless ``candidates`` says otherwise.
@@ -120,6 +121,10 @@ class HFQuantConfig(QuantizationConfigMixin):
             WikiText-2 *valid* windows, e.g. 0.05 for 5%.
         candidates: with ``bits="auto"``: the ``{bits, group_size}`` schemes to choose from (default
             ``DEFAULT_CANDIDATES``).
+        fisher_windows: with ``bits="auto"`` (and ``hfquant sensitivity``): calibration windows whose
+            next-token-loss gradients weight each module's output error (``hfquant.sensitivity``), so the
+            allocation minimises an estimate of the model's loss increase; 0 minimises the unweighted
+            relative proxy loss instead.
         module_schemes: written by the run: the resolved ``{module: {bits, group_size, sym, method}}`` of
             every quantized module when overrides or ``bits="auto"`` were used; reload builds each module
             from it. Given at quantization time, it is used as is (exact names, no patterns).
@@ -207,6 +212,9 @@ class HFQuantConfig(QuantizationConfigMixin):
         m = self.max_ppl_increase
         if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not 0 < m <= 10):
             bad("max_ppl_increase", "a relative increase in (0, 10], e.g. 0.05 for 5%")
+        f = self.fisher_windows
+        if not _is_int(f) or f < 0:
+            bad("fisher_windows", "a number of calibration windows >= 0 (0: no loss-gradient weighting), e.g. 16")
         c = self.candidates
         if c is not None:
             if not isinstance(c, (list, tuple)) or not c:

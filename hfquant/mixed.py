@@ -58,12 +58,9 @@ def auto_schemes(model, config, keep: Callable[[str], bool], batches: list[torch
                  progress: bool = True) -> tuple[dict[str, ModuleScheme], dict]:
     """Measure sensitivity, allocate the budget; returns ``(schemes, report)``."""
     from hfquant import budget
-    from hfquant.sensitivity import measure_sensitivity
+    from hfquant.sensitivity import measure_for_config
 
-    candidates = [dict(c) for c in (config.candidates or DEFAULT_CANDIDATES)]
-    table = measure_sensitivity(model, batches, keep, candidates, sym=config.sym, observer=config.observer,
-                                act_order=config.desc_act, static_groups=config.static_groups,
-                                damp_percent=config.damp_percent, block_size=config.block_size, progress=progress)
+    table = measure_for_config(model, batches, keep, config, progress)
     sb = scale_bits_of(model)
     report: dict = {"sensitivity": table, "scale_bits": sb}
     if config.target_avg_bits is not None:

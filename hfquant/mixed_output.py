@@ -79,10 +79,19 @@ def card_section(report: dict, folder: Path) -> str:
         lines.append("")
     if (folder / SENSITIVITY_PNG).exists():
         lines += [f"![per-module sensitivity]({SENSITIVITY_PNG})", "",
-                  f"Per-module sensitivity: relative output error when only that module is quantized at each candidate "
+                  f"Per-module sensitivity: {_measure_words(folder)} when only that module is quantized at each candidate "
                   f"(table: `{SENSITIVITY_MD}`, data: `{SENSITIVITY_JSON}`)" + ("; circles mark the chosen scheme." if allocation else "."),
                   ""]
     return "\n".join(lines)
+
+
+def _measure_words(folder: Path) -> str:
+    """What the folder's sensitivity plot shows (the quantity the allocation minimises)."""
+    from hfquant.sensitivity import has_fisher
+
+    table = json.loads((folder / SENSITIVITY_JSON).read_text())
+    return ("the estimated increase of the next-token loss" if has_fisher(table)
+            else "the relative output error")
 
 
 def run_sensitivity(plan, quiet: bool = False) -> dict:
@@ -93,11 +102,10 @@ def run_sensitivity(plan, quiet: bool = False) -> dict:
 
     from huggingface_hub import ModelCard, ModelCardData
 
-    from hfquant.config import DEFAULT_CANDIDATES
     from hfquant.errors import ConfigError
     from hfquant.output import CARD, partial_dir, place
     from hfquant.pipeline import load_model
-    from hfquant.sensitivity import measure_sensitivity
+    from hfquant.sensitivity import has_fisher, measure_for_config
 
     cfg = plan.config
     if plan.windows is None:
@@ -110,11 +118,7 @@ def run_sensitivity(plan, quiet: bool = False) -> dict:
     def keep(name: str) -> bool:
         return name not in names_out and not any(name == s or name.startswith(s + ".") for s in skip)
 
-    candidates = [dict(c) for c in (cfg.candidates or DEFAULT_CANDIDATES)]
-    table = measure_sensitivity(model, list(plan.windows.split(cfg.calibration_batch_size)), keep, candidates,
-                                sym=cfg.sym, observer=cfg.observer, act_order=cfg.desc_act,
-                                static_groups=cfg.static_groups, damp_percent=cfg.damp_percent,
-                                block_size=cfg.block_size, progress=not quiet)
+    table = measure_for_config(model, list(plan.windows.split(cfg.calibration_batch_size)), keep, cfg, not quiet)
     table["model"] = plan.recipe["model"]
     partial = partial_dir(plan.out)
     if partial.exists():
@@ -126,7 +130,10 @@ def run_sensitivity(plan, quiet: bool = False) -> dict:
         body = (f"\n# Sensitivity of {plan.recipe['model']}\n\n"
                 f"Measured by `hfquant sensitivity` in {table['seconds']:.0f} s on {plan.windows.shape[0]} calibration "
                 f"windows x {plan.windows.shape[1]} tokens: for every quantizable module and candidate scheme, the GPTQ "
-                "and RTN proxy loss tr((W-Q) H (W-Q)^T) when only that module is quantized, relative to tr(W H W^T).\n\n"
+                "and RTN proxy loss tr((W-Q) H (W-Q)^T) when only that module is quantized, relative to tr(W H W^T)"
+                + (f", and the estimated increase of the next-token loss (output errors weighted by squared loss gradients "
+                   f"from {table['fisher_windows']} windows)" if has_fisher(table) else "")
+                + f". The plot shows {_measure_words(partial)}.\n\n"
                 f"![per-module sensitivity]({SENSITIVITY_PNG})\n\n"
                 f"Table: `{SENSITIVITY_MD}`; data: `{SENSITIVITY_JSON}`.\n")
         ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(str(partial / CARD))

@@ -37,7 +37,15 @@ ROWS = {
     "gptq-w4-g128": {"bits": 4},
     "auto-3.5": {"target_avg_bits": 3.5},
     "auto-3.25": {"target_avg_bits": 3.25},
+    # The same table's unweighted relative proxy loss (what ``fisher_windows: 0`` minimises), for comparison.
+    "auto-3.5-relative": {"target_avg_bits": 3.5, "relative": True},
+    "auto-3.25-relative": {"target_avg_bits": 3.25, "relative": True},
 }
+
+
+def _without_fisher(table: dict) -> dict:
+    return {**table, "modules": {n: {k: v for k, v in m.items() if not k.startswith("fisher_")}
+                                 for n, m in table["modules"].items()}}
 
 
 def _valid_ppl(model, tokenizer) -> float:
@@ -54,11 +62,10 @@ def run(model_path: str, names: list[str], out: Path, sensitivity_file: Path | N
     import hfquant
     from hfquant.budget import allocate_bits
     from hfquant.calibration.data import BUNDLED_EVALUATION, calibration_windows
-    from hfquant.config import DEFAULT_CANDIDATES
     from hfquant.eval import perplexity
     from hfquant.mixed import scale_bits_of, summary
     from hfquant.mixed_output import stored_average_bits, write_sensitivity
-    from hfquant.sensitivity import measure_sensitivity
+    from hfquant.sensitivity import has_fisher, measure_for_config
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     test_text = BUNDLED_EVALUATION.read_text()
@@ -80,15 +87,18 @@ def run(model_path: str, names: list[str], out: Path, sensitivity_file: Path | N
                     fp = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
                     windows = calibration_windows(tokenizer, num_samples=128, seq_len=512, seed=0)
                     keep = (lambda n: not n.endswith("lm_head"))
-                    table = measure_sensitivity(fp, list(windows.split(8)), keep, list(DEFAULT_CANDIDATES),
-                                                progress=False)
+                    auto = hfquant.HFQuantConfig(method="gptq", bits="auto", target_avg_bits=3.5)  # defaults of bits: auto
+                    table = measure_for_config(fp, list(windows.split(auto.calibration_batch_size)), keep, auto,
+                                               progress=False)
                     (out / "mixed-sensitivity.json").write_text(json.dumps(table))
                     del fp
                 write_sensitivity(out, table)
                 print(f"sensitivity: {len(table['modules'])} modules x {len(table['candidates'])} candidates, "
                       f"{table['seconds']:.1f} s", flush=True)
-            allocation, predicted = allocate_bits(table, spec["target_avg_bits"], 32)
-            row.update(target_avg_bits=spec["target_avg_bits"], predicted_avg_bits=predicted,
+            objective = "relative proxy" if spec.get("relative") or not has_fisher(table) else "estimated loss (Fisher)"
+            allocation, predicted = allocate_bits(_without_fisher(table) if spec.get("relative") else table,
+                                                  spec["target_avg_bits"], 32)
+            row.update(target_avg_bits=spec["target_avg_bits"], predicted_avg_bits=predicted, objective=objective,
                        allocation=summary(allocation), sensitivity_seconds=table["seconds"])
             kw["module_schemes"] = {n: {**s, "sym": True, "method": "gptq"} for n, s in allocation.items()}
         t0 = time.perf_counter()
@@ -115,13 +125,13 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
     lines = [
         *table_header(meta),
-        "| row | PPL-16K (test) | PPL valid (8 x 512) | true avg bits (saved) | predicted avg bits | allocation | quantization (s) |",
-        "|---|---|---|---|---|---|---|",
+        "| row | PPL-16K (test) | PPL valid (8 x 512) | true avg bits (saved) | predicted avg bits | allocation | objective | quantization (s) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         pred = f"{r['predicted_avg_bits']:.4f}" if "predicted_avg_bits" in r else "—"
         lines.append(f"| {r['row']} | {r['ppl16k']:.2f} | {r['ppl_valid']:.2f} | {r['true_avg_bits']:.4f} | {pred} | "
-                     f"{r.get('allocation', 'uniform')} | {r['quant_seconds']:.0f} |")
+                     f"{r.get('allocation', 'uniform')} | {r.get('objective', '—')} | {r['quant_seconds']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -129,14 +139,14 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
-    parser.add_argument("--only", nargs="*", help="rows whose name contains one of these")
+    parser.add_argument("--only", nargs="*", help="rows named so, or whose name contains one of these")
     parser.add_argument("--sensitivity", type=Path, help="reuse a sensitivity table (JSON) measured on the same model and data")
     parser.add_argument("--collect", action="store_true",
                         help="measure nothing: build the table from the OUT/mixed-ROW.json files of earlier runs")
     parser.add_argument("--update-benchmarks", action="store_true")
     args = parser.parse_args(argv)
     os.environ.setdefault("HFQUANT_KERNEL", "reference")
-    names = [n for n in ROWS if not args.only or any(o in n for o in args.only)]
+    names = [n for n in ROWS if not args.only or any(o == n or (o not in ROWS and o in n) for o in args.only)]
     args.out.mkdir(parents=True, exist_ok=True)
     if args.collect:
         rows = [json.loads((args.out / f"mixed-{n}.json").read_text()) for n in names]

@@ -153,6 +153,87 @@ def test_sensitivity_more_bits_never_more_error_and_weights_untouched(tiny_model
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+def test_output_fisher_matches_retained_gradients(tiny_models):
+    """``output_fisher`` against autograd's retained output gradients, window by window; weights get no
+    gradients and keep their requires_grad flags."""
+    from hfquant.calibration.data import calibration_windows
+    from helpers import tiny_tokenizer
+    from hfquant.sensitivity import output_fisher
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    windows = calibration_windows(tiny_tokenizer(), num_samples=6, seq_len=32, seed=0)
+    names = ["model.layers.0.self_attn.v_proj", "model.layers.1.mlp.down_proj"]
+    got = output_fisher(model, list(windows.split(4)), names, windows=5)
+    assert all(p.grad is None and p.requires_grad for p in model.parameters())
+
+    want = {n: 0.0 for n in names}
+    for ids in windows[:5].split(1):
+        outs = {}
+        hooks = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: outs.__setitem__(n, o)) for n in names]
+        logits = model(input_ids=ids).logits[:, :-1]
+        for h in hooks:
+            h.remove()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+        grads = torch.autograd.grad(loss, [outs[n] for n in names])
+        for n, g in zip(names, grads):
+            want[n] = want[n] + g.double().pow(2).reshape(-1, g.shape[-1]).sum(0)
+    model.zero_grad(set_to_none=True)
+    for n in names:
+        assert got[n].shape == (model.get_submodule(n).out_features,)
+        torch.testing.assert_close(got[n], want[n] / (5 * 31), rtol=1e-4, atol=1e-12)
+
+
+def test_fisher_weights_scale_each_row_of_the_proxy():
+    """``fisher_*`` is sum_j f_j (E H E^T)_jj / 4: all-ones weights give a quarter of the plain proxy, a
+    one-hot weight picks one output row."""
+    from hfquant.sensitivity import group_losses
+
+    torch.manual_seed(0)
+    w1, w2 = torch.randn(6, 32), torch.randn(4, 32)
+    x = torch.randn(256, 32)
+    h = 2 / 256 * x.t() @ x
+    cands = [{"bits": 3, "group_size": 16}, {"bits": 4, "group_size": 16}]
+    kw = dict(sym=True, observer="minmax", act_order=True, static_groups=True, damp_percent=0.01, block_size=16)
+    plain = group_losses([w1, w2], h, cands, **kw)
+    ones = group_losses([w1, w2], h, cands, fisher=[torch.ones(6), torch.ones(4)], **kw)
+    for p, o in zip(plain, ones):
+        for kind in ("gptq", "rtn"):
+            assert o[kind] == p[kind]
+            assert o["fisher_" + kind] == pytest.approx([v / 4 for v in p[kind]], rel=1e-9)
+    onehot = torch.zeros(6)
+    onehot[2] = 1.0
+    picked = group_losses([w1, w2], h, cands, fisher=[onehot, torch.zeros(4)], **kw)
+    for j, c in enumerate(cands):
+        from hfquant.algorithms.rtn import dequantize_grouped, rtn_quantize
+
+        e = (w1 - dequantize_grouped(*rtn_quantize(torch.cat([w1, w2]), c["bits"], c["group_size"], True, "minmax"))[:6])[2]
+        assert picked[0]["fisher_rtn"][j] == pytest.approx(float(e.double() @ h.double() @ e.double()) / 4, rel=1e-9)
+        assert picked[1]["fisher_gptq"][j] == 0.0
+
+
+def test_allocation_uses_the_estimated_loss_when_measured():
+    """With ``fisher_gptq`` present the allocation minimises it, not the relative proxy: a module that is
+    cheap by the relative proxy but costly by the estimated loss gets the extra bits."""
+    from hfquant.budget import allocate_bits, losses_of
+
+    cands = [{"bits": 2, "group_size": -1}, {"bits": 4, "group_size": -1}]
+    mod = {"in": 64, "out": 64}
+    table = {"candidates": cands, "modules": {
+        "a": {**mod, "energy": 1.0, "gptq": [0.9, 0.1], "rtn": [1.0, 0.2], "fisher_gptq": [0.01, 0.001]},
+        "b": {**mod, "energy": 1.0, "gptq": [0.5, 0.1], "rtn": [0.6, 0.2], "fisher_gptq": [2.0, 0.2]}}}
+    assert losses_of(table) == [[0.01, 0.001], [2.0, 0.2]]
+    alloc, _ = allocate_bits(table, 4.0, 16)  # room for one module at 4 bits (2.875 + 4.875 stored bits)
+    assert alloc["b"]["bits"] == 4 and alloc["a"]["bits"] == 2
+    relative = {**table, "modules": {n: {k: v for k, v in m.items() if k != "fisher_gptq"} for n, m in table["modules"].items()}}
+    alloc, _ = allocate_bits(relative, 4.0, 16)
+    assert alloc["a"]["bits"] == 4 and alloc["b"]["bits"] == 2
+
+
+def test_fisher_windows_is_checked():
+    with pytest.raises(ConfigError, match="fisher_windows"):
+        HFQuantConfig(method="gptq", bits="auto", target_avg_bits=3.5, fisher_windows=-1)
+
+
 # ------------------------------------------------------------------------------------------ budget mode
 CANDS = [{"bits": 2, "group_size": 32}, {"bits": 4, "group_size": 32}, {"bits": 8, "group_size": 32}]
 
