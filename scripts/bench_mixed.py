@@ -70,6 +70,7 @@ def run(model_path: str, names: list[str], out: Path, sensitivity_file: Path | N
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     test_text = BUNDLED_EVALUATION.read_text()
     table = None
+    circled = False
     rows = []
     for name in names:
         spec = ROWS[name]
@@ -90,14 +91,16 @@ def run(model_path: str, names: list[str], out: Path, sensitivity_file: Path | N
                     auto = hfquant.HFQuantConfig(method="gptq", bits="auto", target_avg_bits=3.5)  # defaults of bits: auto
                     table = measure_for_config(fp, list(windows.split(auto.calibration_batch_size)), keep, auto,
                                                progress=False)
-                    (out / "mixed-sensitivity.json").write_text(json.dumps(table))
                     del fp
-                write_sensitivity(out, table)
+                write_sensitivity(out, table)  # rewritten with the first Fisher-objective row's allocation circled
                 print(f"sensitivity: {len(table['modules'])} modules x {len(table['candidates'])} candidates, "
                       f"{table['seconds']:.1f} s", flush=True)
             objective = "relative proxy" if spec.get("relative") or not has_fisher(table) else "estimated loss (Fisher)"
             allocation, predicted = allocate_bits(_without_fisher(table) if spec.get("relative") else table,
                                                   spec["target_avg_bits"], 32)
+            if not spec.get("relative") and not circled:
+                write_sensitivity(out, table, allocation)
+                circled = row["circled_in_plot"] = True
             row.update(target_avg_bits=spec["target_avg_bits"], predicted_avg_bits=predicted, objective=objective,
                        allocation=summary(allocation), sensitivity_seconds=table["seconds"])
             kw["module_schemes"] = {n: {**s, "sym": True, "method": "gptq"} for n, s in allocation.items()}
