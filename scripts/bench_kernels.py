@@ -7,7 +7,12 @@ Triton on CUDA) and ``QuantLinearW8A8`` (per-token int8 activations included: ``
 Triton on CUDA). Bandwidth = bytes of weight operands the kernel reads / time, next to the machine's
 copy bandwidth measured in the same run ((read + write) / time of a large ``copy_``).
 
-CPU timing: median of ``--repeats`` wall-clock runs. CUDA timing: one CUDA graph replays the call over
+CPU timing: median of ``--repeats`` wall-clock runs of one call. With ``--cache cold`` (the default) a
+buffer of twice the last-level cache is read before every timed call (``triton.testing.do_bench`` clears
+the GPU's L2 the same way, with a write), so the weights come from DRAM, as they do in decode, where every layer's weights
+are evicted by the others' before they are read again; this VM's 260 MB L3 otherwise holds a 64 MB float
+weight between calls and the float baseline reads it at cache speed. ``--cache warm`` times back-to-back
+calls (weights resident when they fit). CUDA timing: one CUDA graph replays the call over
 enough copies of the weights (>= 256 MB in all) that the 50 MB L2 cannot serve them; time per call is
 the median replay time / copies. The graph removes Python launch overhead, as serving engines do for
 decode; the eager overhead is not in these numbers.
@@ -42,13 +47,40 @@ SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]
 ROWS = [1, 16, 64, 512]
 
 
-def timer(device: str, repeats: int):
+def last_level_cache_bytes(default: int = 256 << 20) -> int:
+    """Size of the largest CPU cache sysfs reports (Linux), else ``default``."""
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        unit = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * unit)
+    return max(sizes, default=default)
+
+
+def cold_median_seconds(fn, repeats: int, flush: torch.Tensor, warmup: int = 2) -> float:
+    """Median wall time of one ``fn()`` call, the caches flushed before each by reading ``flush`` (a read
+    sweep: a write would leave the cache full of dirty lines whose write-back then competes with the call)."""
+    with torch.no_grad():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            flush.sum()
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def timer(device: str, repeats: int, cache: str = "warm"):
     """A function ``fn -> median milliseconds`` for the device."""
     if device == "cuda":
         import triton
 
         return lambda fn: triton.testing.do_bench(fn, warmup=10, rep=max(repeats, 20), return_mode="median")
-
+    if cache == "cold":
+        flush = torch.ones(2 * last_level_cache_bytes() // 4)
+        return lambda fn: cold_median_seconds(fn, repeats, flush) * 1e3
     return lambda fn: median_seconds(fn, repeats, warmup=2) * 1e3
 
 
@@ -116,10 +148,10 @@ def graph_time_ms(make_calls, weight_bytes: int) -> tuple[float, int]:
     return statistics.median(times[2:]), copies
 
 
-def run(device: str, repeats: int, shapes, rows_list) -> tuple[list[dict], float]:
+def run(device: str, repeats: int, shapes, rows_list, cache: str = "warm") -> tuple[list[dict], float]:
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    time_ms = timer(device, repeats)
-    bw = copy_bandwidth_gbs(device, time_ms)
+    time_ms = timer(device, repeats, cache)
+    bw = copy_bandwidth_gbs(device, timer(device, repeats))
     rows = []
     for in_f, out_f in shapes:
         w, w4, w8 = build(in_f, out_f, device, dtype)
@@ -181,21 +213,25 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated M values")
+    parser.add_argument("--cache", choices=["cold", "warm"], default="cold",
+                        help="CPU: flush the caches before each timed call (cold, as in decode) or not (warm)")
     parser.add_argument("--update-benchmarks", action="store_true")
     args = parser.parse_args(argv)
     rows_list = [int(v) for v in args.rows.split(",")]
-    rows, bw = run(args.device, args.repeats, SHAPES, rows_list)
+    rows, bw = run(args.device, args.repeats, SHAPES, rows_list, args.cache)
     if args.device == "cuda":
         machine = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
         timing = "CUDA-graph replay over weight copies (>= 256 MB, L2 defeated), median; bf16 activations"
     else:
         machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-        timing = f"median of {args.repeats} runs; float32 activations"
+        timing = (f"median of {args.repeats} runs; float32 activations; "
+                  + (f"caches flushed before each call ({2 * last_level_cache_bytes() >> 20} MB read: weights come "
+                     "from DRAM)" if args.cache == "cold" else "warm caches (back-to-back calls)"))
     meta = {"command": "python scripts/bench_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": machine, "torch": torch.__version__, "timing": timing, "copy_gbs": bw,
             "baseline": "bf16" if args.device == "cuda" else "fp32", "date": time.strftime("%Y-%m-%d")}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"kernels-{args.device}"
+    stem = f"kernels-{args.device}" + ("-warm" if args.device == "cpu" and args.cache == "warm" else "")
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = markdown(rows, meta)
     (args.out / f"{stem}.md").write_text(md)

@@ -29,7 +29,7 @@ bool vectorized() {
 template <int R>
 static inline void rows_dot(const uint8_t* const* rows, const float* e, const float* o, const float* const* s,
                             const float* const* z, const float* xs, int64_t G, int64_t half, int64_t KB,
-                            float* out) {
+                            float* out, int64_t ahead = 0) {
 #ifdef __AVX512F__
   const __m512i mask = _mm512_set1_epi32(15);
   __m512 total[R];
@@ -41,6 +41,11 @@ static inline void rows_dot(const uint8_t* const* rows, const float* e, const fl
     for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
     for (int64_t b = b0; b < b1; b += 16) {
       const __m512 ev = _mm512_loadu_ps(e + b), ov = _mm512_loadu_ps(o + b);
+      if (ahead != 0 && (b & 63) == 0) {
+        // Software prefetch of the same cache line of the rows one block ahead: a decode GEMV streams its
+        // weights from DRAM once, and the hardware prefetcher alone left this loop waiting on memory.
+        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + b + ahead), _MM_HINT_T0);
+      }
       for (int r = 0; r < R; ++r) {
         const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + b)));
         acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(w, mask)), ev, acc[r]);
@@ -115,7 +120,12 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scales,
             s[r] = sp + (n0 + r) * G;
             z[r] = zp + (n0 + r) * G;
           }
-          rows_dot<R>(rows, e, o, s, z, xsm, G, half, KB, out);
+          // Prefetch the rows two blocks ahead while this block runs (never past the end of w). On a 2-core
+          // AVX-512 Xeon with cold caches this took 4096x4096 at M=1 from about 1.0 to 0.72 ms; distances of
+          // 1 to 8 blocks measured the same within noise.
+          constexpr int64_t kAhead = 2;
+          const int64_t ahead = (m == 0 && n0 + (kAhead + 1) * R <= N) ? kAhead * R * KB : 0;
+          rows_dot<R>(rows, e, o, s, z, xsm, G, half, KB, out, ahead);
         } else {
           for (int64_t r = 0; r < count; ++r) {
             const uint8_t* row = wp + (n0 + r) * KB;
