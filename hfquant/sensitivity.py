@@ -122,6 +122,12 @@ def output_fisher(model: nn.Module, batches: list[torch.Tensor], names: list[str
     return {n: v / max(tokens, 1) for n, v in sums.items()}
 
 
+def _row_weights(fisher: dict[str, torch.Tensor], name: str, weight: torch.Tensor, device) -> torch.Tensor:
+    """The module's ``f_j``; zeros for a module the loss never reached (no gradient: quantizing it costs nothing)."""
+    found = fisher.get(name)
+    return torch.zeros(weight.shape[0], dtype=torch.float64, device=device) if found is None else found.to(device)
+
+
 def measure_sensitivity(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool],
                         candidates: list[dict], *, sym: bool = True, observer: str = "minmax",
                         act_order: bool = True, static_groups: bool = True, damp_percent: float = 0.01,
@@ -141,7 +147,8 @@ def measure_sensitivity(model: nn.Module, batches: list[torch.Tensor], keep: Cal
         full = [f"{block_name}.{n}" for n in group.names]
         found = group_losses(weights, hessian, candidates, sym=sym, observer=observer, act_order=act_order,
                              static_groups=static_groups, damp_percent=damp_percent, block_size=block_size,
-                             fisher=None if fisher is None else [fisher[n].to(hessian.device) for n in full])
+                             fisher=None if fisher is None else [_row_weights(fisher, n, w, hessian.device)
+                                                                 for n, w in zip(full, weights)])
         for n, w, entry in zip(full, weights, found):
             modules[n] = {"in": w.shape[1], "out": w.shape[0], **entry}
 

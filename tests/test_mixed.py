@@ -183,6 +183,23 @@ def test_output_fisher_matches_retained_gradients(tiny_models):
         torch.testing.assert_close(got[n], want[n] / (5 * 31), rtol=1e-4, atol=1e-12)
 
 
+def test_module_the_loss_never_reaches_costs_nothing(tiny_models):
+    """A module whose output gets no gradient has no Fisher entry: its estimates are zero, not an error."""
+    from hfquant.calibration.data import calibration_windows
+    from helpers import tiny_tokenizer
+    from hfquant.sensitivity import measure_sensitivity
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    cut = "model.layers.1.self_attn.v_proj"
+    model.get_submodule(cut).register_forward_hook(lambda m, a, out: out.detach())
+    windows = calibration_windows(tiny_tokenizer(), num_samples=4, seq_len=32, seed=0)
+    cands = [{"bits": 2, "group_size": 32}, {"bits": 4, "group_size": 32}]
+    table = measure_sensitivity(model, list(windows.split(2)), lambda n: "lm_head" not in n, cands, progress=False,
+                                fisher_windows=2)
+    assert table["modules"][cut]["fisher_gptq"] == [0.0, 0.0] and table["modules"][cut]["gptq"][0] > 0
+    assert all(v > 0 for n, m in table["modules"].items() if n != cut for v in m["fisher_gptq"])
+
+
 def test_fisher_weights_scale_each_row_of_the_proxy():
     """``fisher_*`` is sum_j f_j (E H E^T)_jj / 4: all-ones weights give a quarter of the plain proxy, a
     one-hot weight picks one output row."""
