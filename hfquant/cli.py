@@ -189,9 +189,9 @@ def _inspect_args(p: argparse.ArgumentParser) -> None:
 
 
 def _inspect(args) -> int:
-    from safetensors import safe_open
+    import math
 
-    from hfquant.output import REPORT, check_checkpoint, describe, read_json, table
+    from hfquant.output import REPORT, check_checkpoint, describe, read_json, table, tensor_headers
 
     folder = check_checkpoint(args.dir)
     config = read_json(folder / "config.json")
@@ -210,18 +210,12 @@ def _inspect(args) -> int:
         print("quantization: none (not an hfquant checkpoint)")
     by_dtype: dict[str, int] = {}
     quantized = []
-    total_bytes = 0
-    for f in sorted(folder.glob("*.safetensors")):
-        total_bytes += f.stat().st_size
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():  # noqa: SIM118 - safe_open is not a dict
-                sl = st.get_slice(key)
-                numel = 1
-                for d in sl.get_shape():
-                    numel *= d
-                by_dtype[sl.get_dtype()] = by_dtype.get(sl.get_dtype(), 0) + numel
-                if key.endswith((".scales", ".weight_scale")):
-                    quantized.append(key.rsplit(".", 1)[0])
+    files = sorted(folder.glob("*.safetensors"))
+    total_bytes = sum(f.stat().st_size for f in files)
+    for key, shape, dtype in tensor_headers(files):
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + math.prod(shape)
+        if key.endswith((".scales", ".weight_scale")):
+            quantized.append(key.rsplit(".", 1)[0])
     print(f"size: {total_bytes / 2**20:.1f} MiB in safetensors; elements by dtype: "
           + ", ".join(f"{k} {v:,}" for k, v in sorted(by_dtype.items())))
     print(f"quantized modules: {len(quantized)}")

@@ -28,18 +28,14 @@ def stored_average_bits(folder: Path) -> dict:
     W4A16 module, over its ``in * out`` weights. Returns ``{"avg_bits", "modules", "weights"}``."""
     import math
 
-    from safetensors import safe_open
+    from hfquant.output import tensor_headers
 
     itemsize = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
     sizes: dict[str, dict] = {}  # module -> leaf -> (shape, bytes); read from the headers, no tensor data
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as st:
-            for key in st.keys():  # noqa: SIM118 - safe_open is not a dict
-                name, _, leaf = key.rpartition(".")
-                if leaf in ("weight", "scales", "zeros", "g_idx"):
-                    sl = st.get_slice(key)
-                    shape = sl.get_shape()
-                    sizes.setdefault(name, {})[leaf] = (shape, math.prod(shape) * itemsize[sl.get_dtype()])
+    for key, shape, dtype in tensor_headers(sorted(Path(folder).glob("*.safetensors"))):
+        name, _, leaf = key.rpartition(".")
+        if leaf in ("weight", "scales", "zeros", "g_idx"):
+            sizes.setdefault(name, {})[leaf] = (shape, math.prod(shape) * itemsize[dtype])
     bits = weights = 0
     count = 0
     for parts in sizes.values():

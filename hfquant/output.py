@@ -86,6 +86,18 @@ def checkpoint_bytes(folder: Path) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
+def tensor_headers(files):
+    """``(name, shape, dtype)`` of every tensor in the safetensors ``files``, read from their headers (no
+    tensor data); ``dtype`` is safetensors' string (``"F32"``, ``"I32"``, ``"U8"``, ...)."""
+    from safetensors import safe_open
+
+    for file in files:
+        with safe_open(str(file), framework="pt") as st:
+            for key in st.keys():  # noqa: SIM118 - safe_open is not a dict
+                sl = st.get_slice(key)
+                yield key, sl.get_shape(), sl.get_dtype()
+
+
 def _ppl(x) -> str:
     return "—" if x is None else f"{x:.3f}"
 
@@ -170,8 +182,6 @@ def write_report(folder: Path, report: dict) -> None:
 
 def check_checkpoint(folder) -> Path:
     """Raise ``CheckpointError`` unless ``folder`` holds a readable config.json and safetensors files."""
-    from safetensors import safe_open
-
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"{str(folder)!r}: " + ("is a file, not a checkpoint folder" if folder.exists()
@@ -188,9 +198,8 @@ def check_checkpoint(folder) -> Path:
         raise CheckpointError(f"{str(folder)!r}: no *.safetensors files; give a folder written by `hfquant run`")
     for f in files:
         try:
-            with safe_open(str(f), framework="pt") as st:
-                for key in st.keys():  # noqa: SIM118 - safe_open is not a dict
-                    st.get_slice(key).get_shape()
+            for _ in tensor_headers([f]):
+                pass
         except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
             raise CheckpointError(f"{str(f)!r}: not a valid safetensors file ({str(exc).splitlines()[0][:120] or type(exc).__name__}); "
                                   "re-run `hfquant run` or re-download it") from None

@@ -183,21 +183,14 @@ def _device(name: str, dist=None) -> str:
 
 def _checkpoint_float_bytes(recipe: dict) -> int:
     """Bytes of the float model as ``dtype`` (for the report), from the safetensors headers."""
-    from safetensors import safe_open
+    import math
 
     from hfquant.onload import checkpoint_files, local_folder
+    from hfquant.output import tensor_headers
 
     size = torch.tensor([], dtype=getattr(torch, recipe["dtype"])).element_size()
-    total = 0
-    files = checkpoint_files(local_folder(recipe["model"], recipe["revision"]))
-    for file in sorted(set(files.values())):
-        with safe_open(str(file), "pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                n = 1
-                for d in sl.get_shape():
-                    n *= d
-                total += n * (size if sl.get_dtype().startswith(("F", "BF")) else 0)
+    files = sorted(set(checkpoint_files(local_folder(recipe["model"], recipe["revision"])).values()))
+    total = sum(math.prod(shape) * size for _, shape, dtype in tensor_headers(files) if dtype.startswith(("F", "BF")))
     return total
 
 
