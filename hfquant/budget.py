@@ -50,7 +50,9 @@ def losses_of(table: dict) -> list[list[float]]:
       allocation had perplexity 8619 on WikiText-2 valid windows against 850 for the relative one (a third
       variant, losses divided by the block's o_proj + down_proj output energy, 11341); see BENCHMARKS.md.
     """
-    if all("fisher_gptq" in m for m in table["modules"].values()):
+    from hfquant.sensitivity import has_fisher
+
+    if has_fisher(table):
         return [list(m["fisher_gptq"]) for m in table["modules"].values()]
     return [[x / (m["energy"] or 1.0) for x in m["gptq"]] for m in table["modules"].values()]
 

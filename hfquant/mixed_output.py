@@ -75,17 +75,17 @@ def card_section(report: dict, folder: Path) -> str:
         lines.append("")
     if (folder / SENSITIVITY_PNG).exists():
         lines += [f"![per-module sensitivity]({SENSITIVITY_PNG})", "",
-                  f"Per-module sensitivity: {_measure_words(folder)} when only that module is quantized at each candidate "
+                  f"Per-module sensitivity: {_measure_words(json.loads((folder / SENSITIVITY_JSON).read_text()))} "
+                  "when only that module is quantized at each candidate "
                   f"(table: `{SENSITIVITY_MD}`, data: `{SENSITIVITY_JSON}`)" + ("; circles mark the chosen scheme." if allocation else "."),
                   ""]
     return "\n".join(lines)
 
 
-def _measure_words(folder: Path) -> str:
-    """What the folder's sensitivity plot shows (the quantity the allocation minimises)."""
+def _measure_words(table: dict) -> str:
+    """What the sensitivity plot of ``table`` shows (the quantity the allocation minimises)."""
     from hfquant.sensitivity import has_fisher
 
-    table = json.loads((folder / SENSITIVITY_JSON).read_text())
     return ("the estimated increase of the next-token loss" if has_fisher(table)
             else "the relative output error")
 
@@ -129,7 +129,7 @@ def run_sensitivity(plan, quiet: bool = False) -> dict:
                 "and RTN proxy loss tr((W-Q) H (W-Q)^T) when only that module is quantized, relative to tr(W H W^T)"
                 + (f", and the estimated increase of the next-token loss (output errors weighted by squared loss gradients "
                    f"from {table['fisher_windows']} windows)" if has_fisher(table) else "")
-                + f". The plot shows {_measure_words(partial)}.\n\n"
+                + f". The plot shows {_measure_words(table)}.\n\n"
                 f"![per-module sensitivity]({SENSITIVITY_PNG})\n\n"
                 f"Table: `{SENSITIVITY_MD}`; data: `{SENSITIVITY_JSON}`.\n")
         ModelCard(f"---\n{data.to_yaml()}\n---\n{body}").save(str(partial / CARD))
