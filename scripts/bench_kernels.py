@@ -2,8 +2,8 @@
 
 Shapes (in x out): 4096x4096, 4096x11008, 11008x4096, at M = 1, 16, 64, 512 rows. Baseline: float32
 ``F.linear`` on CPU, bfloat16 ``F.linear`` on CUDA. Candidates: ``QuantLinearW4A16`` (4-bit, g128,
-through hfquant's dispatch: torch's int4 CPU kernel for decode, tiled dequantize + GEMM for prefill,
-Triton on CUDA) and ``QuantLinearW8A8`` (per-token int8 activations included: ``torch._int_mm`` on CPU,
+through hfquant's dispatch: on CPU hfquant's own kernel for one row (AVX512-VNNI where the CPU has it)
+and torch's int4 kernel for more rows; Triton on CUDA) and ``QuantLinearW8A8`` (per-token int8 activations included: ``torch._int_mm`` on CPU,
 Triton on CUDA). Bandwidth = bytes of weight operands the kernel reads / time, next to the machine's
 copy bandwidth measured in the same run ((read + write) / time of a large ``copy_``).
 
@@ -106,11 +106,14 @@ def build(in_f: int, out_f: int, device: str, dtype: torch.dtype):
     return lin.weight.data.to(device=device, dtype=dtype), w4, w8
 
 
-def weight_bytes(in_f: int, out_f: int, device: str, float_bytes: int) -> dict:
+def weight_bytes(in_f: int, out_f: int, device: str, float_bytes: int, m: int) -> dict:
+    from hfquant.kernels.w4a16 import GEMV_MAX_ROWS
+
     groups = -(-in_f // 128)
-    # W4A16 operands read per call: packed codes plus scales/zeros (CPU kernel: bf16 scale+zero pairs;
-    # Triton: float32 scales and int32 zeros); W8A8: int8 codes and float32 per-channel scales.
-    per_group = 4 if device == "cpu" else 8
+    # W4A16 operands read per call: packed codes plus per-group scale and zero (CPU, one row: hfquant's kernel,
+    # float32 scale and zero; CPU, more rows: torch's int4 kernel, bf16 pairs; Triton: float32 scales and
+    # int32 zeros); W8A8: int8 codes and float32 per-channel scales.
+    per_group = 4 if device == "cpu" and m > GEMV_MAX_ROWS else 8
     return {"fp": float_bytes * in_f * out_f, "w4a16": in_f * out_f // 2 + per_group * groups * out_f,
             "w8a8": in_f * out_f + 4 * out_f}
 
@@ -155,8 +158,8 @@ def run(device: str, repeats: int, shapes, rows_list, cache: str = "warm") -> tu
     rows = []
     for in_f, out_f in shapes:
         w, w4, w8 = build(in_f, out_f, device, dtype)
-        nbytes = weight_bytes(in_f, out_f, device, w.element_size())
         for m in rows_list:
+            nbytes = weight_bytes(in_f, out_f, device, w.element_size(), m)
             x = torch.randn(m, in_f, device=device, dtype=dtype)
             candidates = {"fp": (w, lambda x, w: F.linear(x, w)), "w4a16": (w4, lambda x, mod: mod(x)),
                           "w8a8": (w8, lambda x, mod: mod(x))}

@@ -102,18 +102,49 @@ def _gemv_or_skip():
         pytest.skip("hfquant's CPU extension is not available here (no compiler or no AVX-512)")
 
 
-@pytest.mark.parametrize("in_f,out_f,group,act_perm", [(576, 960, 128, False), (576, 1536, 64, True), (4096, 64, 128, False),
-                                                       (160, 66, -1, False), (96, 40, 32, True), (1536, 576, 256, False)])
-def test_cpu_gemv_extension_matches_reference(in_f, out_f, group, act_perm):
-    from hfquant.kernels.w4a16 import w4a16_cpu_gemv
+@pytest.fixture(params=["native", "no-vnni"])
+def gemv_kernel(request, monkeypatch):
+    """The kernel as built for this machine and, where that is the VNNI loop, a copy built without VNNI
+    (the float32 FMA loop Skylake-X Xeons run), swapped in for the test."""
+    from hfquant.kernels import cpu_ext
 
     _gemv_or_skip()
+    if request.param == "no-vnni":
+        if cpu_ext.extension().path() != "avx512-vnni":
+            pytest.skip("the native build already is the non-VNNI loop")
+        ext = cpu_ext.compile_kernel("hfquant_w4a16_cpu_novnni", ("-mno-avx512vnni",))
+        assert ext.path() == "avx512"
+        monkeypatch.setitem(cpu_ext._STATE, "ext", ext)
+    return cpu_ext.extension()
+
+
+@pytest.mark.parametrize("in_f,out_f,group,act_perm", [(576, 960, 128, False), (576, 1536, 64, True), (4096, 64, 128, False),
+                                                       (160, 66, -1, False), (96, 40, 32, True), (1536, 576, 256, False),
+                                                       (100, 33, 32, False)])
+def test_cpu_gemv_extension_matches_reference(gemv_kernel, in_f, out_f, group, act_perm):
+    from hfquant.kernels.w4a16 import w4a16_cpu_gemv
+
     mod = make_module(in_f, out_f, group=group, act_perm=act_perm)
     for m in (1, 3):  # the kernel takes any row count; dispatch uses it for one row
         x = torch.randn(m, in_f)
-        assert rel_err(w4a16_cpu_gemv(x, mod), w4a16_reference(x, mod)) < 1e-5  # float32 throughout
+        assert rel_err(w4a16_cpu_gemv(x, mod), w4a16_reference(x, mod)) < 1e-5  # float32-level accuracy
     x = torch.randn(1, 1, in_f)
+    x[..., 7] *= 1000  # an outlier channel: the int8 split is per 128 columns, its block keeps ~21 bits
+    assert rel_err(w4a16_cpu_gemv(x, mod), w4a16_reference(x, mod)) < 1e-5
     assert torch.equal(w4a16_linear(x, mod), w4a16_cpu_gemv(x, mod))
+
+
+def test_cpu_gemv_zero_and_non_finite_inputs(gemv_kernel):
+    from hfquant.kernels.w4a16 import w4a16_cpu_gemv
+
+    mod = make_module(576, 64, group=128)
+    zero = torch.zeros(1, 576)
+    assert torch.allclose(w4a16_cpu_gemv(zero, mod), mod.bias[None], atol=0)  # only the bias is left
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(1, 576)
+        x[0, 300] = bad
+        fast, ref = w4a16_cpu_gemv(x, mod), w4a16_reference(x, mod)
+        assert not torch.isfinite(ref).any() and not torch.isfinite(fast).any()  # never silently finite
 
 
 def test_dispatch_without_the_extension_and_for_odd_shapes(monkeypatch):

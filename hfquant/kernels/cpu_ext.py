@@ -3,10 +3,13 @@
 Why a hand-written kernel: torch's int4 CPU kernel (``_weight_int4pack_mm_for_cpu``) is limited by its
 unpacking on these CPUs (about 16 GB/s of packed weights on an AVX-512 Xeon, under the memory bandwidth)
 and rounds activations and scales to bf16. This one reads hfquant's packed bytes directly, applies each
-group's scale and zero once per group (``s * (sum q*x - z * sum x)``), stays in float32, and is compiled
-for the machine it runs on (``-O3 -march=native``) with ``torch.utils.cpp_extension`` into torch's
-extension cache. No compiler, or a failed build: a warning once, and torch's int4 kernel is used instead.
-``HFQUANT_CPU_EXTENSION=0`` turns it off.
+group's scale and zero once per group (``s * (sum q*x - z * sum x)``), adds the bias, and keeps float32
+accuracy. With AVX512-VNNI it multiplies the 4-bit codes with a three-part int8 split of ``x`` (about 21
+bits of each 128-column block, relative error about 2e-6) in integer dot-product instructions; without VNNI
+it converts codes to float32 and uses FMAs. It is compiled for the machine it runs on
+(``-O3 -march=native``) with ``torch.utils.cpp_extension`` into torch's extension cache. No compiler, or a
+failed build: a warning once, and torch's int4 kernel is used instead. ``HFQUANT_CPU_EXTENSION=0`` turns it
+off.
 """
 
 from __future__ import annotations
@@ -34,15 +37,21 @@ def extension():
     return _STATE["ext"]
 
 
+def compile_kernel(name: str = "hfquant_w4a16_cpu", extra_cflags: tuple = ()):
+    """Compile (or load from torch's extension cache) the kernel module. ``extra_cflags`` go after
+    ``-march=native``: the tests build a ``-mno-avx512vnni`` copy to check the float32 FMA loop too."""
+    from torch.utils.cpp_extension import load
+
+    return load(name=name, sources=[str(_SOURCE)], verbose=False,
+                extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags])
+
+
 def _build():
     if os.environ.get("HFQUANT_CPU_EXTENSION", "1") == "0":
         return None
     try:
-        from torch.utils.cpp_extension import load
-
         logger.info("loading hfquant's CPU W4A16 kernel (compiled once per machine, about a minute)")
-        ext = load(name="hfquant_w4a16_cpu", sources=[str(_SOURCE)], verbose=False,
-                   extra_cflags=["-O3", "-march=native", "-fopenmp"])
+        ext = compile_kernel()
     except Exception as exc:  # noqa: BLE001 - no compiler, headers or ninja: fall back, say so once
         first = (str(exc).strip().splitlines() or [""])[-1][:200]
         warnings.warn(f"hfquant: the CPU W4A16 extension could not be built ({type(exc).__name__}: {first}); "

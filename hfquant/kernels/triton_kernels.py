@@ -174,8 +174,7 @@ def w4a16_operands(module, device: torch.device):
         return (packed.reshape(module.out_features, -1).to(device).contiguous(), module.scales.float().t().to(device).contiguous(),
                 module.zeros.t().to(device=device, dtype=torch.int32).contiguous(),
                 None if perm is None else perm.to(device))
-    return cached_operands(module, "triton_w4a16", (module.weight, module.scales, module.zeros, module.g_idx), build,
-                           extra=(str(device),))
+    return cached_operands(module, "triton_w4a16", build, extra=(str(device),))
 
 
 def _bucket(m: int) -> int:

@@ -38,6 +38,7 @@ from hfquant.kernels._cache import cached_operands
 from hfquant.nn.packing import _LITTLE_ENDIAN, pack_codes, unpack_codes
 
 _CPU_GROUPS = (32, 64, 128, 256)
+_CPU_DTYPES = (torch.float32, torch.bfloat16)
 GEMV_MAX_ROWS = 1
 
 
@@ -69,7 +70,7 @@ def grouped_weight(module):
         if bool((perm == torch.arange(module.in_features, device=perm.device)).all()):
             return module.weight, None
         return pack_codes(module.codes()[:, perm], module.bits), perm
-    return cached_operands(module, "grouped", (module.weight, module.g_idx), build)
+    return cached_operands(module, "grouped", build)
 
 
 def _kernel_group(group: int, k: int) -> int | None:
@@ -101,7 +102,7 @@ def _cpu_int4_operands(module):
         per_group = group // kg  # kernel groups per quantization group
         scale_zero = torch.stack([s.t(), z.t()], dim=-1).repeat_interleave(per_group, dim=0)[: k_pad // kg]
         return packed, scale_zero.to(torch.bfloat16).contiguous(), perm, k_pad, kg
-    return cached_operands(module, "cpu_int4", (module.weight, module.scales, module.zeros, module.g_idx), build)
+    return cached_operands(module, "cpu_int4", build)
 
 
 def w4a16_cpu_int4(x: torch.Tensor, module) -> torch.Tensor | None:
@@ -131,7 +132,8 @@ def _finish(y: torch.Tensor, x: torch.Tensor, module) -> torch.Tensor:
 
 
 def _gemv_operands(module):
-    """(packed bytes uint8 [N, KB], scales f32 [N, G], zeros f32 [N, G], column perm or None, group), or None."""
+    """(packed bytes uint8 [N, KB], scales f32 [N, G], zeros f32 [N, G], column perm or None, group, bias f32 or
+    None), or None."""
     def build():
         group = module.in_features if module.group_size == -1 else module.group_size
         grouped = grouped_weight(module) if module.bits == 4 and group % 32 == 0 and _LITTLE_ENDIAN else None
@@ -139,19 +141,22 @@ def _gemv_operands(module):
             return None
         packed, perm = grouped
         as_bytes = packed.contiguous().view(torch.uint8).reshape(module.out_features, -1)
-        return (as_bytes, module.scales.float().contiguous(), module.zeros.float().contiguous(), perm, group)
-    return cached_operands(module, "cpu_gemv", (module.weight, module.scales, module.zeros, module.g_idx), build)
+        bias = None if module.bias is None else module.bias.detach().float().contiguous()
+        return (as_bytes, module.scales.float().contiguous(), module.zeros.float().contiguous(), perm, group, bias)
+    return cached_operands(module, "cpu_gemv", build)
 
 
 def w4a16_cpu_gemv(x: torch.Tensor, module) -> torch.Tensor | None:
-    """hfquant's float32 CPU kernel for few rows (``hfquant.kernels.cpu_ext``), or ``None`` when it is not
-    built or the layout does not allow it."""
+    """hfquant's CPU kernel for few rows (``hfquant.kernels.cpu_ext``; bias added in the kernel), or ``None``
+    when it is not built or the layout does not allow it."""
     ext = cpu_ext.extension()
     ops = _gemv_operands(module) if ext is not None else None
     if ops is None:
         return None
-    as_bytes, scales, zeros, perm, group = ops
-    return _finish(ext.w4a16_gemv(_rows(x, perm).contiguous(), as_bytes, scales, zeros, group), x, module)
+    as_bytes, scales, zeros, perm, group, bias = ops
+    if perm is not None:
+        x = x.index_select(-1, perm)
+    return ext.w4a16_gemv(x.contiguous(), as_bytes, scales, zeros, bias, group)
 
 
 def prepare_module(module) -> None:
@@ -166,13 +171,14 @@ def w4a16_linear(x: torch.Tensor, module) -> torch.Tensor:
     """Dispatch by device, dtype and shape (see the module docstring)."""
     if forced_reference():
         return w4a16_reference(x, module)
-    if x.device.type == "cuda":
+    device = x.device.type
+    if device == "cuda":
         from hfquant.kernels.triton_kernels import w4a16_triton
 
         y = w4a16_triton(x, module)
         return y if y is not None else w4a16_reference(x, module)
-    if x.device.type == "cpu" and module.weight.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
-        if x.dtype == torch.float32 and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]:
+    if device == "cpu" and x.dtype in _CPU_DTYPES and module.weight.device.type == "cpu":
+        if x.dtype is torch.float32 and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]:
             y = w4a16_cpu_gemv(x, module)
             if y is not None:
                 return y

@@ -71,7 +71,7 @@ class QuantLinearW8A8(nn.Module):
     def dynamic(self) -> bool:
         """Whether activation scales are computed per token at run time (``input_scale == 0``). Cached per
         tensor, so a forward pass on CUDA does not synchronise with the host (and can be graph-captured)."""
-        return cached_operands(self, "dynamic", (self.input_scale,), lambda: float(self.input_scale) == 0.0)
+        return cached_operands(self, "dynamic", lambda: float(self.input_scale) == 0.0)
 
     def dequantize(self) -> torch.Tensor:
         """Float32 weight ``[out, in]``."""
