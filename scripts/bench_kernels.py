@@ -7,21 +7,30 @@ and torch's int4 kernel for more rows; Triton on CUDA) and ``QuantLinearW8A8`` (
 Triton on CUDA). Bandwidth = bytes of weight operands the kernel reads / time, next to the machine's
 copy bandwidth measured in the same run ((read + write) / time of a large ``copy_``).
 
-CPU timing: median of ``--repeats`` wall-clock runs of one call. With ``--cache cold`` (the default) a
-buffer of twice the last-level cache is read before every timed call (``triton.testing.do_bench`` clears
-the GPU's L2 the same way, with a write), so the weights come from DRAM, as they do in decode, where every layer's weights
-are evicted by the others' before they are read again; this VM's 260 MB L3 otherwise holds a 64 MB float
-weight between calls and the float baseline reads it at cache speed. ``--cache warm`` times back-to-back
-calls (weights resident when they fit). CUDA timing: one CUDA graph replays the call over
-enough copies of the weights (>= 256 MB in all) that the 50 MB L2 cannot serve them; time per call is
-the median replay time / copies. The graph removes Python launch overhead, as serving engines do for
-decode; the eager overhead is not in these numbers.
+CPU timing, three protocols (``--cache``); each measures every candidate the same way in one run:
 
-Writes ``OUT/kernels-<device>.json`` and ``.md``; ``--update-benchmarks`` puts the table in BENCHMARKS.md.
+* ``rotate`` (the default): each timed call uses its own copy of the weights, cycling over enough copies
+  (>= twice the last-level cache in all) that every call reads its weights from DRAM, while the Python
+  interpreter, ``x`` and the output stay in cache. This is decode: every layer's weights are read once per
+  token and evicted by the other layers' before they are read again, and the code runs in a hot loop. The
+  median is over ``max(--repeats, copies)`` calls. The CUDA protocol below does the same with a graph.
+* ``cold``: a buffer of twice the last-level cache is read before every timed call, so the weights *and*
+  the interpreter's state, the operand caches and ``x`` come from DRAM. This adds a fixed cost per call
+  that is larger for paths with more Python (hfquant's dispatch) than for ``F.linear``.
+* ``warm``: back-to-back calls on one copy (weights resident when they fit: this VM's 260 MB L3 holds a
+  64 MB float weight, and the float baseline then reads it at cache speed).
+
+CUDA timing: one CUDA graph replays the call over enough copies of the weights (>= 256 MB in all) that the
+50 MB L2 cannot serve them; time per call is the median replay time / copies. The graph removes Python
+launch overhead, as serving engines do for decode; the eager overhead is not in these numbers.
+
+Writes ``OUT/kernels-<device>[-cold|-warm].json`` and ``.md``; ``--update-benchmarks`` puts the table in
+BENCHMARKS.md.
 
 Usage:
-    python scripts/bench_kernels.py --out bench --update-benchmarks            # CPU
-    python scripts/bench_kernels.py --device cuda --out bench                  # GPU
+    python scripts/bench_kernels.py --out bench --update-benchmarks                 # CPU, rotating copies
+    python scripts/bench_kernels.py --out bench --cache cold --update-benchmarks    # CPU, flushed caches
+    python scripts/bench_kernels.py --device cuda --out bench                       # GPU
 """
 
 from __future__ import annotations
@@ -70,6 +79,22 @@ def cold_median_seconds(fn, repeats: int, flush: torch.Tensor, warmup: int = 2) 
             fn()
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def rotating_median_ms(make_calls, weight_bytes: int, repeats: int) -> float:
+    """CPU: median wall time of one call, cycling over calls that each read their own copy of the weights
+    (>= twice the last-level cache in all): every call's weights come from DRAM, as each layer's do once per
+    decoded token, while the interpreter, ``x`` and the output stay in cache, as they do in decode."""
+    calls = make_calls(max(1, min(64, -(-2 * last_level_cache_bytes() // weight_bytes))))
+    with torch.no_grad():
+        for fn in calls:  # warm-up: builds each copy's kernel operands
+            fn()
+        times = []
+        for i in range(max(repeats, len(calls))):
+            t0 = time.perf_counter()
+            calls[i % len(calls)]()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
 
 
 def timer(device: str, repeats: int, cache: str = "warm"):
@@ -169,12 +194,14 @@ def run(device: str, repeats: int, shapes, rows_list, cache: str = "warm") -> tu
                 candidates["w8a8_int_mm"] = (w8, w8a8_int_mm_cuda)
             t = {}
             for name, (obj, call) in candidates.items():
+                def make_calls(n, obj=obj, call=call):
+                    objs = [obj] + [obj.clone() if isinstance(obj, torch.Tensor) else fresh_copy(obj)
+                                    for _ in range(n - 1)]
+                    return [lambda o=o: call(x, o) for o in objs]
                 if device == "cuda":
-                    def make_calls(n, obj=obj, call=call):
-                        objs = [obj] + [obj.clone() if isinstance(obj, torch.Tensor) else fresh_copy(obj)
-                                        for _ in range(n - 1)]
-                        return [lambda o=o: call(x, o) for o in objs]
                     t[name], copies = graph_time_ms(make_calls, nbytes[name.replace("_int_mm", "")])
+                elif cache == "rotate":
+                    t[name] = rotating_median_ms(make_calls, nbytes[name], repeats)
                 else:
                     with torch.no_grad():
                         t[name] = time_ms(lambda obj=obj, call=call: call(x, obj))
@@ -216,8 +243,9 @@ def main(argv=None) -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma-separated M values")
-    parser.add_argument("--cache", choices=["cold", "warm"], default="cold",
-                        help="CPU: flush the caches before each timed call (cold, as in decode) or not (warm)")
+    parser.add_argument("--cache", choices=["rotate", "cold", "warm"], default="rotate",
+                        help="CPU: cycle over weight copies larger than the cache (rotate, as in decode), flush the "
+                             "caches before each call (cold), or repeat one call (warm)")
     parser.add_argument("--update-benchmarks", action="store_true")
     args = parser.parse_args(argv)
     rows_list = [int(v) for v in args.rows.split(",")]
@@ -227,14 +255,18 @@ def main(argv=None) -> None:
         timing = "CUDA-graph replay over weight copies (>= 256 MB, L2 defeated), median; bf16 activations"
     else:
         machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-        timing = (f"median of {args.repeats} runs; float32 activations; "
-                  + (f"caches flushed before each call ({2 * last_level_cache_bytes() >> 20} MB read: weights come "
-                     "from DRAM)" if args.cache == "cold" else "warm caches (back-to-back calls)"))
+        llc = 2 * last_level_cache_bytes() >> 20
+        timing = {"rotate": f"median of max({args.repeats}, copies) calls cycling over copies of the weights (>= {llc} "
+                            "MB in all: weights come from DRAM, code and activations stay cached)",
+                  "cold": f"median of {args.repeats} runs; caches flushed before each call ({llc} MB read: weights, "
+                          "code and activations come from DRAM)",
+                  "warm": f"median of {args.repeats} runs; warm caches (back-to-back calls)"}[args.cache]
+        timing += "; float32 activations"
     meta = {"command": "python scripts/bench_kernels.py " + " ".join(sys.argv[1:] if argv is None else argv),
             "machine": machine, "torch": torch.__version__, "timing": timing, "copy_gbs": bw,
             "baseline": "bf16" if args.device == "cuda" else "fp32", "date": time.strftime("%Y-%m-%d")}
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"kernels-{args.device}" + ("-warm" if args.device == "cpu" and args.cache == "warm" else "")
+    stem = f"kernels-{args.device}" + (f"-{args.cache}" if args.device == "cpu" and args.cache != "rotate" else "")
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = markdown(rows, meta)
     (args.out / f"{stem}.md").write_text(md)

@@ -160,8 +160,8 @@ struct ChunkGroups {
   bool uniform = true;        // every chunk lies in one group
 };
 
-static ChunkGroups chunk_groups(int64_t chunks, int64_t group, int64_t G) {
-  ChunkGroups cg;
+static void chunk_groups(int64_t chunks, int64_t group, int64_t G, ChunkGroups& cg) {
+  cg.uniform = true;
   cg.first.resize(chunks);
   cg.lane.resize(chunks * 16);
   for (int64_t c = 0; c < chunks; ++c) {
@@ -172,7 +172,6 @@ static ChunkGroups chunk_groups(int64_t chunks, int64_t group, int64_t G) {
       if (g != cg.first[c]) cg.uniform = false;
     }
   }
-  return cg;
 }
 
 template <int R, bool UNIFORM>
@@ -298,9 +297,15 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scales,
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   const int64_t chunks = (KB + kChunkBytes - 1) / kChunkBytes;
-  std::vector<QuantRow> xa(M);
+  // Per-thread buffers, reused from call to call: a decode step makes hundreds of small calls. Bound to
+  // local references, so the worker threads below read the calling thread's buffers, not their own.
+  static thread_local std::vector<QuantRow> tls_xa;
+  static thread_local ChunkGroups tls_cg;
+  std::vector<QuantRow>& xa = tls_xa;
+  ChunkGroups& cg = tls_cg;
+  if (static_cast<int64_t>(xa.size()) < M) xa.resize(M);
   for (int64_t m = 0; m < M; ++m) quantize_row(xp + m * K, K, chunks, group, G, xa[m]);
-  const ChunkGroups cg = chunk_groups(chunks, group, G);
+  chunk_groups(chunks, group, G, cg);
   over_row_blocks<R>(M, N, KB, G, wp, sp, zp, bp, yp, [&](const uint8_t* const* rows, const float* const* s,
                                                      const float* const* z, int64_t m, float* out, int64_t count,
                                                      int64_t ahead) {
