@@ -5,8 +5,10 @@ Paths (``w4a16_linear`` picks one per call; ``HFQUANT_KERNEL=reference`` forces 
 * **reference** -- the oracle every fast path is tested against: dequantize the whole weight in float32
   (``scale[g_idx] * (q - zero[g_idx])``, ``QuantLinearW4A16.dequantize``), cast it to ``x.dtype`` and call
   ``F.linear``. Used for layouts no fast path takes (2/3-bit codes, float16 on CPU, ...).
-* **CPU, one row, float32** (decode): hfquant's own AVX-512 kernel (``hfquant.kernels.cpu_ext``), float32
-  throughout (< 1e-5 relative to the reference), about 20% faster than torch's kernel at M=1.
+* **CPU, one row, float32** (decode): hfquant's own AVX-512 kernel (``hfquant.kernels.cpu_ext``): integer
+  dot products (AVX512-VNNI) over a three-part int8 split of ``x``, or float32 FMAs without VNNI; float32-level
+  accuracy (< 1e-5 relative to the reference in the tests, outlier channels included), bias added in the
+  kernel. Its speed against float32 ``F.linear`` is in BENCHMARKS.md (``scripts/bench_kernels.py``).
 * **CPU** (otherwise, float32 or bfloat16 activations): torch's int4 CPU kernel
   ``aten._weight_int4pack_mm_for_cpu``. It beats dequantize + float32 GEMM at every size measured
   (4096x4096, one thread: 2.4x fp32 at M=1; at M=64, 46 ms against 290 ms for the reference and 28 ms
