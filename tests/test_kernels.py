@@ -61,11 +61,15 @@ def test_batched_3d_input_and_cache_invalidation():
     assert rel_err(w4a16_linear(x, mod), w4a16_reference(x, other)) < 1e-2
 
 
-def test_prefill_uses_the_int4_kernel_and_odd_layouts_the_exact_reference():
+def test_few_rows_and_bf16_use_the_int4_kernel_and_odd_layouts_the_exact_reference():
+    from hfquant.kernels.w4a16 import DEQUANT_MIN_ROWS
+
     mod = make_module(256, 64, group=64)
-    x = torch.randn(4, 32, 256)
+    x = torch.randn(2, (DEQUANT_MIN_ROWS - 1) // 2, 256)  # more than one row, fewer than the dequantize path takes
     assert torch.equal(w4a16_linear(x, mod), w4a16_cpu_int4(x, mod))
     assert rel_err(w4a16_linear(x, mod), w4a16_reference(x, mod)) < 1e-2
+    xb = torch.randn(4, 32, 256, dtype=torch.bfloat16)  # bf16 activations, many rows: torch's kernel too
+    assert torch.equal(w4a16_linear(xb, mod), w4a16_cpu_int4(xb, mod))
     odd = make_module(200, 64, group=100)  # groups of 100 columns: no int4 kernel, the reference runs
     x = torch.randn(3, 200)
     assert torch.equal(w4a16_linear(x, odd), w4a16_reference(x, odd))
@@ -145,6 +149,24 @@ def test_cpu_gemv_zero_and_non_finite_inputs(gemv_kernel):
         x[0, 300] = bad
         fast, ref = w4a16_cpu_gemv(x, mod), w4a16_reference(x, mod)
         assert not torch.isfinite(ref).any() and not torch.isfinite(fast).any()  # never silently finite
+
+
+@pytest.mark.parametrize("in_f,out_f,group,act_perm", [(576, 960, 128, False), (576, 1536, 64, True), (160, 66, -1, False),
+                                                       (96, 40, 32, True), (100, 33, 32, False)])
+@pytest.mark.parametrize("tile", [None, 7, 64])  # None: the default (whole W here); 7: several tiles, a partial last one
+def test_cpu_dequant_mm_matches_reference(in_f, out_f, group, act_perm, tile):
+    from hfquant.kernels.w4a16 import DEQUANT_MIN_ROWS, w4a16_cpu_dequant_mm
+
+    _gemv_or_skip()
+    mod = make_module(in_f, out_f, group=group, act_perm=act_perm)
+    x = torch.randn(2, 37, in_f)
+    ref = w4a16_reference(x, mod)
+    fast = w4a16_cpu_dequant_mm(x, mod, tile)
+    assert fast.shape == ref.shape == (2, 37, out_f)
+    assert rel_err(fast, ref) < 1e-6  # the same float32 weights and GEMM: float32 rounding only
+    if tile is None:
+        assert 2 * 37 >= DEQUANT_MIN_ROWS
+        assert torch.equal(w4a16_linear(x, mod), fast)  # dispatched for many float32 rows
 
 
 def test_dispatch_without_the_extension_and_for_odd_shapes(monkeypatch):

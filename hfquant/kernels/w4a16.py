@@ -9,10 +9,12 @@ Paths (``w4a16_linear`` picks one per call; ``HFQUANT_KERNEL=reference`` forces 
   dot products (AVX512-VNNI) over a three-part int8 split of ``x``, or float32 FMAs without VNNI; float32-level
   accuracy (< 1e-5 relative to the reference in the tests, outlier channels included), bias added in the
   kernel. Its speed against float32 ``F.linear`` is in BENCHMARKS.md (``scripts/bench_kernels.py``).
-* **CPU** (otherwise, float32 or bfloat16 activations): torch's int4 CPU kernel
-  ``aten._weight_int4pack_mm_for_cpu``. It beats dequantize + float32 GEMM at every size measured
-  (4096x4096, one thread: 2.4x fp32 at M=1; at M=64, 46 ms against 290 ms for the reference and 28 ms
-  for the fp32 GEMM of an unquantized weight). Its fast (AVX-512) path takes bfloat16 activations, so ``x`` is
+* **CPU, at least DEQUANT_MIN_ROWS rows, float32** (prefill): hfquant's kernel dequantizes tiles of W
+  (about 16 MB of float32 each) with the reference's float ops, and torch's float32 GEMM multiplies each
+  tile: the result matches the reference to float32 rounding (the same weights, the same GEMM), and the
+  time is the GEMM's plus a small dequantization (BENCHMARKS.md).
+* **CPU** (otherwise: float32 between the two row counts above, bfloat16 activations, or no extension):
+  torch's int4 CPU kernel ``aten._weight_int4pack_mm_for_cpu``. Its fast (AVX-512) path takes bfloat16 activations, so ``x`` is
   cast to bf16 and the result back (about 3e-3 relative error against the float32 reference; the tests
   allow 1e-2). It dequantizes ``w = (q - 8) * s + z`` per group of ``group_size`` consecutive input
   columns, so our ``s * (q - zero)`` maps to ``z = (8 - zero) * s``. It needs groups of 32/64/128/256
@@ -42,6 +44,12 @@ from hfquant.nn.packing import _LITTLE_ENDIAN, pack_codes, unpack_codes
 _CPU_GROUPS = (32, 64, 128, 256)
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 GEMV_MAX_ROWS = 1
+# From this many rows of float32 x, tiles of W are dequantized (hfquant's kernel) for torch's float32 GEMM;
+# between GEMV_MAX_ROWS and this, torch's int4 kernel. On the 2-core AVX-512 Xeon of BENCHMARKS.md, 4096x4096:
+# at M=16 torch's int4 kernel took 4.1 ms against 6.2 ms, at M=64 16.1 ms against 11.9 ms.
+DEQUANT_MIN_ROWS = 32
+# Rows of W per dequantized tile: about 16 MB of float32 (4096 columns: 1024 rows).
+DEQUANT_TILE_BYTES = 16 << 20
 
 
 def forced_reference() -> bool:
@@ -161,6 +169,21 @@ def w4a16_cpu_gemv(x: torch.Tensor, module) -> torch.Tensor | None:
     return ext.w4a16_gemv(x.contiguous(), as_bytes, scales, zeros, bias, group)
 
 
+def w4a16_cpu_dequant_mm(x: torch.Tensor, module, tile: int | None = None) -> torch.Tensor | None:
+    """Many rows of float32 ``x`` (prefill): hfquant's kernel dequantizes tiles of ``tile`` rows of W with the
+    reference's float ops and multiplies each with torch's float32 GEMM. ``None`` when the extension is not
+    built or the layout does not allow it."""
+    ext = cpu_ext.extension()
+    ops = _gemv_operands(module) if ext is not None else None
+    if ops is None:
+        return None
+    as_bytes, scales, zeros, perm, group, bias = ops
+    if perm is not None:
+        x = x.index_select(-1, perm)
+    tile = tile or max(64, DEQUANT_TILE_BYTES // (4 * module.in_features))
+    return ext.w4a16_dequant_mm(x.contiguous(), as_bytes, scales, zeros, bias, group, tile)
+
+
 def prepare_module(module) -> None:
     """Build the operands of the fast paths this module's device uses (called once at load time)."""
     if module.weight.device.type == "cpu":
@@ -180,8 +203,13 @@ def w4a16_linear(x: torch.Tensor, module) -> torch.Tensor:
         y = w4a16_triton(x, module)
         return y if y is not None else w4a16_reference(x, module)
     if device == "cpu" and x.dtype in _CPU_DTYPES and module.weight.device.type == "cpu":
-        if x.dtype is torch.float32 and x.numel() <= GEMV_MAX_ROWS * x.shape[-1]:
+        rows = x.numel() // max(1, x.shape[-1])
+        if x.dtype is torch.float32 and rows <= GEMV_MAX_ROWS:
             y = w4a16_cpu_gemv(x, module)
+            if y is not None:
+                return y
+        elif x.dtype is torch.float32 and rows >= DEQUANT_MIN_ROWS:
+            y = w4a16_cpu_dequant_mm(x, module)
             if y is not None:
                 return y
         y = w4a16_cpu_int4(x, module)

@@ -344,6 +344,64 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scales,
   return y;
 }
 
+// Prefill (many rows of x): dequantize W in tiles of rows into a float32 buffer, with the reference's float
+// ops ((q - z) * s: a subtraction, then a multiplication, per weight), and multiply each tile with torch's
+// float32 GEMM. The weights come from memory as 4-bit codes (8x fewer bytes than float32) and a tile is
+// reused from the cache by the GEMM, so the GEMM's arithmetic is the cost, as it is for a float32 Linear.
+static void dequant_row(const uint8_t* row, const float* s, const float* z, int64_t K, int64_t group, float* out) {
+  int64_t k = 0;
+#ifdef __AVX512F__
+  // 32 columns (16 bytes, one group at most: groups are multiples of 32) per step; the low nibbles are the
+  // even columns, the high nibbles the odd ones, interleaved back into column order with two permutes.
+  alignas(64) static const int32_t lo_idx[16] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
+  alignas(64) static const int32_t hi_idx[16] = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i il = _mm512_load_si512(lo_idx), ih = _mm512_load_si512(hi_idx), mask = _mm512_set1_epi32(15);
+  for (; k + 32 <= K; k += 32) {
+    const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k / 2)));
+    const __m512 even = _mm512_cvtepi32_ps(_mm512_and_si512(w, mask));
+    const __m512 odd = _mm512_cvtepi32_ps(_mm512_srli_epi32(w, 4));
+    const __m512 sv = _mm512_set1_ps(s[k / group]), zv = _mm512_set1_ps(z[k / group]);
+    _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_sub_ps(_mm512_permutex2var_ps(even, il, odd), zv), sv));
+    _mm512_storeu_ps(out + k + 16, _mm512_mul_ps(_mm512_sub_ps(_mm512_permutex2var_ps(even, ih, odd), zv), sv));
+  }
+#endif
+  for (; k < K; ++k) {
+    const uint8_t b = row[k / 2];
+    const float q = static_cast<float>(k % 2 == 0 ? (b & 15) : (b >> 4));
+    out[k] = (q - z[k / group]) * s[k / group];
+  }
+}
+
+torch::Tensor w4a16_dequant_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zeros,
+                               c10::optional<torch::Tensor> bias, int64_t group, int64_t tile) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.is_contiguous(), "x: contiguous float32 [..., K]");
+  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "w: contiguous uint8 [N, KB]");
+  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32, "scales/zeros: float32");
+  TORCH_CHECK(scales.is_contiguous() && zeros.is_contiguous(), "scales/zeros: contiguous");
+  TORCH_CHECK(group > 0 && group % 32 == 0 && tile > 0, "group must be a multiple of 32, tile positive");
+  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = w.size(0), KB = w.size(1), G = scales.size(1);
+  TORCH_CHECK(2 * KB >= K && scales.size(0) == N && zeros.size(0) == N && zeros.size(1) == G, "shape mismatch");
+  TORCH_CHECK(G == (K + group - 1) / group, "groups do not match K");
+  const auto x2 = x.reshape({M, K});
+  auto y = torch::empty({M, N}, x.options());
+  auto buf = torch::empty({std::min(tile, N), K}, x.options());
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* zp = zeros.data_ptr<float>();
+  float* bufp = buf.data_ptr<float>();
+  for (int64_t n0 = 0; n0 < N; n0 += tile) {
+    const int64_t n1 = std::min(N, n0 + tile);
+    at::parallel_for(n0, n1, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t n = r0; n < r1; ++n) dequant_row(wp + n * KB, sp + n * G, zp + n * G, K, group, bufp + (n - n0) * K);
+    });
+    y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, buf.narrow(0, 0, n1 - n0).t()));
+  }
+  if (bias.has_value() && bias->defined()) y.add_(*bias);
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  return y.view(out_shape);
+}
+
 std::string path() {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   return "avx512-vnni";
@@ -356,6 +414,7 @@ std::string path() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_gemv", &w4a16_gemv, "hfquant W4A16 float32 GEMV (few rows)");
+  m.def("w4a16_dequant_mm", &w4a16_dequant_mm, "hfquant W4A16 float32 matmul for many rows: tiles of W dequantized, torch GEMM");
   m.def("vectorized", &vectorized, "whether the AVX-512 path was compiled in");
   m.def("path", &path, "which inner loop was compiled in: avx512-vnni, avx512 or scalar");
 }
