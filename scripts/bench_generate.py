@@ -3,6 +3,11 @@
 * decode: batch 1, a 16-token prompt, 128 new tokens, greedy (``generate`` with ``min_new_tokens`` so
   every run makes exactly 128 tokens); tokens/s = 128 / wall time of the whole ``generate`` call.
 * prefill: one forward pass over 1 x 512 tokens; tokens/s = 512 / wall time.
+* where a decoded token's time goes: ``--repeats`` more ``generate`` runs (medians) with a clock around every Linear of the
+  decoder layers (float ``nn.Linear`` in fp32, the quantized modules otherwise) and around ``lm_head``;
+  "rest" is the remainder (embedding, norms, attention, rotary, cache updates, ``generate``'s own loop),
+  the same work in every model. The clocks add about a microsecond per call, so this run is a little
+  slower than the timed decode; its columns are per token.
 
 Models: the fp32 reference; W4A16 = RTN 4-bit g128 sym (the same kernel path and layout as a GPTQ
 g128 checkpoint: speed does not depend on how the codes were chosen); W8A8 = int8 weights per channel,
@@ -20,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -46,6 +52,44 @@ def load_models(path: str) -> dict:
     }
 
 
+def decode_breakdown(model, prompt, n: int, repeats: int) -> dict:
+    """Milliseconds per decoded token in the decoder layers' Linears, in ``lm_head``, and the rest: the
+    median of each over ``repeats`` clocked decode runs."""
+    spent = {"linears": 0.0, "lm_head": 0.0}
+    patched = []
+
+    def clock(module, key):
+        forward = module.forward
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = forward(*args, **kwargs)
+            spent[key] += time.perf_counter() - t0
+            return out
+        module.forward = timed
+        patched.append(module)
+
+    for layer in model.model.layers:
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear) or type(module).__name__.startswith("QuantLinear"):
+                clock(module, "linears")
+    clock(model.lm_head, "lm_head")
+    runs = []
+    try:
+        with torch.no_grad():
+            for _ in range(repeats):
+                spent.update(linears=0.0, lm_head=0.0)
+                t0 = time.perf_counter()
+                model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                total = time.perf_counter() - t0
+                runs.append({"linears": spent["linears"], "lm_head": spent["lm_head"],
+                             "rest": total - spent["linears"] - spent["lm_head"]})
+    finally:
+        for module in patched:
+            del module.forward  # back to the class's forward
+    return {k: statistics.median(r[k] for r in runs) / n * 1e3 for k in runs[0]}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m"))
@@ -67,7 +111,9 @@ def main(argv=None) -> None:
         decode_s = median_seconds(lambda m=model: m.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                                    pad_token_id=0), args.repeats)
         prefill_s = median_seconds(lambda m=model: m(input_ids=long), args.repeats)
-        rows.append({"model": name, "decode_tok_s": n / decode_s, "prefill_tok_s": 512 / prefill_s})
+        split = decode_breakdown(model, prompt, n, args.repeats)
+        rows.append({"model": name, "decode_tok_s": n / decode_s, "prefill_tok_s": 512 / prefill_s,
+                     "decode_ms_per_token": decode_s / n * 1e3, **{f"{k}_ms_per_token": v for k, v in split.items()}})
         print(f"{name}: decode {n / decode_s:.1f} tok/s, prefill {512 / prefill_s:.1f} tok/s", flush=True)
     base = rows[0]
     for r in rows:
@@ -79,11 +125,16 @@ def main(argv=None) -> None:
             "repeats": args.repeats, "date": time.strftime("%Y-%m-%d")}
     md = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; torch {meta['torch']}; median of "
           f"{args.repeats} runs; {meta['date']}. Decode: batch 1, 16-token prompt, {n} new tokens (greedy); "
-          "prefill: 1 x 512 tokens.", "",
-          "| model | decode tok/s | decode speedup | prefill tok/s | prefill speedup |", "|---|---|---|---|---|"]
+          "prefill: 1 x 512 tokens. The last three columns split a decoded token's time: medians of "
+          f"{args.repeats} more decode runs with a clock around each decoder Linear and lm_head (so they add "
+          "up to a little more than decode ms/token); rest = embedding, norms, attention, cache and generate's "
+          "loop.", "",
+          "| model | decode tok/s | decode speedup | prefill tok/s | prefill speedup | decode ms/token | of which: "
+          "layers' Linears | lm_head | rest |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(f"| {r['model']} | {r['decode_tok_s']:.1f} | {r['decode_speedup']:.2f}x | {r['prefill_tok_s']:.1f} | "
-                  f"{r['prefill_speedup']:.2f}x |")
+                  f"{r['prefill_speedup']:.2f}x | {r['decode_ms_per_token']:.1f} | {r['linears_ms_per_token']:.1f} | "
+                  f"{r['lm_head_ms_per_token']:.1f} | {r['rest_ms_per_token']:.1f} |")
     md = "\n".join(md) + "\n"
     save_table(args.out, "generate", meta, rows, md, "generate" if args.update_benchmarks else None)
 
