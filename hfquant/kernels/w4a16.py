@@ -141,7 +141,7 @@ def _finish(y: torch.Tensor, x: torch.Tensor, module) -> torch.Tensor:
     return y.view(*x.shape[:-1], module.out_features)
 
 
-def _gemv_operands(module):
+def _ext_operands(module):
     """(packed bytes uint8 [N, KB], scales f32 [N, G], zeros f32 [N, G], column perm or None, group, bias f32 or
     None), or None."""
     def build():
@@ -153,35 +153,40 @@ def _gemv_operands(module):
         as_bytes = packed.contiguous().view(torch.uint8).reshape(module.out_features, -1)
         bias = None if module.bias is None else module.bias.detach().float().contiguous()
         return (as_bytes, module.scales.float().contiguous(), module.zeros.float().contiguous(), perm, group, bias)
-    return cached_operands(module, "cpu_gemv", build)
+    return cached_operands(module, "cpu_ext", build)
+
+
+def _extension_call(x: torch.Tensor, module):
+    """(hfquant's compiled CPU extension, ``x`` contiguous with its columns in the operands' order, the
+    operands), or ``None`` when the extension is not built or the layout does not allow it."""
+    ext = cpu_ext.extension()
+    ops = _ext_operands(module) if ext is not None else None
+    if ops is None:
+        return None
+    perm = ops[3]
+    return ext, (x if perm is None else x.index_select(-1, perm)).contiguous(), ops
 
 
 def w4a16_cpu_gemv(x: torch.Tensor, module) -> torch.Tensor | None:
     """hfquant's CPU kernel for few rows (``hfquant.kernels.cpu_ext``; bias added in the kernel), or ``None``
     when it is not built or the layout does not allow it."""
-    ext = cpu_ext.extension()
-    ops = _gemv_operands(module) if ext is not None else None
-    if ops is None:
+    call = _extension_call(x, module)
+    if call is None:
         return None
-    as_bytes, scales, zeros, perm, group, bias = ops
-    if perm is not None:
-        x = x.index_select(-1, perm)
-    return ext.w4a16_gemv(x.contiguous(), as_bytes, scales, zeros, bias, group)
+    ext, x, (as_bytes, scales, zeros, _, group, bias) = call
+    return ext.w4a16_gemv(x, as_bytes, scales, zeros, bias, group)
 
 
 def w4a16_cpu_dequant_mm(x: torch.Tensor, module, tile: int | None = None) -> torch.Tensor | None:
     """Many rows of float32 ``x`` (prefill): hfquant's kernel dequantizes tiles of ``tile`` rows of W with the
     reference's float ops and multiplies each with torch's float32 GEMM. ``None`` when the extension is not
     built or the layout does not allow it."""
-    ext = cpu_ext.extension()
-    ops = _gemv_operands(module) if ext is not None else None
-    if ops is None:
+    call = _extension_call(x, module)
+    if call is None:
         return None
-    as_bytes, scales, zeros, perm, group, bias = ops
-    if perm is not None:
-        x = x.index_select(-1, perm)
+    ext, x, (as_bytes, scales, zeros, _, group, bias) = call
     tile = tile or max(64, DEQUANT_TILE_BYTES // (4 * module.in_features))
-    return ext.w4a16_dequant_mm(x.contiguous(), as_bytes, scales, zeros, bias, group, tile)
+    return ext.w4a16_dequant_mm(x, as_bytes, scales, zeros, bias, group, tile)
 
 
 def prepare_module(module) -> None:
@@ -189,7 +194,7 @@ def prepare_module(module) -> None:
     if module.weight.device.type == "cpu":
         _cpu_int4_operands(module)
         if cpu_ext.extension() is not None:
-            _gemv_operands(module)
+            _ext_operands(module)
 
 
 def w4a16_linear(x: torch.Tensor, module) -> torch.Tensor:
