@@ -84,6 +84,35 @@ def test_int_mm_path_is_bit_identical_to_reference(static, shape):
     assert float((y - y_float).norm() / y_float.norm()) < 0.05
 
 
+def _w8a8_gemv_or_skip():
+    from hfquant.kernels import cpu_ext
+
+    ext = cpu_ext.extension()
+    if ext is None or not hasattr(ext, "w8a8_gemv"):
+        pytest.skip("hfquant's CPU extension has no W8A8 GEMV here (no compiler or no AVX512-VNNI)")
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("in_f,out_f,bias", [(64, 48, True), (576, 192, False), (100, 33, True), (4096, 20, True)])
+def test_cpu_w8a8_gemv_is_bit_identical_to_reference(static, in_f, out_f, bias):
+    from hfquant.kernels.w8a8 import w8a8_cpu_gemv
+
+    _w8a8_gemv_or_skip()
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(in_f, out_f, bias=bias)
+    m = QuantLinearW8A8.from_float(lin, lin.weight.data, input_scale=0.1 if static else None)
+    for x in (torch.randn(1, in_f) * 3, torch.randn(1, 1, in_f) * 40, torch.zeros(1, in_f)):  # 40: clamps if static
+        assert torch.equal(w8a8_cpu_gemv(x, m), w8a8_reference(x, m))
+        assert torch.equal(w8a8_linear(x, m), w8a8_cpu_gemv(x, m))  # dispatched for one float32 row
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(1, in_f)
+        x[0, in_f // 2] = bad
+        if static and bad == float("inf"):  # a static scale saturates: inf is clamped to 127, as the reference does
+            assert torch.equal(w8a8_cpu_gemv(x, m), w8a8_reference(x, m))
+        else:
+            assert not torch.isfinite(w8a8_cpu_gemv(x, m)).any()  # never silently finite
+
+
 def test_bert_post_norm_is_reported_not_smoothed(tiny_models):
     from transformers import AutoModel
 

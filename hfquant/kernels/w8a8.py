@@ -5,6 +5,9 @@ integer products exactly (int32 in ``_int_mm``; float64 in the reference, exact 
 accumulator to float32 and apply ``s_x * s_w`` in the same order, so their outputs are bit-identical.
 The int8 weight is passed to ``_int_mm`` as a transposed view of its stored rows (no copy).
 On CUDA the Triton kernels in ``hfquant.kernels.triton_kernels`` run instead (same numerics).
+On a CPU with AVX512-VNNI, one float32 row (decode) runs hfquant's own GEMV (``hfquant.kernels.cpu_ext``):
+the same quantization of ``x``, int32 dot products with ``VPDPBUSD`` and the same float32 epilogue in one
+C++ call, bit-identical for finite ``x`` (a NaN in ``x`` makes its row's outputs NaN).
 """
 
 from __future__ import annotations
@@ -12,7 +15,9 @@ from __future__ import annotations
 import torch
 
 from hfquant.algorithms.smoothquant import quantize_activation_int8
-from hfquant.kernels.w4a16 import forced_reference
+from hfquant.kernels import cpu_ext
+from hfquant.kernels._cache import cached_operands
+from hfquant.kernels.w4a16 import GEMV_MAX_ROWS, forced_reference
 
 
 def _quantize_input(x: torch.Tensor, module):
@@ -49,8 +54,29 @@ def w8a8_int_mm(x: torch.Tensor, module) -> torch.Tensor:
     return _finish(acc, sx, x, module)
 
 
+def _gemv_operands(module):
+    """(int8 weight [out, in], float32 weight scales, int32 row sums of the weight, float32 bias or None, the
+    static input scale or 0 for per-token scales), built once per module."""
+    def build():
+        w = module.weight.reshape(module.out_features, module.in_features).contiguous()
+        bias = None if module.bias is None else module.bias.detach().float().contiguous()
+        static = 0.0 if module.dynamic else float(module.input_scale)
+        return (w, module.weight_scale.float().contiguous(), w.sum(dim=1, dtype=torch.int32), bias, static)
+    return cached_operands(module, "cpu_w8a8_gemv", build)
+
+
+def w8a8_cpu_gemv(x: torch.Tensor, module) -> torch.Tensor | None:
+    """hfquant's VNNI GEMV for few float32 rows, or ``None`` where it is not built (no compiler, no VNNI)."""
+    ext = cpu_ext.extension()
+    if ext is None or not hasattr(ext, "w8a8_gemv"):
+        return None
+    w, w_scale, rowsum, bias, static = _gemv_operands(module)
+    return ext.w8a8_gemv(x.contiguous(), w, w_scale, rowsum, bias, static)
+
+
 def w8a8_linear(x: torch.Tensor, module) -> torch.Tensor:
-    """Dispatch: Triton on CUDA (fused activation quantization and epilogue); ``_int_mm`` on CPU."""
+    """Dispatch: Triton on CUDA (fused activation quantization and epilogue); on CPU hfquant's VNNI GEMV for
+    one float32 row where it is built, else ``_int_mm``."""
     if forced_reference():
         return w8a8_reference(x, module)
     if x.device.type == "cuda":
@@ -58,5 +84,9 @@ def w8a8_linear(x: torch.Tensor, module) -> torch.Tensor:
 
         return w8a8_triton(x, module)
     if x.device.type == "cpu":
+        if x.dtype is torch.float32 and x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and module.weight.device.type == "cpu":
+            y = w8a8_cpu_gemv(x, module)
+            if y is not None:
+                return y
         return w8a8_int_mm(x, module)
     return w8a8_reference(x, module)

@@ -402,6 +402,99 @@ torch::Tensor w4a16_dequant_mm(torch::Tensor x, torch::Tensor w, torch::Tensor s
   return y.view(out_shape);
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+// W8A8 for few rows (decode), with the numerics of hfquant.kernels.w8a8 (bit-identical for finite x): per
+// row of x, scale = max(amax|x| / 127, 1e-8) (or the static per-tensor scale), q = clamp(round_half_even(x /
+// scale), -127, 127); acc = sum q * w in int32 (exact); y = (float(acc) * scale) * w_scale + bias. VPDPBUSD
+// multiplies unsigned by signed bytes, so x goes in as q + 128 and 128 * (sum of the row's weights) is taken
+// off the int32 sum. w_rowsum is that per-row sum, computed once per module.
+torch::Tensor w8a8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor w_scale, torch::Tensor w_rowsum,
+                        c10::optional<torch::Tensor> bias, double static_scale) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.is_contiguous(), "x: contiguous float32 [..., K]");
+  TORCH_CHECK(w.dtype() == torch::kInt8 && w.dim() == 2 && w.is_contiguous(), "w: contiguous int8 [N, K]");
+  TORCH_CHECK(w_scale.dtype() == torch::kFloat32 && w_scale.is_contiguous(), "w_scale: contiguous float32 [N]");
+  TORCH_CHECK(w_rowsum.dtype() == torch::kInt32 && w_rowsum.is_contiguous(), "w_rowsum: contiguous int32 [N]");
+  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = w.size(0);
+  TORCH_CHECK(w.size(1) == K && w_scale.numel() == N && w_rowsum.numel() == N, "shape mismatch");
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(!has_bias || (bias->dtype() == torch::kFloat32 && bias->numel() == N && bias->is_contiguous()),
+              "bias: contiguous float32 [N]");
+  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
+  out_shape.back() = N;
+  auto y = torch::empty(out_shape, x.options());
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* wsp = w_scale.data_ptr<float>();
+  const int32_t* rsp = w_rowsum.data_ptr<int32_t>();
+  const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
+  const int64_t chunks = (K + 63) / 64;
+  static thread_local std::vector<uint8_t> tls_q;
+  static thread_local std::vector<float> tls_scale;
+  std::vector<uint8_t>& q = tls_q;
+  std::vector<float>& sx = tls_scale;
+  q.assign(M * chunks * 64, 128);
+  sx.assign(M, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = xp + m * K;
+    __m512 amax = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mk = static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1);
+      const __m512 v = _mm512_maskz_loadu_ps(mk, xr + k);
+      amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+      nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    float scale = static_scale > 0 ? static_cast<float>(static_scale)
+                                   : std::max(_mm512_reduce_max_ps(amax) / 127.f, 1e-8f);
+    // A NaN in x makes the row's outputs NaN (VMAXPS would drop it, and no int8 code can hold it); an
+    // infinity gives an infinite scale, so the outputs are not finite either.
+    if (nan != 0) scale = std::numeric_limits<float>::quiet_NaN();
+    sx[m] = scale;
+    const __m512 sv = _mm512_set1_ps(scale), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+    uint8_t* qr = q.data() + m * chunks * 64;
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 mk = static_cast<__mmask16>((1u << std::min<int64_t>(16, K - k)) - 1);
+      const __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_maskz_loadu_ps(mk, xr + k), sv),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      const __m512i qi = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi)),
+                                          _mm512_set1_epi32(128));
+      _mm_mask_storeu_epi8(qr + k, mk, _mm512_cvtepi32_epi8(qi));
+    }
+  }
+  constexpr int R = 4;
+  const int64_t blocks = (N + R - 1) / R;
+  at::parallel_for(0, blocks, 4, [&](int64_t blk0, int64_t blk1) {
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t n0 = blk * R, count = std::min<int64_t>(R, N - n0);
+      for (int64_t m = 0; m < M; ++m) {
+        const uint8_t* qr = q.data() + m * chunks * 64;
+        __m512i acc[R];
+        for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_si512();
+        for (int64_t c = 0; c < chunks; ++c) {
+          const int64_t k = c * 64;
+          const __m512i xv = _mm512_loadu_si512(qr + k);
+          const __mmask64 mk = k + 64 <= K ? ~0ULL : ((1ULL << (K - k)) - 1);
+          for (int r = 0; r < count; ++r) {
+            const int8_t* row = wp + (n0 + r) * K + k;
+            if (m == 0 && blk + 2 < blk1) _mm_prefetch(reinterpret_cast<const char*>(row + 2 * R * K), _MM_HINT_T0);
+            acc[r] = _mm512_dpbusd_epi32(acc[r], xv, _mm512_maskz_loadu_epi8(mk, row));
+          }
+        }
+        for (int r = 0; r < count; ++r) {
+          const int64_t n = n0 + r;
+          const int32_t dot = _mm512_reduce_add_epi32(acc[r]) - 128 * rsp[n];
+          float out = static_cast<float>(dot) * sx[m];
+          out = out * wsp[n];
+          yp[m * N + n] = bp != nullptr ? out + bp[n] : out;
+        }
+      }
+    }
+  });
+  return y;
+}
+#endif
+
 std::string path() {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
   return "avx512-vnni";
@@ -415,6 +508,9 @@ std::string path() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_gemv", &w4a16_gemv, "hfquant W4A16 float32 GEMV (few rows)");
   m.def("w4a16_dequant_mm", &w4a16_dequant_mm, "hfquant W4A16 float32 matmul for many rows: tiles of W dequantized, torch GEMM");
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+  m.def("w8a8_gemv", &w8a8_gemv, "hfquant W8A8 GEMV (few rows), numerics of hfquant.kernels.w8a8");
+#endif
   m.def("vectorized", &vectorized, "whether the AVX-512 path was compiled in");
   m.def("path", &path, "which inner loop was compiled in: avx512-vnni, avx512 or scalar");
 }
