@@ -1,4 +1,6 @@
-// hfquant W4A16 CPU kernel for few rows (decode): y = x @ dequant(W)^T + b, float32 in and out.
+// hfquant CPU kernels: W4A16 for few rows (decode), y = x @ dequant(W)^T + b, float32 in and out (w4a16_gemv);
+// W4A16 for many rows (prefill): dequantized tiles and torch's GEMM (w4a16_dequant_mm); W8A8 for few rows with
+// AVX512-VNNI (w8a8_gemv, further down).
 //
 // Weights are read in hfquant's own packed layout (hfquant/nn/packing.py) viewed as bytes: byte b of a row
 // holds the 4-bit codes of columns 2b (low nibble) and 2b+1 (high nibble). Per quantization group g of a
