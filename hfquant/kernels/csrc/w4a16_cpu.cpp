@@ -273,8 +273,14 @@ static void over_row_blocks(int64_t M, int64_t N, int64_t KB, int64_t G, const u
   });
 }
 
-torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zeros,
-                         c10::optional<torch::Tensor> bias, int64_t group) {
+// Shared argument checks. The W4A16 operands: x [..., K] float32, packed codes [N, KB] uint8, float32 scales
+// and zeros [N, G] with G = ceil(K / group).
+struct W4Dims {
+  int64_t K, M, N, KB, G;
+};
+
+static W4Dims check_w4(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& scales,
+                       const torch::Tensor& zeros, int64_t group) {
   TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.is_contiguous(), "x: contiguous float32 [..., K]");
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "w: contiguous uint8 [N, KB]");
   TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32, "scales/zeros: float32");
@@ -283,18 +289,37 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scales,
   const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = w.size(0), KB = w.size(1), G = scales.size(1);
   TORCH_CHECK(2 * KB >= K && scales.size(0) == N && zeros.size(0) == N && zeros.size(1) == G, "shape mismatch");
   TORCH_CHECK(G == (K + group - 1) / group, "groups do not match K");
-  const bool has_bias = bias.has_value() && bias->defined();
-  TORCH_CHECK(!has_bias || (bias->dtype() == torch::kFloat32 && bias->numel() == N && bias->is_contiguous()),
+  return {K, M, N, KB, G};
+}
+
+// The bias as a pointer (null when there is none), after checking it is contiguous float32 [N].
+static const float* bias_ptr(const c10::optional<torch::Tensor>& bias, int64_t N) {
+  if (!bias.has_value() || !bias->defined()) return nullptr;
+  TORCH_CHECK(bias->dtype() == torch::kFloat32 && bias->numel() == N && bias->is_contiguous(),
               "bias: contiguous float32 [N]");
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  auto y = torch::empty(out_shape, x.options());
+  return bias->data_ptr<float>();
+}
+
+// x's shape with its last dimension N, and an uninitialised float32 output of that shape.
+static std::vector<int64_t> shape_for(const torch::Tensor& x, int64_t N) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = N;
+  return shape;
+}
+
+static torch::Tensor output_for(const torch::Tensor& x, int64_t N) { return torch::empty(shape_for(x, N), x.options()); }
+
+torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zeros,
+                         c10::optional<torch::Tensor> bias, int64_t group) {
+  const W4Dims d = check_w4(x, w, scales, zeros, group);
+  const int64_t K = d.K, M = d.M, N = d.N, KB = d.KB, G = d.G;
+  const float* bp = bias_ptr(bias, N);
+  auto y = output_for(x, N);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   const float* zp = zeros.data_ptr<float>();
-  const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
   constexpr int R = 4;
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -376,14 +401,9 @@ static void dequant_row(const uint8_t* row, const float* s, const float* z, int6
 
 torch::Tensor w4a16_dequant_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zeros,
                                c10::optional<torch::Tensor> bias, int64_t group, int64_t tile) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.is_contiguous(), "x: contiguous float32 [..., K]");
-  TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 2 && w.is_contiguous(), "w: contiguous uint8 [N, KB]");
-  TORCH_CHECK(scales.dtype() == torch::kFloat32 && zeros.dtype() == torch::kFloat32, "scales/zeros: float32");
-  TORCH_CHECK(scales.is_contiguous() && zeros.is_contiguous(), "scales/zeros: contiguous");
-  TORCH_CHECK(group > 0 && group % 32 == 0 && tile > 0, "group must be a multiple of 32, tile positive");
-  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = w.size(0), KB = w.size(1), G = scales.size(1);
-  TORCH_CHECK(2 * KB >= K && scales.size(0) == N && zeros.size(0) == N && zeros.size(1) == G, "shape mismatch");
-  TORCH_CHECK(G == (K + group - 1) / group, "groups do not match K");
+  const W4Dims d = check_w4(x, w, scales, zeros, group);
+  const int64_t K = d.K, M = d.M, N = d.N, KB = d.KB, G = d.G;
+  TORCH_CHECK(tile > 0, "tile must be positive");
   const auto x2 = x.reshape({M, K});
   auto y = torch::empty({M, N}, x.options());
   auto buf = torch::empty({std::min(tile, N), K}, x.options());
@@ -398,10 +418,8 @@ torch::Tensor w4a16_dequant_mm(torch::Tensor x, torch::Tensor w, torch::Tensor s
     });
     y.narrow(1, n0, n1 - n0).copy_(at::mm(x2, buf.narrow(0, 0, n1 - n0).t()));
   }
-  if (bias.has_value() && bias->defined()) y.add_(*bias);
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  return y.view(out_shape);
+  if (bias_ptr(bias, N) != nullptr) y.add_(*bias);
+  return y.view(shape_for(x, N));
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -418,18 +436,13 @@ torch::Tensor w8a8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor w_scale,
   TORCH_CHECK(w_rowsum.dtype() == torch::kInt32 && w_rowsum.is_contiguous(), "w_rowsum: contiguous int32 [N]");
   const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = w.size(0);
   TORCH_CHECK(w.size(1) == K && w_scale.numel() == N && w_rowsum.numel() == N, "shape mismatch");
-  const bool has_bias = bias.has_value() && bias->defined();
-  TORCH_CHECK(!has_bias || (bias->dtype() == torch::kFloat32 && bias->numel() == N && bias->is_contiguous()),
-              "bias: contiguous float32 [N]");
-  std::vector<int64_t> out_shape(x.sizes().begin(), x.sizes().end());
-  out_shape.back() = N;
-  auto y = torch::empty(out_shape, x.options());
+  const float* bp = bias_ptr(bias, N);
+  auto y = output_for(x, N);
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* wsp = w_scale.data_ptr<float>();
   const int32_t* rsp = w_rowsum.data_ptr<int32_t>();
-  const float* bp = has_bias ? bias->data_ptr<float>() : nullptr;
   const int64_t chunks = (K + 63) / 64;
   static thread_local std::vector<uint8_t> tls_q;
   static thread_local std::vector<float> tls_scale;
