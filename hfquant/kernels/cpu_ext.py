@@ -60,4 +60,4 @@ def _build():
                       "using torch's int4 kernel instead", RuntimeWarning, stacklevel=3)
         return None
     # Without AVX-512 only the scalar loop is compiled, which is slower than torch's int4 kernel.
-    return ext if ext.vectorized() else None
+    return ext if ext.path() != "scalar" else None

@@ -23,13 +23,10 @@
 #include <immintrin.h>
 #endif
 
-bool vectorized() {
-#ifdef __AVX512F__
-  return true;
-#else
-  return false;
+// The integer dot-product loops (W4A16 decode, W8A8 decode) need AVX512-VNNI and AVX512-BW.
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#define HFQUANT_VNNI 1
 #endif
-}
 
 // One output: sum over groups of s_g * (sum_b lo(b) e[b] + hi(b) o[b]) - sum_g s_g z_g xs_g.
 // AVX-512: R rows at once (independent FMA chains; x loaded once for all R), the group scale applied to
@@ -83,7 +80,7 @@ static inline void rows_dot(const uint8_t* const* rows, const float* e, const fl
 }
 
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifdef HFQUANT_VNNI
 // AVX512-VNNI path: integer dot products with float32-level accuracy.
 //
 // x is split per chunk of 128 columns (64 packed bytes) into three int8 parts with one float scale sx:
@@ -159,9 +156,16 @@ struct ChunkGroups {
   std::vector<int64_t> first;
   std::vector<int32_t> lane;  // [chunks, 16]
   bool uniform = true;        // every chunk lies in one group
+  int64_t chunks = -1, group = -1, G = -1;  // the layout it was built for
 };
 
+// Fills cg for a layout; a no-op when cg already holds it (consecutive calls on one module, or on modules of
+// one shape, as in a decode step).
 static void chunk_groups(int64_t chunks, int64_t group, int64_t G, ChunkGroups& cg) {
+  if (cg.chunks == chunks && cg.group == group && cg.G == G) return;
+  cg.chunks = chunks;
+  cg.group = group;
+  cg.G = G;
   cg.uniform = true;
   cg.first.resize(chunks);
   cg.lane.resize(chunks * 16);
@@ -321,7 +325,7 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scales,
   const float* zp = zeros.data_ptr<float>();
   constexpr int R = 4;
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifdef HFQUANT_VNNI
   const int64_t chunks = (KB + kChunkBytes - 1) / kChunkBytes;
   // Per-thread buffers, reused from call to call: a decode step makes hundreds of small calls. Bound to
   // local references, so the worker threads below read the calling thread's buffers, not their own.
@@ -421,7 +425,7 @@ torch::Tensor w4a16_dequant_mm(torch::Tensor x, torch::Tensor w, torch::Tensor s
   return y.view(shape_for(x, N));
 }
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifdef HFQUANT_VNNI
 // W8A8 for few rows (decode), with the numerics of hfquant.kernels.w8a8 (bit-identical for finite x): per
 // row of x, scale = max(amax|x| / 127, 1e-8) (or the static per-tensor scale), q = clamp(round_half_even(x /
 // scale), -127, 127); acc = sum q * w in int32 (exact); y = (float(acc) * scale) * w_scale + bias. VPDPBUSD
@@ -510,7 +514,7 @@ torch::Tensor w8a8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor w_scale,
 #endif
 
 std::string path() {
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifdef HFQUANT_VNNI
   return "avx512-vnni";
 #elif defined(__AVX512F__)
   return "avx512";
@@ -522,9 +526,8 @@ std::string path() {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_gemv", &w4a16_gemv, "hfquant W4A16 float32 GEMV (few rows)");
   m.def("w4a16_dequant_mm", &w4a16_dequant_mm, "hfquant W4A16 float32 matmul for many rows: tiles of W dequantized, torch GEMM");
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#ifdef HFQUANT_VNNI
   m.def("w8a8_gemv", &w8a8_gemv, "hfquant W8A8 GEMV (few rows), numerics of hfquant.kernels.w8a8");
 #endif
-  m.def("vectorized", &vectorized, "whether the AVX-512 path was compiled in");
   m.def("path", &path, "which inner loop was compiled in: avx512-vnni, avx512 or scalar");
 }
