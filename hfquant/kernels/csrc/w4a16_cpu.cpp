@@ -179,12 +179,23 @@ static void chunk_groups(int64_t chunks, int64_t group, int64_t G, ChunkGroups& 
   }
 }
 
+// One chunk of one row (or two half chunks of two rows): sum_k q_k * x_k for the columns of each int32 lane, in
+// units of sx / 2^14, as float32.
+static inline __m512 chunk_dot(__m512i w, const __m512i* e, const __m512i* o) {
+  const __m512i nib = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
+  const __m512i lo = _mm512_and_si512(w, nib), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
+  const __m512i a0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, e[0]), hi, o[0]);
+  const __m512i a1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, e[1]), hi, o[1]);
+  const __m512i a2 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, e[2]), hi, o[2]);
+  const __m512i low = _mm512_add_epi32(_mm512_slli_epi32(a1, 7), a2);
+  return _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), _mm512_set1_ps(16384.f), _mm512_cvtepi32_ps(low));
+}
+
 template <int R, bool UNIFORM>
 static inline void rows_dot_vnni(const uint8_t* const* rows, const QuantRow& xq, const ChunkGroups& cg,
                                  const float* const* s, const float* const* z, int64_t G, int64_t KB,
                                  int64_t chunks, float* out, int64_t ahead) {
-  const __m512i nib = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
-  const __m512 shift14 = _mm512_set1_ps(16384.f);
+  const __m512i zero = _mm512_setzero_si512();
   __m512 total[R];
   for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_ps();
   for (int64_t c = 0; c < chunks; ++c) {
@@ -205,21 +216,38 @@ static inline void rows_dot_vnni(const uint8_t* const* rows, const QuantRow& xq,
       lanes = _mm512_loadu_si512(cg.lane.data() + c * 16);
       gmask = static_cast<__mmask16>((1u << std::min<int64_t>(16, G - g0)) - 1);
     }
+    // The scales of row r for the int32 lanes of this chunk, times x's chunk scale.
+    auto lane_scales = [&](int r, __m512i lane_idx) {
+      return UNIFORM ? _mm512_set1_ps(s[r][g0] * sxc)
+                     : _mm512_mul_ps(_mm512_permutexvar_ps(lane_idx, _mm512_maskz_loadu_ps(gmask, s[r] + g0)),
+                                     _mm512_set1_ps(sxc));
+    };
     if (ahead != 0) {
       for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + b + ahead), _MM_HINT_T0);
     }
+    if (R % 2 == 0 && KB - b == kChunkBytes / 2) {
+      // A half chunk (64 columns: K = 64 mod 128, as SmolLM2's 576): two rows share each instruction, row r in
+      // the low 256 bits and row r + 1 in the high 256 bits, against x's half chunk copied into both halves.
+      __m512i e2[kParts], o2[kParts];
+      for (int64_t p = 0; p < kParts; ++p) {
+        e2[p] = _mm512_shuffle_i64x2(e[p], e[p], 0x44);
+        o2[p] = _mm512_shuffle_i64x2(o[p], o[p], 0x44);
+      }
+      const __m512i lanes2 = _mm512_shuffle_i64x2(lanes, lanes, 0x44);
+      for (int r = 0; r < R; r += 2) {
+        const __m512i w = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + b))),
+            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r + 1] + b)), 1);
+        const __m512 f = chunk_dot(w, e2, o2);
+        const __m512 sv = _mm512_mask_blend_ps(0xFF00, lane_scales(r, lanes2), lane_scales(r + 1, lanes2));
+        total[r] = _mm512_mask3_fmadd_ps(sv, f, total[r], 0x00FF);
+        total[r + 1] = _mm512_mask3_fmadd_ps(sv, f, total[r + 1], 0xFF00);
+      }
+      continue;
+    }
     for (int r = 0; r < R; ++r) {
       const __m512i w = whole ? _mm512_loadu_si512(rows[r] + b) : _mm512_maskz_loadu_epi8(bytes, rows[r] + b);
-      const __m512i lo = _mm512_and_si512(w, nib), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
-      const __m512i a0 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, e[0]), hi, o[0]);
-      const __m512i a1 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, e[1]), hi, o[1]);
-      const __m512i a2 = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, lo, e[2]), hi, o[2]);
-      const __m512i low = _mm512_add_epi32(_mm512_slli_epi32(a1, 7), a2);
-      const __m512 f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a0), shift14, _mm512_cvtepi32_ps(low));
-      const __m512 sv = UNIFORM ? _mm512_set1_ps(s[r][g0] * sxc)
-                                : _mm512_mul_ps(_mm512_permutexvar_ps(lanes, _mm512_maskz_loadu_ps(gmask, s[r] + g0)),
-                                                _mm512_set1_ps(sxc));
-      total[r] = _mm512_fmadd_ps(sv, f, total[r]);
+      total[r] = _mm512_fmadd_ps(lane_scales(r, lanes), chunk_dot(w, e, o), total[r]);
     }
   }
   // The zero points: sum_g s_g z_g xsum_g, 16 groups at a time.
@@ -323,7 +351,7 @@ torch::Tensor w4a16_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor scales,
   const uint8_t* wp = w.data_ptr<uint8_t>();
   const float* sp = scales.data_ptr<float>();
   const float* zp = zeros.data_ptr<float>();
-  constexpr int R = 4;
+  constexpr int R = 8;
 
 #ifdef HFQUANT_VNNI
   const int64_t chunks = (KB + kChunkBytes - 1) / kChunkBytes;
@@ -520,6 +548,54 @@ std::string path() {
   return "avx512";
 #else
   return "scalar";
+#endif
+}
+
+// Shape-only versions for torch.compile's fake tensors (the Meta dispatch key): the output of each op is
+// x's shape with its last dimension N, in x's dtype.
+static torch::Tensor w4a16_meta(torch::Tensor x, torch::Tensor w, torch::Tensor, torch::Tensor,
+                                c10::optional<torch::Tensor>, int64_t) {
+  return output_for(x, w.size(0));
+}
+
+static torch::Tensor w4a16_mm_meta(torch::Tensor x, torch::Tensor w, torch::Tensor, torch::Tensor,
+                                   c10::optional<torch::Tensor>, int64_t, int64_t) {
+  return output_for(x, w.size(0));
+}
+
+#ifdef HFQUANT_VNNI
+static torch::Tensor w8a8_meta(torch::Tensor x, torch::Tensor w, torch::Tensor, torch::Tensor,
+                               c10::optional<torch::Tensor>, double) {
+  return output_for(x, w.size(0));
+}
+#endif
+
+// The same functions as torch operators (torch.ops.<extension name>.*), so torch.compile can put them in a
+// graph: the Python bindings below are for eager calls (less dispatch overhead), the operators for compiled
+// code. The namespace is the extension's name, so differently compiled copies can be loaded side by side.
+TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
+  m.def("w4a16_gemv(Tensor x, Tensor w, Tensor scales, Tensor zeros, Tensor? bias, int group) -> Tensor");
+  m.def("w4a16_dequant_mm(Tensor x, Tensor w, Tensor scales, Tensor zeros, Tensor? bias, int group, "
+        "int tile) -> Tensor");
+#ifdef HFQUANT_VNNI
+  m.def("w8a8_gemv(Tensor x, Tensor w, Tensor w_scale, Tensor w_rowsum, Tensor? bias, float static_scale) "
+        "-> Tensor");
+#endif
+}
+
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
+  m.impl("w4a16_gemv", &w4a16_gemv);
+  m.impl("w4a16_dequant_mm", &w4a16_dequant_mm);
+#ifdef HFQUANT_VNNI
+  m.impl("w8a8_gemv", &w8a8_gemv);
+#endif
+}
+
+TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, Meta, m) {
+  m.impl("w4a16_gemv", &w4a16_meta);
+  m.impl("w4a16_dequant_mm", &w4a16_mm_meta);
+#ifdef HFQUANT_VNNI
+  m.impl("w8a8_gemv", &w8a8_meta);
 #endif
 }
 
