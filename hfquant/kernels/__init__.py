@@ -26,17 +26,22 @@ def reference_kernels():
 
 
 def prepare_model(model) -> int:
-    """Convert every W4A16 Linear's weights into its CPU kernel's layout once (at load time); W8A8 needs
-    no conversion (``_int_mm`` reads a view of the stored weight).
+    """Build every quantized Linear's kernel operands once (at load time): W4A16 weights in its CPU kernels'
+    layouts, and on a CPU with hfquant's VNNI kernel the W8A8 GEMV's operands (``_int_mm`` itself reads a
+    view of the stored weight). ``torch.compile`` needs them built before it traces the model.
 
     Returns the number of modules prepared. Calling it again is free (the operands are cached).
     """
-    from hfquant.kernels import w4a16
+    from hfquant.kernels import w4a16, w8a8
     from hfquant.nn.w4a16 import QuantLinearW4A16
+    from hfquant.nn.w8a8 import QuantLinearW8A8
 
     n = 0
     for m in model.modules():
         if isinstance(m, QuantLinearW4A16):
             w4a16.prepare_module(m)
+            n += 1
+        elif isinstance(m, QuantLinearW8A8):
+            w8a8.prepare_module(m)
             n += 1
     return n

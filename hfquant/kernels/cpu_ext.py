@@ -10,7 +10,8 @@ accuracy. With AVX512-VNNI it multiplies the 4-bit codes with a three-part int8 
 bits of each 128-column block, relative error about 2e-6) in integer dot-product instructions; without VNNI
 it converts codes to float32 and uses FMAs. It is compiled for the machine it runs on
 (``-O3 -march=native``) with ``torch.utils.cpp_extension`` into torch's extension cache. No compiler, or a
-failed build: a warning once, and torch's int4 kernel is used instead. ``HFQUANT_CPU_EXTENSION=0`` turns it
+failed build: a warning once, and torch's int4 kernel is used instead. Each function is also a torch operator
+(``torch.ops.hfquant_w4a16_cpu.*``, used under ``torch.compile``: ``kernel``). ``HFQUANT_CPU_EXTENSION=0`` turns it
 off.
 """
 
@@ -21,6 +22,8 @@ import os
 import threading
 import warnings
 from pathlib import Path
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +40,15 @@ def extension():
         if "ext" not in _STATE:
             _STATE["ext"] = _build()
     return _STATE["ext"]
+
+
+def kernel(ext, name: str):
+    """The extension's function ``name``: its Python binding in eager code (the least dispatch overhead), its
+    torch operator ``torch.ops.<extension name>.<name>`` while ``torch.compile`` traces, so the call is
+    recorded in the graph (a Meta implementation gives compile the output's shape) instead of breaking it."""
+    if torch.compiler.is_compiling():
+        return getattr(getattr(torch.ops, ext.__name__), name)
+    return getattr(ext, name)
 
 
 def compile_kernel(name: str = "hfquant_w4a16_cpu", extra_cflags: tuple = ()):

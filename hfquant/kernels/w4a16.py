@@ -174,7 +174,7 @@ def w4a16_cpu_gemv(x: torch.Tensor, module) -> torch.Tensor | None:
     if call is None:
         return None
     ext, x, (as_bytes, scales, zeros, _, group, bias) = call
-    return ext.w4a16_gemv(x, as_bytes, scales, zeros, bias, group)
+    return cpu_ext.kernel(ext, "w4a16_gemv")(x, as_bytes, scales, zeros, bias, group)
 
 
 def w4a16_cpu_dequant_mm(x: torch.Tensor, module, tile: int | None = None) -> torch.Tensor | None:
@@ -186,7 +186,7 @@ def w4a16_cpu_dequant_mm(x: torch.Tensor, module, tile: int | None = None) -> to
         return None
     ext, x, (as_bytes, scales, zeros, _, group, bias) = call
     tile = tile or max(64, DEQUANT_TILE_BYTES // (4 * module.in_features))
-    return ext.w4a16_dequant_mm(x, as_bytes, scales, zeros, bias, group, tile)
+    return cpu_ext.kernel(ext, "w4a16_dequant_mm")(x, as_bytes, scales, zeros, bias, group, tile)
 
 
 def prepare_module(module) -> None:

@@ -65,13 +65,25 @@ def _gemv_operands(module):
     return cached_operands(module, "cpu_w8a8_gemv", build)
 
 
+def _gemv_kernel():
+    """The compiled extension when it has the W8A8 GEMV (AVX512-VNNI), else ``None``."""
+    ext = cpu_ext.extension()
+    return ext if ext is not None and hasattr(ext, "w8a8_gemv") else None
+
+
+def prepare_module(module) -> None:
+    """Build the CPU GEMV's operands (called once at load time)."""
+    if module.weight.device.type == "cpu" and _gemv_kernel() is not None:
+        _gemv_operands(module)
+
+
 def w8a8_cpu_gemv(x: torch.Tensor, module) -> torch.Tensor | None:
     """hfquant's VNNI GEMV for few float32 rows, or ``None`` where it is not built (no compiler, no VNNI)."""
-    ext = cpu_ext.extension()
-    if ext is None or not hasattr(ext, "w8a8_gemv"):
+    ext = _gemv_kernel()
+    if ext is None:
         return None
     w, w_scale, rowsum, bias, static = _gemv_operands(module)
-    return ext.w8a8_gemv(x.contiguous(), w, w_scale, rowsum, bias, static)
+    return cpu_ext.kernel(ext, "w8a8_gemv")(x.contiguous(), w, w_scale, rowsum, bias, static)
 
 
 def w8a8_linear(x: torch.Tensor, module) -> torch.Tensor:

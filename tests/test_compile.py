@@ -1,0 +1,45 @@
+"""The quantized Linears under ``torch.compile(fullgraph=True)``: hfquant's CPU kernels are torch operators,
+so a compiled graph calls them (no graph break), and its outputs equal the eager calls' bit for bit."""
+
+import pytest
+import torch
+
+from hfquant.kernels import cpu_ext
+from hfquant.kernels import prepare_model
+from hfquant.kernels.w4a16 import DEQUANT_MIN_ROWS
+from hfquant.nn.w8a8 import QuantLinearW8A8
+
+from tests.test_kernels import make_module
+
+
+class Block(torch.nn.Module):
+    """A W4A16 and a W8A8 Linear with a float op between them, as in a decoder layer."""
+
+    def __init__(self, static: bool):
+        super().__init__()
+        self.up = make_module(576, 192, group=128)
+        torch.manual_seed(1)
+        lin = torch.nn.Linear(192, 96)
+        self.down = QuantLinearW8A8.from_float(lin, lin.weight.data, input_scale=0.05 if static else None)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.up(x)))
+
+
+@pytest.mark.parametrize("static", [False, True])
+def test_compiled_graph_calls_the_kernels_and_matches_eager(static):
+    if cpu_ext.extension() is None:
+        pytest.skip("hfquant's CPU extension is not available here (no compiler or no AVX-512)")
+    torch._dynamo.reset()
+    block = Block(static).eval()
+    assert prepare_model(block) == 2  # as at load time
+    compiled = torch.compile(block, fullgraph=True, dynamic=False)  # fullgraph: a graph break is an error
+    with torch.no_grad():
+        # one row: the GEMVs; 8 rows: torch's int4 kernel and _int_mm; many rows: the dequantized-tile path
+        for rows in (1, 8, DEQUANT_MIN_ROWS + 3):
+            x = torch.randn(1, rows, 576)
+            assert torch.equal(compiled(x), block(x)), rows
+    ops = getattr(torch.ops, cpu_ext.extension().__name__)
+    assert ops.w4a16_gemv(torch.randn(2, 3, 576, device="meta"), block.up._kernel_cache["cpu_ext"][1][0].to("meta"),
+                          torch.empty(192, 5, device="meta"), torch.empty(192, 5, device="meta"), None,
+                          128).shape == (2, 3, 192)
