@@ -3,6 +3,10 @@
 * decode: batch 1, a 16-token prompt, 128 new tokens, greedy (``generate`` with ``min_new_tokens`` so
   every run makes exactly 128 tokens); tokens/s = 128 / wall time of the whole ``generate`` call.
 * prefill: one forward pass over 1 x 512 tokens; tokens/s = 512 / wall time.
+* compiled decode (unless ``--no-compile``): each model's ``forward`` under ``torch.compile(fullgraph=True,
+  dynamic=False)`` with a static KV cache (``cache_implementation="static"``), the same settings for every
+  model; hfquant's kernels are torch operators, so the graph calls them without a break. The first
+  ``generate`` (compilation) is not timed; its time is reported as ``compile s``.
 * where a decoded token's time goes: ``--repeats`` more ``generate`` runs (medians) with a clock around every Linear of the
   decoder layers (float ``nn.Linear`` in fp32, the quantized modules otherwise) and around ``lm_head``;
   "rest" is the remainder (embedding, norms, attention, rotary, cache updates, ``generate``'s own loop),
@@ -93,6 +97,35 @@ def decode_breakdown(model, prompt, n: int, repeats: int) -> dict:
     return {k: statistics.median(r[k] for r in runs) / n * 1e3 for k in runs[0]}
 
 
+def compiled_decode(models: dict, prompt, n: int, repeats: int) -> list[dict]:
+    """Decode tokens/s of every model with its forward compiled (static KV cache); speedups against the compiled
+    fp32 model."""
+    rows = []
+    for name, model in models.items():
+        torch._dynamo.reset()  # one model's graphs at a time: no guard checks against the others' entries
+        eager_forward = model.forward
+        model.forward = torch.compile(eager_forward, fullgraph=True, dynamic=False)
+
+        def run(m=model):
+            return m.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0,
+                              cache_implementation="static")
+        try:
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                run()  # compiles the prefill and the decode step
+            first = time.perf_counter() - t0
+            decode_s = median_seconds(run, repeats, warmup=1)
+        finally:
+            model.forward = eager_forward
+        rows.append({"model": name, "compiled_decode_tok_s": n / decode_s, "compiled_decode_ms_per_token": decode_s / n * 1e3,
+                     "compile_s": first - decode_s})
+        print(f"{name} compiled: decode {n / decode_s:.1f} tok/s", flush=True)
+    torch._dynamo.reset()
+    for r in rows:
+        r["compiled_decode_speedup"] = r["compiled_decode_tok_s"] / rows[0]["compiled_decode_tok_s"]
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m"))
@@ -100,6 +133,7 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--update-benchmarks", action="store_true")
+    parser.add_argument("--no-compile", action="store_true", help="skip the compiled-decode table")
     args = parser.parse_args(argv)
     if not Path(args.model, "config.json").is_file():
         sys.exit(f"error: no model at {args.model}; run `python scripts/prepare_reference_model.py --out models` first")
@@ -140,6 +174,24 @@ def main(argv=None) -> None:
                   f"{r['lm_head_ms_per_token']:.1f} | {r['rest_ms_per_token']:.1f} |")
     md = "\n".join(md) + "\n"
     save_table(args.out, "generate", meta, rows, md, "generate" if args.update_benchmarks else None)
+    if args.no_compile:
+        return
+    compiled = compiled_decode(models, prompt, n, args.repeats)
+    eager = {r["model"]: r for r in rows}
+    md = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; torch {meta['torch']}; median of "
+          f"{args.repeats} runs after one untimed; {meta['date']}. Decode: batch 1, 16-token prompt, {n} new tokens "
+          "(greedy), each model's forward compiled with `torch.compile(fullgraph=True, dynamic=False)` and a static "
+          "KV cache; speedup against the compiled fp32 model; compile s = the first (compiling) run's time less a "
+          "timed run's.", "",
+          "| model | compiled decode tok/s | speedup vs compiled fp32 | eager decode tok/s (table above) | "
+          "compiled ms/token | compile s |", "|---|---|---|---|---|---|"]
+    for r in compiled:
+        md.append(f"| {r['model']} | {r['compiled_decode_tok_s']:.1f} | {r['compiled_decode_speedup']:.2f}x | "
+                  f"{eager[r['model']]['decode_tok_s']:.1f} | {r['compiled_decode_ms_per_token']:.1f} | "
+                  f"{r['compile_s']:.0f} |")
+    md = "\n".join(md) + "\n"
+    save_table(args.out, "generate_compiled", meta, compiled, md,
+               "generate-compiled" if args.update_benchmarks else None)
 
 
 if __name__ == "__main__":
