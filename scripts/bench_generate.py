@@ -1,5 +1,7 @@
 """End-to-end speed on this CPU: SmolLM2-135M tokens/s, fp32 vs W4A16 vs W8A8, as ratios from one run.
 
+* the eager decode and prefill runs of the three models take turns (fp32, W4A16, W8A8, fp32, ...), so a slow
+  spell of the machine does not fall on one model; medians of ``--repeats`` (5) runs.
 * decode: batch 1, a 16-token prompt, 128 new tokens, greedy (``generate`` with ``min_new_tokens`` so
   every run makes exactly 128 tokens); tokens/s = 128 / wall time of the whole ``generate`` call.
 * prefill: one forward pass over 1 x 512 tokens; tokens/s = 512 / wall time.
@@ -39,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.timing import median_seconds, save_table  # noqa: E402
+from scripts.timing import interleaved_median_seconds, median_seconds, save_table  # noqa: E402
 
 
 def load_models(path: str) -> dict:
@@ -130,7 +132,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(ROOT / "models" / "smollm2-135m"))
     parser.add_argument("--out", type=Path, default=ROOT / "bench")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--update-benchmarks", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled-decode table")
@@ -142,12 +144,16 @@ def main(argv=None) -> None:
     prompt = torch.randint(0, 49152, (1, 16), generator=gen)
     long = torch.randint(0, 49152, (1, 512), generator=gen)
     n = args.new_tokens
+    for model in models.values():
+        model.eval()
+    decode = interleaved_median_seconds({name: (lambda m=model: m.generate(
+        prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)) for name, model in models.items()},
+        args.repeats)
+    prefill = interleaved_median_seconds({name: (lambda m=model: m(input_ids=long)) for name, model in models.items()},
+                                         args.repeats)
     rows = []
     for name, model in models.items():
-        model.eval()
-        decode_s = median_seconds(lambda m=model: m.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                                                   pad_token_id=0), args.repeats)
-        prefill_s = median_seconds(lambda m=model: m(input_ids=long), args.repeats)
+        decode_s, prefill_s = decode[name], prefill[name]
         split = decode_breakdown(model, prompt, n, args.repeats)
         rows.append({"model": name, "decode_tok_s": n / decode_s, "prefill_tok_s": 512 / prefill_s,
                      "decode_ms_per_token": decode_s / n * 1e3, **{f"{k}_ms_per_token": v for k, v in split.items()}})
@@ -161,7 +167,7 @@ def main(argv=None) -> None:
                        f"{torch.get_num_threads()} threads", "torch": torch.__version__,
             "repeats": args.repeats, "date": time.strftime("%Y-%m-%d")}
     md = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; torch {meta['torch']}; median of "
-          f"{args.repeats} runs; {meta['date']}. Decode: batch 1, 16-token prompt, {n} new tokens (greedy); "
+          f"{args.repeats} runs, the models taking turns in each; {meta['date']}. Decode: batch 1, 16-token prompt, {n} new tokens (greedy); "
           "prefill: 1 x 512 tokens. The last three columns split a decoded token's time: medians of "
           f"{args.repeats} more decode runs with a clock around each decoder Linear and lm_head (so they add "
           "up to a little more than decode ms/token); rest = embedding, norms, attention, cache and generate's "

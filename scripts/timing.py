@@ -21,6 +21,22 @@ def median_seconds(fn, repeats: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
+def interleaved_median_seconds(fns: dict, repeats: int, warmup: int = 1) -> dict:
+    """``{name: median wall time}`` of each ``fns[name]()``, the functions taking turns in every repeat, so a
+    slow spell of the machine costs all of them alike (no autograd)."""
+    times = {name: [] for name in fns}
+    with torch.no_grad():
+        for _ in range(warmup):
+            for fn in fns.values():
+                fn()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 def run_meta(script: str, argv=None) -> dict:
     """The command, machine and versions a benchmark table is stamped with."""
     import os
