@@ -99,6 +99,13 @@ def decode_breakdown(model, prompt, n: int, repeats: int) -> dict:
     return {k: statistics.median(r[k] for r in runs) / n * 1e3 for k in runs[0]}
 
 
+def markdown(meta: dict, how: str, columns: list[str], rows: list[list[str]]) -> str:
+    """A table under its command and machine lines."""
+    lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; torch {meta['torch']}; {how}", "",
+             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+
+
 def compiled_decode(models: dict, prompt, n: int, repeats: int) -> list[dict]:
     """Decode tokens/s of every model with its forward compiled (static KV cache); speedups against the compiled
     fp32 model."""
@@ -166,36 +173,30 @@ def main(argv=None) -> None:
             "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
                        f"{torch.get_num_threads()} threads", "torch": torch.__version__,
             "repeats": args.repeats, "date": time.strftime("%Y-%m-%d")}
-    md = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; torch {meta['torch']}; median of "
-          f"{args.repeats} runs, the models taking turns in each; {meta['date']}. Decode: batch 1, 16-token prompt, {n} new tokens (greedy); "
-          "prefill: 1 x 512 tokens. The last three columns split a decoded token's time: medians of "
-          f"{args.repeats} more decode runs with a clock around each decoder Linear and lm_head (so they add "
-          "up to a little more than decode ms/token); rest = embedding, norms, attention, cache and generate's "
-          "loop.", "",
-          "| model | decode tok/s | decode speedup | prefill tok/s | prefill speedup | decode ms/token | of which: "
-          "layers' Linears | lm_head | rest |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {r['model']} | {r['decode_tok_s']:.1f} | {r['decode_speedup']:.2f}x | {r['prefill_tok_s']:.1f} | "
-                  f"{r['prefill_speedup']:.2f}x | {r['decode_ms_per_token']:.1f} | {r['linears_ms_per_token']:.1f} | "
-                  f"{r['lm_head_ms_per_token']:.1f} | {r['rest_ms_per_token']:.1f} |")
-    md = "\n".join(md) + "\n"
+    md = markdown(meta, f"median of {args.repeats} runs, the models taking turns in each; {meta['date']}. Decode: batch 1, "
+                  f"16-token prompt, {n} new tokens (greedy); prefill: 1 x 512 tokens. The last three columns split a "
+                  f"decoded token's time: medians of {args.repeats} more decode runs with a clock around each decoder "
+                  "Linear and lm_head (so they add up to a little more than decode ms/token); rest = embedding, norms, "
+                  "attention, cache and generate's loop.",
+                  ["model", "decode tok/s", "decode speedup", "prefill tok/s", "prefill speedup", "decode ms/token",
+                   "of which: layers' Linears", "lm_head", "rest"],
+                  [[r["model"], f"{r['decode_tok_s']:.1f}", f"{r['decode_speedup']:.2f}x", f"{r['prefill_tok_s']:.1f}",
+                    f"{r['prefill_speedup']:.2f}x", f"{r['decode_ms_per_token']:.1f}", f"{r['linears_ms_per_token']:.1f}",
+                    f"{r['lm_head_ms_per_token']:.1f}", f"{r['rest_ms_per_token']:.1f}"] for r in rows])
     save_table(args.out, "generate", meta, rows, md, "generate" if args.update_benchmarks else None)
     if args.no_compile:
         return
     compiled = compiled_decode(models, prompt, n, args.repeats)
     eager = {r["model"]: r for r in rows}
-    md = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; torch {meta['torch']}; median of "
-          f"{args.repeats} runs after one untimed; {meta['date']}. Decode: batch 1, 16-token prompt, {n} new tokens "
-          "(greedy), each model's forward compiled with `torch.compile(fullgraph=True, dynamic=False)` and a static "
-          "KV cache; speedup against the compiled fp32 model; compile s = the first (compiling) run's time less a "
-          "timed run's.", "",
-          "| model | compiled decode tok/s | speedup vs compiled fp32 | eager decode tok/s (table above) | "
-          "compiled ms/token | compile s |", "|---|---|---|---|---|---|"]
-    for r in compiled:
-        md.append(f"| {r['model']} | {r['compiled_decode_tok_s']:.1f} | {r['compiled_decode_speedup']:.2f}x | "
-                  f"{eager[r['model']]['decode_tok_s']:.1f} | {r['compiled_decode_ms_per_token']:.1f} | "
-                  f"{r['compile_s']:.0f} |")
-    md = "\n".join(md) + "\n"
+    md = markdown(meta, f"median of {args.repeats} runs after one untimed; {meta['date']}. Decode: batch 1, 16-token "
+                  f"prompt, {n} new tokens (greedy), each model's forward compiled with `torch.compile(fullgraph=True, "
+                  "dynamic=False)` and a static KV cache; speedup against the compiled fp32 model; compile s = the first "
+                  "(compiling) run's time less a timed run's.",
+                  ["model", "compiled decode tok/s", "speedup vs compiled fp32", "eager decode tok/s (table above)",
+                   "compiled ms/token", "compile s"],
+                  [[r["model"], f"{r['compiled_decode_tok_s']:.1f}", f"{r['compiled_decode_speedup']:.2f}x",
+                    f"{eager[r['model']]['decode_tok_s']:.1f}", f"{r['compiled_decode_ms_per_token']:.1f}",
+                    f"{r['compile_s']:.0f}"] for r in compiled])
     save_table(args.out, "generate_compiled", meta, compiled, md,
                "generate-compiled" if args.update_benchmarks else None)
 
