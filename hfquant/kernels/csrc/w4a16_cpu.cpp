@@ -179,8 +179,7 @@ static void chunk_groups(int64_t chunks, int64_t group, int64_t G, ChunkGroups& 
   }
 }
 
-// One chunk of one row (or two half chunks of two rows): sum_k q_k * x_k for the columns of each int32 lane, in
-// units of sx / 2^14, as float32.
+// One chunk of one row: sum_k q_k * x_k for the columns of each int32 lane, in units of sx / 2^14, as float32.
 static inline __m512 chunk_dot(__m512i w, const __m512i* e, const __m512i* o) {
   const __m512i nib = _mm512_set1_epi8(0x0F), zero = _mm512_setzero_si512();
   const __m512i lo = _mm512_and_si512(w, nib), hi = _mm512_and_si512(_mm512_srli_epi16(w, 4), nib);
@@ -217,37 +216,17 @@ static inline void rows_dot_vnni(const uint8_t* const* rows, const QuantRow& xq,
       gmask = static_cast<__mmask16>((1u << std::min<int64_t>(16, G - g0)) - 1);
     }
     // The scales of row r for the int32 lanes of this chunk, times x's chunk scale.
-    auto lane_scales = [&](int r, __m512i lane_idx) {
+    auto lane_scales = [&](int r) {
       return UNIFORM ? _mm512_set1_ps(s[r][g0] * sxc)
-                     : _mm512_mul_ps(_mm512_permutexvar_ps(lane_idx, _mm512_maskz_loadu_ps(gmask, s[r] + g0)),
+                     : _mm512_mul_ps(_mm512_permutexvar_ps(lanes, _mm512_maskz_loadu_ps(gmask, s[r] + g0)),
                                      _mm512_set1_ps(sxc));
     };
     if (ahead != 0) {
       for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + b + ahead), _MM_HINT_T0);
     }
-    if (R % 2 == 0 && KB - b == kChunkBytes / 2) {
-      // A half chunk (64 columns: K = 64 mod 128, as SmolLM2's 576): two rows share each instruction, row r in
-      // the low 256 bits and row r + 1 in the high 256 bits, against x's half chunk copied into both halves.
-      __m512i e2[kParts], o2[kParts];
-      for (int64_t p = 0; p < kParts; ++p) {
-        e2[p] = _mm512_shuffle_i64x2(e[p], e[p], 0x44);
-        o2[p] = _mm512_shuffle_i64x2(o[p], o[p], 0x44);
-      }
-      const __m512i lanes2 = _mm512_shuffle_i64x2(lanes, lanes, 0x44);
-      for (int r = 0; r < R; r += 2) {
-        const __m512i w = _mm512_inserti64x4(
-            _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + b))),
-            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r + 1] + b)), 1);
-        const __m512 f = chunk_dot(w, e2, o2);
-        const __m512 sv = _mm512_mask_blend_ps(0xFF00, lane_scales(r, lanes2), lane_scales(r + 1, lanes2));
-        total[r] = _mm512_mask3_fmadd_ps(sv, f, total[r], 0x00FF);
-        total[r + 1] = _mm512_mask3_fmadd_ps(sv, f, total[r + 1], 0xFF00);
-      }
-      continue;
-    }
     for (int r = 0; r < R; ++r) {
       const __m512i w = whole ? _mm512_loadu_si512(rows[r] + b) : _mm512_maskz_loadu_epi8(bytes, rows[r] + b);
-      total[r] = _mm512_fmadd_ps(lane_scales(r, lanes), chunk_dot(w, e, o), total[r]);
+      total[r] = _mm512_fmadd_ps(lane_scales(r), chunk_dot(w, e, o), total[r]);
     }
   }
   // The zero points: sum_g s_g z_g xsum_g, 16 groups at a time.
