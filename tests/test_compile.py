@@ -26,17 +26,18 @@ class Block(torch.nn.Module):
         return self.down(torch.nn.functional.silu(self.up(x)))
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_compiled_graph_calls_the_kernels_and_matches_eager(static):
+@pytest.mark.parametrize("static,dynamic", [(False, False), (True, False), (False, True)])
+def test_compiled_graph_calls_the_kernels_and_matches_eager(static, dynamic):
     if cpu_ext.extension() is None:
         pytest.skip("hfquant's CPU extension is not available here (no compiler or no AVX-512)")
     torch._dynamo.reset()
     block = Block(static).eval()
     assert prepare_model(block) == 2  # as at load time
-    compiled = torch.compile(block, fullgraph=True, dynamic=False)  # fullgraph: a graph break is an error
+    compiled = torch.compile(block, fullgraph=True, dynamic=dynamic)  # fullgraph: a graph break is an error
     with torch.no_grad():
         # one row: the GEMVs; 8 rows: torch's int4 kernel and _int_mm; many rows: the dequantized-tile path
-        for rows in (1, 8, DEQUANT_MIN_ROWS + 3):
+        # (twice with dynamic shapes: a symbolic row count through the Meta implementations)
+        for rows in (1, 8, DEQUANT_MIN_ROWS + 3) + ((DEQUANT_MIN_ROWS + 11,) if dynamic else ()):
             x = torch.randn(1, rows, 576)
             assert torch.equal(compiled(x), block(x)), rows
     ops = getattr(torch.ops, cpu_ext.extension().__name__)
