@@ -29,8 +29,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import sys
 import time
@@ -41,7 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.timing import interleaved_median_seconds, median_seconds, save_table  # noqa: E402
+from scripts.timing import interleaved_median_seconds, median_seconds, run_meta, save_table, table_header  # noqa: E402
 
 
 def load_models(path: str) -> dict:
@@ -100,9 +98,9 @@ def decode_breakdown(model, prompt, n: int, repeats: int) -> dict:
 
 
 def markdown(meta: dict, how: str, columns: list[str], rows: list[list[str]]) -> str:
-    """A table under its command and machine lines."""
-    lines = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; torch {meta['torch']}; {how}", "",
-             "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    """A table under the shared command and machine lines (``table_header``) and a line saying how it was
+    measured."""
+    lines = [*table_header(meta), how, "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
 
 
@@ -169,11 +167,8 @@ def main(argv=None) -> None:
     for r in rows:
         r["decode_speedup"] = r["decode_tok_s"] / base["decode_tok_s"]
         r["prefill_speedup"] = r["prefill_tok_s"] / base["prefill_tok_s"]
-    meta = {"command": "python scripts/bench_generate.py " + " ".join(sys.argv[1:] if argv is None else argv),
-            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                       f"{torch.get_num_threads()} threads", "torch": torch.__version__,
-            "repeats": args.repeats, "date": time.strftime("%Y-%m-%d")}
-    md = markdown(meta, f"median of {args.repeats} runs, the models taking turns in each; {meta['date']}. Decode: batch 1, "
+    meta = {**run_meta("bench_generate.py", argv), "repeats": args.repeats}
+    md = markdown(meta, f"Median of {args.repeats} runs, the models taking turns in each. Decode: batch 1, "
                   f"16-token prompt, {n} new tokens (greedy); prefill: 1 x 512 tokens. The last three columns split a "
                   f"decoded token's time: medians of {args.repeats} more decode runs with a clock around each decoder "
                   "Linear and lm_head (so they add up to a little more than decode ms/token); rest = embedding, norms, "
@@ -188,7 +183,7 @@ def main(argv=None) -> None:
         return
     compiled = compiled_decode(models, prompt, n, args.repeats)
     eager = {r["model"]: r for r in rows}
-    md = markdown(meta, f"median of {args.repeats} runs after one untimed; {meta['date']}. Decode: batch 1, 16-token "
+    md = markdown(meta, f"Median of {args.repeats} runs after one untimed. Decode: batch 1, 16-token "
                   f"prompt, {n} new tokens (greedy), each model's forward compiled with `torch.compile(fullgraph=True, "
                   "dynamic=False)` and a static KV cache; speedup against the compiled fp32 model; compile s = the first "
                   "(compiling) run's time less a timed run's.",
