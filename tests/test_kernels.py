@@ -169,6 +169,35 @@ def test_cpu_dequant_mm_matches_reference(in_f, out_f, group, act_perm, tile):
         assert torch.equal(w4a16_linear(x, mod), fast)  # dispatched for many float32 rows
 
 
+@pytest.mark.parametrize("in_f,out_f,group,act_perm", [(576, 960, -1, False), (576, 130, 128, False), (576, 64, 64, True),
+                                                       (100, 33, -1, False), (200, 40, 48, True), (1536, 24, 256, False)])
+def test_8bit_codes_take_the_cpu_kernels_and_match_the_reference(gemv_kernel, in_f, out_f, group, act_perm):
+    """8-bit codes (an int8 lm_head, ``bits: auto``'s 8-bit modules): one row through the 4-bit GEMV with x
+    spread to (x, 16x), more rows through dequantized tiles; both against the reference."""
+    from hfquant.kernels.w4a16 import w4a16_cpu_dequant_mm, w4a16_cpu_gemv
+
+    mod = make_module(in_f, out_f, bits=8, group=group, act_perm=act_perm)
+    x = torch.randn(1, 1, in_f)
+    x[..., 5] *= 1000  # an outlier channel
+    fast = w4a16_cpu_gemv(x, mod)
+    assert fast is not None and fast.shape == (1, 1, out_f)
+    assert rel_err(fast, w4a16_reference(x, mod)) < 1e-5
+    assert torch.equal(w4a16_linear(x, mod), fast)
+    for shape in ((3, in_f), (2, 37, in_f)):  # few and many rows: the tiles, not the reference's whole W
+        x = torch.randn(*shape)
+        ref = w4a16_reference(x, mod)
+        tiles = w4a16_cpu_dequant_mm(x, mod, 16)  # several tiles, a partial last one
+        assert tiles.shape == ref.shape and rel_err(tiles, ref) < 1e-6
+        assert rel_err(w4a16_linear(x, mod), ref) < 1e-6
+
+
+def test_8bit_group_the_kernel_cannot_take_falls_back_to_the_reference():
+    _gemv_or_skip()
+    mod = make_module(120, 16, bits=8, group=40)  # 40 columns: not a multiple of 16
+    x = torch.randn(1, 120)
+    assert torch.equal(w4a16_linear(x, mod), w4a16_reference(x, mod))
+
+
 def test_dispatch_without_the_extension_and_for_odd_shapes(monkeypatch):
     from hfquant.kernels import cpu_ext
 

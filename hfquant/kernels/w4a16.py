@@ -13,6 +13,9 @@ Paths (``w4a16_linear`` picks one per call; ``HFQUANT_KERNEL=reference`` forces 
   (about 16 MB of float32 each) with the reference's float ops, and torch's float32 GEMM multiplies each
   tile: the result matches the reference to float32 rounding (the same weights, the same GEMM), and the
   time is the GEMM's plus a small dequantization (BENCHMARKS.md).
+* **CPU, 8-bit codes, float32** (``bits: 8`` modules, e.g. an int8 ``lm_head`` or the 8-bit choices of
+  ``bits: auto``): one row through the 4-bit decode kernel, each code byte read as two nibbles against ``x``
+  spread to ``(x_k, 16 x_k)`` (``_ext_operands``); more rows through tiles dequantized by torch ops.
 * **CPU** (otherwise: float32 between the two row counts above, bfloat16 activations, or no extension):
   torch's int4 CPU kernel ``aten._weight_int4pack_mm_for_cpu``. Its fast (AVX-512) path takes bfloat16 activations, so ``x`` is
   cast to bf16 and the result back (about 3e-3 relative error against the float32 reference; the tests
@@ -143,28 +146,46 @@ def _finish(y: torch.Tensor, x: torch.Tensor, module) -> torch.Tensor:
 
 def _ext_operands(module):
     """(packed bytes uint8 [N, KB], scales f32 [N, G], zeros f32 [N, G], column perm or None, group, bias f32 or
-    None), or None."""
+    None, spread), or None.
+
+    8-bit codes run through the 4-bit kernel: a code byte ``q = lo + 16 * hi`` is read as two nibbles, so the
+    kernel gets ``x`` spread to ``2K`` columns ``(x_k, 16 x_k)`` (``spread`` is True), groups of ``2 * group``
+    spread columns, and ``zeros / 17`` (each spread group's sum of ``x`` is 17 times the group's sum):
+    ``s * (lo x + hi 16x - z/17 * 17 sum x) = s * sum (q - z) x``."""
     def build():
         group = module.in_features if module.group_size == -1 else module.group_size
-        grouped = grouped_weight(module) if module.bits == 4 and group % 32 == 0 and _LITTLE_ENDIAN else None
+        spread = module.bits == 8
+        if spread and module.group_size == -1:
+            group = -(-module.in_features // 16) * 16  # one group: any width >= K that the kernel takes
+        if not (_LITTLE_ENDIAN and module.bits in (4, 8) and group % (16 if spread else 32) == 0):
+            return None
+        grouped = grouped_weight(module)
         if grouped is None:
             return None
         packed, perm = grouped
         as_bytes = packed.contiguous().view(torch.uint8).reshape(module.out_features, -1)
         bias = None if module.bias is None else module.bias.detach().float().contiguous()
-        return (as_bytes, module.scales.float().contiguous(), module.zeros.float().contiguous(), perm, group, bias)
+        zeros = module.zeros.float() / 17 if spread else module.zeros.float()
+        return (as_bytes, module.scales.float().contiguous(), zeros.contiguous(), perm,
+                2 * group if spread else group, bias, spread)
     return cached_operands(module, "cpu_ext", build)
 
 
+def _spread(x: torch.Tensor) -> torch.Tensor:
+    """``[..., K]`` to ``[..., 2K]``: each column ``x_k`` followed by ``16 x_k`` (8-bit codes as two nibbles)."""
+    return torch.stack((x, x * 16), dim=-1).flatten(-2)
+
+
 def _extension_call(x: torch.Tensor, module):
-    """(hfquant's compiled CPU extension, ``x`` contiguous with its columns in the operands' order, the
-    operands), or ``None`` when the extension is not built or the layout does not allow it."""
+    """(hfquant's compiled CPU extension, ``x`` contiguous with its columns in the operands' order (spread for
+    8-bit codes), the operands), or ``None`` when the extension is not built or the layout does not allow it."""
     ext = cpu_ext.extension()
     ops = _ext_operands(module) if ext is not None else None
     if ops is None:
         return None
     perm = ops[3]
-    return ext, (x if perm is None else x.index_select(-1, perm)).contiguous(), ops
+    x = x if perm is None else x.index_select(-1, perm)
+    return ext, (_spread(x) if ops[6] else x).contiguous(), ops
 
 
 def w4a16_cpu_gemv(x: torch.Tensor, module) -> torch.Tensor | None:
@@ -173,20 +194,43 @@ def w4a16_cpu_gemv(x: torch.Tensor, module) -> torch.Tensor | None:
     call = _extension_call(x, module)
     if call is None:
         return None
-    ext, x, (as_bytes, scales, zeros, _, group, bias) = call
+    ext, x, (as_bytes, scales, zeros, _, group, bias, _) = call
     return cpu_ext.kernel(ext, "w4a16_gemv")(x, as_bytes, scales, zeros, bias, group)
 
 
 def w4a16_cpu_dequant_mm(x: torch.Tensor, module, tile: int | None = None) -> torch.Tensor | None:
-    """Many rows of float32 ``x`` (prefill): hfquant's kernel dequantizes tiles of ``tile`` rows of W with the
-    reference's float ops and multiplies each with torch's float32 GEMM. ``None`` when the extension is not
-    built or the layout does not allow it."""
+    """Many rows of float32 ``x`` (prefill): tiles of ``tile`` rows of W dequantized with the reference's float
+    ops, each multiplied with torch's float32 GEMM -- by hfquant's kernel for 4-bit codes, by torch ops for
+    8-bit codes (their bytes are the codes). ``None`` when the extension is not built or the layout does not
+    allow it."""
+    tile = tile or max(64, DEQUANT_TILE_BYTES // (4 * module.in_features))
+    ext = cpu_ext.extension()
+    ops = _ext_operands(module) if ext is not None else None
+    if ops is not None and ops[6]:
+        return _byte_codes_mm(x, module, ops, tile)
     call = _extension_call(x, module)
     if call is None:
         return None
-    ext, x, (as_bytes, scales, zeros, _, group, bias) = call
-    tile = tile or max(64, DEQUANT_TILE_BYTES // (4 * module.in_features))
+    ext, x, (as_bytes, scales, zeros, _, group, bias, _) = call
     return cpu_ext.kernel(ext, "w4a16_dequant_mm")(x, as_bytes, scales, zeros, bias, group, tile)
+
+
+def _byte_codes_mm(x: torch.Tensor, module, ops, tile: int) -> torch.Tensor:
+    """``w4a16_cpu_dequant_mm`` for 8-bit codes: ``(q - z) * s`` per tile of rows (as the reference), then
+    ``F.linear``."""
+    as_bytes, perm = ops[0], ops[3]
+    k, n = module.in_features, module.out_features
+    group = k if module.group_size == -1 else module.group_size
+    x2 = _rows(x, perm)
+    scales, zeros = module.scales.float(), module.zeros.float()
+    y = x2.new_empty(x2.shape[0], n)
+    for n0 in range(0, n, tile):
+        n1 = min(n, n0 + tile)
+        # Columns are in group order (``grouped_weight``), so groups are runs of ``group`` columns.
+        s = scales[n0:n1].repeat_interleave(group, dim=1)[:, :k]
+        z = zeros[n0:n1].repeat_interleave(group, dim=1)[:, :k]
+        y[:, n0:n1] = F.linear(x2, (as_bytes[n0:n1, :k].float() - z) * s)
+    return _finish(y, x, module)
 
 
 def prepare_module(module) -> None:
@@ -213,7 +257,7 @@ def w4a16_linear(x: torch.Tensor, module) -> torch.Tensor:
             y = w4a16_cpu_gemv(x, module)
             if y is not None:
                 return y
-        elif x.dtype is torch.float32 and rows >= DEQUANT_MIN_ROWS:
+        elif x.dtype is torch.float32 and (rows >= DEQUANT_MIN_ROWS or module.bits == 8):
             y = w4a16_cpu_dequant_mm(x, module)
             if y is not None:
                 return y
