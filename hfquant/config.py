@@ -23,6 +23,7 @@ WEIGHT_METHODS = ("rtn", "gptq")
 ACTIVATION_SCHEMES = ("dynamic", "static")
 SAVE_FORMATS = ("hfquant", "gptq", "compressed-tensors")
 CHECKPOINT_FORMATS = ("hfquant", "gptq", "gptq_v2")
+LM_HEAD_BITS = (8,)
 
 # name -> default; the order is the order of to_dict().
 DEFAULTS: dict[str, Any] = {
@@ -46,6 +47,7 @@ DEFAULTS: dict[str, Any] = {
     "calibration_batch_size": 8,
     "tokenizer": None,
     "modules_to_not_convert": None,
+    "lm_head_bits": None,
     "alpha": "auto",
     "weight_method": "rtn",
     "activation_scheme": "dynamic",
@@ -98,7 +100,12 @@ class HFQuantConfig(QuantizationConfigMixin):
         calibration_batch_size: windows per forward pass during calibration.
         tokenizer: tokenizer name/path (or object, not saved); defaults to the model's own.
         modules_to_not_convert: module names (or transformers skip patterns) to keep float; ``lm_head``
-            and tied embeddings are always kept float.
+            and tied embeddings are kept float unless ``lm_head_bits`` is set.
+        lm_head_bits: ``None`` (the output head stays float, the default, as in GPTQ tools) or ``8``: the head
+            is rounded to nearest to 8-bit codes, one scale and zero per output channel (methods gptq/rtn,
+            fixed bits, ``save_format: hfquant``). A head tied to the input embeddings is untied: the
+            embeddings stay float. For small models the head is a large share of the weights read per
+            token (SmolLM2-135M: 28 M of 135 M), see BENCHMARKS.md for its speed and accuracy.
         alpha: SmoothQuant migration strength in [0, 1], ``"auto"`` (per-group search over a grid, keeping
             the smallest W8A8 output error on calibration data) or ``None`` (no smoothing: plain W8A8).
         weight_method: SmoothQuant int8 weights by ``"rtn"`` (per channel) or ``"gptq"``.
@@ -192,6 +199,15 @@ class HFQuantConfig(QuantizationConfigMixin):
         m = self.modules_to_not_convert
         if m is not None and (not isinstance(m, (list, tuple)) or not all(isinstance(x, str) for x in m)):
             bad("modules_to_not_convert", "a list of module names")
+        if self.lm_head_bits is not None:
+            if not _is_int(self.lm_head_bits) or self.lm_head_bits not in LM_HEAD_BITS:
+                bad("lm_head_bits", f"null (float head) or one of {list(LM_HEAD_BITS)}")
+            if self.method == "smoothquant" or self.bits == AUTO:
+                bad("lm_head_bits", f"null for method {self.method!r} with bits {self.bits!r}; an 8-bit head needs "
+                                    "method gptq or rtn with fixed bits")
+            if self.save_format != "hfquant":
+                bad("lm_head_bits", f"null with save_format {self.save_format!r} (GPTQ and compressed-tensors "
+                                    "checkpoints are written with a float head); use save_format hfquant")
         self._check_mixed(bad)
 
     def _check_mixed(self, bad) -> None:

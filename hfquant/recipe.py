@@ -47,8 +47,8 @@ DTYPES = ("float32", "bfloat16", "float16")
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "gptq": ("bits", "group_size", "sym", "desc_act", "static_groups", "true_sequential", "damp_percent",
              "block_size", "observer", "modules_to_not_convert", "overrides", "target_avg_bits",
-             "max_ppl_increase", "candidates", "fisher_windows"),
-    "rtn": ("bits", "group_size", "sym", "observer", "modules_to_not_convert", "overrides"),
+             "max_ppl_increase", "candidates", "fisher_windows", "lm_head_bits"),
+    "rtn": ("bits", "group_size", "sym", "observer", "modules_to_not_convert", "overrides", "lm_head_bits"),
     "smoothquant": ("alpha", "weight_method", "activation_scheme", "damp_percent", "block_size",
                     "modules_to_not_convert", "overrides"),
 }

@@ -127,8 +127,30 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: 
         config.module_schemes = {m["name"]: {"bits": m["bits"], "group_size": m["group_size"],
                                              "sym": schemes[m["name"]].sym if m["name"] in schemes else config.sym,
                                              "method": m["method"]} for m in modules}
+    if config.lm_head_bits is not None:
+        modules += reports_as_dicts(_quantize_lm_head_(model, config))
     report["damp_retries"] = sum(m.get("damp_retries", 0) for m in modules)
     return report
+
+
+def _quantize_lm_head_(model, config) -> list:
+    """``lm_head_bits``: round the output head to nearest, one scale and zero per output channel, after the
+    rest of the model (its input is not calibrated: RTN needs none). A head tied to the input embeddings is
+    untied first (``tie_word_embeddings`` is set false in the model's config, so reloads keep them apart);
+    the embeddings keep the float tensor."""
+    from hfquant.calibration.modules import is_quantizable, output_head_name
+
+    name = output_head_name(model)
+    if name is None or not is_quantizable(model.get_submodule(name)):
+        raise ConfigError(f"hfquant: lm_head_bits={config.lm_head_bits} but {type(model).__name__} has no Linear "
+                          "output head (get_output_embeddings()); set lm_head_bits: null")
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+    model.all_tied_weights_keys = {t: s for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items()
+                                   if not t.startswith(name + ".")}
+    scheme = WeightScheme(config.lm_head_bits, -1, config.sym, config.observer)
+    return quantize_rtn_(model, lambda n: n == name, scheme)
 
 
 def _rtn_layerwise(model, keep, scheme, onload, schemes=None) -> list:

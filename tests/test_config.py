@@ -23,12 +23,22 @@ def test_unknown_key_lists_valid_keys():
     ("bits", 5), ("bits", "4"), ("bits", True), ("group_size", 0), ("group_size", -2), ("method", "awq"),
     ("sym", "yes"), ("damp_percent", -0.1), ("damp_percent", 2), ("num_samples", 0), ("seq_len", -1),
     ("block_size", 0), ("observer", "max"), ("seed", -1), ("dataset", 3), ("modules_to_not_convert", "lm_head"),
-    ("calibration_batch_size", 0), ("dataset_split", 1),
+    ("calibration_batch_size", 0), ("dataset_split", 1), ("lm_head_bits", 4), ("lm_head_bits", True),
 ])
 def test_bad_values_are_rejected_with_the_field_name(field, value):
     with pytest.raises(ConfigError) as e:
         HFQuantConfig(**{field: value})
     assert field in str(e.value) and "expected" in str(e.value)
+
+
+@pytest.mark.parametrize("kw", [dict(method="smoothquant"), dict(save_format="gptq"),
+                                dict(save_format="compressed-tensors"), dict(bits="auto", target_avg_bits=3.5)])
+def test_an_8bit_head_needs_a_w4a16_method_with_fixed_bits_and_the_hfquant_format(kw):
+    with pytest.raises(ConfigError) as e:
+        HFQuantConfig(lm_head_bits=8, **kw)
+    msg = str(e.value)
+    assert "lm_head_bits" in msg and "expected" in msg and "\n" not in msg
+    assert HFQuantConfig(lm_head_bits=8, method="rtn").lm_head_bits == 8
 
 
 def test_round_trip_and_runtime_objects_stay_out():

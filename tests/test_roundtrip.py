@@ -19,7 +19,9 @@ CASES = {
     "llama-gptq-actorder-asym": ("llama", dict(group_size=32, desc_act=True, sym=False)),
     "llama-gptq-w3-static": ("llama", dict(bits=3, group_size=48, desc_act=True, static_groups=True)),
     "llama-rtn-w8": ("llama", dict(method="rtn", bits=8, group_size=-1)),
+    "llama-gptq-head8": ("llama", dict(group_size=32, lm_head_bits=8)),  # tied head: untied, 8-bit
     "qwen2-gptq": ("qwen2", dict(group_size=32, true_sequential=False)),
+    "qwen2-rtn-head8": ("qwen2", dict(method="rtn", group_size=32, lm_head_bits=8)),  # untied head
     "opt-gptq": ("opt", dict(group_size=32)),
     "gpt2-gptq": ("gpt2", dict(group_size=32)),
     "bert-gptq": ("bert", dict(group_size=32)),
@@ -91,7 +93,7 @@ def test_quantized_structure_and_sanity(saved, case):
     assert cos > 0.9, f"quantized output far from float: cosine {cos:.3f}"
     cfg = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "hfquant" and cfg["dataset"] is None
-    if arch != "bert":
+    if arch != "bert" and "head8" not in case:
         head = model.get_output_embeddings()
         assert not isinstance(head, (QuantLinearW4A16, QuantLinearW8A8)) and head.weight.is_floating_point()
     assert type(model.get_input_embeddings()).__name__ == "Embedding"
@@ -102,6 +104,38 @@ def test_tied_embeddings_stay_tied_and_float(saved):
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     keys = load_file(str(folder / "model.safetensors")).keys()
     assert "lm_head.weight" not in keys and "model.embed_tokens.weight" in keys
+
+
+@pytest.mark.parametrize("case", ["llama-gptq-head8", "qwen2-rtn-head8"])
+def test_lm_head_bits_quantizes_the_head_and_unties_it(saved, tiny_models, case):
+    """``lm_head_bits: 8``: the head is 8-bit per channel, the input embeddings keep the float tensor (also
+    when they were tied), the config says untied, and both are in the checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    arch, folder, ref, model = saved[case]
+    head = model.lm_head
+    assert isinstance(head, QuantLinearW4A16) and (head.bits, head.group_size) == (8, -1)
+    fp = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
+    assert torch.equal(model.model.embed_tokens.weight, fp.model.embed_tokens.weight)
+    rel = (head.dequantize() - fp.lm_head.weight).norm() / fp.lm_head.weight.norm()
+    assert rel < 1e-2, rel  # 8-bit per-channel RTN of the float head
+    saved_cfg = json.loads((folder / "config.json").read_text())
+    assert saved_cfg["tie_word_embeddings"] is False and saved_cfg["quantization_config"]["lm_head_bits"] == 8
+    assert "lm_head" not in saved_cfg["quantization_config"]["modules_to_not_convert"]
+    keys = load_file(str(folder / "model.safetensors")).keys()
+    assert {"lm_head.weight", "lm_head.scales", "model.embed_tokens.weight"} <= set(keys)
+    assert model.hfquant_report["modules"][-1]["name"] == "lm_head"
+
+
+def test_a_quantized_head_is_not_exported_to_formats_with_a_float_head(saved, tmp_path):
+    from hfquant.errors import FormatError
+    from hfquant.interop.export import export_checkpoint
+
+    _, folder, _, model = saved["qwen2-rtn-head8"]
+    for fmt in ("gptq", "compressed-tensors"):
+        with pytest.raises(FormatError, match="lm_head_bits: 8"):
+            export_checkpoint(folder, fmt, tmp_path / fmt)
+        assert not (tmp_path / fmt).exists()
 
 
 NO_HFQUANT = textwrap.dedent("""

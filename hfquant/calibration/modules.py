@@ -64,6 +64,15 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
+def output_head_name(model: nn.Module) -> str | None:
+    """The dotted name of the model's output head (``get_output_embeddings()``, e.g. ``lm_head``), or ``None``."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if head is None:
+        return None
+    return next((n for n, m in model.named_modules() if m is head and n), None)
+
+
 def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the submodule at dotted ``name``."""
     parent_name, _, child = name.rpartition(".")

@@ -15,7 +15,7 @@ import torch
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from hfquant.calibration.modules import in_out_features, is_quantizable, set_submodule
+from hfquant.calibration.modules import in_out_features, is_quantizable, output_head_name, set_submodule
 from hfquant.config import HFQuantConfig
 from hfquant.errors import ConfigError
 from hfquant.nn.w4a16 import QuantLinearW4A16
@@ -55,6 +55,7 @@ class HFQuantHfQuantizer(HfQuantizer):
         self.modules_to_not_convert = self.get_modules_to_not_convert(
             model, cfg.modules_to_not_convert, keep_in_fp32_modules or model._keep_in_fp32_modules, add_default_skips=True
         )
+        head = output_head_name(model) if cfg.lm_head_bits is not None else None
         if not self.pre_quantized:
             return
         dtype = kwargs.get("dtype") or torch.get_default_dtype()
@@ -63,11 +64,14 @@ class HFQuantHfQuantizer(HfQuantizer):
             return
         per_module = cfg.module_schemes or {}
         for name, module in list(model.named_modules()):
-            if not name or not is_quantizable(module) or not self._keep(name):
+            if not name or not is_quantizable(module) or not (self._keep(name) or name == head):
                 continue
             in_f, out_f = in_out_features(module)
             bias = getattr(module, "bias", None) is not None
-            s = per_module.get(name) or {"bits": cfg.bits, "group_size": cfg.group_size}
+            if name == head:  # saved with lm_head_bits: an 8-bit per-channel head, whatever the skip list says
+                s = {"bits": cfg.lm_head_bits, "group_size": -1}
+            else:
+                s = per_module.get(name) or {"bits": cfg.bits, "group_size": cfg.group_size}
             if s["bits"] == "auto":
                 raise ConfigError(f"hfquant: {name} has no entry in quantization_config.module_schemes of this "
                                   "bits='auto' checkpoint; the config.json is incomplete, re-save the model")
@@ -115,8 +119,10 @@ class HFQuantHfQuantizer(HfQuantizer):
         self.report = quantize_loaded_model_(model, self.quantization_config, keep=self._keep, **self.run_options)
         self.report["quantization_seconds"] = time.perf_counter() - t0
         # Record the resolved skip list so a reload rebuilds exactly the same modules.
-        self.quantization_config.modules_to_not_convert = sorted(set(self.modules_to_not_convert)
-                                                                 | set(self.report.get("skipped", [])))
+        kept = set(self.modules_to_not_convert) | set(self.report.get("skipped", []))
+        if self.quantization_config.lm_head_bits is not None:
+            kept.discard(output_head_name(model))
+        self.quantization_config.modules_to_not_convert = sorted(kept)
         model.config.quantization_config = self.quantization_config
         model.hfquant_report = self.report
         _freeze(model)

@@ -137,6 +137,10 @@ def convert_into(src_dir: str | os.PathLike, fmt: str, tmp: Path, checkpoint_for
     ckpt = HFQuantCheckpoint(src_dir)
     if not ckpt.modules:
         raise FormatError(f"{ckpt.folder}: no quantized modules found in the checkpoint; nothing to export")
+    if ckpt.qconfig.lm_head_bits is not None:
+        raise FormatError(f"{ckpt.folder}: its output head is quantized (lm_head_bits: {ckpt.qconfig.lm_head_bits}), "
+                          f"which {fmt} checkpoints here do not carry (their head is float); keep save_format hfquant, "
+                          "or quantize again with lm_head_bits: null to export")
     if fmt == "gptq":
         from hfquant.interop.gptq import gptq_writer
         convert, write_config = gptq_writer(ckpt, checkpoint_format)
