@@ -39,3 +39,13 @@ def test_sign_bit_words_roundtrip():
     packed = pack_codes(codes, 4)
     assert (packed == -1).all()  # 0xFFFFFFFF as int32
     assert torch.equal(unpack_codes(packed, 4, 32), codes)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("cols", [1, 31, 32, 100, 576])
+def test_byte_packing_equals_the_bit_stream(bits, cols):
+    """The byte-wise packer (2/4/8 bits, little-endian) writes exactly the words of the general bit stream."""
+    from hfquant.nn.packing import _pack_bytes, _pack_stream
+
+    codes = torch.randint(0, 2**bits, (7, cols), generator=torch.Generator().manual_seed(cols))
+    assert torch.equal(_pack_bytes(codes, bits), _pack_stream(codes, bits))
