@@ -128,7 +128,8 @@ def describe(config: dict) -> str:
         return f"hfquant {m.upper()} mixed precision (bits auto, {goal}) {sym}"
     group = "per-channel" if config["group_size"] == -1 else f"g{config['group_size']}"
     mixed = " with per-module overrides" if config.get("overrides") else ""
-    return f"hfquant {m.upper()} W{config['bits']}A16 {group} {sym}{mixed}"
+    head = f", lm_head {config['lm_head_bits']}-bit per-channel" if config.get("lm_head_bits") else ""
+    return f"hfquant {m.upper()} W{config['bits']}A16 {group} {sym}{mixed}{head}"
 
 
 def write_card(folder: Path, report: dict, recipe: dict, name: str) -> None:

@@ -16,6 +16,7 @@ Usage:
     python scripts/prepare_reference_model.py --out models
     python scripts/bench_accuracy.py --model models/smollm2-135m --out bench --update-benchmarks
     python scripts/bench_accuracy.py --only gptq-w4-g64   # a subset (substring match on row names)
+    python scripts/bench_accuracy.py --only head8 --marker accuracy-head8 --out bench/head8 --update-benchmarks
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ ROWS: dict[str, dict | None] = {
     "gptq-w4-g128-sym": {**GPTQ, "group_size": 128, "sym": True, "desc_act": False},
     "gptq-w4-g128-sym-actorder": {**GPTQ, "group_size": 128, "sym": True, **STATIC_ACT},
     "gptq-w4-g128-asym-actorder": {**GPTQ, "group_size": 128, "sym": False, **STATIC_ACT},
+    "rtn-w4-g128-asym-head8": {**RTN, "group_size": 128, "sym": False, "lm_head_bits": 8},
+    "gptq-w4-g128-asym-actorder-head8": {**GPTQ, "group_size": 128, "sym": False, **STATIC_ACT, "lm_head_bits": 8},
     "gptq-w3-g128-asym-actorder": {**GPTQ, "bits": 3, "group_size": 128, "sym": False, **STATIC_ACT},
     "w8a8-nosmooth": {"method": "smoothquant", "alpha": None},
     "smoothquant-w8a8-a0.5": {"method": "smoothquant", "alpha": 0.5},
@@ -151,6 +154,8 @@ def main(argv=None) -> None:
                         help="kernel used to evaluate quantized models (HFQUANT_KERNEL); see the docstring")
     parser.add_argument("--set", nargs="*", default=[], help="extra HFQuantConfig fields for every row, key=json")
     parser.add_argument("--update-benchmarks", action="store_true")
+    parser.add_argument("--marker", default="accuracy",
+                        help="BENCHMARKS.md section to replace (a run of some rows with --only: its own marker)")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--row-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -181,7 +186,7 @@ def main(argv=None) -> None:
     from scripts.timing import run_meta, save_table
 
     meta = run_meta("bench_accuracy.py", argv)
-    save_table(args.out, "accuracy", meta, rows, markdown(rows, meta), "accuracy" if args.update_benchmarks else None)
+    save_table(args.out, args.marker, meta, rows, markdown(rows, meta), args.marker if args.update_benchmarks else None)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""End-to-end speed on this CPU: SmolLM2-135M tokens/s, fp32 vs W4A16 vs W8A8, as ratios from one run.
+"""End-to-end speed on this CPU: SmolLM2-135M tokens/s, fp32 vs W4A16 (float or int8 head) vs W8A8, as ratios from one run.
 
-* the eager decode and prefill runs of the three models take turns (fp32, W4A16, W8A8, fp32, ...), so a slow
+* the eager decode and prefill runs of the models take turns (fp32, W4A16, W4A16 + int8 head, W8A8, fp32, ...), so a slow
   spell of the machine does not fall on one model; medians of ``--repeats`` (5) runs.
 * decode: batch 1, a 16-token prompt, 128 new tokens, greedy (``generate`` with ``min_new_tokens`` so
   every run makes exactly 128 tokens); tokens/s = 128 / wall time of the whole ``generate`` call.
@@ -16,9 +16,10 @@
   slower than the timed decode; its columns are per token.
 
 Models: the fp32 reference; W4A16 = RTN 4-bit g128 sym (the same kernel path and layout as a GPTQ
-g128 checkpoint: speed does not depend on how the codes were chosen); W8A8 = int8 weights per channel,
-dynamic per-token int8 activations (SmoothQuant without smoothing; smoothing does not change speed).
-The embedding and tied ``lm_head`` stay float32 in every model (hfquant never quantizes a tied head).
+g128 checkpoint: speed does not depend on how the codes were chosen); W4A16 + int8 head = the same with
+``lm_head_bits: 8`` (the tied ``lm_head`` untied and rounded to 8-bit codes per channel; opt-in); W8A8 = int8
+weights per channel, dynamic per-token int8 activations (SmoothQuant without smoothing; smoothing does not
+change speed). The embedding stays float32 in every model, and so does ``lm_head`` except in the int8-head row.
 
 Writes ``OUT/generate.json`` and ``.md``; ``--update-benchmarks`` puts the table in BENCHMARKS.md.
 
@@ -51,6 +52,8 @@ def load_models(path: str) -> dict:
     return {
         "fp32": AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
         "w4a16": AutoModelForCausalLM.from_pretrained(path, quantization_config=HFQuantConfig(method="rtn", group_size=128)),
+        "w4a16 + int8 head": AutoModelForCausalLM.from_pretrained(path, quantization_config=HFQuantConfig(
+            method="rtn", group_size=128, lm_head_bits=8)),
         "w8a8": AutoModelForCausalLM.from_pretrained(path, quantization_config=HFQuantConfig(
             method="smoothquant", alpha=None, **small)),
     }
