@@ -226,9 +226,11 @@ def _byte_codes_mm(x: torch.Tensor, module, ops, tile: int) -> torch.Tensor:
     y = x2.new_empty(x2.shape[0], n)
     for n0 in range(0, n, tile):
         n1 = min(n, n0 + tile)
-        # Columns are in group order (``grouped_weight``), so groups are runs of ``group`` columns.
-        s = scales[n0:n1].repeat_interleave(group, dim=1)[:, :k]
-        z = zeros[n0:n1].repeat_interleave(group, dim=1)[:, :k]
+        # Columns are in group order (``grouped_weight``), so groups are runs of ``group`` columns; one group
+        # per row broadcasts.
+        s, z = scales[n0:n1], zeros[n0:n1]
+        if s.shape[1] > 1:
+            s, z = (t.repeat_interleave(group, dim=1)[:, :k] for t in (s, z))
         y[:, n0:n1] = F.linear(x2, (as_bytes[n0:n1, :k].float() - z) * s)
     return _finish(y, x, module)
 
