@@ -64,6 +64,7 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: 
     if config.bits == "auto" and (onload is not None or dist.active):
         raise ConfigError("hfquant: bits: auto runs its sensitivity pass on the whole model in one process; "
                           "it cannot be combined with layerwise: true or several processes (use fixed bits there)")
+    head = _lm_head_to_quantize(model, config)  # checked before the run, not after a long calibration
     report: dict = {"method": config.method, "torch": torch.__version__, "machine": platform.machine()}
     schemes = None
     if mixed.is_mixed(config):
@@ -127,23 +128,31 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: 
         config.module_schemes = {m["name"]: {"bits": m["bits"], "group_size": m["group_size"],
                                              "sym": schemes[m["name"]].sym if m["name"] in schemes else config.sym,
                                              "method": m["method"]} for m in modules}
-    if config.lm_head_bits is not None:
-        modules += reports_as_dicts(_quantize_lm_head_(model, config))
+    if head is not None:
+        modules += reports_as_dicts(_quantize_lm_head_(model, config, head))
     report["damp_retries"] = sum(m.get("damp_retries", 0) for m in modules)
     return report
 
 
-def _quantize_lm_head_(model, config) -> list:
-    """``lm_head_bits``: round the output head to nearest, one scale and zero per output channel, after the
-    rest of the model (its input is not calibrated: RTN needs none). A head tied to the input embeddings is
-    untied first (``tie_word_embeddings`` is set false in the model's config, so reloads keep them apart);
-    the embeddings keep the float tensor."""
+def _lm_head_to_quantize(model, config) -> str | None:
+    """The output head's name when ``lm_head_bits`` is set (``None`` otherwise); ``ConfigError`` when the model
+    has no Linear head."""
+    if config.lm_head_bits is None:
+        return None
     from hfquant.calibration.modules import is_quantizable, output_head_name
 
     name = output_head_name(model)
     if name is None or not is_quantizable(model.get_submodule(name)):
         raise ConfigError(f"hfquant: lm_head_bits={config.lm_head_bits} but {type(model).__name__} has no Linear "
                           "output head (get_output_embeddings()); set lm_head_bits: null")
+    return name
+
+
+def _quantize_lm_head_(model, config, name: str) -> list:
+    """``lm_head_bits``: round the output head ``name`` to nearest, one scale and zero per output channel, after
+    the rest of the model (its input is not calibrated: RTN needs none). A head tied to the input embeddings is
+    untied first (``tie_word_embeddings`` is set false in the model's config, so reloads keep them apart);
+    the embeddings keep the float tensor."""
     for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         if getattr(cfg, "tie_word_embeddings", False):
             cfg.tie_word_embeddings = False

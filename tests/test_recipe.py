@@ -55,6 +55,11 @@ def test_defaults_are_filled_and_map_onto_hfquantconfig(tmp_path, tiny_models):
     assert set(recipe.CALIBRATION_FIELDS.values()) <= set(DEFAULTS)
 
 
+def test_an_8bit_head_reaches_the_config(tmp_path, tiny_models):
+    r = recipe.validate(_tiny(tmp_path, tiny_models, quantization={"method": "rtn", "lm_head_bits": 8}))
+    assert recipe.to_config(r).lm_head_bits == 8
+
+
 def test_smoothquant_section_keeps_only_its_fields(tmp_path, tiny_models):
     r = recipe.validate(_tiny(tmp_path, tiny_models, quantization={"method": "smoothquant", "alpha": 0.5}))
     assert set(r["quantization"]) == {"method", *recipe.METHOD_FIELDS["smoothquant"]}
@@ -82,6 +87,8 @@ def test_set_overrides_and_dump_round_trip(tmp_path, tiny_models):
     ({"hub": {"private": "no"}}, "hub.private"),
     ({"hub": {"weird": 1}}, "hub.weird"),
     ({"output_dir": 7}, "output_dir"),
+    ({"quantization": {"lm_head_bits": 4}}, "quantization.lm_head_bits"),
+    ({"quantization": {"method": "smoothquant", "lm_head_bits": 8}}, "quantization.lm_head_bits"),
 ])
 def test_errors_start_with_the_key_path(tmp_path, tiny_models, raw, path):
     with pytest.raises(ConfigError) as e:

@@ -127,6 +127,16 @@ def test_lm_head_bits_quantizes_the_head_and_unties_it(saved, tiny_models, case)
     assert model.hfquant_report["modules"][-1]["name"] == "lm_head"
 
 
+def test_lm_head_bits_on_a_model_without_a_head_is_a_one_line_error(tiny_models):
+    from transformers import AutoModel
+
+    from hfquant.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        AutoModel.from_pretrained(tiny_models["bert"], quantization_config=HFQuantConfig(method="rtn", lm_head_bits=8))
+    assert "no Linear output head" in str(e.value) and "lm_head_bits: null" in str(e.value) and "\n" not in str(e.value)
+
+
 def test_a_quantized_head_is_not_exported_to_formats_with_a_float_head(saved, tmp_path):
     from hfquant.errors import FormatError
     from hfquant.interop.export import export_checkpoint
