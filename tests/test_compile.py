@@ -13,7 +13,7 @@ from tests.test_kernels import make_module
 
 
 class Block(torch.nn.Module):
-    """A W4A16 and a W8A8 Linear with a float op between them, as in a decoder layer."""
+    """A W4A16 and a W8A8 Linear with a float op between them, as in a decoder layer, then an 8-bit head."""
 
     def __init__(self, static: bool):
         super().__init__()
@@ -21,9 +21,10 @@ class Block(torch.nn.Module):
         torch.manual_seed(1)
         lin = torch.nn.Linear(192, 96)
         self.down = QuantLinearW8A8.from_float(lin, lin.weight.data, input_scale=0.05 if static else None)
+        self.head = make_module(96, 320, bits=8, group=-1)  # lm_head_bits: 8
 
     def forward(self, x):
-        return self.down(torch.nn.functional.silu(self.up(x)))
+        return self.head(self.down(torch.nn.functional.silu(self.up(x))))
 
 
 @pytest.mark.parametrize("static,dynamic", [(False, False), (True, False), (False, True)])
@@ -32,7 +33,7 @@ def test_compiled_graph_calls_the_kernels_and_matches_eager(static, dynamic):
         pytest.skip("hfquant's CPU extension is not available here (no compiler or no AVX-512)")
     torch._dynamo.reset()
     block = Block(static).eval()
-    assert prepare_model(block) == 2  # as at load time
+    assert prepare_model(block) == 3  # as at load time
     compiled = torch.compile(block, fullgraph=True, dynamic=dynamic)  # fullgraph: a graph break is an error
     with torch.no_grad():
         # one row: the GEMVs; 8 rows: torch's int4 kernel and _int_mm; many rows: the dequantized-tile path
