@@ -36,6 +36,7 @@ is a second copy of the packed weight in the kernel's own layout (0.5 byte per w
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -144,9 +145,20 @@ def _finish(y: torch.Tensor, x: torch.Tensor, module) -> torch.Tensor:
     return y.view(*x.shape[:-1], module.out_features)
 
 
-def _ext_operands(module):
-    """(packed bytes uint8 [N, KB], scales f32 [N, G], zeros f32 [N, G], column perm or None, group, bias f32 or
-    None, spread), or None.
+class ExtOperands(NamedTuple):
+    """The operands of hfquant's CPU kernels for one module (``_ext_operands``)."""
+
+    codes: torch.Tensor  # packed bytes, uint8 [N, KB]
+    scales: torch.Tensor  # float32 [N, G]
+    zeros: torch.Tensor  # float32 [N, G] (divided by 17 when ``spread``)
+    perm: torch.Tensor | None  # column permutation into group order, or None
+    group: int  # kernel group width (in spread columns when ``spread``)
+    bias: torch.Tensor | None  # float32 [N] or None
+    spread: bool  # 8-bit codes: the kernel reads x spread to (x_k, 16 x_k)
+
+
+def _ext_operands(module) -> ExtOperands | None:
+    """The module's ``ExtOperands``, or None when the layout does not allow hfquant's kernels.
 
     8-bit codes run through the 4-bit kernel: a code byte ``q = lo + 16 * hi`` is read as two nibbles, so the
     kernel gets ``x`` spread to ``2K`` columns ``(x_k, 16 x_k)`` (``spread`` is True), groups of ``2 * group``
@@ -166,36 +178,34 @@ def _ext_operands(module):
         as_bytes = packed.contiguous().view(torch.uint8).reshape(module.out_features, -1)
         bias = None if module.bias is None else module.bias.detach().float().contiguous()
         zeros = module.zeros.float() / 17 if spread else module.zeros.float()
-        return (as_bytes, module.scales.float().contiguous(), zeros.contiguous(), perm,
-                2 * group if spread else group, bias, spread)
+        return ExtOperands(as_bytes, module.scales.float().contiguous(), zeros.contiguous(), perm,
+                           2 * group if spread else group, bias, spread)
     return cached_operands(module, "cpu_ext", build)
 
 
-def _spread(x: torch.Tensor) -> torch.Tensor:
-    """``[..., K]`` to ``[..., 2K]``: each column ``x_k`` followed by ``16 x_k`` (8-bit codes as two nibbles)."""
-    return torch.stack((x, x * 16), dim=-1).flatten(-2)
-
-
-def _extension_call(x: torch.Tensor, module):
-    """(hfquant's compiled CPU extension, ``x`` contiguous with its columns in the operands' order (spread for
-    8-bit codes), the operands), or ``None`` when the extension is not built or the layout does not allow it."""
+def _extension(module) -> tuple | None:
+    """(hfquant's compiled CPU extension, the module's ``ExtOperands``), or ``None`` when the extension is not
+    built or the layout does not allow it."""
     ext = cpu_ext.extension()
     ops = _ext_operands(module) if ext is not None else None
-    if ops is None:
-        return None
-    perm = ops[3]
-    x = x if perm is None else x.index_select(-1, perm)
-    return ext, (_spread(x) if ops[6] else x).contiguous(), ops
+    return None if ops is None else (ext, ops)
+
+
+def _kernel_input(x: torch.Tensor, ops: ExtOperands) -> torch.Tensor:
+    """``x`` contiguous with its columns in the operands' order, spread to ``(x_k, 16 x_k)`` for 8-bit codes."""
+    x = x if ops.perm is None else x.index_select(-1, ops.perm)
+    return (torch.stack((x, x * 16), dim=-1).flatten(-2) if ops.spread else x).contiguous()
 
 
 def w4a16_cpu_gemv(x: torch.Tensor, module) -> torch.Tensor | None:
     """hfquant's CPU kernel for few rows (``hfquant.kernels.cpu_ext``; bias added in the kernel), or ``None``
     when it is not built or the layout does not allow it."""
-    call = _extension_call(x, module)
-    if call is None:
+    found = _extension(module)
+    if found is None:
         return None
-    ext, x, (as_bytes, scales, zeros, _, group, bias, _) = call
-    return cpu_ext.kernel(ext, "w4a16_gemv")(x, as_bytes, scales, zeros, bias, group)
+    ext, ops = found
+    return cpu_ext.kernel(ext, "w4a16_gemv")(_kernel_input(x, ops), ops.codes, ops.scales, ops.zeros, ops.bias,
+                                             ops.group)
 
 
 def w4a16_cpu_dequant_mm(x: torch.Tensor, module, tile: int | None = None) -> torch.Tensor | None:
@@ -203,25 +213,23 @@ def w4a16_cpu_dequant_mm(x: torch.Tensor, module, tile: int | None = None) -> to
     ops, each multiplied with torch's float32 GEMM -- by hfquant's kernel for 4-bit codes, by torch ops for
     8-bit codes (their bytes are the codes). ``None`` when the extension is not built or the layout does not
     allow it."""
-    tile = tile or max(64, DEQUANT_TILE_BYTES // (4 * module.in_features))
-    ext = cpu_ext.extension()
-    ops = _ext_operands(module) if ext is not None else None
-    if ops is not None and ops[6]:
-        return _byte_codes_mm(x, module, ops, tile)
-    call = _extension_call(x, module)
-    if call is None:
+    found = _extension(module)
+    if found is None:
         return None
-    ext, x, (as_bytes, scales, zeros, _, group, bias, _) = call
-    return cpu_ext.kernel(ext, "w4a16_dequant_mm")(x, as_bytes, scales, zeros, bias, group, tile)
+    ext, ops = found
+    tile = tile or max(64, DEQUANT_TILE_BYTES // (4 * module.in_features))
+    if ops.spread:
+        return _byte_codes_mm(x, module, ops, tile)
+    return cpu_ext.kernel(ext, "w4a16_dequant_mm")(_kernel_input(x, ops), ops.codes, ops.scales, ops.zeros,
+                                                   ops.bias, ops.group, tile)
 
 
-def _byte_codes_mm(x: torch.Tensor, module, ops, tile: int) -> torch.Tensor:
+def _byte_codes_mm(x: torch.Tensor, module, ops: ExtOperands, tile: int) -> torch.Tensor:
     """``w4a16_cpu_dequant_mm`` for 8-bit codes: ``(q - z) * s`` per tile of rows (as the reference), then
     ``F.linear``."""
-    as_bytes, perm = ops[0], ops[3]
     k, n = module.in_features, module.out_features
     group = k if module.group_size == -1 else module.group_size
-    x2 = _rows(x, perm)
+    x2 = _rows(x, ops.perm)
     scales, zeros = module.scales.float(), module.zeros.float()
     y = x2.new_empty(x2.shape[0], n)
     for n0 in range(0, n, tile):
@@ -231,7 +239,7 @@ def _byte_codes_mm(x: torch.Tensor, module, ops, tile: int) -> torch.Tensor:
         s, z = scales[n0:n1], zeros[n0:n1]
         if s.shape[1] > 1:
             s, z = (t.repeat_interleave(group, dim=1)[:, :k] for t in (s, z))
-        y[:, n0:n1] = F.linear(x2, (as_bytes[n0:n1, :k].float() - z) * s)
+        y[:, n0:n1] = F.linear(x2, (ops.codes[n0:n1, :k].float() - z) * s)
     return _finish(y, x, module)
 
 
