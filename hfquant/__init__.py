@@ -19,7 +19,10 @@ _LAZY = {
     "HFQuantConfig": "hfquant.config",
     "HFQuantHfQuantizer": "hfquant.integrations.transformers",
     "QuantLinearW4A16": "hfquant.nn.w4a16",
+    "QuantLinearW8A8": "hfquant.nn.w8a8",
     "perplexity": "hfquant.eval.perplexity",
+    "quantize_": "hfquant.runner",
+    "quantize_layerwise": "hfquant.runner",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -9,7 +9,7 @@ shards when they are needed:
 3. the modules outside the blocks again at the end, to be saved with the quantized blocks.
 
 The result is the same model, module for module and bit for bit, as ``from_pretrained`` followed by
-``quantize_in_place_`` (tensors are cast to the load dtype exactly like ``from_pretrained`` does).
+``quantize_`` (tensors are cast to the load dtype exactly like ``from_pretrained`` does).
 """
 
 from __future__ import annotations

@@ -265,7 +265,7 @@ def _work(p: Plan, store, partial: Path | None, timings: dict, t_start: float, q
         write_report,
     )
     from hfquant.recipe import dump
-    from hfquant.runner import quantize_in_place_, quantize_layerwise
+    from hfquant.runner import quantize_, quantize_layerwise
 
     recipe, ev, cal = p.recipe, p.recipe["evaluation"], p.recipe["calibration"]
     options = dict(windows=p.windows, progress=not quiet, activations=cal["activations"],
@@ -301,7 +301,7 @@ def _work(p: Plan, store, partial: Path | None, timings: dict, t_start: float, q
                                    trust_remote_code=recipe["trust_remote_code"], **options)
         qreport = model.hfquant_report
     else:
-        qreport = quantize_in_place_(model, p.config, store=store, **options)
+        qreport = quantize_(model, p.config, store=store, **options)
     timings["quantize"] = time.perf_counter() - t0
     if not dist.is_main:
         return qreport

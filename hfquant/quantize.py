@@ -7,23 +7,27 @@ module names to keep float (``keep``) and provides calibration batches.
 from __future__ import annotations
 
 import logging
+import math
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from hfquant.algorithms.gptq import gptq_quantize
-from hfquant.algorithms.rtn import dequantize_grouped, rtn_quantize
+from hfquant.algorithms.gptq import GPTQResult, gptq_solve, prepare_hessian
+from hfquant.algorithms.rtn import dequantize_grouped, group_bounds, rtn_quantize
+from hfquant.calibration.distributed import Dist
 from hfquant.calibration.modules import (
     find_blocks,
     float_weight,
+    in_out_features,
     quantizable_modules,
     set_float_weight_,
     set_submodule,
 )
-from hfquant.calibration.sequential import calibrate_blocks_
-from hfquant.nn.w4a16 import QuantLinearW4A16
+from hfquant.calibration.sequential import BlockCallbacks, calibrate_blocks_
+from hfquant.nn.w4a16 import QuantLinearW4A16, scale_storage_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +68,29 @@ def _scheme_of(name: str, scheme: WeightScheme, schemes: Schemes | None) -> tupl
 
 
 def _rtn(module: nn.Module, scheme: WeightScheme):
-    return rtn_quantize(float_weight(module).float(), scheme.bits, scheme.group_size, scheme.sym, scheme.observer)
+    return rtn_quantize(float_weight(module).float(), scheme.bits, scheme.group_size, scheme.sym, scheme.observer,
+                        scale_dtype=scale_storage_dtype(module))
+
+
+def _share_result(dist: Dist, res: GPTQResult | None, owner: int, module: nn.Module, ws: WeightScheme,
+                  device) -> GPTQResult | None:
+    """``owner``'s result of one module's solve, on every rank (``None`` everywhere when it failed)."""
+    cols, rows = in_out_features(module)
+    n_groups = len(group_bounds(cols, ws.group_size))
+    meta = torch.tensor([res is not None, res.damp if res else 0.0, res.retries if res else 0],
+                        dtype=torch.float64, device=device)
+    dist.broadcast_(meta, owner)
+    if not meta[0]:
+        return None
+    if res is None:
+        res = GPTQResult(codes=torch.empty(rows, cols, dtype=torch.int32, device=device),
+                         scales=torch.empty(rows, n_groups, device=device),
+                         zeros=torch.empty(rows, n_groups, dtype=torch.int32, device=device),
+                         g_idx=torch.empty(cols, dtype=torch.int32, device=device),
+                         row_losses=torch.empty(rows, device=device), damp=float(meta[1]), retries=int(meta[2]))
+    for t in (res.codes, res.scales, res.zeros, res.g_idx, res.row_losses):
+        dist.broadcast_(t, owner)
+    return res
 
 
 def _swap(model: nn.Module, name: str, module: nn.Module, codes, scales, zeros, g_idx, scheme: WeightScheme) -> None:
@@ -89,7 +115,8 @@ def quantize_rtn_(model: nn.Module, keep: Callable[[str], bool], scheme: WeightS
 def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool], scheme: WeightScheme,
                    *, act_order: bool, static_groups: bool, damp_percent: float, block_size: int,
                    true_sequential: bool, progress: bool = True, store=None, hidden=None, dist=None,
-                   onload=None, cache_outputs: bool = True, schemes: Schemes | None = None) -> list[ModuleReport]:
+                   onload=None, cache_outputs: bool = True, schemes: Schemes | None = None,
+                   timings: dict | None = None) -> list[ModuleReport]:
     """GPTQ over the model's repeated blocks, block by block; Linears outside the blocks get RTN.
 
     Each block's modules are swapped for quantized ones as soon as the block is done, so its float
@@ -101,11 +128,15 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
     grid and method: modules that share an input (q/k/v, gate/up) are solved in one GPTQ call when their
     schemes are equal, otherwise one call per distinct scheme on the same Hessian; ``method: rtn`` modules
     are rounded to nearest (their rounded weights still feed the later modules of the block).
+    ``timings`` (a dict) receives ``solve_seconds``, the time spent in the solves (and their broadcasts).
+
+    Every module is solved on its own (q, k and v one after another on the shared Hessian factor), whether
+    one process or several run: a fixed unit of work, so which rank solves it does not change its bits.
     """
-    from hfquant.calibration.sequential import BlockCallbacks
 
     results: dict[str, tuple] = {}
     reports: dict[str, ModuleReport] = {}
+    dist = dist or Dist()
 
     def fallback(name: str, module: nn.Module, full: str | None = None, note: str = "not called during calibration"):
         full = full or name
@@ -114,43 +145,50 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
         results[full] = (module, codes, scales, zeros, g_idx)
         reports[full] = ModuleReport(full, "rtn", note=note, bits=ws.bits, group_size=ws.group_size)
 
-    def solve_part(names: list[str], modules: list[nn.Module], hessian: torch.Tensor, ws: WeightScheme) -> None:
-        weights = [float_weight(m).float() for m in modules]
-        res = gptq_quantize(torch.cat(weights, 0), hessian, bits=ws.bits, group_size=ws.group_size,
-                            sym=ws.sym, act_order=act_order, static_groups=static_groups,
-                            damp_percent=damp_percent, block_size=block_size, observer=ws.observer)
+    def accept(name: str, module: nn.Module, res: GPTQResult | None, ws: WeightScheme) -> None:
+        """Record one module's solve (or its RTN fallback) and give later stages its dequantized weight."""
         if res is None:
-            for n, m in zip(names, modules):
-                logger.warning("%s: Hessian not positive definite even at maximum damping; using RTN", n)
-                fallback(n, m, note="Hessian not positive definite at any damping")
-                set_float_weight_(m, dequantize_grouped(*results[n][1:]))
+            logger.warning("%s: Hessian not positive definite even at maximum damping; using RTN", name)
+            fallback(name, module, note="Hessian not positive definite at any damping")
+            set_float_weight_(module, dequantize_grouped(*results[name][1:]))
             return
         if res.retries:
-            logger.warning("%s: Hessian needed damping %.4g (%d retries)", ", ".join(names), res.damp, res.retries)
-        deq = res.dequantized()
-        row = 0
-        for n, m, w in zip(names, modules, weights):
-            rows = slice(row, row + w.shape[0])
-            row += w.shape[0]
-            set_float_weight_(m, deq[rows])
-            results[n] = (m, res.codes[rows], res.scales[rows], res.zeros[rows], res.g_idx)
-            reports[n] = ModuleReport(n, "gptq", loss=float(res.row_losses[rows].sum()), damp=res.damp,
-                                      damp_retries=res.retries, bits=ws.bits, group_size=ws.group_size)
+            logger.warning("%s: Hessian needed damping %.4g (%d retries)", name, res.damp, res.retries)
+        set_float_weight_(module, res.dequantized())
+        results[name] = (module, res.codes, res.scales, res.zeros, res.g_idx)
+        reports[name] = ModuleReport(name, "gptq", loss=res.loss, damp=res.damp, damp_retries=res.retries,
+                                     bits=ws.bits, group_size=ws.group_size)
 
     def solve(block_name: str, group, hessian: torch.Tensor) -> None:
-        names = [f"{block_name}.{n}" for n in group.names]
-        parts: dict[tuple, list[int]] = {}  # equal schemes share one solve; insertion order = call order
-        for i, n in enumerate(names):
-            ws, method = _scheme_of(n, scheme, schemes)
-            parts.setdefault((ws.bits, ws.group_size, ws.sym, ws.observer, method or "gptq"), []).append(i)
-        for (bits, group_size, sym, observer, method), idx in parts.items():
-            ws = WeightScheme(bits, group_size, sym, observer)
+        """One GPTQ solve per module on the shared Hessian (its factor computed once per rank that needs it).
+        With several processes each module has one owner (balanced by cost), which solves and broadcasts."""
+        t0 = time.perf_counter()
+        units = []
+        for short, module in zip(group.names, group.modules):
+            name = f"{block_name}.{short}"
+            ws, method = _scheme_of(name, scheme, schemes)
             if method == "rtn":
-                for i in idx:
-                    fallback(names[i], group.modules[i], note="method rtn (override)")
-                    set_float_weight_(group.modules[i], dequantize_grouped(*results[names[i]][1:]))
-                continue
-            solve_part([names[i] for i in idx], [group.modules[i] for i in idx], hessian, ws)
+                fallback(name, module, note="method rtn (override)")
+                set_float_weight_(module, dequantize_grouped(*results[name][1:]))
+            else:
+                units.append((name, module, ws))
+        costs = [float(math.prod(float_weight(m).shape)) * in_out_features(m)[0] for _, m, _ in units]
+        owners = dist.owners(costs)
+        factor: list = []  # prepared on first use: [HessianFactor or None]
+        for (name, module, ws), owner in zip(units, owners):
+            res = None
+            if owner == dist.rank:
+                if not factor:
+                    factor.append(prepare_hessian(hessian, act_order=act_order, damp_percent=damp_percent))
+                if factor[0] is not None:
+                    res = gptq_solve(float_weight(module).float(), factor[0], bits=ws.bits, group_size=ws.group_size,
+                                     sym=ws.sym, static_groups=static_groups, block_size=block_size,
+                                     observer=ws.observer, scale_dtype=scale_storage_dtype(module))
+            if dist.active:
+                res = _share_result(dist, res, owner, module, ws, hessian.device)
+            accept(name, module, res, ws)
+        if timings is not None:
+            timings["solve_seconds"] = timings.get("solve_seconds", 0.0) + time.perf_counter() - t0
 
     order: list[str] = []
 

@@ -11,6 +11,7 @@ become int8 per channel.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 
@@ -21,7 +22,7 @@ from hfquant.algorithms.gptq import gptq_quantize
 from hfquant.algorithms.smoothquant import QMAX, column_absmax, search_alpha, smoothing_scales
 from hfquant.calibration.distributed import Dist
 from hfquant.calibration.modules import find_blocks, float_weight, quantizable_modules, set_submodule
-from hfquant.calibration.sequential import HessianStat, call_block, capture_block_inputs, discover_groups
+from hfquant.calibration.sequential import BlockInputs, HessianStat, call_block, capture_block_inputs, discover_groups
 from hfquant.calibration.smoothing import find_producers, fold_, missing_known_groups, relative_change
 from hfquant.nn.w8a8 import QuantLinearW8A8
 
@@ -31,30 +32,88 @@ EXACT_TOL = 1e-4      # relative change of the block output that still counts as
 
 
 class _GroupStats:
+    """Per-channel abs-max (and Hessian, alpha-search sample) of one group's input, in float32 on the
+    input's device (created at the first batch, so they follow wherever the block runs)."""
+
     def __init__(self, cols: int, hessian: bool, sample: bool, n_batches: int, dist: Dist):
-        self.absmax = torch.zeros(cols)
-        self.hessian = HessianStat(torch.zeros(cols, cols), dist=dist) if hessian else None
+        self.cols, self.dist, self.want_hessian = cols, dist, hessian
+        self.absmax: torch.Tensor | None = None
+        self.hessian: HessianStat | None = None
         self.sample = [] if sample else None
         self.per_batch = max(1, SAMPLE_TOKENS // max(n_batches, 1))
 
     def add(self, x: torch.Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
-        self.absmax = torch.maximum(self.absmax, x2.abs().amax(dim=0).cpu())
+        if self.absmax is None:
+            self.absmax = torch.zeros(self.cols, device=x2.device)
+            if self.want_hessian:
+                self.hessian = HessianStat(torch.zeros(self.cols, self.cols, device=x2.device), dist=self.dist)
+        self.absmax = torch.maximum(self.absmax, x2.abs().amax(dim=0))
         if self.hessian is not None:
             self.hessian.add(x2)
         if self.sample is not None:
             step = max(1, x2.shape[0] // self.per_batch)
-            self.sample.append(x2[::step][: self.per_batch].cpu())
+            self.sample.append(x2[::step][: self.per_batch].clone())
 
     def reduce(self, dist: Dist, device) -> None:
         """Totals over the calibration processes: max of maxima, the Hessian chain, samples in batch order."""
+        if self.absmax is None:  # no batch reached this group (cannot happen with a non-empty share)
+            self.absmax = torch.zeros(self.cols, device=device)
+            if self.want_hessian:
+                self.hessian = HessianStat(torch.zeros(self.cols, self.cols, device=device), dist=self.dist)
         if not dist.active:
             return
         self.absmax = dist.max(self.absmax, device)
         if self.hessian is not None:
             self.hessian.reduce()
         if self.sample is not None:
-            self.sample = dist.gather_lists(self.sample)
+            self.sample = [dist.gather_rows(torch.cat(self.sample).to(device))]
+
+
+class _FoldCheck:
+    """Whether folding ``s`` into a norm leaves the block's output unchanged, judged in float32 on a copy.
+
+    The copy is float32 whatever the model's dtype, so the tolerance (``EXACT_TOL``) measures whether the norm
+    feeds only these Linears, not a bf16/fp16 model's rounding of the folded weights. Accepted folds stay in
+    the copy (each group is checked on top of the earlier ones); a rejected one is restored exactly. The
+    model's own block is not touched here.
+    """
+
+    def __init__(self, block: nn.Module, inp: BlockInputs):
+        self.block = copy.deepcopy(block).float()
+        self.inp = BlockInputs(_to_float32(inp.args), _to_float32(inp.kwargs))
+        with torch.no_grad():
+            self.ref = call_block(self.block, self.inp)
+        self.names = {id(m): n for n, m in block.named_modules()}
+
+    def fold(self, g, s: torch.Tensor) -> float:
+        """Fold ``s`` into the copy's ``g.norm`` and Linears; return the relative change of the block output."""
+        norm = self.block.get_submodule(g.norm_name)
+        linears = [self.block.get_submodule(self.names[id(m)]) for m in g.modules]
+        saved = [t.detach().clone() for t in _fold_tensors(norm, linears)]
+        fold_(norm, linears, s)
+        with torch.no_grad():
+            change = relative_change(call_block(self.block, self.inp), self.ref)
+        if change > EXACT_TOL:
+            for t, old in zip(_fold_tensors(norm, linears), saved):
+                t.data.copy_(old)
+        return change
+
+
+def _fold_tensors(norm: nn.Module, linears: list[nn.Module]) -> list[torch.Tensor]:
+    ts = [norm.weight] + ([norm.bias] if getattr(norm, "bias", None) is not None else [])
+    return ts + [m.weight for m in linears]
+
+
+def _to_float32(value):
+    """``value`` (tensors, tuples, lists, dicts of them) with floating tensors cast to float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_float32(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_float32(v) for k, v in value.items()}
+    return value
 
 
 def quantize_w8a8_(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool], *,
@@ -136,7 +195,8 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
     for st in stats:
         st.reduce(dist, device)
 
-    # Decide and fold every group's smoothing first (each checked against the float block), then quantize.
+    # Decide every group's smoothing first (each fold checked against the float block), then quantize.
+    check = _FoldCheck(block, inputs[0]) if dist.is_main and alpha is not None else None
     decisions = []
     for g, st in zip(groups, stats):
         s, chosen, note = None, None, ""
@@ -148,32 +208,31 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
             weights = [float_weight(m).float() for m in g.modules]
             chosen = search_alpha(torch.cat(st.sample), weights, st.absmax)[0] if alpha == "auto" else float(alpha)
             s = smoothing_scales(st.absmax, column_absmax(weights), chosen).to(g.norm.weight.device)
-            fold_(g.norm, g.modules, s)
-            change = 0.0
-            if dist.is_main:  # batch 0 lives on rank 0; every rank follows its decision
-                with torch.no_grad():
-                    change = relative_change(call_block(block, inputs[0]), outputs[0])
+            change = check.fold(g, s) if check is not None else 0.0  # batch 0 lives on rank 0
             if dist.active:
                 change = dist.from_main(change, device)
             if change > EXACT_TOL:
-                fold_(g.norm, g.modules, 1.0 / s)  # undo
                 note = (f"folding into {g.norm_name} changes the block output ({change:.1e}): "
                         "its output feeds more than these Linears")
                 s, chosen = None, None
+            else:
+                fold_(g.norm, [], s)  # the norm, in the model's dtype; the Linears are quantized from w * s below
         decisions.append((s, chosen, note))
+    del check
 
     reports = []
     for g, st, (s, chosen, note) in zip(groups, stats, decisions):
         smoothed = s is not None
-        act_max = st.absmax / s.cpu() if smoothed else st.absmax
+        act_max = st.absmax / s if smoothed else st.absmax
         input_scale = float(act_max.max()) / QMAX if static_activations else None
         for name, m in zip(g.names, g.modules):
-            w = float_weight(m).float()
+            # The smoothed weight in float32 (not rounded to a bf16/fp16 model's dtype before int8 rounding).
+            w = float_weight(m).float() * s.float()[None, :] if smoothed else float_weight(m).float()
             codes = scales = None
             if weight_method == "gptq":
                 h = st.hessian.normalized()
                 if smoothed:
-                    inv = 1.0 / s.cpu().float()
+                    inv = 1.0 / s.float()
                     h = h * inv[:, None] * inv[None, :]  # Hessian of the smoothed input X / s
                 res = gptq_quantize(w, h, bits=8, group_size=-1, sym=True, damp_percent=damp_percent, block_size=block_size)
                 if res is not None:

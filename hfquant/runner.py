@@ -112,14 +112,20 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: 
                 raise ConfigError(f"hfquant: activations must be one of {list(ACTIVATIONS)}, got {activations!r}")
             device = onload.device if onload is not None else next(model.parameters()).device
             hidden = make_store(activations, device, offload_folder)
+            gptq_timings: dict = {}
+            t1 = time.perf_counter()
             try:
                 modules = reports_as_dicts(quantize_gptq_(
                     model, batches, keep, scheme, act_order=config.desc_act, static_groups=config.static_groups,
                     damp_percent=config.damp_percent, block_size=config.block_size,
                     true_sequential=config.true_sequential, progress=progress, store=store, hidden=hidden,
-                    dist=dist, onload=onload, cache_outputs=activations != "disk", schemes=schemes))
+                    dist=dist, onload=onload, cache_outputs=activations != "disk", schemes=schemes,
+                    timings=gptq_timings))
             finally:
                 hidden.close()
+            # Solve time apart from the rest (forward passes, Hessians, their reduction, loading, swapping).
+            solve_s = gptq_timings.get("solve_seconds", 0.0)
+            report["gptq_seconds"] = {"solve": solve_s, "other": time.perf_counter() - t1 - solve_s}
     if store is not None:
         report["resumed_from_block"] = store.resumed_from
     report["modules"] = modules
@@ -174,11 +180,12 @@ def _rtn_layerwise(model, keep, scheme, onload, schemes=None) -> list:
                                    schemes)
 
 
-def quantize_in_place_(model, config, **options) -> dict:
-    """Quantize an already loaded float transformers model in place, exactly as
-    ``from_pretrained(..., quantization_config=config)`` would (same skip list, config and report), so it
-    saves and reloads like one. ``options`` go to ``quantize_loaded_model_`` (``windows``, ``progress``,
-    ``store``). Returns ``model.hfquant_report``.
+def quantize_(model, config, **options) -> dict:
+    """Quantize an already loaded float transformers model in place (the torchao ``quantize_`` convention),
+    exactly as ``from_pretrained(..., quantization_config=config)`` would (same skip list, config and report),
+    so it saves and reloads like one. The model may be in float32, bfloat16 or float16 and on any device:
+    calibration runs where its weights are. ``options`` go to ``quantize_loaded_model_`` (``windows``,
+    ``progress``, ``store``). Returns ``model.hfquant_report``.
     """
     from hfquant.integrations.transformers import HFQuantHfQuantizer
 
@@ -188,6 +195,9 @@ def quantize_in_place_(model, config, **options) -> dict:
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)
     return model.hfquant_report
+
+
+quantize_in_place_ = quantize_  # the earlier name, kept for existing callers
 
 
 def quantize_layerwise(model, config, *, device="cpu", dtype=torch.float32, activations: str = "device",
@@ -208,7 +218,7 @@ def quantize_layerwise(model, config, *, device="cpu", dtype=torch.float32, acti
     skeleton = empty_model(folder, dtype, revision=revision, trust_remote_code=trust_remote_code)
     loader = LayerLoader(skeleton, folder, device, dtype)
     loader.load_outside()
-    report = quantize_in_place_(skeleton, config, onload=loader, activations=activations,
+    report = quantize_(skeleton, config, onload=loader, activations=activations,
                                 offload_folder=offload_folder, **options)
     report["layerwise"] = {"activations": activations, "read_seconds": loader.seconds}
     return skeleton

@@ -131,13 +131,16 @@ def dist_quantize_worker(rank: int, world: int, port: int, folder: str, out: str
     import hfquant.quantize as hq
 
     hessians = []
-    solve = hq.gptq_quantize
+    calibrate = hq.calibrate_blocks_
 
-    def recording(w, h, **kw):  # the reduced Hessians themselves, not only the (rounded) results
-        hessians.append(h.clone())
-        return solve(w, h, **kw)
+    def recording(model, batches, keep, solve, *args, **kw):  # the reduced Hessians, not only the results
+        def solve_and_record(block_name, group, h):
+            hessians.append(h.clone())
+            return solve(block_name, group, h)
 
-    hq.gptq_quantize = recording
+        return calibrate(model, batches, keep, solve_and_record, *args, **kw)
+
+    hq.calibrate_blocks_ = recording
     config = HFQuantConfig(tokenizer=tiny_tokenizer(), **config_kwargs)
     if layerwise:
         model = quantize_layerwise(folder, config, progress=False)
@@ -148,7 +151,7 @@ def dist_quantize_worker(rank: int, world: int, port: int, folder: str, out: str
         state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
         state.update({f"hessian.{i}": h for i, h in enumerate(hessians)})
         save_file(state, out)
-    hq.gptq_quantize = solve
+    hq.calibrate_blocks_ = calibrate
     if world > 1:
         import torch.distributed as td
 

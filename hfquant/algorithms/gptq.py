@@ -85,6 +85,40 @@ def inverse_hessian_factor(h: torch.Tensor, damp_percent: float, max_damp: float
     return None, damp, retries
 
 
+@dataclass
+class HessianFactor:
+    """What the solves of every Linear reading one input share: computed once per input (``prepare_hessian``).
+
+    Attributes:
+        hinv: float32 upper Cholesky factor of the dampened ``H^-1`` (in act-order column order).
+        perm: the act-order column permutation, or ``None``.
+        dead: bool ``[cols]``, inputs with ``diag(H) == 0`` (their weight columns are zeroed).
+        damp: damping fraction finally used.
+        retries: how many times the damping was raised.
+    """
+
+    hinv: torch.Tensor
+    perm: torch.Tensor | None
+    dead: torch.Tensor
+    damp: float
+    retries: int
+
+
+def prepare_hessian(hessian: torch.Tensor, *, act_order: bool = False, damp_percent: float = 0.01) -> HessianFactor | None:
+    """Steps 2-4 above for one input Hessian ``[cols, cols]``; ``None`` when no damping makes it positive definite."""
+    h = hessian.float().clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(h), descending=True)
+        h = h[perm][:, perm]
+    hinv, damp, retries = inverse_hessian_factor(h, damp_percent)
+    if hinv is None:
+        return None
+    return HessianFactor(hinv, perm, dead, damp, retries)
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -97,43 +131,61 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     block_size: int = 128,
     observer: str = "minmax",
+    scale_dtype: torch.dtype | None = None,
 ) -> GPTQResult | None:
     """Quantize ``weight`` (``[rows, cols]``) given the input Hessian ``hessian`` (``[cols, cols]``).
 
     Rows are independent given ``H``, so weights of several Linears that read the same input
-    (q/k/v, gate/up) can be concatenated along rows and solved at once with the same result.
+    (q/k/v, gate/up) can be concatenated along rows and solved at once, or solved one after another on
+    one ``prepare_hessian`` factor (``gptq_solve``), with the same result up to float rounding.
 
     Returns ``None`` when no damping up to the maximum makes ``H`` positive definite.
     """
+    factor = prepare_hessian(hessian, act_order=act_order, damp_percent=damp_percent)
+    if factor is None:
+        return None
+    return gptq_solve(weight, factor, bits=bits, group_size=group_size, sym=sym, static_groups=static_groups,
+                      block_size=block_size, observer=observer, scale_dtype=scale_dtype)
+
+
+def gptq_solve(
+    weight: torch.Tensor,
+    factor: HessianFactor,
+    *,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    static_groups: bool = False,
+    block_size: int = 128,
+    observer: str = "minmax",
+    scale_dtype: torch.dtype | None = None,
+) -> GPTQResult:
+    """Step 5 above for ``weight`` ``[rows, cols]`` on a prepared Hessian factor.
+
+    ``scale_dtype``: the dtype the scales are stored in (the model's, e.g. bfloat16). Each group's scale is
+    rounded to it before its codes are chosen, so the codes, the losses and ``dequantized()`` are those of
+    the stored grid. Every tensor is created on ``weight``'s device.
+    """
     w = weight.float().clone()
-    h = hessian.float().clone()
     rows, cols = w.shape
+    device = w.device
     g = cols if group_size == -1 else group_size
     maxq = 2**bits - 1
-
-    dead = torch.diagonal(h) == 0
-    h[dead, dead] = 1
-    w[:, dead] = 0
+    perm, hinv = factor.perm, factor.hinv.to(device)
+    w[:, factor.dead.to(device)] = 0
 
     static = None
     if static_groups:
-        static = [fit_grid(w[:, a:b], bits, sym, observer) for a, b in group_bounds(cols, g)]
-
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diagonal(h), descending=True)
+        static = [fit_grid(w[:, a:b], bits, sym, observer, scale_dtype=scale_dtype) for a, b in group_bounds(cols, g)]
+    if perm is not None:
+        perm = perm.to(device)
         w = w[:, perm]
-        h = h[perm][:, perm]
-
-    hinv, damp, retries = inverse_hessian_factor(h, damp_percent)
-    if hinv is None:
-        return None
 
     n_groups = (cols + g - 1) // g
-    codes = torch.zeros(rows, cols)
-    scales = torch.zeros(rows, n_groups)
-    zeros = torch.zeros(rows, n_groups)
-    losses = torch.zeros(rows)
+    codes = torch.zeros(rows, cols, device=device)
+    scales = torch.zeros(rows, n_groups, device=device)
+    zeros = torch.zeros(rows, n_groups, device=device)
+    losses = torch.zeros(rows, device=device)
     if static is not None:
         for k, grid in enumerate(static):
             scales[:, k], zeros[:, k] = grid.scale, grid.zero
@@ -157,7 +209,7 @@ def gptq_quantize(
                     # Columns past this block still owe the lazy update from columns i1..j-1.
                     rest = w[:, i2:end] - err1[:, :i] @ hinv[i1:j, i2:end]
                     part = torch.cat([part, rest], dim=1)
-                grid = fit_grid(part, bits, sym, observer)
+                grid = fit_grid(part, bits, sym, observer, scale_dtype=scale_dtype)
                 scale, zero = grid.scale, grid.zero
                 scales[:, j // g], zeros[:, j // g] = scale, zero
             col = w1[:, i]
@@ -171,21 +223,19 @@ def gptq_quantize(
             err1[:, i] = err
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
 
+    arange = torch.arange(cols, device=device)
     if perm is not None:
         invperm = torch.argsort(perm)
         codes = codes[:, invperm]
-        if static is not None:
-            g_idx = torch.arange(cols) // g
-        else:
-            g_idx = (torch.arange(cols) // g)[invperm]
+        g_idx = arange // g if static is not None else (arange // g)[invperm]
     else:
-        g_idx = torch.arange(cols) // g
+        g_idx = arange // g
     return GPTQResult(
         codes=codes.int(),
         scales=scales,
         zeros=zeros.int(),
         g_idx=g_idx.int(),
         row_losses=losses,
-        damp=damp,
-        retries=retries,
+        damp=factor.damp,
+        retries=factor.retries,
     )

@@ -33,8 +33,17 @@ class QuantGrid:
     maxq: int
 
 
-def _grid_from_range(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = (xmax - xmin) / maxq
+def stored_scale(scale: torch.Tensor, scale_dtype: torch.dtype | None) -> torch.Tensor:
+    """``scale`` as it will be stored in ``scale_dtype`` (rounded, kept above the dtype's smallest normal so a
+    float16 scale never flushes to zero), returned in float32. float32 and ``None`` leave it as it is."""
+    if scale_dtype is None or scale_dtype == torch.float32:
+        return scale
+    return scale.clamp(min=torch.finfo(scale_dtype).tiny).to(scale_dtype).float()
+
+
+def _grid_from_range(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool,
+                     scale_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = stored_scale((xmax - xmin) / maxq, scale_dtype)
     if sym:
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:
@@ -63,17 +72,21 @@ def fit_grid(
     grid: int = 100,
     maxshrink: float = 0.8,
     norm: float = 2.4,
+    scale_dtype: torch.dtype | None = None,
 ) -> QuantGrid:
-    """Fit one grid per row of ``w`` (shape ``[rows, cols]``, the columns of one group)."""
+    """Fit one grid per row of ``w`` (shape ``[rows, cols]``, the columns of one group).
+
+    ``scale_dtype``: the scales are rounded to the dtype they will be stored in before the zero points (and
+    the observer's errors) are computed, so the grid is exactly the stored one."""
     w = w.float()
     maxq = 2**bits - 1
     xmin, xmax = _range(w, sym)
-    scale, zero = _grid_from_range(xmin, xmax, maxq, sym)
+    scale, zero = _grid_from_range(xmin, xmax, maxq, sym, scale_dtype)
     if observer == "mse":
         best = torch.full_like(scale, float("inf"))
         for i in range(int(maxshrink * grid)):
             p = 1 - i / grid
-            s1, z1 = _grid_from_range(p * xmin, p * xmax, maxq, sym)
+            s1, z1 = _grid_from_range(p * xmin, p * xmax, maxq, sym, scale_dtype)
             q = torch.clamp(torch.round(w / s1[:, None]) + z1[:, None], 0, maxq)
             err = (s1[:, None] * (q - z1[:, None]) - w).abs_().pow_(norm).sum(dim=1)
             better = err < best
@@ -107,20 +120,22 @@ def group_bounds(cols: int, group_size: int) -> list[tuple[int, int]]:
     return [(i, min(i + g, cols)) for i in range(0, cols, g)]
 
 
-def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, observer: str = "minmax"):
+def rtn_quantize(w: torch.Tensor, bits: int, group_size: int, sym: bool, observer: str = "minmax",
+                 scale_dtype: torch.dtype | None = None):
     """Round-to-nearest quantization of ``w`` ``[rows, cols]`` with groups along the columns.
 
-    Returns ``(codes [rows, cols] int32, scales [rows, G] float32, zeros [rows, G] int32, g_idx [cols] int32)``.
+    Returns ``(codes [rows, cols] int32, scales [rows, G] float32, zeros [rows, G] int32, g_idx [cols] int32)``,
+    on ``w``'s device. ``scale_dtype``: see ``fit_grid``.
     """
     w = w.float()
     rows, cols = w.shape
     bounds = group_bounds(cols, group_size)
-    codes = torch.empty(rows, cols, dtype=torch.int32)
-    scales = torch.empty(rows, len(bounds))
-    zeros = torch.empty(rows, len(bounds), dtype=torch.int32)
-    g_idx = torch.empty(cols, dtype=torch.int32)
+    codes = torch.empty(rows, cols, dtype=torch.int32, device=w.device)
+    scales = torch.empty(rows, len(bounds), device=w.device)
+    zeros = torch.empty(rows, len(bounds), dtype=torch.int32, device=w.device)
+    g_idx = torch.empty(cols, dtype=torch.int32, device=w.device)
     for k, (a, b) in enumerate(bounds):
-        g = fit_grid(w[:, a:b], bits, sym, observer)
+        g = fit_grid(w[:, a:b], bits, sym, observer, scale_dtype=scale_dtype)
         codes[:, a:b] = quantize_codes(w[:, a:b], g.scale[:, None], g.zero[:, None], g.maxq).int()
         scales[:, k] = g.scale
         zeros[:, k] = g.zero.int()

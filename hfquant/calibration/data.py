@@ -90,7 +90,7 @@ def join_texts(texts: list[str]) -> str:
 def tokenize_text(text: str, tokenizer) -> torch.Tensor:
     """Token ids of ``text`` as a 1-D LongTensor, without extra special tokens."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(ids, dtype=torch.long, device="cpu")  # host token ids; moved to the model's device per batch
 
 
 def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -101,7 +101,7 @@ def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int)
             f"calibration text has {n} tokens but seq_len={seq_len} needs at least {seq_len + 1}; give more text or lower seq_len"
         )
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, n - seq_len, (num_samples,), generator=gen)
+    starts = torch.randint(0, n - seq_len, (num_samples,), generator=gen, device="cpu")
     return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
 
 

@@ -1,21 +1,26 @@
 """Exact multi-process calibration: split the calibration batches across processes, reduce bit-exactly.
 
-A single process accumulates every Hessian as ``H.addmm_(X_b^T, X_b)`` over batches ``b = 0..B-1`` in
-order (``HessianStat``). Summing per-process partial Hessians (``all_reduce``) would add the same terms
-in another order, and float addition is not associative, so the result would differ in the last bits.
-Instead each process gets a contiguous range of whole batches and the running sum is passed along a chain:
+A single process accumulates every Hessian as ``H.add_(X_b^T @ X_b)`` over batches ``b = 0..B-1`` in order
+(``HessianStat``): one GEMM per batch, then an elementwise addition. Summing per-process partial Hessians
+(``all_reduce``) would add the same terms in another order, and float addition is not associative, so the
+result would differ in the last bits. Instead each process gets a contiguous range of whole batches, computes
+its batches' products ``X_b^T X_b`` during its own forward passes (the GEMMs, in parallel), and the running
+sum is passed along a chain:
 
-- rank 0 accumulates its batches directly, as a single process does (it starts from zeros too);
-- rank ``r > 0`` keeps the inputs ``X_b`` of its batches, receives the running ``H`` from rank ``r - 1``,
-  applies the same ``addmm_`` for its batches in order, and sends it on;
+- rank 0 adds its products as a single process does (it starts from zeros too);
+- rank ``r > 0`` keeps its products (or, where a product is larger than the batch, the inputs), receives the
+  running ``H`` from rank ``r - 1``, adds its products in order, and sends it on;
 - the last rank broadcasts the total.
 
 So every process ends with exactly the single-process ``H`` (same operations, same operands, same order),
 provided the GEMMs themselves give the same bits: same device type and the same number of intra-op threads
 per process (``torch.set_num_threads``), since a GEMM's blocking can depend on it. Token counts are integers
-and maxima are order-free, so those use ``all_reduce``. The forward passes (the expensive part) run in
-parallel; only the ``addmm_`` chain is sequential. Every process then solves the same problem with the same
-numbers, so the quantized weights agree without being sent around.
+and maxima are order-free, so those use ``all_reduce``. Only the elementwise additions of the chain are
+sequential.
+
+The GPTQ solves are shared out too (``hfquant.quantize``): every module is solved on its own, a unit of work
+whose bits do not depend on which rank does it; ``owners`` gives each module of a stage to one rank,
+balancing their cost (``rows * cols^2``), and the owner broadcasts its codes, scales and zeros.
 
 The process group is the one ``torch.distributed`` already has (``accelerate launch`` / ``PartialState``
 create it; gloo on CPU, NCCL on GPUs). Nothing here imports accelerate.
@@ -55,18 +60,36 @@ class Dist:
         start = self.rank * base + min(self.rank, extra)
         return range(start, start + base + (self.rank < extra))
 
-    def chain_addmm_(self, h: torch.Tensor, pending: list[torch.Tensor]) -> None:
-        """Finish ``h`` (rank 0's running sum, or zeros elsewhere) with every rank's ``pending`` inputs, in
-        rank order, exactly as one process would; afterwards every rank holds the total."""
+    def chain_add_(self, h: torch.Tensor, products) -> None:
+        """Finish ``h`` (rank 0's running sum, or zeros elsewhere) with every rank's batch ``products`` (an
+        iterable, consumed in order), in rank order, exactly as one process adds them; afterwards every rank
+        holds the total."""
         import torch.distributed as td
 
         if self.rank > 0:
             td.recv(h, src=self.rank - 1)
-            for x in pending:
-                h.addmm_(x.t(), x)
+            for p in products:
+                h.add_(p)
         if self.rank < self.world - 1:
             td.send(h, dst=self.rank + 1)
         td.broadcast(h, src=self.world - 1)
+
+    def owners(self, costs: list[float]) -> list[int]:
+        """The rank that does each unit of work of cost ``costs[i]``: longest first, each to the least loaded rank
+        (the lower rank on ties). Deterministic, so every rank computes the same assignment."""
+        load = [0.0] * self.world
+        owner = [0] * len(costs)
+        for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+            r = min(range(self.world), key=lambda r: (load[r], r))
+            owner[i] = r
+            load[r] += costs[i]
+        return owner
+
+    def broadcast_(self, t: torch.Tensor, src: int) -> None:
+        """``t`` takes rank ``src``'s values on every rank (in place)."""
+        import torch.distributed as td
+
+        td.broadcast(t, src=src)
 
     def sum_int(self, n: int, device) -> int:
         import torch.distributed as td
@@ -91,13 +114,20 @@ class Dist:
         td.broadcast(t, src=0)
         return float(t.item())
 
-    def gather_lists(self, items: list) -> list:
-        """Every rank's ``items``, concatenated in rank order (= batch order for contiguous batch ranges)."""
+    def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
+        """Every rank's ``t`` (``[rows_r, ...]``, rows may differ) concatenated along rows in rank order (= batch
+        order for contiguous batch ranges). Tensors only: the sizes travel first, then padded blocks."""
         import torch.distributed as td
 
-        parts: list = [None] * self.world
-        td.all_gather_object(parts, [t.cpu() for t in items])
-        return [t for part in parts for t in part]
+        n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+        sizes = [torch.zeros_like(n) for _ in range(self.world)]
+        td.all_gather(sizes, n)
+        sizes = [int(x) for x in sizes]
+        pad = torch.zeros(max(sizes), *t.shape[1:], dtype=t.dtype, device=t.device)
+        pad[: t.shape[0]] = t
+        parts = [torch.empty_like(pad) for _ in range(self.world)]
+        td.all_gather(parts, pad)
+        return torch.cat([p[:k] for p, k in zip(parts, sizes)])
 
     def barrier(self) -> None:
         if self.active:

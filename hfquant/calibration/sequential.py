@@ -52,10 +52,14 @@ class BlockInputs:
 
 @dataclass
 class HessianStat:
-    """Running ``sum X^T X`` (float32) and token count for one input.
+    """Running ``sum_b X_b^T X_b`` (float32, on ``h``'s device) and token count for one input.
 
-    With a multi-process ``dist``, ranks after the first keep their inputs (``pending``) until ``reduce``
-    chains the running sum through them in batch order (see ``hfquant.calibration.distributed``).
+    Each batch's product ``P_b = X_b^T X_b`` is one GEMM of its own, added to the running sum in batch order:
+    ``H = (((0 + P_0) + P_1) + ...)``. With a multi-process ``dist``, every rank computes its own batches'
+    products during its forward passes (the costly part, in parallel); ranks after the first keep them
+    (``pending``) until ``reduce`` chains the additions through the ranks in batch order, so the total is the
+    one-process ``H`` bit for bit (see ``hfquant.calibration.distributed``). Where a product is larger than
+    its batch's inputs (``cols > tokens``), the inputs are kept instead and multiplied in the chain.
     """
 
     h: torch.Tensor
@@ -64,17 +68,18 @@ class HessianStat:
     pending: list = field(default_factory=list, repr=False)
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float()
+        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.h.device, dtype=torch.float32)
         if self.dist.rank > 0:
-            self.pending.append(x.clone())
+            small = x.shape[1] <= x.shape[0]
+            self.pending.append((True, x.t() @ x) if small else (False, x.clone()))
         else:
-            self.h.addmm_(x.t(), x)
+            self.h.add_(x.t() @ x)
         self.n += x.shape[0]
 
     def reduce(self) -> None:
         """Make ``h`` and ``n`` the totals over every process (a no-op for a single process)."""
         if self.dist.active:
-            self.dist.chain_addmm_(self.h, self.pending)
+            self.dist.chain_add_(self.h, (p if is_product else p.t() @ p for is_product, p in self.pending))
             self.pending.clear()
             self.n = self.dist.sum_int(self.n, self.h.device)
 

@@ -20,7 +20,7 @@ def _ids(text, tokenizer) -> torch.Tensor:
     if isinstance(text, torch.Tensor):
         return text.reshape(-1).long()
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    return torch.tensor(ids, dtype=torch.long, device="cpu")
 
 
 @torch.no_grad()

@@ -32,7 +32,7 @@ class HFQuantHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: HFQuantConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.report: dict = {}
-        self.run_options: dict = {}  # extra quantize_loaded_model_ arguments (hfquant.runner.quantize_in_place_)
+        self.run_options: dict = {}  # extra quantize_loaded_model_ arguments (hfquant.runner.quantize_)
 
     def validate_environment(self, *args, device_map=None, **kwargs):
         if self.pre_quantized or not isinstance(device_map, dict):

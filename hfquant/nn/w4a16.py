@@ -33,6 +33,12 @@ def _linear():
 _LINEAR = None
 
 
+def scale_storage_dtype(linear: nn.Module) -> torch.dtype:
+    """The dtype ``QuantLinearW4A16.from_float`` stores a float Linear's scales in: its bias's, else its weight's."""
+    bias = getattr(linear, "bias", None)
+    return bias.dtype if bias is not None else linear.weight.dtype
+
+
 class QuantLinearW4A16(nn.Module):
     """Weight-only quantized Linear. ``forward`` calls one op chosen at call time (``hfquant.kernels``).
 
@@ -76,15 +82,16 @@ class QuantLinearW4A16(nn.Module):
         """
         out_features, in_features = codes.shape
         bias = getattr(linear, "bias", None)
-        dtype = bias.dtype if bias is not None else linear.weight.dtype
-        m = cls(in_features, out_features, bits, group_size, bias is not None, dtype=dtype, device="cpu")
-        m.weight.data = pack_codes(codes.cpu(), bits)
-        # Clones: results of a fused solve (q/k/v) are views of one tensor, and safetensors refuses shared storage.
-        m.scales.data = scales.to(dtype).cpu().clone()
-        m.zeros.data = zeros.to(torch.uint8).cpu().clone()
-        m.g_idx.data = g_idx.to(torch.int32).cpu().clone()
+        dtype = scale_storage_dtype(linear)
+        device = codes.device
+        m = cls(in_features, out_features, bits, group_size, bias is not None, dtype=dtype, device=device)
+        m.weight.data = pack_codes(codes, bits)
+        # Clones: results may be views of one tensor, and safetensors refuses shared storage.
+        m.scales.data = scales.to(dtype).clone()
+        m.zeros.data = zeros.to(device=device, dtype=torch.uint8).clone()
+        m.g_idx.data = g_idx.to(device=device, dtype=torch.int32).clone()
         if bias is not None:
-            m.bias.data = bias.detach().clone().cpu()
+            m.bias.data = bias.detach().clone().to(device)
         return m.to(linear.weight.device)
 
     def codes(self) -> torch.Tensor:

@@ -55,17 +55,18 @@ class QuantLinearW8A8(nn.Module):
         """
         out_f, in_f = weight.shape
         bias = getattr(linear, "bias", None)
-        dtype = bias.dtype if bias is not None else weight.dtype
-        m = cls(in_f, out_f, bias is not None, dtype=dtype, device="cpu")
+        dtype = bias.dtype if bias is not None else linear.weight.dtype
+        device = weight.device
+        m = cls(in_f, out_f, bias is not None, dtype=dtype, device=device)
         if codes is None:
-            codes, scales = quantize_weight_int8(weight.detach().cpu())
-        m.weight.data = codes.to(torch.int8).cpu().reshape(out_f, 1, in_f).clone()
-        m.weight_scale.data = scales.float().cpu().clone()
+            codes, scales = quantize_weight_int8(weight.detach())
+        m.weight.data = codes.to(device=device, dtype=torch.int8).reshape(out_f, 1, in_f).clone()
+        m.weight_scale.data = scales.to(device=device, dtype=torch.float32).clone()
         if input_scale is not None:
-            m.input_scale.data = torch.tensor([float(input_scale)])
+            m.input_scale.data = torch.tensor([float(input_scale)], device=device)
         if bias is not None:
-            m.bias.data = bias.detach().clone().cpu()
-        return m.to(weight.device)
+            m.bias.data = bias.detach().clone().to(device)
+        return m
 
     @property
     def dynamic(self) -> bool:
