@@ -381,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - a failure, not bad input: one line, traceback with -v
         if args.verbose:
             traceback.print_exc()
-        first = (str(exc).splitlines() or [""])[0][:300]
+        first = (str(exc).splitlines() or [""])[0][:600]
         print(f"hfquant: failed: {type(exc).__name__}: {first} (run with -v for the traceback)", file=sys.stderr)
         return 1
 

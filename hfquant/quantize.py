@@ -72,11 +72,10 @@ def _rtn(module: nn.Module, scheme: WeightScheme):
                         scale_dtype=scale_storage_dtype(module))
 
 
-def _share_result(dist: Dist, res: GPTQResult | None, owner: int, module: nn.Module, ws: WeightScheme,
-                  device) -> GPTQResult | None:
-    """``owner``'s result of one module's solve, on every rank (``None`` everywhere when it failed)."""
+def share_result(dist: Dist, res: GPTQResult | None, owner: int, module: nn.Module, group_size: int, device) -> GPTQResult | None:
+    """``owner``'s result of one module's GPTQ solve, on every rank (``None`` everywhere when it failed)."""
     cols, rows = in_out_features(module)
-    n_groups = len(group_bounds(cols, ws.group_size))
+    n_groups = len(group_bounds(cols, group_size))
     meta = torch.tensor([res is not None, res.damp if res else 0.0, res.retries if res else 0],
                         dtype=torch.float64, device=device)
     dist.broadcast_(meta, owner)
@@ -185,7 +184,7 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
                                      sym=ws.sym, static_groups=static_groups, block_size=block_size,
                                      observer=ws.observer, scale_dtype=scale_storage_dtype(module))
             if dist.active:
-                res = _share_result(dist, res, owner, module, ws, hessian.device)
+                res = share_result(dist, res, owner, module, ws.group_size, hessian.device)
             accept(name, module, res, ws)
         if timings is not None:
             timings["solve_seconds"] = timings.get("solve_seconds", 0.0) + time.perf_counter() - t0

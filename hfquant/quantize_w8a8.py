@@ -18,13 +18,14 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from hfquant.algorithms.gptq import gptq_quantize
+from hfquant.algorithms.gptq import GPTQResult, HessianFactor, gptq_solve, prepare_hessian
 from hfquant.algorithms.smoothquant import QMAX, column_absmax, search_alpha, smoothing_scales
 from hfquant.calibration.distributed import Dist
 from hfquant.calibration.modules import find_blocks, float_weight, quantizable_modules, set_submodule
 from hfquant.calibration.sequential import BlockInputs, HessianStat, call_block, capture_block_inputs, discover_groups
 from hfquant.calibration.smoothing import find_producers, fold_, missing_known_groups, relative_change
 from hfquant.nn.w8a8 import QuantLinearW8A8
+from hfquant.quantize import share_result
 
 logger = logging.getLogger(__name__)
 SAMPLE_TOKENS = 2048  # tokens kept per group for the alpha search
@@ -98,6 +99,30 @@ class _FoldCheck:
             for t, old in zip(_fold_tensors(norm, linears), saved):
                 t.data.copy_(old)
         return change
+
+
+def _smoothed_hessian(st: _GroupStats, s: torch.Tensor | None) -> torch.Tensor:
+    """The group's input Hessian, of the smoothed input ``X / s`` when smoothed."""
+    h = st.hessian.normalized()
+    if s is None:
+        return h
+    inv = 1.0 / s.float()
+    return h * inv[:, None] * inv[None, :]
+
+
+def _fold_norm_(norm: nn.Module, s: torch.Tensor) -> torch.Tensor:
+    """Divide the model's norm by ``s`` in its own dtype; return the scale that division really applied.
+
+    In bf16/fp16 ``weight / s`` is rounded, so the Linears must be multiplied by ``old / new`` (computed in
+    float32) rather than by ``s`` for the folded pair to compute what the unfolded one did. float32 keeps ``s``.
+    """
+    if norm.weight.dtype == torch.float32:
+        fold_(norm, [], s)
+        return s
+    old = norm.weight.detach().float().clone()
+    fold_(norm, [], s)
+    new = norm.weight.detach().float()
+    return torch.where(new != 0, old / new, s.float())
 
 
 def _fold_tensors(norm: nn.Module, linears: list[nn.Module]) -> list[torch.Tensor]:
@@ -216,30 +241,42 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
                         "its output feeds more than these Linears")
                 s, chosen = None, None
             else:
-                fold_(g.norm, [], s)  # the norm, in the model's dtype; the Linears are quantized from w * s below
+                s = _fold_norm_(g.norm, s)  # the Linears are quantized from w * s below
         decisions.append((s, chosen, note))
     del check
 
-    reports = []
-    for g, st, (s, chosen, note) in zip(groups, stats, decisions):
-        smoothed = s is not None
-        act_max = st.absmax / s if smoothed else st.absmax
-        input_scale = float(act_max.max()) / QMAX if static_activations else None
+    # Smoothed float32 weights, and with GPTQ weights each module's solve: every solve of the block is
+    # independent (the statistics are the float block's), so with several processes each has one owner.
+    units = []  # (group index, name, module, smoothed float32 weight)
+    for k, (g, (s, _, _)) in enumerate(zip(groups, decisions)):
         for name, m in zip(g.names, g.modules):
-            # The smoothed weight in float32 (not rounded to a bf16/fp16 model's dtype before int8 rounding).
-            w = float_weight(m).float() * s.float()[None, :] if smoothed else float_weight(m).float()
-            codes = scales = None
-            if weight_method == "gptq":
-                h = st.hessian.normalized()
-                if smoothed:
-                    inv = 1.0 / s.float()
-                    h = h * inv[:, None] * inv[None, :]  # Hessian of the smoothed input X / s
-                res = gptq_quantize(w, h, bits=8, group_size=-1, sym=True, damp_percent=damp_percent, block_size=block_size)
-                if res is not None:
-                    codes, scales = (res.codes - 128).to(torch.int8), res.scales[:, 0]
-            q = QuantLinearW8A8.from_float(m, w, input_scale, codes, scales)
-            set_submodule(block, name, q)
-            reports.append({"name": f"{prefix}.{name}", "smoothed": smoothed, "alpha": chosen,
-                            "smoothed_by": g.norm_name if smoothed else None,
-                            "weights": weight_method if codes is not None else "rtn", "note": note})
+            # Not rounded to a bf16/fp16 model's dtype before the int8 rounding.
+            w = float_weight(m).float() * s.float()[None, :] if s is not None else float_weight(m).float()
+            units.append((k, name, m, w))
+    solved: dict[str, GPTQResult | None] = {}
+    if weight_method == "gptq":
+        owners = dist.owners([float(w.numel()) * w.shape[1] for *_, w in units])
+        factors: dict[int, HessianFactor | None] = {}
+        for (k, name, m, w), owner in zip(units, owners):
+            res = None
+            if owner == dist.rank:
+                if k not in factors:
+                    factors[k] = prepare_hessian(_smoothed_hessian(stats[k], decisions[k][0]), damp_percent=damp_percent)
+                if factors[k] is not None:
+                    res = gptq_solve(w, factors[k], bits=8, group_size=-1, sym=True, block_size=block_size)
+            if dist.active:
+                res = share_result(dist, res, owner, m, -1, device)
+            solved[name] = res
+
+    reports = []
+    for k, name, m, w in units:
+        g, st, (s, chosen, note) = groups[k], stats[k], decisions[k]
+        smoothed = s is not None
+        input_scale = float((st.absmax / s if smoothed else st.absmax).max()) / QMAX if static_activations else None
+        res = solved.get(name)
+        codes, scales = ((res.codes - 128).to(torch.int8), res.scales[:, 0]) if res is not None else (None, None)
+        set_submodule(block, name, QuantLinearW8A8.from_float(m, w, input_scale, codes, scales))
+        reports.append({"name": f"{prefix}.{name}", "smoothed": smoothed, "alpha": chosen,
+                        "smoothed_by": g.norm_name if smoothed else None,
+                        "weights": weight_method if codes is not None else "rtn", "note": note})
     return reports, outputs

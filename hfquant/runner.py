@@ -41,9 +41,30 @@ def _check_seq_len(model, seq_len: int) -> None:
         raise CalibrationError(f"hfquant: seq_len={seq_len} exceeds the model's maximum of {limit} positions; lower seq_len")
 
 
-def quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: torch.Tensor | None = None,
-                           progress: bool = True, store=None, *, onload=None, activations: str = "device",
-                           offload_folder=None, dist=None) -> dict:
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OOM_HINT = ("to use less memory: calibration.layerwise: true (quantize_layerwise), calibration.activations: cpu or "
+            "disk, or a smaller calibration.batch_size; with --resume (single process, not layer-wise) a rerun starts "
+            "after the last finished block")
+
+
+def quantize_loaded_model_(model, config, keep: Callable[[str], bool], *args, **kwargs) -> dict:
+    """Quantize ``model`` in place (``_quantize_loaded_model_``); a device out of memory becomes one line that
+    names what to change."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    bad = sorted(str(d) for d in dtypes - set(SUPPORTED_DTYPES))
+    if bad:
+        raise ConfigError(f"hfquant: the model's weights are {', '.join(bad)}; quantization supports float32, bfloat16 "
+                          "and float16 weights: load the model with dtype=torch.float32 (or bfloat16/float16)")
+    try:
+        return _quantize_loaded_model_(model, config, keep, *args, **kwargs)
+    except torch.OutOfMemoryError as exc:
+        where = (str(exc).splitlines() or [""])[0][:160]
+        raise torch.OutOfMemoryError(f"hfquant: the device ran out of memory while quantizing ({where}); {OOM_HINT}") from None
+
+
+def _quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: torch.Tensor | None = None,
+                            progress: bool = True, store=None, *, onload=None, activations: str = "device",
+                            offload_folder=None, dist=None) -> dict:
     """Quantize ``model`` in place; returns a report (per-module results, calibration fingerprint, timings).
 
     ``store`` (a ``hfquant.progress.ProgressStore``, GPTQ only) saves progress per block and resumes from it.

@@ -66,7 +66,7 @@ def _dir_mb(folder: Path) -> float:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 2**20
 
 
-def run_row(name: str, model_path: str, extra: dict, windows: int) -> dict:
+def run_row(name: str, model_path: str, extra: dict, windows: int, dtype_name: str = "float32") -> dict:
     """Run one row in this process and return its measurements."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,12 +76,13 @@ def run_row(name: str, model_path: str, extra: dict, windows: int) -> dict:
     from hfquant.eval import perplexity
 
     torch.manual_seed(0)
+    dtype = getattr(torch, dtype_name)
     spec = ROWS[name]
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     row: dict = {"row": name, "config": spec}
     t0 = time.perf_counter()
     if spec is None:
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
         row["quant_seconds"] = None
     elif spec["method"] == "bnb-nf4":
         try:
@@ -94,9 +95,13 @@ def run_row(name: str, model_path: str, extra: dict, windows: int) -> dict:
         row["quant_seconds"] = time.perf_counter() - t0
     else:
         cfg = hfquant.HFQuantConfig(**{**spec, **extra})
-        model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=cfg, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_path, quantization_config=cfg, dtype=dtype)
         row["quant_seconds"] = time.perf_counter() - t0
-        row["damp_retries"] = getattr(model, "hfquant_report", {}).get("damp_retries")
+        report = getattr(model, "hfquant_report", {})
+        row["damp_retries"] = report.get("damp_retries")
+        if spec["method"] == "smoothquant":
+            smoothed = {(m["name"].rsplit(".", 2)[0], m["smoothed_by"]) for m in report["modules"] if m["smoothed"]}
+            row["smoothed_groups"] = len(smoothed)
     text = BUNDLED_EVALUATION.read_text()
     t1 = time.perf_counter()
     row["ppl16k"] = perplexity(model, tokenizer, text, seq_len=512, max_windows=windows)
@@ -117,18 +122,21 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
     lines = [
         *table_header(meta),
-        "| row | PPL-16K | vs fp32 | quantization wall time (s) | peak RSS (MiB) | checkpoint (MiB) |",
-        "|---|---|---|---|---|---|",
+        f"Model dtype: {meta.get('dtype', 'float32')} (the `fp32` row is the float model in that dtype).",
+        "",
+        "| row | PPL-16K | vs float | quantization wall time (s) | peak RSS (MiB) | checkpoint (MiB) | smoothed groups |",
+        "|---|---|---|---|---|---|---|",
     ]
     base = next((r["ppl16k"] for r in rows if r["row"] == "fp32" and "ppl16k" in r), None)
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['row']} | skipped: {r['skipped']} | | | | |")
+            lines.append(f"| {r['row']} | skipped: {r['skipped']} | | | | | |")
             continue
         qs = "—" if r.get("quant_seconds") is None else f"{r['quant_seconds']:.1f}"
         rel = f"{r['ppl16k'] / base:.3f}x" if base else ""
         ck = "—" if r.get("checkpoint_mb") is None else f"{r['checkpoint_mb']:.1f}"
-        lines.append(f"| {r['row']} | {r['ppl16k']:.2f} | {rel} | {qs} | {r['peak_rss_mb']:.0f} | {ck} |")
+        sg = r.get("smoothed_groups", "")
+        lines.append(f"| {r['row']} | {r['ppl16k']:.2f} | {rel} | {qs} | {r['peak_rss_mb']:.0f} | {ck} | {sg} |")
     return "\n".join(lines) + "\n"
 
 
@@ -156,13 +164,15 @@ def main(argv=None) -> None:
     parser.add_argument("--update-benchmarks", action="store_true")
     parser.add_argument("--marker", default="accuracy",
                         help="BENCHMARKS.md section to replace (a run of some rows with --only: its own marker)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="dtype the model is loaded in for every row (the fp32 row is then the float baseline in it)")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--row-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     extra = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
 
     if args.row:
-        Path(args.row_out).write_text(json.dumps(run_row(args.row, args.model, extra, args.windows)))
+        Path(args.row_out).write_text(json.dumps(run_row(args.row, args.model, extra, args.windows, args.dtype)))
         return
 
     if not Path(args.model, "config.json").is_file():
@@ -173,7 +183,7 @@ def main(argv=None) -> None:
     for name in names:
         with tempfile.NamedTemporaryFile(suffix=".json") as f:
             cmd = [sys.executable, __file__, "--model", args.model, "--row", name, "--row-out", f.name,
-                   "--windows", str(args.windows), "--set", *args.set]
+                   "--windows", str(args.windows), "--dtype", args.dtype, "--set", *args.set]
             env = {**os.environ, "HFQUANT_KERNEL": args.kernel}
             proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
             if proc.returncode != 0:
@@ -186,6 +196,7 @@ def main(argv=None) -> None:
     from scripts.timing import run_meta, save_table
 
     meta = run_meta("bench_accuracy.py", argv)
+    meta["dtype"] = args.dtype
     save_table(args.out, args.marker, meta, rows, markdown(rows, meta), args.marker if args.update_benchmarks else None)
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -83,6 +82,7 @@ def run_variant(recipe: str, sets: list[str], output: str) -> dict:
     return {"rank": dist.rank, "seconds": seconds, "baseline_mib": baseline / 1024,
             "plan_peak_mib": plan_peak / 1024, "work_start_mib": work_start / 1024, "work_peak_mib": work_peak / 1024,
             "peak_mib": max(plan_peak, work_peak) / 1024, "timings": report.get("timings") if dist.is_main else None,
+            "gptq_seconds": report.get("quantization", {}).get("gptq_seconds") if dist.is_main else None,
             "threads": __import__("torch").get_num_threads(), "processes": dist.world}
 
 
@@ -122,7 +122,7 @@ def _child(args_list: list[str], env: dict, launcher: list[str] | None = None) -
 
 
 def markdown(rows: list[dict], checks: dict, meta: dict) -> str:
-    full = next(r for r in rows if r["variant"] == "full")
+    full = next((r for r in rows if r["variant"] == "full"), rows[0])
     lines = [
         f"Command: `{meta['command']}`  ",
         f"Machine: {meta['machine']}; torch {meta['torch']}, transformers {meta['transformers']}; {meta['date']}; "
@@ -130,20 +130,30 @@ def markdown(rows: list[dict], checks: dict, meta: dict) -> str:
         "while timed). Peak RSS = VmHWM of the run's process; above baseline = minus its RSS after importing "
         "torch, transformers and hfquant.",
         "",
-        "| variant | processes x threads | wall time (s) | vs full | peak RSS (MiB) | vs full | "
-        "above baseline (MiB) | vs full | work peak above baseline (MiB) | vs full |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | processes x threads | wall time (s) | vs full | GPTQ solves (s) | rest of quantization (s) | "
+        "peak RSS (MiB) | vs full | above baseline (MiB) | vs full | work peak above baseline (MiB) | vs full |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        g = r.get("gptq_seconds") or {}
+        split = f"{g['solve']:.1f} | {g['other']:.1f}" if g else "— | —"
         if r.get("peak_mib") is None:
             lines.append(f"| {r['variant']} | {r['processes']} x {r['threads']} | {r['wall']:.1f} | "
-                         f"{r['wall'] / full['wall']:.2f}x | — | — | — | — | — | — |")
+                         f"{r['wall'] / full['wall']:.2f}x | {split} | — | — | — | — | — | — |")
             continue
         delta, full_delta = r["peak_mib"] - r["baseline_mib"], full["peak_mib"] - full["baseline_mib"]
         work, full_work = r["work_peak_mib"] - r["baseline_mib"], full["work_peak_mib"] - full["baseline_mib"]
         lines.append(f"| {r['variant']} | {r['processes']} x {r['threads']} | {r['wall']:.1f} | "
-                     f"{r['wall'] / full['wall']:.2f}x | {r['peak_mib']:.0f} | {r['peak_mib'] / full['peak_mib']:.1%} | "
+                     f"{r['wall'] / full['wall']:.2f}x | {split} | {r['peak_mib']:.0f} | {r['peak_mib'] / full['peak_mib']:.1%} | "
                      f"{delta:.0f} | {delta / full_delta:.1%} | {work:.0f} | {work / full_work:.1%} |")
+    one = next((r for r in rows if r["variant"] == "1proc-1thread"), None)
+    two = next((r for r in rows if r["variant"] == "2proc-1thread"), None)
+    if one and two:
+        lines.append("")
+        lines.append(f"2 processes x 1 thread against 1 process x 1 thread: wall time {one['wall'] / two['wall']:.2f}x faster"
+                     + (f"; GPTQ solves {one['gptq_seconds']['solve'] / two['gptq_seconds']['solve']:.2f}x, rest of "
+                        f"quantization {one['gptq_seconds']['other'] / two['gptq_seconds']['other']:.2f}x"
+                        if one.get("gptq_seconds") and two.get("gptq_seconds") else "") + " (rank 0's own timings).")
     lines.append("")
     for key, value in checks.items():
         lines.append(f"- {key}: {value}")
@@ -231,15 +241,9 @@ def main(argv=None) -> None:
     for k, v in checks.items():
         print(f"{k}: {v}", flush=True)
 
-    import torch
-    import transformers
+    from timing import run_meta
 
-    meta = {
-        "command": "python scripts/bench_scale.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "torch": torch.__version__, "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
-        "recipe": os.path.relpath(args.recipe, ROOT), "sets": args.set,
-    }
+    meta = {**run_meta("bench_scale.py", argv), "recipe": os.path.relpath(args.recipe, ROOT), "sets": args.set}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "scale.json").write_text(json.dumps({"meta": meta, "rows": rows, "checks": checks}, indent=2))
     md = markdown(rows, checks, meta)

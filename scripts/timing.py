@@ -29,6 +29,18 @@ def interleaved_median_seconds(fns: dict, repeats: int, warmup: int = 1) -> dict
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (Linux), or None."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
 def run_meta(script: str, argv=None) -> dict:
     """The command, machine and versions a benchmark table is stamped with."""
     import os
@@ -39,7 +51,8 @@ def run_meta(script: str, argv=None) -> dict:
 
     return {
         "command": f"python scripts/{script} " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "machine": f"{cpu_model() or platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+                   f"ISA {torch.backends.cpu.get_cpu_capability()}",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
     }

@@ -157,3 +157,36 @@ def dist_quantize_worker(rank: int, world: int, port: int, folder: str, out: str
 
         td.barrier()
         td.destroy_process_group()
+
+
+def dist_dying_peer_worker(rank: int, world: int, port: int, folder: str, out: str) -> None:
+    """Two gloo processes; rank 1 dies (``os._exit``) when its first Hessian is reduced. Rank 0 writes the error
+    it got (type and message) to ``out``."""
+    import json
+    import os
+
+    import torch
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    from accelerate import PartialState
+
+    PartialState(cpu=True)
+    from transformers import AutoModelForCausalLM
+
+    import hfquant
+    import hfquant.calibration.sequential as seq
+
+    if rank == 1:
+        seq.HessianStat.reduce = lambda self: os._exit(3)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    try:
+        hfquant.quantize_(model, hfquant.HFQuantConfig(tokenizer=tiny_tokenizer(), group_size=32, **small_calibration()),
+                          progress=False)
+        result = {"type": None, "message": "no error"}
+    except Exception as exc:  # noqa: BLE001 - the test reads what was raised
+        result = {"type": type(exc).__name__, "message": str(exc)}
+    with open(out, "w") as f:
+        json.dump(result, f)
+    os._exit(0)

@@ -287,3 +287,26 @@ def test_auto_bits_refuses_layerwise(tiny_models):
 
     with pytest.raises(ConfigError, match="bits: auto .* cannot be combined with layerwise"):
         quantize_layerwise(tiny_models["llama"], _config(bits="auto", target_avg_bits=3.5), progress=False)
+
+
+def test_a_dying_process_gives_the_others_one_line(tiny_models, tmp_path):
+    """A calibration process that dies mid-block: the survivor raises one CalibrationError line (no gloo trace,
+    no hang)."""
+    import json
+
+    import torch.multiprocessing as mp
+
+    from helpers import dist_dying_peer_worker
+
+    ctx = mp.get_context("spawn")
+    port, out = _port(), tmp_path / "rank0.json"
+    procs = [ctx.Process(target=dist_dying_peer_worker, args=(r, 2, port, str(tiny_models["llama"]), str(out)))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=240)
+        assert p.exitcode is not None, "a process hung"
+    result = json.loads(out.read_text())
+    assert result["type"] == "CalibrationError", result
+    assert "\n" not in result["message"] and "lost contact" in result["message"] and "another process stopped" in result["message"]

@@ -28,11 +28,28 @@ create it; gloo on CPU, NCCL on GPUs). Nothing here imports accelerate.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from hfquant.errors import CalibrationError
+
+
+def _collective(method):
+    """A communication step: a peer that stopped (or a broken connection) becomes one line, not a gloo/NCCL trace."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except RuntimeError as exc:  # torch.distributed.DistBackendError is a RuntimeError
+            first = (str(exc).splitlines() or [""])[0][:160]
+            raise CalibrationError(f"hfquant: calibration process {self.rank} of {self.world} lost contact with the others "
+                                   f"in {method.__name__} ({first}); another process stopped, see its error; nothing "
+                                   "was saved: fix that and rerun") from None
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -60,6 +77,7 @@ class Dist:
         start = self.rank * base + min(self.rank, extra)
         return range(start, start + base + (self.rank < extra))
 
+    @_collective
     def chain_add_(self, h: torch.Tensor, products) -> None:
         """Finish ``h`` (rank 0's running sum, or zeros elsewhere) with every rank's batch ``products`` (an
         iterable, consumed in order), in rank order, exactly as one process adds them; afterwards every rank
@@ -85,12 +103,14 @@ class Dist:
             load[r] += costs[i]
         return owner
 
+    @_collective
     def broadcast_(self, t: torch.Tensor, src: int) -> None:
         """``t`` takes rank ``src``'s values on every rank (in place)."""
         import torch.distributed as td
 
         td.broadcast(t, src=src)
 
+    @_collective
     def sum_int(self, n: int, device) -> int:
         import torch.distributed as td
 
@@ -98,6 +118,7 @@ class Dist:
         td.all_reduce(t, op=td.ReduceOp.SUM)
         return int(t.item())
 
+    @_collective
     def max(self, t: torch.Tensor, device) -> torch.Tensor:
         """Elementwise maximum of ``t`` over the processes (exact in any order), computed on ``device``."""
         import torch.distributed as td
@@ -106,6 +127,7 @@ class Dist:
         td.all_reduce(u, op=td.ReduceOp.MAX)
         return u.to(t.device)
 
+    @_collective
     def from_main(self, value: float, device) -> float:
         """Rank 0's ``value`` on every rank."""
         import torch.distributed as td
@@ -114,6 +136,7 @@ class Dist:
         td.broadcast(t, src=0)
         return float(t.item())
 
+    @_collective
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's ``t`` (``[rows_r, ...]``, rows may differ) concatenated along rows in rank order (= batch
         order for contiguous batch ranges). Tensors only: the sizes travel first, then padded blocks."""
@@ -129,6 +152,7 @@ class Dist:
         td.all_gather(parts, pad)
         return torch.cat([p[:k] for p, k in zip(parts, sizes)])
 
+    @_collective
     def barrier(self) -> None:
         if self.active:
             import torch.distributed as td
