@@ -1,0 +1,102 @@
+"""GPTQ W4 g128 of one decoder layer shaped like Llama-3-8B, on a GPU, with 128 x 2048 calibration tokens.
+
+Model files cannot travel to the GPU machine, so the model is built there from a config with random weights:
+Llama-3-8B's layer shapes (hidden 4096, MLP 14336, 32 heads, 8 KV heads, rope theta 500000), one decoder
+layer, a 32000-token vocabulary (the embedding only feeds the layer). Calibration is 128 random windows of
+2048 tokens, in batches of ``--batch-size``; the time is ``hfquant.quantize_`` of the whole (one-layer) model:
+capture, forward passes, Hessians, the seven GPTQ solves (act-order, static groups, true-sequential). The
+number to compare is seconds per layer against llm-compressor's published 745 s for the whole Llama-3-8B
+(32 layers) on one GPU, 23.3 s per layer.
+
+Writes ``OUT/gpu_layer.json`` and ``OUT/gpu_layer.md``.
+
+Usage (GPU machine): python scripts/bench_gpu_layer.py --out $OUT
+Check on a CPU (tiny shapes): python scripts/bench_gpu_layer.py --device cpu --tiny --out /tmp/gpu_layer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+LLM_COMPRESSOR_SECONDS, LLAMA3_8B_LAYERS = 745.0, 32
+
+
+def llama3_8b_layer_config(tiny: bool):
+    from transformers import LlamaConfig
+
+    if tiny:
+        return LlamaConfig(hidden_size=128, intermediate_size=448, num_attention_heads=4, num_key_value_heads=2,
+                           num_hidden_layers=1, vocab_size=512, max_position_embeddings=2048)
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                       num_hidden_layers=1, vocab_size=32000, max_position_embeddings=8192, rope_theta=500000.0,
+                       rms_norm_eps=1e-5)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
+    parser.add_argument("--out", type=Path, default=Path("bench/gpu"))
+    args = parser.parse_args(argv)
+
+    from transformers import AutoModelForCausalLM
+
+    import hfquant
+
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(llama3_8b_layer_config(args.tiny), dtype=dtype).eval()
+    gen = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len), generator=gen)
+    config = hfquant.HFQuantConfig(bits=4, group_size=128, sym=True, desc_act=True, static_groups=True,
+                                   num_samples=args.samples, seq_len=args.seq_len,
+                                   calibration_batch_size=args.batch_size)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    report = hfquant.quantize_(model, config, windows=windows, progress=False)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - t0
+    result = {
+        "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
+        "torch": torch.__version__, "dtype": args.dtype, "tiny": args.tiny,
+        "tokens": args.samples * args.seq_len, "batch_size": args.batch_size,
+        "seconds_per_layer": seconds, "gptq_seconds": report.get("gptq_seconds"),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
+        "llm_compressor_seconds_per_layer": LLM_COMPRESSOR_SECONDS / LLAMA3_8B_LAYERS,
+        "modules": len(report["modules"]),
+    }
+    ratio = result["llm_compressor_seconds_per_layer"] / seconds
+    md = ("| what | seconds per layer |\n|---|---|\n"
+          f"| hfquant GPTQ W4 g128, Llama-3-8B-shaped layer, {result['tokens']} tokens, {args.dtype}, "
+          f"{result['device']} | {seconds:.1f} (solves {result['gptq_seconds']['solve']:.1f}) |\n"
+          f"| llm-compressor, published: 745 s / 32 layers (their GPU, their run) | "
+          f"{result['llm_compressor_seconds_per_layer']:.1f} |\n\n"
+          f"Ratio (published / measured): {ratio:.2f}x. Peak GPU memory: "
+          f"{result['peak_gpu_gib'] or 0:.1f} GiB. Command: `python scripts/bench_gpu_layer.py "
+          f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_layer.json").write_text(json.dumps(result, indent=2))
+    (args.out / "gpu_layer.md").write_text(md)
+    print(md)
+    return result
+
+
+if __name__ == "__main__":
+    main()
