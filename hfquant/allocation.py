@@ -38,23 +38,23 @@ def allocate(losses: list[list[float]], costs: list[list[int]], budget: int, res
 
 
 def _solve(losses, costs, budget: int, unit: int) -> list[int] | None:
-    size = budget // unit + 1
+    size = budget // unit + 1  # a host-side table (device="cpu" below), whatever device the model is on
     inf = float("inf")
-    best = torch.full((size,), inf, dtype=torch.float64)
+    best = torch.full((size,), inf, dtype=torch.float64, device="cpu")
     best[0] = 0.0
     choices = []
     for loss_row, cost_row in zip(losses, costs):
-        new = torch.full((size,), inf, dtype=torch.float64)
-        pick = torch.full((size,), -1, dtype=torch.int8)
+        new = torch.full((size,), inf, dtype=torch.float64, device="cpu")
+        pick = torch.full((size,), -1, dtype=torch.int8, device="cpu")
         for j, (loss, cost) in enumerate(zip(loss_row, cost_row)):
             c = -(-int(cost) // unit)
             if c >= size:
                 continue
-            cand = torch.full((size,), inf, dtype=torch.float64)
+            cand = torch.full((size,), inf, dtype=torch.float64, device="cpu")
             cand[c:] = best[: size - c] + float(loss)
             better = cand < new
             new = torch.where(better, cand, new)
-            pick = torch.where(better, torch.tensor(j, dtype=torch.int8), pick)
+            pick = torch.where(better, torch.tensor(j, dtype=torch.int8, device="cpu"), pick)
         best = new
         choices.append(pick)
     end = int(torch.argmin(best))

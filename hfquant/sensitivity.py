@@ -30,6 +30,7 @@ The table is a JSON-able dict::
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
 
@@ -54,7 +55,8 @@ def group_losses(weights: list[torch.Tensor], hessian: torch.Tensor, candidates:
     """Losses of modules reading one input: per module ``{"energy", "gptq": [...], "rtn": [...]}``, plus
     ``fisher_gptq`` / ``fisher_rtn`` when ``fisher`` (per module, ``f_j`` per output channel) is given."""
     w = torch.cat([x.float() for x in weights], 0)
-    bounds = torch.tensor([0] + [x.shape[0] for x in weights]).cumsum(0).tolist()
+    bounds = [0, *itertools.accumulate(x.shape[0] for x in weights)]
+    scale_dtype = weights[0].dtype  # the grid the run would store (scales in the model's dtype)
     row_weight = None if fisher is None else torch.cat([f.double() for f in fisher]) / 4
 
     def per_module(rows: torch.Tensor) -> list[float]:
@@ -65,10 +67,10 @@ def group_losses(weights: list[torch.Tensor], hessian: torch.Tensor, candidates:
     for entry in out:
         entry.update({k: [] for k in kinds[2:]})
     for c in candidates:
-        rtn = dequantize_grouped(*rtn_quantize(w, c["bits"], c["group_size"], sym, observer))
+        rtn = dequantize_grouped(*rtn_quantize(w, c["bits"], c["group_size"], sym, observer, scale_dtype=scale_dtype))
         res = gptq_quantize(w, hessian, bits=c["bits"], group_size=c["group_size"], sym=sym, act_order=act_order,
                             static_groups=static_groups, damp_percent=damp_percent, block_size=block_size,
-                            observer=observer)
+                            observer=observer, scale_dtype=scale_dtype)
         gptq = rtn if res is None else res.dequantized()  # no Hessian factor at any damping: RTN, like the run
         for kind, q in (("gptq", gptq), ("rtn", rtn)):
             rows = _proxy(w - q, hessian)

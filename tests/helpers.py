@@ -108,7 +108,7 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def dist_quantize_worker(rank: int, world: int, port: int, folder: str, out: str, config_kwargs: dict,
-                         layerwise: bool = False) -> None:
+                         layerwise: bool = False, dtype: str = "float32") -> None:
     """One process of a gloo group (1 thread): quantize ``folder`` under ``PartialState``; rank 0 saves the
     quantized state dict to ``out`` (safetensors). ``world == 1`` runs without a process group."""
     import os
@@ -126,7 +126,7 @@ def dist_quantize_worker(rank: int, world: int, port: int, folder: str, out: str
     from transformers import AutoModelForCausalLM
 
     from hfquant.config import HFQuantConfig
-    from hfquant.runner import quantize_in_place_, quantize_layerwise
+    from hfquant.runner import quantize_, quantize_layerwise
 
     import hfquant.quantize as hq
 
@@ -143,10 +143,10 @@ def dist_quantize_worker(rank: int, world: int, port: int, folder: str, out: str
     hq.calibrate_blocks_ = recording
     config = HFQuantConfig(tokenizer=tiny_tokenizer(), **config_kwargs)
     if layerwise:
-        model = quantize_layerwise(folder, config, progress=False)
+        model = quantize_layerwise(folder, config, dtype=getattr(torch, dtype), progress=False)
     else:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        quantize_in_place_(model, config, progress=False)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
+        quantize_(model, config, progress=False)
     if rank == 0:
         state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
         state.update({f"hessian.{i}": h for i, h in enumerate(hessians)})

@@ -19,6 +19,7 @@ METHODS = {
     "gptq-mixed": dict(method="gptq", group_size=32, overrides={"*.mlp.down_proj": {"bits": 8},
                                                                  "*.v_proj": {"method": "rtn"}}),
     "gptq-head8": dict(method="gptq", group_size=32, lm_head_bits=8),
+    "gptq-auto": dict(method="gptq", group_size=32, bits="auto", target_avg_bits=4.0, fisher_windows=2),
     "smoothquant": dict(method="smoothquant"),
     "smoothquant-gptq-static": dict(method="smoothquant", alpha=0.5, weight_method="gptq", activation_scheme="static"),
     "smoothquant-plain": dict(method="smoothquant", alpha=None),
@@ -79,7 +80,7 @@ def test_the_meta_device_test_catches_a_stray_allocation(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("name", ["rtn", "gptq", "gptq-asym-noact", "gptq-mixed", "gptq-head8"])
+@pytest.mark.parametrize("name", ["rtn", "gptq", "gptq-asym-noact", "gptq-mixed", "gptq-head8", "gptq-auto"])
 def test_low_precision_weights_are_calibrated_on_what_is_saved(dtype, name, monkeypatch):
     """bf16/fp16 models: scales are stored in the model's dtype, and the dequantized weight every later stage
     and block is calibrated on is exactly the saved module's ``dequantize()`` in that dtype."""
@@ -172,3 +173,34 @@ def test_bf16_gptq_matches_fp32_gptq_in_error():
         assert abs(losses[torch.bfloat16][n] - loss) <= 0.15 * loss, (n, loss, losses[torch.bfloat16][n])
     a, b = logits[torch.float32], logits[torch.bfloat16]
     assert (a - b).norm() / a.norm() < 0.1  # measured 0.052; bf16 arithmetic alone differs by a few percent here
+
+
+@pytest.mark.parametrize("dtype,method", [("bfloat16", "gptq"), ("float16", "smoothquant"), ("float16", "rtn")])
+def test_recipe_dtype_runs_saves_and_reloads(tiny_models, tmp_path, capsys, dtype, method):
+    """``dtype: bfloat16`` / ``float16`` in a recipe: the run quantizes in that dtype, the checkpoint keeps it,
+    and the reloaded model computes the perplexity the run reported, exactly."""
+    import json
+
+    from helpers import run_cli, write_recipe
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from hfquant.calibration.data import BUNDLED_EVALUATION, tokenize_text
+    from hfquant.eval.perplexity import perplexity
+
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], out, dtype=dtype,
+                          quantization={"method": method, **({"group_size": 32} if method != "smoothquant" else {})})
+    code, _, err = run_cli(["run", recipe, "--quiet"], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    assert report["dtype"] == dtype
+    if method == "smoothquant":
+        assert sum(m["smoothed"] for m in report["layers"]) == 5 * 2  # q, k, v, gate, up in both blocks
+    tensors = load_file(out / "model.safetensors")
+    floats = {t.dtype for k, t in tensors.items() if t.is_floating_point() and "weight_scale" not in k}
+    assert floats == {getattr(torch, dtype)}, floats
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype))
+    ids = tokenize_text(BUNDLED_EVALUATION.read_text(), tiny_tokenizer())
+    ppl = perplexity(model, None, ids, seq_len=64, max_windows=512 // 64, progress=False)
+    assert ppl == pytest.approx(report["evaluation"]["after"], rel=1e-6)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -28,9 +29,10 @@ def _cli(*args, env=None):
     return [sys.executable, "-m", "hfquant", "--quiet", *map(str, args)]
 
 
-def test_sigkill_then_resume_gives_identical_checkpoint(tmp_path, capsys):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_sigkill_then_resume_gives_identical_checkpoint(tmp_path, capsys, dtype):
     model = _four_layer_llama(tmp_path / "model")
-    recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "unused",
+    recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "unused", dtype=dtype,
                           evaluation={"before": False, "after": False})
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
@@ -77,6 +79,7 @@ def test_sigkill_then_resume_gives_identical_checkpoint(tmp_path, capsys):
     layers_a = json.loads((straight / "report.json").read_text())["layers"]
     layers_b = json.loads((out / "report.json").read_text())["layers"]
     assert layers_a == layers_b
+    assert {t.dtype for k, t in b.items() if k.endswith(".scales")} == {getattr(torch, dtype)}
 
 
 def test_resume_refuses_progress_of_another_recipe(tmp_path, capsys, tiny_models):

@@ -24,13 +24,11 @@ def _config(method="gptq", **kw):
     return HFQuantConfig(method=method, group_size=32, tokenizer=tiny_tokenizer(), **small_calibration(**kw))
 
 
-def _full(folder, config):
+def _full(folder, config, dtype=torch.float32):
     from transformers import AutoModelForCausalLM
 
-    from hfquant.runner import quantize_in_place_
-
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    quantize_in_place_(model, config, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).eval()
+    hfquant.quantize_(model, config, progress=False)
     return model
 
 
@@ -62,6 +60,17 @@ def test_layerwise_is_bit_identical_to_full_load(tiny_models, tmp_path, arch, me
     from safetensors.torch import load_file
 
     _assert_same_state(load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "lw" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("method", ["gptq", "smoothquant"])
+def test_layerwise_is_bit_identical_to_full_load_in_low_precision(tiny_models, dtype, method):
+    from hfquant.runner import quantize_layerwise
+
+    full = _full(tiny_models["llama"], _config(method), dtype)
+    lw = quantize_layerwise(tiny_models["llama"], _config(method), dtype=dtype, progress=False)
+    _assert_same_state(full.state_dict(), lw.state_dict())
+    assert {v.dtype for k, v in lw.state_dict().items() if k.endswith(".scales")} == ({dtype} if method == "gptq" else set())
 
 
 def test_layerwise_never_holds_two_float_blocks(tiny_models):
@@ -144,8 +153,10 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("method,layerwise", [("gptq", False), ("gptq", True), ("smoothquant", False)])
-def test_two_processes_bit_identical_to_one(tiny_models, tmp_path, method, layerwise):
+@pytest.mark.parametrize("method,layerwise,dtype", [("gptq", False, "float32"), ("gptq", True, "float32"),
+                                                   ("smoothquant", False, "float32"), ("gptq", False, "bfloat16"),
+                                                   ("smoothquant", True, "float16")])
+def test_two_processes_bit_identical_to_one(tiny_models, tmp_path, method, layerwise, dtype):
     """Python API under PartialState (gloo, 2 processes x 1 thread) vs one process with 1 thread: every
     tensor and every reduced Hessian equal. 5 batches: an uneven split (3 + 2), so the chain crosses ranks
     mid-sequence. SmoothQuant: alpha search (samples gathered in batch order), maxima, GPTQ int8 weights."""
@@ -158,11 +169,11 @@ def test_two_processes_bit_identical_to_one(tiny_models, tmp_path, method, layer
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        dist_quantize_worker(0, 1, 0, str(tiny_models["llama"]), str(tmp_path / "one.safetensors"), kw, layerwise)
+        dist_quantize_worker(0, 1, 0, str(tiny_models["llama"]), str(tmp_path / "one.safetensors"), kw, layerwise, dtype)
     finally:
         torch.set_num_threads(threads)
     mp.spawn(dist_quantize_worker, args=(2, _port(), str(tiny_models["llama"]), str(tmp_path / "two.safetensors"),
-                                         kw, layerwise), nprocs=2)
+                                         kw, layerwise, dtype), nprocs=2)
     _assert_same_state(load_file(tmp_path / "one.safetensors"), load_file(tmp_path / "two.safetensors"))
 
 
