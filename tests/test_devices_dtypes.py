@@ -181,6 +181,7 @@ def test_recipe_dtype_runs_saves_and_reloads(tiny_models, tmp_path, capsys, dtyp
     and the reloaded model computes the perplexity the run reported, exactly."""
     import json
 
+    import yaml
     from helpers import run_cli, write_recipe
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -189,16 +190,19 @@ def test_recipe_dtype_runs_saves_and_reloads(tiny_models, tmp_path, capsys, dtyp
     from hfquant.eval.perplexity import perplexity
 
     out = tmp_path / "out"
-    recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], out, dtype=dtype,
-                          quantization={"method": method, **({"group_size": 32} if method != "smoothquant" else {})})
-    code, _, err = run_cli(["run", recipe, "--quiet"], capsys)
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], out, dtype=dtype, quantization={"method": method})
+    if method == "smoothquant":  # write_recipe's default section has a group_size, which SmoothQuant does not take
+        data = yaml.safe_load(recipe.read_text())
+        del data["quantization"]["group_size"]
+        recipe.write_text(yaml.safe_dump(data))
+    code, _, err = run_cli(["--quiet", "run", recipe], capsys)
     assert code == 0, err
     report = json.loads((out / "report.json").read_text())
     assert report["dtype"] == dtype
     if method == "smoothquant":
         assert sum(m["smoothed"] for m in report["layers"]) == 5 * 2  # q, k, v, gate, up in both blocks
     tensors = load_file(out / "model.safetensors")
-    floats = {t.dtype for k, t in tensors.items() if t.is_floating_point() and "weight_scale" not in k}
+    floats = {t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.endswith(("weight_scale", "input_scale"))}
     assert floats == {getattr(torch, dtype)}, floats
     model = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype))
     ids = tokenize_text(BUNDLED_EVALUATION.read_text(), tiny_tokenizer())
