@@ -208,3 +208,22 @@ def test_recipe_dtype_runs_saves_and_reloads(tiny_models, tmp_path, capsys, dtyp
     ids = tokenize_text(BUNDLED_EVALUATION.read_text(), tiny_tokenizer())
     ppl = perplexity(model, None, ids, seq_len=64, max_windows=512 // 64, progress=False)
     assert ppl == pytest.approx(report["evaluation"]["after"], rel=1e-6)
+
+
+def test_missing_triton_is_one_warning_and_a_fallback(monkeypatch):
+    """Without Triton, the CUDA dispatch gets ``None`` (and uses the reference) after one clear warning."""
+    import sys
+    import warnings
+
+    import hfquant.kernels
+    import hfquant.kernels.w4a16 as w
+
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
+    monkeypatch.delitem(sys.modules, "hfquant.kernels.triton_kernels", raising=False)
+    monkeypatch.delattr(hfquant.kernels, "triton_kernels", raising=False)  # an earlier import's attribute
+    monkeypatch.setattr(w, "_NO_TRITON_WARNED", False)
+    with pytest.warns(UserWarning, match="Triton is not installed.*pip install triton"):
+        assert w.triton_kernels() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert w.triton_kernels() is None  # warned once only

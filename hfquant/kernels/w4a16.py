@@ -36,6 +36,7 @@ is a second copy of the packed weight in the kernel's own layout (0.5 byte per w
 from __future__ import annotations
 
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -251,15 +252,35 @@ def prepare_module(module) -> None:
             _ext_operands(module)
 
 
+_NO_TRITON_WARNED = False
+
+
+def triton_kernels():
+    """``hfquant.kernels.triton_kernels``, or ``None`` with one warning when Triton is not installed (quantized
+    Linears on CUDA then run the reference: dequantize and ``F.linear``, correct but slower)."""
+    global _NO_TRITON_WARNED
+    try:
+        # Imported on the first CUDA call: Triton is an optional dependency and never loads with ``import hfquant``.
+        from hfquant.kernels import triton_kernels as module
+    except ImportError as exc:
+        if "triton" not in str(exc).lower():
+            raise
+        if not _NO_TRITON_WARNED:
+            _NO_TRITON_WARNED = True
+            warnings.warn(f"hfquant: Triton is not installed ({exc}); quantized Linears on CUDA use the reference "
+                          "kernel (dequantize + matmul), which is slower: pip install triton", stacklevel=2)
+        return None
+    return module
+
+
 def w4a16_linear(x: torch.Tensor, module) -> torch.Tensor:
     """Dispatch by device, dtype and shape (see the module docstring)."""
     if forced_reference():
         return w4a16_reference(x, module)
     device = x.device.type
     if device == "cuda":
-        from hfquant.kernels.triton_kernels import w4a16_triton
-
-        y = w4a16_triton(x, module)
+        kernels = triton_kernels()
+        y = kernels.w4a16_triton(x, module) if kernels is not None else None
         return y if y is not None else w4a16_reference(x, module)
     if device == "cpu" and x.dtype in _CPU_DTYPES and module.weight.device.type == "cpu":
         rows = x.numel() // max(1, x.shape[-1])

@@ -17,7 +17,7 @@ import torch
 from hfquant.algorithms.smoothquant import quantize_activation_int8
 from hfquant.kernels import cpu_ext
 from hfquant.kernels._cache import cached_operands
-from hfquant.kernels.w4a16 import GEMV_MAX_ROWS, forced_reference
+from hfquant.kernels.w4a16 import GEMV_MAX_ROWS, forced_reference, triton_kernels
 
 
 def _quantize_input(x: torch.Tensor, module):
@@ -92,9 +92,8 @@ def w8a8_linear(x: torch.Tensor, module) -> torch.Tensor:
     if forced_reference():
         return w8a8_reference(x, module)
     if x.device.type == "cuda":
-        from hfquant.kernels.triton_kernels import w8a8_triton
-
-        return w8a8_triton(x, module)
+        kernels = triton_kernels()
+        return kernels.w8a8_triton(x, module) if kernels is not None else w8a8_int_mm(x, module)
     if x.device.type == "cpu":
         if x.dtype is torch.float32 and x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and module.weight.device.type == "cpu":
             y = w8a8_cpu_gemv(x, module)
