@@ -59,7 +59,7 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], *args, **
         return _quantize_loaded_model_(model, config, keep, *args, **kwargs)
     except torch.OutOfMemoryError as exc:
         where = (str(exc).splitlines() or [""])[0][:160]
-        raise torch.OutOfMemoryError(f"hfquant: the device ran out of memory while quantizing ({where}); {OOM_HINT}") from None
+        raise torch.OutOfMemoryError(f"the device ran out of memory while quantizing ({where}); {OOM_HINT}") from None
 
 
 def _quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: torch.Tensor | None = None,

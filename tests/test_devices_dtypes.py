@@ -227,3 +227,36 @@ def test_missing_triton_is_one_warning_and_a_fallback(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert w.triton_kernels() is None  # warned once only
+
+
+def test_out_of_memory_mid_block_is_one_line_and_resumable(tiny_models, tmp_path, capsys, monkeypatch):
+    """A device that runs out of memory in the middle of block 1: exit 1 with one line that names what to
+    change, no output folder, block 0 kept for ``--resume``, which then finishes the run."""
+    import json
+
+    from helpers import run_cli, write_recipe
+
+    import hfquant.quantize as hq
+
+    out = tmp_path / "out"
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], out, evaluation={"before": False, "after": False})
+    real, calls = hq.gptq_solve, [0]
+
+    def solve_then_fail(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 8:  # the first solve of block 1 (7 modules per block)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hq, "gptq_solve", solve_then_fail)
+    code, _, err = run_cli(["--quiet", "run", recipe], capsys)
+    lines = err.strip().splitlines()
+    assert code == 1 and len(lines) == 1, err
+    assert "out of memory" in lines[0] and "calibration.layerwise" in lines[0] and "batch_size" in lines[0]
+    assert not out.exists()
+    state = json.loads((tmp_path / ".out.hfquant-progress" / "state.json").read_text())
+    assert state["blocks_done"] == 1
+    monkeypatch.setattr(hq, "gptq_solve", real)
+    code, _, err = run_cli(["--quiet", "run", recipe, "--resume"], capsys)
+    assert code == 0, err
+    assert json.loads((out / "report.json").read_text())["resumed_from_block"] == 1
