@@ -124,9 +124,8 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
     activations between blocks; ``dist`` reduces statistics over calibration processes; ``onload`` (a
     ``hfquant.onload.LayerLoader``) loads each block's float weights when its turn comes;
     ``cache_outputs`` is ``run_block``'s. ``schemes`` (name -> ``ModuleScheme``) gives modules their own
-    grid and method: modules that share an input (q/k/v, gate/up) are solved in one GPTQ call when their
-    schemes are equal, otherwise one call per distinct scheme on the same Hessian; ``method: rtn`` modules
-    are rounded to nearest (their rounded weights still feed the later modules of the block).
+    grid and method; ``method: rtn`` modules are rounded to nearest (their rounded weights still feed the
+    later modules of the block).
     ``timings`` (a dict) receives ``solve_seconds``, the time spent in the solves (and their broadcasts).
 
     Every module is solved on its own (q, k and v one after another on the shared Hessian factor), whether
