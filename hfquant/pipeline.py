@@ -188,7 +188,7 @@ def _checkpoint_float_bytes(recipe: dict) -> int:
     from hfquant.onload import checkpoint_files, local_folder
     from hfquant.output import tensor_headers
 
-    size = torch.tensor([], dtype=getattr(torch, recipe["dtype"])).element_size()
+    size = getattr(torch, recipe["dtype"]).itemsize
     files = sorted(set(checkpoint_files(local_folder(recipe["model"], recipe["revision"])).values()))
     total = sum(math.prod(shape) * size for _, shape, dtype in tensor_headers(files) if dtype.startswith(("F", "BF")))
     return total

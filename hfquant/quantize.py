@@ -27,7 +27,7 @@ from hfquant.calibration.modules import (
     set_submodule,
 )
 from hfquant.calibration.sequential import BlockCallbacks, calibrate_blocks_
-from hfquant.nn.w4a16 import QuantLinearW4A16, scale_storage_dtype
+from hfquant.nn.w4a16 import QuantLinearW4A16, storage_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _scheme_of(name: str, scheme: WeightScheme, schemes: Schemes | None) -> tupl
 
 def _rtn(module: nn.Module, scheme: WeightScheme):
     return rtn_quantize(float_weight(module).float(), scheme.bits, scheme.group_size, scheme.sym, scheme.observer,
-                        scale_dtype=scale_storage_dtype(module))
+                        scale_dtype=storage_dtype(module))
 
 
 def share_result(dist: Dist, res: GPTQResult | None, owner: int, module: nn.Module, group_size: int, device) -> GPTQResult | None:
@@ -181,7 +181,7 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
                 if factor[0] is not None:
                     res = gptq_solve(float_weight(module).float(), factor[0], bits=ws.bits, group_size=ws.group_size,
                                      sym=ws.sym, static_groups=static_groups, block_size=block_size,
-                                     observer=ws.observer, scale_dtype=scale_storage_dtype(module))
+                                     observer=ws.observer, scale_dtype=storage_dtype(module))
             if dist.active:
                 res = share_result(dist, res, owner, module, ws.group_size, hessian.device)
             accept(name, module, res, ws)

@@ -81,7 +81,7 @@ def _w4a16_state(name: str, t: dict, q) -> dict:
     if in_f % g:
         raise FormatError(f"{name}: in_features={in_f} is not a multiple of group_size={g}; compressed-tensors groups must "
                           "divide the input dimension; re-quantize with a group_size that divides it (or -1), or export to gptq")
-    if not torch.equal(t["g_idx"].long(), torch.arange(in_f) // g):
+    if not torch.equal(t["g_idx"].long(), torch.arange(in_f, device=t["g_idx"].device) // g):
         raise FormatError(f"{name}: act-order g_idx is not monotone; compressed-tensors>=0.20 has no g_idx; re-quantize "
                           "with static_groups=True (the default) or desc_act=False, or export to gptq")
     half = 2 ** (q.bits - 1)

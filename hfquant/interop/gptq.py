@@ -138,7 +138,7 @@ def gptq_to_packed(name: str, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     if int(zeros.max()) > 255:
         raise FormatError(f"{name}: zero point {int(zeros.max())} does not fit hfquant's uint8 zero points")
     if g_idx is None:
-        g_idx = torch.arange(in_features, dtype=torch.int32) // g
+        g_idx = torch.arange(in_features, dtype=torch.int32, device=qweight.device) // g
     elif int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups:
         raise FormatError(f"{name}: g_idx values {int(g_idx.min())}..{int(g_idx.max())} outside 0..{n_groups - 1}")
     return packed, scales.t().contiguous(), zeros.to(torch.uint8).contiguous(), g_idx.to(torch.int32)
@@ -220,7 +220,7 @@ def gptq_writer(ckpt, checkpoint_format: str = "gptq"):
     for name in ckpt.modules:
         g_idx = ckpt.tensor(f"{name}.g_idx")
         g = g_idx.numel() if q.group_size == -1 else q.group_size
-        if not torch.equal(g_idx.long(), torch.arange(g_idx.numel()) // g):
+        if not torch.equal(g_idx.long(), torch.arange(g_idx.numel(), device=g_idx.device) // g):
             desc_act = True
             break
 
@@ -264,7 +264,7 @@ class GPTQImportLinear(torch.nn.Module):
         g = in_features if group_size == -1 else group_size
         n_groups = (in_features + g - 1) // g
 
-        def param(*shape, dt):
+        def param(*shape, dt):  # the caller builds skeletons under ``with torch.device("meta")``
             return torch.nn.Parameter(torch.zeros(*shape, dtype=dt), requires_grad=False)
 
         self.qweight = param(_words(in_features, bits, "in_features", name), out_features, dt=torch.int32)

@@ -109,7 +109,7 @@ def _cpu_int4_operands(module):
             return None  # the kernel's packing needs N divisible by 16
         packed_codes, perm = grouped
         k_pad = -(-module.in_features // kg) * kg
-        padded = torch.full((module.out_features, k_pad), 8, dtype=torch.int32)
+        padded = torch.full((module.out_features, k_pad), 8, dtype=torch.int32, device=packed_codes.device)
         padded[:, : module.in_features] = unpack_codes(packed_codes, 4, module.in_features)
         packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded, 1)
         s = module.scales.float()

@@ -33,8 +33,9 @@ def _linear():
 _LINEAR = None
 
 
-def scale_storage_dtype(linear: nn.Module) -> torch.dtype:
-    """The dtype ``QuantLinearW4A16.from_float`` stores a float Linear's scales in: its bias's, else its weight's."""
+def storage_dtype(linear: nn.Module) -> torch.dtype:
+    """The float dtype a quantized module built from ``linear`` keeps (W4A16 scales, biases, outputs): the
+    Linear's bias's, else its weight's."""
     bias = getattr(linear, "bias", None)
     return bias.dtype if bias is not None else linear.weight.dtype
 
@@ -82,7 +83,7 @@ class QuantLinearW4A16(nn.Module):
         """
         out_features, in_features = codes.shape
         bias = getattr(linear, "bias", None)
-        dtype = scale_storage_dtype(linear)
+        dtype = storage_dtype(linear)
         device = codes.device
         m = cls(in_features, out_features, bits, group_size, bias is not None, dtype=dtype, device=device)
         m.weight.data = pack_codes(codes, bits)

@@ -20,6 +20,7 @@ from torch import nn
 
 from hfquant.algorithms.smoothquant import quantize_weight_int8
 from hfquant.kernels._cache import cached_operands
+from hfquant.nn.w4a16 import storage_dtype
 
 
 class QuantLinearW8A8(nn.Module):
@@ -55,7 +56,7 @@ class QuantLinearW8A8(nn.Module):
         """
         out_f, in_f = weight.shape
         bias = getattr(linear, "bias", None)
-        dtype = bias.dtype if bias is not None else linear.weight.dtype
+        dtype = storage_dtype(linear)
         device = weight.device
         m = cls(in_f, out_f, bias is not None, dtype=dtype, device=device)
         if codes is None:
