@@ -17,12 +17,12 @@ __version__ = "0.1.0"
 _REGISTRY_MODULE = "transformers.quantizers.auto"
 _LAZY = {
     "HFQuantConfig": "hfquant.config",
-    "HFQuantHfQuantizer": "hfquant.integrations.transformers",
-    "QuantLinearW4A16": "hfquant.nn.w4a16",
+    "HFQuantQuantizer": "hfquant.integrations.transformers",
+    "QuantLinearWeightOnly": "hfquant.nn.weight_only",
     "QuantLinearW8A8": "hfquant.nn.w8a8",
     "perplexity": "hfquant.eval.perplexity",
-    "quantize_": "hfquant.runner",
-    "quantize_layerwise": "hfquant.runner",
+    "quantize_": "hfquant.quantize.entry",
+    "quantize_layerwise": "hfquant.quantize.entry",
 }
 
 __all__ = ["__version__", *_LAZY]
@@ -32,6 +32,7 @@ def _register() -> None:
     partial = sys.modules.get("hfquant.integrations.transformers")
     if partial is not None and not getattr(partial, "_READY", False):
         return  # it is being imported right now and registers itself when done
+    # lazy: `import hfquant` imports torch only; the quantizer (and transformers) load when they are needed
     from hfquant.integrations.transformers import register
 
     register()

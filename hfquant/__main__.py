@@ -2,6 +2,6 @@
 
 import sys
 
-from hfquant.cli import main
+from hfquant.app.cli import main
 
 sys.exit(main())

@@ -13,9 +13,10 @@ from typing import Any
 
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from hfquant.algorithms.rtn import OBSERVERS
-from hfquant.errors import ConfigError
-from hfquant.nn.packing import SUPPORTED_BITS
+from hfquant.core.errors import ConfigError
+from hfquant.core.grids import OBSERVERS
+from hfquant.core.packing import SUPPORTED_BITS
+from hfquant.core.schemes import MODULE_METHODS, validate_overrides
 
 QUANT_METHOD = "hfquant"
 METHODS = ("gptq", "rtn", "smoothquant")
@@ -80,7 +81,7 @@ class HFQuantConfig(QuantizationConfigMixin):
     Args:
         method: ``"gptq"`` (calibrated, W4A16 and friends) or ``"rtn"`` (round-to-nearest, no data).
         bits: weight bits, one of 2, 3, 4, 8, or ``"auto"`` (GPTQ only): choose a scheme per module from
-            ``candidates`` to meet ``target_avg_bits`` or ``max_ppl_increase`` (see ``hfquant.budget``).
+            ``candidates`` to meet ``target_avg_bits`` or ``max_ppl_increase`` (see ``hfquant.mixed.budget``).
         group_size: input columns sharing one scale/zero; ``-1`` for one per output channel. Need not
             divide ``in_features``: the last group is then partial.
         sym: symmetric grid (zero point fixed at ``2**(bits-1)``) or asymmetric (zero point fitted).
@@ -114,13 +115,13 @@ class HFQuantConfig(QuantizationConfigMixin):
         save_format: layout ``save_pretrained`` writes: ``"hfquant"`` (reloads with ``import hfquant``),
             ``"gptq"`` (GPTQ v1 ``qweight``/``qzeros``/``scales``/``g_idx``, read by transformers+gptqmodel,
             vLLM, TGI) or ``"compressed-tensors"`` (``pack-quantized`` W4A16, ``int-quantized`` W8A8). See
-            ``hfquant.interop``.
+            ``hfquant.formats``.
         checkpoint_format: layout of the pre-quantized weights being loaded: ``"hfquant"``, or ``"gptq"`` /
-            ``"gptq_v2"`` when importing a GPTQ checkpoint (set by ``hfquant.interop.gptq_config``; it is
+            ``"gptq_v2"`` when importing a GPTQ checkpoint (set by ``hfquant.formats.gptq_config``; it is
             reset to ``"hfquant"`` once the modules are converted).
         overrides: per-module schemes, ``{pattern: {bits?, group_size?, method?, sym?, skip?}}``; a pattern
             is an exact module name, a glob, or ``"re:<regex>"``; the most specific pattern wins (rule in
-            ``hfquant.schemes``). ``method`` per module is ``"gptq"`` (GPTQ runs only) or ``"rtn"``;
+            ``hfquant.core.schemes``). ``method`` per module is ``"gptq"`` (GPTQ runs only) or ``"rtn"``;
             ``skip: true`` keeps the module float. SmoothQuant runs accept ``skip`` only.
         target_avg_bits: with ``bits="auto"``: the stored bits per quantized weight to stay within
             (codes + scales + zeros + g_idx, as saved), e.g. 3.5.
@@ -129,7 +130,7 @@ class HFQuantConfig(QuantizationConfigMixin):
         candidates: with ``bits="auto"``: the ``{bits, group_size}`` schemes to choose from (default
             ``DEFAULT_CANDIDATES``).
         fisher_windows: with ``bits="auto"`` (and ``hfquant sensitivity``): calibration windows whose
-            next-token-loss gradients weight each module's output error (``hfquant.sensitivity``), so the
+            next-token-loss gradients weight each module's output error (``hfquant.mixed.sensitivity``), so the
             allocation minimises an estimate of the model's loss increase; 0 minimises the unweighted
             relative proxy loss instead.
         module_schemes: written by the run: the resolved ``{module: {bits, group_size, sym, method}}`` of
@@ -211,8 +212,6 @@ class HFQuantConfig(QuantizationConfigMixin):
         self._check_mixed(bad)
 
     def _check_mixed(self, bad) -> None:
-        from hfquant.schemes import MODULE_METHODS, validate_overrides
-
         validate_overrides(self.overrides)
         auto = self.bits == AUTO
         if auto and self.method != "gptq":

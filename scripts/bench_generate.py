@@ -76,12 +76,12 @@ def decode_breakdown(model, prompt, n: int, repeats: int) -> dict:
         module.forward = timed
         patched.append(module)
 
-    from hfquant.nn.w4a16 import QuantLinearW4A16
+    from hfquant.nn.weight_only import QuantLinearWeightOnly
     from hfquant.nn.w8a8 import QuantLinearW8A8
 
     for layer in model.model.layers:
         for module in layer.modules():
-            if isinstance(module, (torch.nn.Linear, QuantLinearW4A16, QuantLinearW8A8)):
+            if isinstance(module, (torch.nn.Linear, QuantLinearWeightOnly, QuantLinearW8A8)):
                 clock(module, "linears")
     clock(model.lm_head, "lm_head")
     runs = []

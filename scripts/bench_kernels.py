@@ -1,7 +1,7 @@
 """Kernel benchmark: quantized Linear vs the float baseline at Llama-7B-like shapes, as ratios from one run.
 
 Shapes (in x out): 4096x4096, 4096x11008, 11008x4096, at M = 1, 16, 64, 512 rows. Baseline: float32
-``F.linear`` on CPU, bfloat16 ``F.linear`` on CUDA. Candidates: ``QuantLinearW4A16`` (4-bit, g128,
+``F.linear`` on CPU, bfloat16 ``F.linear`` on CUDA. Candidates: ``QuantLinearWeightOnly`` (4-bit, g128,
 through hfquant's dispatch: on CPU hfquant's own kernel for one row (AVX512-VNNI where the CPU has it)
 and torch's int4 kernel for more rows; Triton on CUDA) and ``QuantLinearW8A8`` (per-token int8 activations included: ``torch._int_mm`` on CPU,
 Triton on CUDA). Bandwidth = bytes of weight operands the kernel reads / time, next to the machine's
@@ -117,28 +117,28 @@ def copy_bandwidth_gbs(device: str, time_ms) -> float:
 
 
 def build(in_f: int, out_f: int, device: str, dtype: torch.dtype):
-    from hfquant.algorithms.rtn import rtn_quantize
-    from hfquant.kernels import prepare_model
-    from hfquant.nn.w4a16 import QuantLinearW4A16
+    from hfquant.core.grids import rtn_quantize
+    from hfquant.nn import prepare_model
+    from hfquant.nn.weight_only import QuantLinearWeightOnly
     from hfquant.nn.w8a8 import QuantLinearW8A8
 
     torch.manual_seed(0)
     lin = torch.nn.Linear(in_f, out_f, bias=False)
     codes, scales, zeros, g_idx = rtn_quantize(lin.weight.data, 4, 128, True)
-    w4 = QuantLinearW4A16.from_float(lin, codes, scales, zeros, g_idx, 4, 128).to(device)
+    w4 = QuantLinearWeightOnly.from_float(lin, codes, scales, zeros, g_idx, 4, 128).to(device)
     w8 = QuantLinearW8A8.from_float(lin, lin.weight.data).to(device)
     prepare_model(torch.nn.ModuleList([w4, w8]))
     return lin.weight.data.to(device=device, dtype=dtype), w4, w8
 
 
 def weight_bytes(in_f: int, out_f: int, device: str, float_bytes: int, m: int) -> dict:
-    from hfquant.kernels.w4a16 import GEMV_MAX_ROWS
+    from hfquant.kernels.w4a16 import CPU_GEMV_MAX_ROWS
 
     groups = -(-in_f // 128)
     # W4A16 operands read per call: packed codes plus per-group scale and zero (CPU, one row: hfquant's kernel,
     # float32 scale and zero; CPU, more rows: torch's int4 kernel, bf16 pairs; Triton: float32 scales and
     # int32 zeros); W8A8: int8 codes and float32 per-channel scales.
-    per_group = 4 if device == "cpu" and m > GEMV_MAX_ROWS else 8
+    per_group = 4 if device == "cpu" and m > CPU_GEMV_MAX_ROWS else 8
     return {"fp": float_bytes * in_f * out_f, "w4a16": in_f * out_f // 2 + per_group * groups * out_f,
             "w8a8": in_f * out_f + 4 * out_f}
 

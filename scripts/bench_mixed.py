@@ -9,7 +9,7 @@ damp 0.01; calibration 128 x 512 tokens of WikiText-2 valid, seed 0). Reported p
 * true average bits: measured from the saved safetensors (``weight`` + ``scales`` + ``zeros`` + ``g_idx``
   bits over the quantized modules' ``in * out``), and the allocation's prediction for the auto rows.
 
-The auto rows run exactly what ``bits: auto`` runs (``hfquant.mixed.auto_schemes``: sensitivity on the
+The auto rows run exactly what ``bits: auto`` runs (``hfquant.mixed.resolve.auto_schemes``: sensitivity on the
 float model, then the budget allocation), except that the sensitivity table is measured once and shared
 by both targets (it does not depend on the target); the allocation is then quantized through
 ``module_schemes``, which ``tests/test_mixed.py`` checks gives the same model as a ``bits: auto`` run.
@@ -49,7 +49,7 @@ def _without_fisher(table: dict) -> dict:
 
 
 def _valid_ppl(model, tokenizer) -> float:
-    from hfquant.budget import valid_ids
+    from hfquant.mixed.budget import valid_ids
     from hfquant.eval import perplexity
 
     return perplexity(model, None, valid_ids(tokenizer, 512, 8), seq_len=512, max_windows=8)
@@ -60,12 +60,13 @@ def run(model_path: str, names: list[str], out: Path, sensitivity_file: Path | N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hfquant
-    from hfquant.budget import allocate_bits
+    from hfquant.mixed.budget import allocate_bits
     from hfquant.calibration.data import BUNDLED_EVALUATION, calibration_windows
     from hfquant.eval import perplexity
-    from hfquant.mixed import scale_bits_of, summary
-    from hfquant.mixed_output import stored_average_bits, write_sensitivity
-    from hfquant.sensitivity import has_fisher, measure_for_config
+    from hfquant.mixed.resolve import scale_bits_of, summary
+    from hfquant.app.report import stored_average_bits, write_sensitivity
+    from hfquant.mixed.budget import has_fisher
+    from hfquant.mixed.sensitivity import measure_for_config
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     test_text = BUNDLED_EVALUATION.read_text()

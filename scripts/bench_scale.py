@@ -63,9 +63,9 @@ def run_variant(recipe: str, sets: list[str], output: str) -> dict:
     import torch  # noqa: F401
     import transformers  # noqa: F401
 
-    from hfquant import pipeline
-    from hfquant import recipe as recipes
-    from hfquant.cli import _distributed
+    from hfquant.app import pipeline
+    from hfquant.app import recipe as recipes
+    from hfquant.app.cli import _distributed
 
     baseline = _status_kib("VmRSS")
     t0 = time.perf_counter()

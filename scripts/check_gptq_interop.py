@@ -84,8 +84,8 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     from hfquant import HFQuantConfig
-    from hfquant.interop import export_checkpoint
-    from hfquant.interop.gptq import float16_rounded
+    from hfquant.formats import export_checkpoint
+    from hfquant.formats.gptq import float16_rounded
 
     work = Path(tempfile.mkdtemp(prefix="gptq-interop-"))
     tiny = _tiny(work / "tiny-fp")

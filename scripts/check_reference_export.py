@@ -1,13 +1,13 @@
 """Export the SmolLM2-135M reference to GPTQ and compressed-tensors and check what other readers compute.
 
 Quantizes ``models/smollm2-135m`` (RTN by default: seconds, no calibration), saves it in hfquant's
-layout, exports it with ``hfquant.interop.export_checkpoint`` to both formats, then compares on the
+layout, exports it with ``hfquant.formats.export_checkpoint`` to both formats, then compares on the
 first ``--windows`` 512-token windows of WikiText-2 test (the PPL-16K protocol, shortened):
 
 * hfquant model (in memory) -- logits and PPL;
 * compressed-tensors export loaded by transformers' own compressed-tensors support in a fresh process
   that never imports hfquant -- max |logit diff| vs hfquant and PPL;
-* GPTQ export imported back with ``hfquant.interop.load_gptq`` -- max |logit diff| (float16 scales) and PPL.
+* GPTQ export imported back with ``hfquant.formats.load_gptq`` -- max |logit diff| (float16 scales) and PPL.
 
 Usage:
     python scripts/check_reference_export.py [--set key=json ...] [--windows 4] [--out out/export-check]
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hfquant import HFQuantConfig
-    from hfquant.interop import export_checkpoint, load_gptq
+    from hfquant.formats import export_checkpoint, load_gptq
 
     fields = {"method": "rtn", "group_size": 64}
     fields.update({k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)})
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
             rows.append(("compressed-tensors via transformers (no hfquant)", info["ppl"], float((got - ref).abs().max())))
         else:
             ppl_g, got = _run(load_gptq(dst).eval(), windows)
-            rows.append(("GPTQ export -> hfquant.interop.load_gptq", ppl_g, float((got - ref).abs().max())))
+            rows.append(("GPTQ export -> hfquant.formats.load_gptq", ppl_g, float((got - ref).abs().max())))
 
     print(f"\nSmolLM2-135M, {fields}, {args.windows} x 512 tokens of WikiText-2 test, max |logit| {scale:.2f}")
     print("| model | PPL | max abs logit diff vs hfquant |\n|---|---|---|")

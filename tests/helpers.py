@@ -98,8 +98,8 @@ def write_recipe(path: Path, model, output_dir, **sections) -> Path:
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """``hfquant.cli.main(argv)`` in-process: (exit code, stdout, stderr)."""
-    from hfquant.cli import main
+    """``hfquant.app.cli.main(argv)`` in-process: (exit code, stdout, stderr)."""
+    from hfquant.app.cli import main
 
     capsys.readouterr()
     code = main([str(a) for a in argv])
@@ -126,9 +126,9 @@ def dist_quantize_worker(rank: int, world: int, port: int, folder: str, out: str
     from transformers import AutoModelForCausalLM
 
     from hfquant.config import HFQuantConfig
-    from hfquant.runner import quantize_, quantize_layerwise
+    from hfquant.integrations.transformers import quantize_, quantize_layerwise
 
-    import hfquant.quantize as hq
+    import hfquant.quantize.weight_only as hq
 
     hessians = []
     calibrate = hq.calibrate_blocks_

@@ -14,7 +14,7 @@ from helpers import run_cli, write_recipe
 @pytest.fixture(scope="module")
 def finished(tiny_models, tmp_path_factory):
     """One full run (GPTQ, evaluation before and after) shared by the tests of this module."""
-    from hfquant.cli import main
+    from hfquant.app.cli import main
 
     root = tmp_path_factory.mktemp("cli")
     recipe = write_recipe(root / "r.yaml", tiny_models["llama"], root / "out")
@@ -49,7 +49,7 @@ def test_report_has_the_measurements(finished, tiny_models):
 
 
 def test_saved_recipe_is_the_resolved_one_and_reruns(finished):
-    from hfquant import recipe
+    from hfquant.app import recipe
 
     out, original = finished
     saved = yaml.safe_load((out / "hfquant_recipe.yaml").read_text())
@@ -119,7 +119,7 @@ def test_smoothquant_recipe_runs(tiny_models, tmp_path, capsys):
 
 def test_entry_points():
     pyproject = (Path(__file__).parent.parent / "pyproject.toml").read_text()
-    assert '[project.scripts]\nhfquant = "hfquant.cli:main"' in pyproject
+    assert '[project.scripts]\nhfquant = "hfquant.app.cli:main"' in pyproject
     proc = subprocess.run([sys.executable, "-m", "hfquant", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     for name in ("run", "eval", "inspect", "push", "validate"):
@@ -127,7 +127,7 @@ def test_entry_points():
 
 
 def test_commands_table_drives_the_parser():
-    from hfquant import cli
+    from hfquant.app import cli
 
     calls = []
     extra = cli.Command("test command", lambda p: p.add_argument("x"), lambda a: calls.append(a.x) or 0)

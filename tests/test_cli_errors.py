@@ -171,8 +171,8 @@ def test_bad_input_exit_2_one_line_nothing_changed(case, tmp_path, tiny_models, 
 
 
 def test_exception_in_api_is_a_config_error(tiny_models, tmp_path):
-    from hfquant import recipe
-    from hfquant.errors import ConfigError
+    from hfquant.app import recipe
+    from hfquant.core.errors import ConfigError
 
     p = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], tmp_path / "o", quantization={"bits": 5})
     with pytest.raises(ConfigError, match=r"^quantization\.bits: "):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hfquant.kernels import cpu_ext
-from hfquant.kernels import prepare_model
+from hfquant.nn import prepare_model
 from hfquant.kernels.w4a16 import DEQUANT_MIN_ROWS
 from hfquant.nn.w8a8 import QuantLinearW8A8
 

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from hfquant import HFQuantConfig
-from hfquant.errors import ConfigError
+from hfquant.core.errors import ConfigError
 
 
 def test_defaults_are_gptq_w4_g128_sym():

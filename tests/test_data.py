@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from hfquant.calibration.data import join_texts, load_texts, sample_windows, tokenize_text
-from hfquant.errors import CalibrationError
+from hfquant.core.errors import CalibrationError
 
 TEXTS = ["first line of text", "second line, a bit longer", "third"]
 

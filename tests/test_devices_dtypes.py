@@ -64,7 +64,7 @@ def test_every_allocation_follows_the_input_device(name):
 def test_the_meta_device_test_catches_a_stray_allocation(monkeypatch):
     """The property above can fail: an allocation without ``device=`` in the solve breaks the meta run."""
     import hfquant
-    import hfquant.algorithms.gptq as g
+    import hfquant.core.gptq as g
 
     real = g.fit_grid
 
@@ -85,8 +85,8 @@ def test_low_precision_weights_are_calibrated_on_what_is_saved(dtype, name, monk
     """bf16/fp16 models: scales are stored in the model's dtype, and the dequantized weight every later stage
     and block is calibrated on is exactly the saved module's ``dequantize()`` in that dtype."""
     import hfquant
-    import hfquant.quantize as hq
-    from hfquant.nn.w4a16 import QuantLinearW4A16
+    import hfquant.quantize.weight_only as hq
+    from hfquant.nn.weight_only import QuantLinearWeightOnly
 
     written: dict[int, torch.Tensor] = {}
     real = hq.set_float_weight_
@@ -99,7 +99,7 @@ def test_low_precision_weights_are_calibrated_on_what_is_saved(dtype, name, monk
     model = _model(dtype=dtype)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     hfquant.quantize_(model, _config(**METHODS[name]), progress=False)
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinearW4A16)}
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinearWeightOnly)}
     assert quantized, "nothing was quantized"
     calibrated = 0
     for n, q in quantized.items():
@@ -120,7 +120,7 @@ def test_low_precision_weights_are_calibrated_on_what_is_saved(dtype, name, monk
 
 def test_rtn_codes_are_optimal_for_the_stored_bf16_scale():
     """Each code is the nearest point of the grid the checkpoint stores (the bf16-rounded scale)."""
-    from hfquant.algorithms.rtn import quantize_codes, rtn_quantize
+    from hfquant.core.grids import quantize_codes, rtn_quantize
 
     torch.manual_seed(0)
     w = torch.randn(16, 96).bfloat16().float()
@@ -236,7 +236,7 @@ def test_out_of_memory_mid_block_is_one_line_and_resumable(tiny_models, tmp_path
 
     from helpers import run_cli, write_recipe
 
-    import hfquant.quantize as hq
+    import hfquant.quantize.weight_only as hq
 
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], out, evaluation={"before": False, "after": False})

@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from hfquant.algorithms.gptq import gptq_quantize, inverse_hessian_factor
-from hfquant.algorithms.rtn import fit_grid, rtn_quantize
+from hfquant.core.gptq import gptq_quantize, inverse_hessian_factor
+from hfquant.core.grids import fit_grid, rtn_quantize
 
 
 def correlated_inputs(n, cols, seed=0):

@@ -48,12 +48,12 @@ def quantized_on(device: str, dtype: torch.dtype, case: str):
 
 
 def _codes(model) -> dict[str, torch.Tensor]:
-    from hfquant.nn.w4a16 import QuantLinearW4A16
+    from hfquant.nn.weight_only import QuantLinearWeightOnly
     from hfquant.nn.w8a8 import QuantLinearW8A8
 
     out = {}
     for n, m in model.named_modules():
-        if isinstance(m, QuantLinearW4A16):
+        if isinstance(m, QuantLinearWeightOnly):
             out[n] = m.codes().cpu()
         elif isinstance(m, QuantLinearW8A8):
             out[n] = m.weight.detach().cpu().reshape(m.out_features, m.in_features).int()

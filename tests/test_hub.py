@@ -18,7 +18,7 @@ TOKEN = "hf_test_write_token_0123456789"
 def output_folder(tiny_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("hub")
     recipe = write_recipe(root / "r.yaml", tiny_models["llama"], root / "out", evaluation={"before": False, "after": False})
-    from hfquant.cli import main
+    from hfquant.app.cli import main
 
     assert main(["--quiet", "run", str(recipe)]) == 0
     return root / "out"
@@ -91,7 +91,7 @@ def test_push_with_a_bad_token_fails_clearly(output_folder, tmp_path):
 
 
 def test_push_gives_up_after_repeated_server_errors(output_folder, tmp_path, capsys, monkeypatch):
-    from hfquant import hub as hub_module
+    from hfquant.app import hub as hub_module
 
     with LocalHub(TOKEN) as hub:
         hub.state.fail = [("create", 500)] * 10

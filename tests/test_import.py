@@ -9,7 +9,7 @@ def run(code: str) -> str:
 
 
 def test_import_hfquant_is_cheap():
-    out = run("import sys, hfquant, hfquant.algorithms, hfquant.nn, hfquant.kernels; "
+    out = run("import sys, hfquant, hfquant.core, hfquant.nn, hfquant.kernels; "
               "print(sorted(m for m in ('transformers', 'datasets', 'accelerate', 'evaluate') if m in sys.modules))")
     assert out == "[]"
 
@@ -18,7 +18,7 @@ def test_registration_happens_when_transformers_loads_its_registry():
     out = run("import hfquant\nfrom transformers import AutoModelForCausalLM\n"
               "from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING, AUTO_QUANTIZATION_CONFIG_MAPPING\n"
               "print(AUTO_QUANTIZER_MAPPING['hfquant'].__name__, AUTO_QUANTIZATION_CONFIG_MAPPING['hfquant'].__name__)")
-    assert out == "HFQuantHfQuantizer HFQuantConfig"
+    assert out == "HFQuantQuantizer HFQuantConfig"
 
 
 def test_registration_when_transformers_was_imported_first():

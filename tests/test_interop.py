@@ -23,14 +23,14 @@ from helpers import VOCAB, small_calibration, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
 from hfquant import HFQuantConfig
-from hfquant.errors import ConfigError, FormatError
-from hfquant.cli import main as cli
-from hfquant.interop import export_checkpoint, load_gptq
-from hfquant.interop.gptq import float16_rounded
-from hfquant.interop.gptq import from_gptq, to_gptq
+from hfquant.core.errors import ConfigError, FormatError
+from hfquant.app.cli import main as cli
+from hfquant.formats import export_checkpoint, load_gptq
+from hfquant.formats.gptq import float16_rounded
+from hfquant.formats.gptq import from_gptq, to_gptq
 from hfquant.kernels import w8a8 as w8a8_kernels
-from hfquant.nn.packing import pack_codes
-from hfquant.nn.w4a16 import QuantLinearW4A16
+from hfquant.core.packing import pack_codes
+from hfquant.nn.weight_only import QuantLinearWeightOnly
 from hfquant.nn.w8a8 import QuantLinearW8A8
 
 IDS = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
@@ -168,9 +168,9 @@ def test_gptq_export_import_round_trip(quantized, case):
     imported = load_gptq(dst).eval()
     # 1. modules: same codes, zero points and g_idx; scales are the file's float16 values
     for name, m in model.named_modules():
-        if isinstance(m, QuantLinearW4A16):
+        if isinstance(m, QuantLinearWeightOnly):
             i = imported.get_submodule(name)
-            assert isinstance(i, QuantLinearW4A16), name
+            assert isinstance(i, QuantLinearWeightOnly), name
             assert torch.equal(i.codes(), m.codes()) and torch.equal(i.zeros, m.zeros) and torch.equal(i.g_idx, m.g_idx)
             assert torch.equal(i.scales, m.scales.half().float())
     # 2. re-export from the imported model (save_format) is bit-exact against the exported file
@@ -225,7 +225,7 @@ def test_import_gptq_checkpoint_written_by_another_tool(tmp_path, tiny_models):
     model = load_gptq(tmp_path / "foreign").eval()
     for name, w in expected.items():
         m = model.get_submodule(name)
-        assert isinstance(m, QuantLinearW4A16) and int(m.zeros.max()) == 16
+        assert isinstance(m, QuantLinearWeightOnly) and int(m.zeros.max()) == 16
         assert torch.equal(m.dequantize(torch.float32), w), name
     with torch.no_grad():  # the float model with the expected weights computes the same thing
         for name, w in expected.items():
@@ -333,7 +333,7 @@ def test_compressed_tensors_asym_export_decompresses_to_the_hfquant_weights(quan
     tensors = load_file(str(dst / "model.safetensors"))
     compressor = BaseCompressor.get_value_from_registry("pack-quantized")
     for name, m in model.named_modules():
-        if isinstance(m, QuantLinearW4A16):
+        if isinstance(m, QuantLinearWeightOnly):
             local = {k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")}
             assert local["weight_zero_point"].shape == (m.out_features // 8, m.in_features // 32)
             w = compressor.decompress(local, scheme)["weight"]

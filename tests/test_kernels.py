@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from hfquant.algorithms.rtn import rtn_quantize
+from hfquant.core.grids import rtn_quantize
 from hfquant.kernels.w4a16 import w4a16_cpu_int4, w4a16_linear, w4a16_reference
-from hfquant.nn.w4a16 import QuantLinearW4A16
+from hfquant.nn.weight_only import QuantLinearWeightOnly
 
 
 def make_module(in_f, out_f, bits=4, group=128, bias=True, act_perm=False, seed=0):
@@ -14,7 +14,7 @@ def make_module(in_f, out_f, bits=4, group=128, bias=True, act_perm=False, seed=
         g = in_f if group == -1 else group
         perm = torch.randperm(in_f)
         g_idx = (torch.arange(in_f) // g)[torch.argsort(perm)].int()
-    return QuantLinearW4A16.from_float(lin, codes, scales, zeros, g_idx, bits, group)
+    return QuantLinearWeightOnly.from_float(lin, codes, scales, zeros, g_idx, bits, group)
 
 
 @pytest.mark.parametrize("in_f,out_f,group", [(576, 960, 128), (576, 1536, 64), (1536, 576, 128), (256, 96, 32),
@@ -91,11 +91,11 @@ def test_operands_are_built_at_load_time(tiny_models, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], quantization_config=HFQuantConfig(
         method="rtn", group_size=32))
-    mods = [m for m in model.modules() if isinstance(m, QuantLinearW4A16)]
+    mods = [m for m in model.modules() if isinstance(m, QuantLinearWeightOnly)]
     assert mods and all(m._kernel_cache.get("cpu_int4", (None, None))[1] is not None for m in mods)
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
-    mods = [m for m in reloaded.modules() if isinstance(m, QuantLinearW4A16)]
+    mods = [m for m in reloaded.modules() if isinstance(m, QuantLinearWeightOnly)]
     assert mods and all(m._kernel_cache.get("cpu_int4", (None, None))[1] is not None for m in mods)
 
 

@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from hfquant import HFQuantConfig
-from hfquant.allocation import allocate
-from hfquant.errors import ConfigError, FormatError
-from hfquant.nn.w4a16 import QuantLinearW4A16
-from hfquant.schemes import ModuleScheme, resolve, specificity, stored_bits
+from hfquant.mixed.allocation import allocate
+from hfquant.core.errors import ConfigError, FormatError
+from hfquant.nn.weight_only import QuantLinearWeightOnly
+from hfquant.core.schemes import ModuleScheme, resolve, specificity, stored_bits
 from helpers import run_cli, small_calibration, write_recipe
 
 NAMES = [f"model.layers.{i}.{m}" for i in range(2) for m in
@@ -84,7 +84,7 @@ def test_allocation_meets_budget_and_is_optimal(seed):
                                                     (8, -1, (64, 64)), (4, 128, (1536, 576))])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_stored_bits_is_what_the_module_stores(bits, group_size, shape, dtype):
-    m = QuantLinearW4A16(*shape, bits=bits, group_size=group_size, dtype=dtype)
+    m = QuantLinearWeightOnly(*shape, bits=bits, group_size=group_size, dtype=dtype)
     stored = sum(p.numel() * p.element_size() * 8 for n, p in m.named_parameters() if n != "bias")
     assert stored_bits(*shape, bits, group_size, torch.finfo(dtype).bits) == stored
 
@@ -109,7 +109,7 @@ def test_overrides_round_trip_save_reload(tiny_models, tmp_path):
     assert "model.layers.0.self_attn.k_proj" in saved["modules_to_not_convert"]
     r = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
     for name, m in q.named_modules():
-        if isinstance(m, QuantLinearW4A16):
+        if isinstance(m, QuantLinearWeightOnly):
             back = r.get_submodule(name)
             assert (back.bits, back.group_size) == (m.bits, m.group_size)
             assert torch.equal(back.dequantize(), m.dequantize())
@@ -137,7 +137,7 @@ def test_split_group_solves_each_scheme_on_the_shared_hessian(tiny_models):
 def test_sensitivity_more_bits_never_more_error_and_weights_untouched(tiny_models):
     from hfquant.calibration.data import calibration_windows
     from helpers import tiny_tokenizer
-    from hfquant.sensitivity import measure_sensitivity
+    from hfquant.mixed.sensitivity import measure_sensitivity
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -158,7 +158,7 @@ def test_output_fisher_matches_retained_gradients(tiny_models):
     gradients and keep their requires_grad flags."""
     from hfquant.calibration.data import calibration_windows
     from helpers import tiny_tokenizer
-    from hfquant.sensitivity import output_fisher
+    from hfquant.mixed.sensitivity import output_fisher
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
     windows = calibration_windows(tiny_tokenizer(), num_samples=6, seq_len=32, seed=0)
@@ -187,7 +187,7 @@ def test_module_the_loss_never_reaches_costs_nothing(tiny_models):
     """A module whose output gets no gradient has no Fisher entry: its estimates are zero, not an error."""
     from hfquant.calibration.data import calibration_windows
     from helpers import tiny_tokenizer
-    from hfquant.sensitivity import measure_sensitivity
+    from hfquant.mixed.sensitivity import measure_sensitivity
 
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
     cut = "model.layers.1.self_attn.v_proj"
@@ -203,7 +203,7 @@ def test_module_the_loss_never_reaches_costs_nothing(tiny_models):
 def test_fisher_weights_scale_each_row_of_the_proxy():
     """``fisher_*`` is sum_j f_j (E H E^T)_jj / 4: all-ones weights give a quarter of the plain proxy, a
     one-hot weight picks one output row."""
-    from hfquant.sensitivity import group_losses
+    from hfquant.mixed.sensitivity import group_losses
 
     torch.manual_seed(0)
     w1, w2 = torch.randn(6, 32), torch.randn(4, 32)
@@ -221,7 +221,7 @@ def test_fisher_weights_scale_each_row_of_the_proxy():
     onehot[2] = 1.0
     picked = group_losses([w1, w2], h, cands, fisher=[onehot, torch.zeros(4)], **kw)
     for j, c in enumerate(cands):
-        from hfquant.algorithms.rtn import dequantize_grouped, rtn_quantize
+        from hfquant.core.grids import dequantize_grouped, rtn_quantize
 
         e = (w1 - dequantize_grouped(*rtn_quantize(torch.cat([w1, w2]), c["bits"], c["group_size"], True, "minmax"))[:6])[2]
         assert picked[0]["fisher_rtn"][j] == pytest.approx(float(e.double() @ h.double() @ e.double()) / 4, rel=1e-9)
@@ -231,7 +231,7 @@ def test_fisher_weights_scale_each_row_of_the_proxy():
 def test_allocation_uses_the_estimated_loss_when_measured():
     """With ``fisher_gptq`` present the allocation minimises it, not the relative proxy: a module that is
     cheap by the relative proxy but costly by the estimated loss gets the extra bits."""
-    from hfquant.budget import allocate_bits, losses_of
+    from hfquant.mixed.budget import allocate_bits, losses_of
 
     cands = [{"bits": 2, "group_size": -1}, {"bits": 4, "group_size": -1}]
     mod = {"in": 64, "out": 64}
@@ -257,7 +257,7 @@ CANDS = [{"bits": 2, "group_size": 32}, {"bits": 4, "group_size": 32}, {"bits": 
 
 @pytest.mark.parametrize("target", [4.0, 5.5])
 def test_auto_meets_target_in_the_saved_tensors(tiny_models, tmp_path, target):
-    from hfquant.mixed_output import stored_average_bits
+    from hfquant.app.report import stored_average_bits
 
     q = _quantize(tiny_models["llama"], bits="auto", target_avg_bits=target, candidates=CANDS)
     auto = q.hfquant_report["auto"]
@@ -273,7 +273,7 @@ def test_auto_meets_target_in_the_saved_tensors(tiny_models, tmp_path, target):
 
 
 def test_auto_more_budget_less_total_proxy_loss(tiny_models):
-    from hfquant.budget import allocate_bits, losses_of
+    from hfquant.mixed.budget import allocate_bits, losses_of
 
     q = _quantize(tiny_models["llama"], bits="auto", target_avg_bits=4.0, candidates=CANDS)
     table = q.hfquant_report["auto"]["sensitivity"]
@@ -299,7 +299,7 @@ def test_auto_max_ppl_increase(tiny_models):
 # ------------------------------------------------------------------------------------------ export
 def test_mixed_export_gptq_refused_compressed_tensors_groups(tiny_models, tmp_path):
     pytest.importorskip("compressed_tensors")
-    from hfquant.interop import export_checkpoint
+    from hfquant.formats import export_checkpoint
 
     q = _quantize(tiny_models["llama"], group_size=32, overrides={"re:.*down_proj": {"bits": 8}})
     q.save_pretrained(tmp_path / "q")

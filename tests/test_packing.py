@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hfquant.nn.packing import pack_codes, packed_shape, unpack_codes
+from hfquant.core.packing import pack_codes, packed_shape, unpack_codes
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -45,7 +45,7 @@ def test_sign_bit_words_roundtrip():
 @pytest.mark.parametrize("cols", [1, 31, 32, 100, 576])
 def test_byte_packing_equals_the_bit_stream(bits, cols):
     """The byte-wise packer (2/4/8 bits, little-endian) writes exactly the words of the general bit stream."""
-    from hfquant.nn.packing import _pack_bytes, _pack_stream
+    from hfquant.core.packing import _pack_bytes, _pack_stream
 
     codes = torch.randint(0, 2**bits, (7, cols), generator=torch.Generator().manual_seed(cols))
     assert torch.equal(_pack_bytes(codes, bits), _pack_stream(codes, bits))

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from hfquant import recipe
+from hfquant.app import recipe
 from hfquant.config import DEFAULTS
-from hfquant.errors import ConfigError
+from hfquant.core.errors import ConfigError
 
 RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
 REFERENCE = Path(__file__).parent.parent / "models" / "smollm2-135m"

@@ -22,7 +22,7 @@ def test_gptq_g128_partial_groups_beats_rtn_and_reloads(tmp_path, tokenizer_and_
 
     from hfquant import HFQuantConfig
     from hfquant.eval import perplexity
-    from hfquant.nn.w4a16 import QuantLinearW4A16
+    from hfquant.nn.weight_only import QuantLinearWeightOnly
 
     tok, text = tokenizer_and_text
     windows = 6
@@ -33,7 +33,7 @@ def test_gptq_g128_partial_groups_beats_rtn_and_reloads(tmp_path, tokenizer_and_
     }.items():
         model = AutoModelForCausalLM.from_pretrained(REFERENCE_MODEL, quantization_config=cfg)
         q = model.model.layers[0].self_attn.q_proj
-        assert isinstance(q, QuantLinearW4A16) and q.scales.shape == (576, 5)  # 4 whole groups + 64 columns
+        assert isinstance(q, QuantLinearWeightOnly) and q.scales.shape == (576, 5)  # 4 whole groups + 64 columns
         ppl[name] = perplexity(model, tok, text, seq_len=512, max_windows=windows)
         if name == "gptq":
             model.save_pretrained(tmp_path / "q")

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from hfquant import HFQuantConfig
-from hfquant.nn.w4a16 import QuantLinearW4A16
+from hfquant.nn.weight_only import QuantLinearWeightOnly
 from hfquant.nn.w8a8 import QuantLinearW8A8
 from helpers import auto_class, small_calibration
 
@@ -85,7 +85,7 @@ def test_fresh_process_reload_is_bit_identical(saved):
 @pytest.mark.parametrize("case", list(CASES))
 def test_quantized_structure_and_sanity(saved, case):
     arch, folder, ref, model = saved[case]
-    quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantLinearW4A16, QuantLinearW8A8))]
+    quantized = [n for n, m in model.named_modules() if isinstance(m, (QuantLinearWeightOnly, QuantLinearW8A8))]
     assert len(quantized) >= 4 * 2  # at least 4 Linears per block, 2 blocks
     out = load_file(str(ref))
     q, fp = out["out"], out["fp"]
@@ -95,7 +95,7 @@ def test_quantized_structure_and_sanity(saved, case):
     assert cfg["quant_method"] == "hfquant" and cfg["dataset"] is None
     if arch != "bert" and "head8" not in case:
         head = model.get_output_embeddings()
-        assert not isinstance(head, (QuantLinearW4A16, QuantLinearW8A8)) and head.weight.is_floating_point()
+        assert not isinstance(head, (QuantLinearWeightOnly, QuantLinearW8A8)) and head.weight.is_floating_point()
     assert type(model.get_input_embeddings()).__name__ == "Embedding"
 
 
@@ -114,7 +114,7 @@ def test_lm_head_bits_quantizes_the_head_and_unties_it(saved, tiny_models, case)
 
     arch, folder, ref, model = saved[case]
     head = model.lm_head
-    assert isinstance(head, QuantLinearW4A16) and (head.bits, head.group_size) == (8, -1)
+    assert isinstance(head, QuantLinearWeightOnly) and (head.bits, head.group_size) == (8, -1)
     fp = AutoModelForCausalLM.from_pretrained(tiny_models[arch])
     assert torch.equal(model.model.embed_tokens.weight, fp.model.embed_tokens.weight)
     rel = (head.dequantize() - fp.lm_head.weight).norm() / fp.lm_head.weight.norm()
@@ -130,7 +130,7 @@ def test_lm_head_bits_quantizes_the_head_and_unties_it(saved, tiny_models, case)
 def test_lm_head_bits_on_a_model_without_a_head_is_a_one_line_error(tiny_models):
     from transformers import AutoModel
 
-    from hfquant.errors import ConfigError
+    from hfquant.core.errors import ConfigError
 
     with pytest.raises(ConfigError) as e:
         AutoModel.from_pretrained(tiny_models["bert"], quantization_config=HFQuantConfig(method="rtn", lm_head_bits=8))
@@ -138,8 +138,8 @@ def test_lm_head_bits_on_a_model_without_a_head_is_a_one_line_error(tiny_models)
 
 
 def test_a_quantized_head_is_not_exported_to_formats_with_a_float_head(saved, tmp_path):
-    from hfquant.errors import FormatError
-    from hfquant.interop.export import export_checkpoint
+    from hfquant.core.errors import FormatError
+    from hfquant.formats.export import export_checkpoint
 
     _, folder, _, model = saved["qwen2-rtn-head8"]
     for fmt in ("gptq", "compressed-tensors"):

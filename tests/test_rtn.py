@@ -1,6 +1,6 @@
 import torch
 
-from hfquant.algorithms.rtn import dequantize, fit_grid, group_bounds, quantize_codes, rtn_quantize
+from hfquant.core.grids import dequantize, fit_grid, group_bounds, quantize_codes, rtn_quantize
 
 
 def test_zero_is_representable_and_sym_zero_point():

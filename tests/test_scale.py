@@ -17,7 +17,7 @@ import hfquant  # noqa: F401 - registers the quantizer
 from hfquant.calibration.distributed import Dist
 from hfquant.calibration.spill import DiskHiddenStore, HiddenStore
 from hfquant.config import HFQuantConfig
-from hfquant.recipe import RecipeError, validate
+from hfquant.app.recipe import RecipeError, validate
 
 
 def _config(method="gptq", **kw):
@@ -42,7 +42,7 @@ def _assert_same_state(a: dict, b: dict):
 @pytest.mark.parametrize("method,activations", [("gptq", "device"), ("gptq", "disk"), ("gptq", "cpu"), ("rtn", "device"),
                                                ("smoothquant", "device"), ("rtn-head8", "device")])
 def test_layerwise_is_bit_identical_to_full_load(tiny_models, tmp_path, arch, method, activations):
-    from hfquant.runner import quantize_layerwise
+    from hfquant.integrations.transformers import quantize_layerwise
 
     extra = {"weight_method": "gptq"} if method == "smoothquant" else {}
     if method == "rtn-head8":  # an 8-bit head (llama's is tied to the embeddings, qwen2's is not)
@@ -65,7 +65,7 @@ def test_layerwise_is_bit_identical_to_full_load(tiny_models, tmp_path, arch, me
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("method", ["gptq", "smoothquant"])
 def test_layerwise_is_bit_identical_to_full_load_in_low_precision(tiny_models, dtype, method):
-    from hfquant.runner import quantize_layerwise
+    from hfquant.integrations.transformers import quantize_layerwise
 
     full = _full(tiny_models["llama"], _config(method), dtype)
     lw = quantize_layerwise(tiny_models["llama"], _config(method), dtype=dtype, progress=False)
@@ -75,8 +75,8 @@ def test_layerwise_is_bit_identical_to_full_load_in_low_precision(tiny_models, d
 
 def test_layerwise_never_holds_two_float_blocks(tiny_models):
     """While block i runs, no other block has float Linear weights loaded (they are meta or quantized)."""
-    from hfquant.onload import LayerLoader
-    from hfquant.runner import quantize_layerwise
+    from hfquant.calibration.onload import LayerLoader
+    from hfquant.integrations.transformers import quantize_layerwise
 
     seen = []
     original = LayerLoader.load_block
@@ -101,7 +101,7 @@ def test_layerwise_keeps_no_mapping_of_the_checkpoint(tiny_models, tmp_path):
     it every page a block touched) until the end of the run."""
     import shutil
 
-    from hfquant.onload import LayerLoader, empty_model
+    from hfquant.calibration.onload import LayerLoader, empty_model
 
     folder = Path(shutil.copytree(tiny_models["llama"], tmp_path / "model"))  # a path no other test maps
     loader = LayerLoader(empty_model(folder, torch.float32), folder, "cpu", torch.float32)
@@ -141,7 +141,7 @@ def test_batch_ranges_partition_in_order(n, world):
 
 
 def test_too_few_batches_for_the_processes():
-    from hfquant.errors import CalibrationError
+    from hfquant.core.errors import CalibrationError
 
     with pytest.raises(CalibrationError, match="cannot be split across 3 processes"):
         Dist(0, 3).batch_range(2)
@@ -238,8 +238,8 @@ def test_recipe_smoothquant_activations_stay_on_device(tiny_models):
 
 
 def test_layerwise_needs_safetensors(tmp_path):
-    from hfquant.errors import ConfigError
-    from hfquant.onload import checkpoint_files
+    from hfquant.core.errors import ConfigError
+    from hfquant.calibration.onload import checkpoint_files
 
     with pytest.raises(ConfigError, match="needs model.safetensors"):
         checkpoint_files(tmp_path)
@@ -278,7 +278,7 @@ def test_layerwise_honours_per_module_overrides(tiny_models, tmp_path):
     """Per-module schemes (issue 8) go through the layer-wise path unchanged: same tensors as a full load."""
     from safetensors.torch import load_file
 
-    from hfquant.runner import quantize_layerwise
+    from hfquant.integrations.transformers import quantize_layerwise
 
     overrides = {"*.down_proj": {"bits": 8}, "re:.*\\.1\\.self_attn\\.(k|v)_proj": {"bits": 3, "sym": False},
                  "model.layers.0.mlp.up_proj": {"method": "rtn"}, "*.0.self_attn.o_proj": {"skip": True}}
@@ -293,8 +293,8 @@ def test_layerwise_honours_per_module_overrides(tiny_models, tmp_path):
 
 
 def test_auto_bits_refuses_layerwise(tiny_models):
-    from hfquant.errors import ConfigError
-    from hfquant.runner import quantize_layerwise
+    from hfquant.core.errors import ConfigError
+    from hfquant.integrations.transformers import quantize_layerwise
 
     with pytest.raises(ConfigError, match="bits: auto .* cannot be combined with layerwise"):
         quantize_layerwise(tiny_models["llama"], _config(bits="auto", target_avg_bits=3.5), progress=False)

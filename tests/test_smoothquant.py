@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hfquant.algorithms.smoothquant import (
+from hfquant.core.smoothquant import (
     ALPHA_GRID,
     column_absmax,
     fake_w8a8,

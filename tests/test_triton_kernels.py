@@ -15,12 +15,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from hfquant.algorithms.rtn import rtn_quantize  # noqa: E402
-from hfquant.algorithms.smoothquant import quantize_activation_int8  # noqa: E402
+from hfquant.core.grids import rtn_quantize  # noqa: E402
+from hfquant.core.smoothquant import quantize_activation_int8  # noqa: E402
 from hfquant.kernels import triton_kernels as tk  # noqa: E402
 from hfquant.kernels.w4a16 import w4a16_reference  # noqa: E402
 from hfquant.kernels.w8a8 import w8a8_reference  # noqa: E402
-from hfquant.nn.w4a16 import QuantLinearW4A16  # noqa: E402
+from hfquant.nn.weight_only import QuantLinearWeightOnly  # noqa: E402
 from hfquant.nn.w8a8 import QuantLinearW8A8  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -35,7 +35,7 @@ def w4_module(in_f, out_f, group, act_perm, bias, sym=False, seed=0):
     if act_perm:  # act-order layout: groups are sets of permuted columns, g_idx is not monotone
         g = in_f if group == -1 else group
         g_idx = (torch.arange(in_f) // g)[torch.argsort(torch.randperm(in_f))].int()
-    return QuantLinearW4A16.from_float(lin, codes, scales, zeros, g_idx, 4, group).to(DEVICE)
+    return QuantLinearWeightOnly.from_float(lin, codes, scales, zeros, g_idx, 4, group).to(DEVICE)
 
 
 def rel(a, b):
@@ -61,7 +61,7 @@ def test_w4a16_triton_3d_input_and_unsupported_layouts():
     assert rel(tk.w4a16_triton(x, mod), w4a16_reference(x, mod)) < 1e-5
     lin = torch.nn.Linear(64, 16)
     codes, scales, zeros, g_idx = rtn_quantize(lin.weight.data, 3, 32, sym=True)
-    three_bit = QuantLinearW4A16.from_float(lin, codes, scales, zeros, g_idx, 3, 32).to(DEVICE)
+    three_bit = QuantLinearWeightOnly.from_float(lin, codes, scales, zeros, g_idx, 3, 32).to(DEVICE)
     assert tk.w4a16_triton(torch.randn(1, 64, device=DEVICE), three_bit) is None
     odd_group = w4_module(96, 16, 48, False, bias=False)  # groups must be a power of two >= 32 (or -1)
     assert tk.w4a16_triton(torch.randn(1, 96, device=DEVICE), odd_group) is None

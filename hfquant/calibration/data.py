@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from hfquant.errors import CalibrationError
+from hfquant.core.errors import CalibrationError
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "wikitext2"
 BUNDLED_CALIBRATION = BUNDLED_DIR / "valid.txt"
@@ -41,7 +41,7 @@ def _pick_column(ds, column: str | None, source: str) -> str:
 def load_texts(dataset=None, *, config_name: str | None = None, split: str | None = None,
                column: str | None = None) -> list[str]:
     """Return the calibration texts as a list of strings (see the module docstring for ``dataset``)."""
-    import datasets
+    import datasets  # heavy (pyarrow, pandas): imported only when calibration text is read
 
     if dataset is None:
         dataset = str(BUNDLED_CALIBRATION)
@@ -115,3 +115,8 @@ def calibration_windows(tokenizer, *, dataset=None, config_name=None, split=None
 def fingerprint(windows: torch.Tensor) -> str:
     """Short sha256 of the calibration token ids, for reports and reproducibility checks."""
     return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence a model config allows (``None`` when it does not say)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)

@@ -18,7 +18,7 @@ per process (``torch.set_num_threads``), since a GEMM's blocking can depend on i
 and maxima are order-free, so those use ``all_reduce``. Only the elementwise additions of the chain are
 sequential.
 
-The GPTQ solves are shared out too (``hfquant.quantize``): every module is solved on its own, a unit of work
+The GPTQ solves are shared out too (``hfquant.quantize.weight_only``): every module is solved on its own, a unit of work
 whose bits do not depend on which rank does it; ``owners`` gives each module of a stage to one rank,
 balancing their cost (``rows * cols^2``), and the owner broadcasts its codes, scales and zeros.
 
@@ -29,11 +29,14 @@ create it; gloo on CPU, NCCL on GPUs). Nothing here imports accelerate.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
+from accelerate import PartialState
 import torch
+import torch.distributed as td
 
-from hfquant.errors import CalibrationError
+from hfquant.core.errors import CalibrationError
 
 
 def _collective(method):
@@ -82,7 +85,6 @@ class Dist:
         """Finish ``h`` (rank 0's running sum, or zeros elsewhere) with every rank's batch ``products`` (an
         iterable, consumed in order), in rank order, exactly as one process adds them; afterwards every rank
         holds the total."""
-        import torch.distributed as td
 
         if self.rank > 0:
             td.recv(h, src=self.rank - 1)
@@ -106,14 +108,11 @@ class Dist:
     @_collective
     def broadcast_(self, t: torch.Tensor, src: int) -> None:
         """``t`` takes rank ``src``'s values on every rank (in place)."""
-        import torch.distributed as td
 
         td.broadcast(t, src=src)
 
     @_collective
     def sum_int(self, n: int, device) -> int:
-        import torch.distributed as td
-
         t = torch.tensor([n], dtype=torch.int64, device=device)
         td.all_reduce(t, op=td.ReduceOp.SUM)
         return int(t.item())
@@ -121,7 +120,6 @@ class Dist:
     @_collective
     def max(self, t: torch.Tensor, device) -> torch.Tensor:
         """Elementwise maximum of ``t`` over the processes (exact in any order), computed on ``device``."""
-        import torch.distributed as td
 
         u = t.to(device).clone()
         td.all_reduce(u, op=td.ReduceOp.MAX)
@@ -130,7 +128,6 @@ class Dist:
     @_collective
     def from_main(self, value: float, device) -> float:
         """Rank 0's ``value`` on every rank."""
-        import torch.distributed as td
 
         t = torch.tensor([value], dtype=torch.float64, device=device)
         td.broadcast(t, src=0)
@@ -140,7 +137,6 @@ class Dist:
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's ``t`` (``[rows_r, ...]``, rows may differ) concatenated along rows in rank order (= batch
         order for contiguous batch ranges). Tensors only: the sizes travel first, then padded blocks."""
-        import torch.distributed as td
 
         n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
         sizes = [torch.zeros_like(n) for _ in range(self.world)]
@@ -155,14 +151,12 @@ class Dist:
     @_collective
     def barrier(self) -> None:
         if self.active:
-            import torch.distributed as td
 
             td.barrier()
 
 
 def current() -> Dist:
     """The ``Dist`` of the initialised ``torch.distributed`` group, or a single process when there is none."""
-    import torch.distributed as td
 
     if td.is_available() and td.is_initialized() and td.get_world_size() > 1:
         return Dist(td.get_rank(), td.get_world_size())
@@ -172,10 +166,8 @@ def current() -> Dist:
 def init_from_env() -> Dist:
     """Under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE > 1``), create the process group through
     accelerate's ``PartialState`` (gloo on CPU-only machines, NCCL on GPUs); otherwise a single process."""
-    import os
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
 
         PartialState(cpu=not torch.cuda.is_available())
     return current()

@@ -17,6 +17,7 @@ The per-group solve is a callback, so this module knows nothing of GPTQ itself.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
@@ -25,9 +26,10 @@ from typing import Protocol
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from hfquant.calibration.distributed import Dist
-from hfquant.calibration.modules import find_blocks, in_out_features, quantizable_modules
+from hfquant.calibration.graph import find_blocks, in_out_features, quantizable_modules
 from hfquant.calibration.spill import HiddenStore
 
 logger = logging.getLogger(__name__)
@@ -154,7 +156,6 @@ def discover_groups(block: nn.Module, modules: dict[str, nn.Module], inp: BlockI
 
 def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[torch.Tensor]) -> list[BlockInputs]:
     """Run the model on each batch of token ids up to ``block`` and record that block's inputs."""
-    import inspect
 
     records: list[BlockInputs] = []
 
@@ -252,7 +253,7 @@ def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], 
 
 
 class BlockResume(Protocol):
-    """Saves and restores per-block progress for ``calibrate_blocks_`` (see ``hfquant.quantize``)."""
+    """Saves and restores per-block progress for ``calibrate_blocks_`` (see ``hfquant.quantize.weight_only``)."""
 
     def start(self) -> tuple[int, list[torch.Tensor] | None]:
         """Number of finished blocks, and the hidden states entering the first unfinished one."""
@@ -327,7 +328,6 @@ def calibrate_blocks_(model: nn.Module, batches: list[torch.Tensor], keep: Calla
     quantized = []
     it = range(first, len(blocks))
     if progress:
-        from tqdm.auto import tqdm
 
         it = tqdm(it, desc="quantizing blocks", unit="block", initial=first, total=len(blocks))
     for i in it:

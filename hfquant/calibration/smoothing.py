@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hfquant.calibration.modules import is_conv1d
+from hfquant.calibration.graph import is_conv1d
 
 
 # Norm -> Linears pairs the SmoothQuant reference (smooth.py) and llm-compressor use, per model family.

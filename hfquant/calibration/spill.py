@@ -13,6 +13,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
 import torch
 
 ACTIVATIONS = ("device", "cpu", "disk")
@@ -62,15 +63,11 @@ class DiskHiddenStore(HiddenStore):
         return self.root / f"g{gen}-b{b}.safetensors"
 
     def get(self, b: int) -> torch.Tensor:
-        from safetensors.torch import load_file
-
         if not 0 <= b < self._n:
             raise IndexError(b)
         return load_file(self._path(self._gen, b), device=str(self.device))["h"]
 
     def put(self, b: int, t: torch.Tensor) -> None:
-        from safetensors.torch import save_file
-
         save_file({"h": t.detach().contiguous()}, self._path(self._gen + 1, b))
         self._n_next = max(self._n_next, b + 1)
 

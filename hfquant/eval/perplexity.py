@@ -12,8 +12,9 @@ import math
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
-from hfquant.errors import CalibrationError
+from hfquant.core.errors import CalibrationError
 
 
 def _ids(text, tokenizer) -> torch.Tensor:
@@ -35,7 +36,6 @@ def window_nlls(model, ids: torch.Tensor, seq_len: int, max_windows: int | None 
     out = []
     it = range(n_windows)
     if progress:
-        from tqdm.auto import tqdm
 
         it = tqdm(it, desc="perplexity", unit="window")
     for k in it:

@@ -2,7 +2,7 @@
 
 Fresh quantization runs in ``_process_model_after_weight_loading`` (calibration needs the loaded float
 model, like transformers' own GPTQ integration). Reloading a saved checkpoint swaps the Linears for
-``QuantLinearW4A16`` skeletons before the weights load, so the saved tensors load by name.
+``QuantLinearWeightOnly`` skeletons before the weights load, so the saved tensors load by name.
 """
 
 from __future__ import annotations
@@ -10,21 +10,50 @@ from __future__ import annotations
 import logging
 import time
 import types
+from collections.abc import Callable
 
 import torch
+from transformers.quantizers.auto import (
+    AUTO_QUANTIZATION_CONFIG_MAPPING,
+    AUTO_QUANTIZER_MAPPING,
+    register_quantization_config,
+    register_quantizer,
+)
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from hfquant.calibration.modules import in_out_features, is_quantizable, output_head_name, set_submodule
-from hfquant.config import HFQuantConfig
-from hfquant.errors import ConfigError
-from hfquant.nn.w4a16 import QuantLinearW4A16
+from hfquant.calibration.graph import in_out_features, is_quantizable, output_head_name, set_submodule
+from hfquant.calibration.onload import empty_model, LayerLoader, local_folder
+from hfquant.config import HFQuantConfig, QUANT_METHOD
+from hfquant.core.errors import ConfigError
+from hfquant.formats.export import save_pretrained_as
+from hfquant.formats.gptq import checkpoint_keys, GPTQImportLinear
+from hfquant.nn import prepare_model
 from hfquant.nn.w8a8 import QuantLinearW8A8
+from hfquant.nn.weight_only import QuantLinearWeightOnly
+from hfquant.quantize.entry import quantize_loaded_model_
 
 logger = logging.getLogger(__name__)
 
 
-class HFQuantHfQuantizer(HfQuantizer):
+def modules_left_float(model, skip=None, keep_in_fp32=None) -> list[str]:
+    """The name patterns of the modules a run leaves in float: transformers' default skips for quantizers (the
+    output head and the modules tied to it), the user's ``modules_to_not_convert`` (``skip``) and the model's
+    ``_keep_in_fp32_modules`` (or ``keep_in_fp32``). The one rule that ``from_pretrained``, ``hfquant.quantize_``,
+    ``hfquant run`` (also layer-wise), ``hfquant sensitivity``, the checks before loading and reloading share."""
+    fp32 = keep_in_fp32 or getattr(model, "_keep_in_fp32_modules", None)
+    return sorted(HfQuantizer.get_modules_to_not_convert(model, list(skip or []), list(fp32 or []),
+                                                         add_default_skips=True))
+
+
+def quantized_predicate(left_float: list[str]) -> Callable[[str], bool]:
+    """``keep(name)``: whether the module ``name`` is quantized, given ``modules_left_float``'s patterns
+    (transformers' matching: a prefix up to a module boundary, a regex, or a suffix)."""
+    patterns = list(left_float)
+    return lambda name: should_convert_module(name, patterns)
+
+
+class HFQuantQuantizer(HfQuantizer):
     """transformers ``HfQuantizer`` for hfquant checkpoints and fresh hfquant quantization."""
 
     requires_calibration = False  # True would forbid quantizing at load (see transformers' base class)
@@ -32,7 +61,7 @@ class HFQuantHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: HFQuantConfig, **kwargs):
         super().__init__(quantization_config, **kwargs)
         self.report: dict = {}
-        self.run_options: dict = {}  # extra quantize_loaded_model_ arguments (hfquant.runner.quantize_)
+        self.run_options: dict = {}  # extra quantize_loaded_model_ arguments (hfquant.quantize_)
 
     def validate_environment(self, *args, device_map=None, **kwargs):
         if self.pre_quantized or not isinstance(device_map, dict):
@@ -48,13 +77,12 @@ class HFQuantHfQuantizer(HfQuantizer):
         return dtype
 
     def _keep(self, name: str) -> bool:
-        return should_convert_module(name, self.modules_to_not_convert)
+        return self._predicate(name)
 
     def _process_model_before_weight_loading(self, model, keep_in_fp32_modules=None, **kwargs):
         cfg = self.quantization_config
-        self.modules_to_not_convert = self.get_modules_to_not_convert(
-            model, cfg.modules_to_not_convert, keep_in_fp32_modules or model._keep_in_fp32_modules, add_default_skips=True
-        )
+        self.modules_to_not_convert = modules_left_float(model, cfg.modules_to_not_convert, keep_in_fp32_modules)
+        self._predicate = quantized_predicate(self.modules_to_not_convert)
         head = output_head_name(model) if cfg.lm_head_bits is not None else None
         if not self.pre_quantized:
             return
@@ -79,13 +107,12 @@ class HFQuantHfQuantizer(HfQuantizer):
                 if cfg.method == "smoothquant":
                     q = QuantLinearW8A8(in_f, out_f, bias=bias, dtype=dtype)
                 else:
-                    q = QuantLinearW4A16(in_f, out_f, s["bits"], s["group_size"], bias=bias, dtype=dtype)
+                    q = QuantLinearWeightOnly(in_f, out_f, s["bits"], s["group_size"], bias=bias, dtype=dtype)
             set_submodule(model, name, q)
 
     def _gptq_skeletons(self, model, cfg, dtype, checkpoint_files) -> None:
         """Importing a GPTQ checkpoint: give each module that has a ``qweight`` in the files a skeleton
         holding the GPTQ tensors; ``_process_model_after_weight_loading`` converts them."""
-        from hfquant.interop.gptq import GPTQImportLinear, checkpoint_keys
 
         keys = checkpoint_keys(checkpoint_files)
         names = sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
@@ -113,7 +140,6 @@ class HFQuantHfQuantizer(HfQuantizer):
                 _convert_gptq_skeletons(model, self.quantization_config)
             _freeze(model)
             return model
-        from hfquant.runner import quantize_loaded_model_
 
         t0 = time.perf_counter()
         self.report = quantize_loaded_model_(model, self.quantization_config, keep=self._keep, **self.run_options)
@@ -137,9 +163,8 @@ class HFQuantHfQuantizer(HfQuantizer):
 
 
 def _convert_gptq_skeletons(model, cfg) -> None:
-    """Replace the GPTQ skeletons by ``QuantLinearW4A16`` modules; the config then describes an hfquant model
+    """Replace the GPTQ skeletons by ``QuantLinearWeightOnly`` modules; the config then describes an hfquant model
     (``checkpoint_format="hfquant"``, the Linears left float listed in ``modules_to_not_convert``)."""
-    from hfquant.interop.gptq import GPTQImportLinear
 
     for name, module in list(model.named_modules()):
         if isinstance(module, GPTQImportLinear):
@@ -153,7 +178,6 @@ def _save_pretrained(self, save_directory, **kwargs):
     fmt = getattr(self.config.quantization_config, "save_format", "hfquant")
     if fmt == "hfquant":
         return type(self).save_pretrained(self, save_directory, **kwargs)
-    from hfquant.interop.export import save_pretrained_as
 
     return save_pretrained_as(self, save_directory, fmt, **kwargs)
 
@@ -165,13 +189,51 @@ def _install_save_format_hook(model) -> None:
 
 def _freeze(model) -> None:
     """Freeze the quantized tensors and convert them to their kernels' layouts once, at load time."""
-    from hfquant.kernels import prepare_model
 
     for m in model.modules():
-        if isinstance(m, (QuantLinearW4A16, QuantLinearW8A8)):
+        if isinstance(m, (QuantLinearWeightOnly, QuantLinearW8A8)):
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
     prepare_model(model)
+
+
+def quantize_(model, config, **options) -> dict:
+    """Quantize an already loaded float transformers model in place (the torchao ``quantize_`` convention),
+    exactly as ``from_pretrained(..., quantization_config=config)`` would (same skip list, config and report),
+    so it saves and reloads like one. The model may be in float32, bfloat16 or float16 and on any device:
+    calibration runs where its weights are. ``options`` go to ``quantize_loaded_model_`` (``windows``,
+    ``progress``, ``store``). Returns ``model.hfquant_report``.
+    """
+
+    quantizer = HFQuantQuantizer(config, pre_quantized=False)
+    quantizer.run_options = options
+    quantizer.preprocess_model(model)
+    model.hf_quantizer = quantizer
+    quantizer.postprocess_model(model)
+    return model.hfquant_report
+
+
+def quantize_layerwise(model, config, *, device="cpu", dtype=torch.float32, activations: str = "device",
+                       offload_folder=None, revision=None, trust_remote_code: bool = False, **options):
+    """Load and quantize a model a decoder layer at a time, never holding all its float weights.
+
+    ``model`` is a local folder (or Hub id) with safetensors weights. Returns the quantized model, the same
+    module for module and bit for bit as ``from_pretrained(model, dtype=dtype)`` followed by
+    ``quantize_(model, config)``, ready for ``save_pretrained``. ``activations`` says where the
+    calibration hidden states live between blocks: ``"device"`` (the execution device), ``"cpu"`` or
+    ``"disk"`` (safetensors files in a temporary folder under ``offload_folder``; quantized modules are then
+    recomputed rather than having their outputs cached). ``options`` go to ``quantize_loaded_model_``
+    (``windows``, ``progress``, ``dist``).
+    """
+
+    folder = local_folder(str(model), revision)
+    skeleton = empty_model(folder, dtype, revision=revision, trust_remote_code=trust_remote_code)
+    loader = LayerLoader(skeleton, folder, device, dtype)
+    loader.load_outside()
+    report = quantize_(skeleton, config, onload=loader, activations=activations,
+                                offload_folder=offload_folder, **options)
+    report["layerwise"] = {"activations": activations, "read_seconds": loader.seconds}
+    return skeleton
 
 
 _REGISTERED = False
@@ -182,21 +244,14 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from transformers.quantizers.auto import (
-        AUTO_QUANTIZATION_CONFIG_MAPPING,
-        AUTO_QUANTIZER_MAPPING,
-        register_quantization_config,
-        register_quantizer,
-    )
 
-    from hfquant.config import QUANT_METHOD
 
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not HFQuantConfig:
         AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)  # a stale class from a reloaded module
         register_quantization_config(QUANT_METHOD)(HFQuantConfig)
-    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not HFQuantHfQuantizer:
+    if AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD) is not HFQuantQuantizer:
         AUTO_QUANTIZER_MAPPING.pop(QUANT_METHOD, None)
-        register_quantizer(QUANT_METHOD)(HFQuantHfQuantizer)
+        register_quantizer(QUANT_METHOD)(HFQuantQuantizer)
     _REGISTERED = True
 
 

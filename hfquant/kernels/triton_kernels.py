@@ -9,8 +9,8 @@ needs a GPU (``scripts/bench_kernels.py``).
 W4A16 operands (built once per module by ``w4a16_operands``, cached on the module, not saved):
 
 * ``packed``: int32 ``[N, Kp/8]``, eight 4-bit codes per word, code of column ``k`` at bits
-  ``4*(k % 8)`` of word ``k // 8`` -- this is ``QuantLinearW4A16.weight`` viewed as 2-D (its layout,
-  ``hfquant.nn.packing``, is exactly that for 4 bits). Act-order checkpoints (non-monotone ``g_idx``)
+  ``4*(k % 8)`` of word ``k // 8`` -- this is ``QuantLinearWeightOnly.weight`` viewed as 2-D (its layout,
+  ``hfquant.core.packing``, is exactly that for 4 bits). Act-order checkpoints (non-monotone ``g_idx``)
   are repacked once with their columns sorted by group, and ``x``'s columns are gathered the same way
   per call, so every kernel sees contiguous groups of ``group_size`` columns (the last may be partial).
 * ``scales`` float32 and ``zeros`` int32, ``[G, N]`` (one row per group, so a tile loads them contiguously).
@@ -19,14 +19,14 @@ Group sizes must be a power of two >= 32, or -1 (one group per row); a K tile ne
 each tile loads one scale and one zero per output. Other layouts (2/3/8-bit codes, odd group sizes) fall
 back to the PyTorch reference.
 
-* GEMM (more than ``GEMV_MAX_ROWS`` rows): ``w = (q - z) * s`` in float32 -- the same operations as the
-  reference (``QuantLinearW4A16.dequantize``), so the weight tile is bit-identical to it -- cast to the
+* GEMM (more than ``TRITON_GEMV_MAX_ROWS`` rows): ``w = (q - z) * s`` in float32 -- the same operations as the
+  reference (``QuantLinearWeightOnly.dequantize``), so the weight tile is bit-identical to it -- cast to the
   activation dtype, then ``tl.dot`` with float32 accumulation.
 * GEMV (decode): one program per ``BN`` outputs runs the whole K loop (no split-K, no atomics:
   deterministic), accumulating ``s * sum((q - z) * x)`` per tile in float32 without rounding the weight to
   the activation dtype -- slightly more accurate than the reference for 16-bit activations.
 
-W8A8: ``quantize_rows`` reproduces ``hfquant.algorithms.smoothquant.quantize_activation_int8`` exactly
+W8A8: ``quantize_rows`` reproduces ``hfquant.core.smoothquant.quantize_activation_int8`` exactly
 (absmax / 127, correctly rounded division, round-half-to-even); ``int8_gemm`` accumulates exactly in
 int32 and applies ``acc * s_x * s_w (+ bias)`` in float32 in the same order as the other paths, so its
 output equals ``torch._int_mm`` + epilogue and the float64 reference bit for bit under the interpreter;
@@ -42,11 +42,13 @@ import torch
 import triton
 import triton.language as tl
 
-from hfquant.kernels._cache import cached_operands
+from hfquant.kernels.common import cached_operands, grouped_weight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("HFQUANT_TRITON_AUTOTUNE", "1") != "0"
-GEMV_MAX_ROWS = 4
+# The GEMV kernel gives each program one row of x and a tile of outputs (no tensor cores); up to 4 rows it beats
+# the tiled GEMM, whose smallest M tile (16) would waste most of its work on padding rows.
+TRITON_GEMV_MAX_ROWS = 4
 
 
 def _configs(full: list[triton.Config], small: triton.Config) -> list[triton.Config]:
@@ -165,8 +167,6 @@ def w4a16_operands(module, device: torch.device):
         g = module.group_size
         if module.bits != 4 or not (g == -1 or (g >= 32 and g & (g - 1) == 0)):
             return None
-        from hfquant.kernels.w4a16 import grouped_weight
-
         grouped = grouped_weight(module)
         if grouped is None:
             return None
@@ -198,7 +198,7 @@ def w4a16_triton(x: torch.Tensor, module) -> torch.Tensor | None:
     single = module.group_size == -1
     meta = dict(GROUP=k if single else module.group_size, SINGLE_GROUP=single, HAS_BIAS=module.bias is not None)
     bias = module.bias if module.bias is not None else x2  # dummy pointer when HAS_BIAS is False
-    if m <= GEMV_MAX_ROWS:
+    if m <= TRITON_GEMV_MAX_ROWS:
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
         grid = lambda c: (triton.cdiv(n, c["BN"]), m)  # noqa: E731
         _w4a16_gemv_kernel[grid](x2, packed, scales, zeros, bias, y, n, k, x2.stride(0), packed.stride(0), y.stride(0),

@@ -3,7 +3,7 @@
 Paths (``w4a16_linear`` picks one per call; ``HFQUANT_KERNEL=reference`` forces the first):
 
 * **reference** -- the oracle every fast path is tested against: dequantize the whole weight in float32
-  (``scale[g_idx] * (q - zero[g_idx])``, ``QuantLinearW4A16.dequantize``), cast it to ``x.dtype`` and call
+  (``scale[g_idx] * (q - zero[g_idx])``, ``QuantLinearWeightOnly.dequantize``), cast it to ``x.dtype`` and call
   ``F.linear``. Used for layouts no fast path takes (2/3-bit codes, float16 on CPU, ...).
 * **CPU, one row, float32** (decode): hfquant's own AVX-512 kernel (``hfquant.kernels.cpu_ext``): integer
   dot products (AVX512-VNNI) over a three-part int8 split of ``x``, or float32 FMAs without VNNI; float32-level
@@ -35,57 +35,32 @@ is a second copy of the packed weight in the kernel's own layout (0.5 byte per w
 
 from __future__ import annotations
 
-import os
-import warnings
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from hfquant.core.packing import _LITTLE_ENDIAN, unpack_codes
 from hfquant.kernels import cpu_ext
-from hfquant.kernels._cache import cached_operands
-from hfquant.nn.packing import _LITTLE_ENDIAN, pack_codes, unpack_codes
+from hfquant.kernels.common import cached_operands, forced_reference, grouped_weight, triton_kernels
 
 _CPU_GROUPS = (32, 64, 128, 256)
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
-GEMV_MAX_ROWS = 1
+# hfquant's AVX-512 GEMV (csrc) reads W once per row of x: it is the fastest path for a single float32 row
+# (decode); from two rows torch's int4 kernel, which reads W once for all rows, takes over.
+CPU_GEMV_MAX_ROWS = 1
 # From this many rows of float32 x, tiles of W are dequantized (hfquant's kernel) for torch's float32 GEMM;
-# between GEMV_MAX_ROWS and this, torch's int4 kernel. On the 2-core AVX-512 Xeon of BENCHMARKS.md, 4096x4096:
+# between CPU_GEMV_MAX_ROWS and this, torch's int4 kernel. On the 2-core AVX-512 Xeon of BENCHMARKS.md, 4096x4096:
 # at M=16 torch's int4 kernel took 4.1 ms against 6.2 ms, at M=64 16.1 ms against 11.9 ms.
 DEQUANT_MIN_ROWS = 32
 # Rows of W per dequantized tile: about 16 MB of float32 (4096 columns: 1024 rows).
 DEQUANT_TILE_BYTES = 16 << 20
 
 
-def forced_reference() -> bool:
-    """``HFQUANT_KERNEL=reference`` (or ``hfquant.kernels.reference_kernels()``): every quantized Linear
-    runs its exact reference."""
-    return os.environ.get("HFQUANT_KERNEL", "auto") == "reference"
-
-
 def w4a16_reference(x: torch.Tensor, module) -> torch.Tensor:
     """``x @ dequantize(W)^T + b`` with the weight dequantized in float32 and cast to ``x.dtype``."""
     bias = module.bias.to(x.dtype) if module.bias is not None else None
     return F.linear(x, module.dequantize(torch.float32).to(x.dtype), bias)
-
-
-def grouped_weight(module):
-    """``(packed, perm)``: the packed codes with their columns sorted by group, so every group is a
-    contiguous run of ``group_size`` columns (the last may be partial), and the column permutation that
-    does it (``None`` when ``g_idx`` is already ``i // group_size`` and ``packed`` is the module's own
-    ``weight``). ``None`` when some group other than the last is not whole. Built once, shared by every
-    fast path."""
-    def build():
-        g = module.in_features if module.group_size == -1 else module.group_size
-        g_idx = module.g_idx.long()
-        counts = torch.bincount(g_idx, minlength=module.scales.shape[1])
-        if not (bool((counts[:-1] == g).all()) and 0 < int(counts[-1]) <= g):
-            return None
-        perm = torch.argsort(g_idx, stable=True)
-        if bool((perm == torch.arange(module.in_features, device=perm.device)).all()):
-            return module.weight, None
-        return pack_codes(module.codes()[:, perm], module.bits), perm
-    return cached_operands(module, "grouped", build)
 
 
 def _kernel_group(group: int, k: int) -> int | None:
@@ -252,27 +227,6 @@ def prepare_module(module) -> None:
             _ext_operands(module)
 
 
-_NO_TRITON_WARNED = False
-
-
-def triton_kernels():
-    """``hfquant.kernels.triton_kernels``, or ``None`` with one warning when Triton is not installed (quantized
-    Linears on CUDA then run the reference: dequantize and ``F.linear``, correct but slower)."""
-    global _NO_TRITON_WARNED
-    try:
-        # Imported on the first CUDA call: Triton is an optional dependency and never loads with ``import hfquant``.
-        from hfquant.kernels import triton_kernels as module
-    except ImportError as exc:
-        if "triton" not in str(exc).lower():
-            raise
-        if not _NO_TRITON_WARNED:
-            _NO_TRITON_WARNED = True
-            warnings.warn(f"hfquant: Triton is not installed ({exc}); quantized Linears on CUDA use the reference "
-                          "kernel (dequantize + matmul), which is slower: pip install triton", stacklevel=2)
-        return None
-    return module
-
-
 def w4a16_linear(x: torch.Tensor, module) -> torch.Tensor:
     """Dispatch by device, dtype and shape (see the module docstring)."""
     if forced_reference():
@@ -284,7 +238,7 @@ def w4a16_linear(x: torch.Tensor, module) -> torch.Tensor:
         return y if y is not None else w4a16_reference(x, module)
     if device == "cpu" and x.dtype in _CPU_DTYPES and module.weight.device.type == "cpu":
         rows = x.numel() // max(1, x.shape[-1])
-        if x.dtype is torch.float32 and rows <= GEMV_MAX_ROWS:
+        if x.dtype is torch.float32 and rows <= CPU_GEMV_MAX_ROWS:
             y = w4a16_cpu_gemv(x, module)
             if y is not None:
                 return y

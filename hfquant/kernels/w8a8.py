@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import torch
 
-from hfquant.algorithms.smoothquant import quantize_activation_int8
+from hfquant.core.smoothquant import quantize_activation_int8
 from hfquant.kernels import cpu_ext
-from hfquant.kernels._cache import cached_operands
-from hfquant.kernels.w4a16 import GEMV_MAX_ROWS, forced_reference, triton_kernels
+from hfquant.kernels.common import cached_operands, forced_reference, triton_kernels
+
+# hfquant's VNNI GEMV (csrc) quantizes and multiplies one float32 row per call (decode); more rows go to
+# torch._int_mm, which reads the int8 weight once for all of them.
+CPU_GEMV_MAX_ROWS = 1
 
 
 def _quantize_input(x: torch.Tensor, module):
@@ -95,7 +98,7 @@ def w8a8_linear(x: torch.Tensor, module) -> torch.Tensor:
         kernels = triton_kernels()
         return kernels.w8a8_triton(x, module) if kernels is not None else w8a8_int_mm(x, module)
     if x.device.type == "cpu":
-        if x.dtype is torch.float32 and x.numel() <= GEMV_MAX_ROWS * x.shape[-1] and module.weight.device.type == "cpu":
+        if x.dtype is torch.float32 and x.numel() <= CPU_GEMV_MAX_ROWS * x.shape[-1] and module.weight.device.type == "cpu":
             y = w8a8_cpu_gemv(x, module)
             if y is not None:
                 return y

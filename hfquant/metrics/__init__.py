@@ -1,5 +1,5 @@
 """Local ``evaluate`` metric modules: ``evaluate.load(hfquant.metrics.PERPLEXITY_PATH)``."""
 
-from pathlib import Path
+from hfquant.eval import PERPLEXITY_PATH
 
-PERPLEXITY_PATH = str(Path(__file__).resolve().parent / "perplexity")
+__all__ = ["PERPLEXITY_PATH"]

@@ -1,6 +1,30 @@
-"""Quantized modules (plain ``nn.Module``s with named tensors and a ``from_float`` constructor)."""
+"""Quantized modules (plain ``nn.Module``s with named tensors and a ``from_float`` constructor), and
+``prepare_model``, which builds their kernels' operands once at load time."""
 
-from hfquant.nn.packing import pack_codes, unpack_codes
-from hfquant.nn.w4a16 import QuantLinearW4A16
+from __future__ import annotations
 
-__all__ = ["QuantLinearW4A16", "pack_codes", "unpack_codes"]
+from hfquant.kernels import w4a16 as w4a16_kernels
+from hfquant.kernels import w8a8 as w8a8_kernels
+from hfquant.nn.w8a8 import QuantLinearW8A8
+from hfquant.nn.weight_only import QuantLinearWeightOnly
+
+
+def prepare_model(model) -> int:
+    """Build every quantized Linear's kernel operands once (at load time): weight-only modules in their CPU
+    kernels' layouts, and on a CPU with hfquant's VNNI kernel the W8A8 GEMV's operands (``_int_mm`` itself reads
+    a view of the stored weight). ``torch.compile`` needs them built before it traces the model.
+
+    Returns the number of modules prepared. Calling it again is free (the operands are cached).
+    """
+    n = 0
+    for m in model.modules():
+        if isinstance(m, QuantLinearWeightOnly):
+            w4a16_kernels.prepare_module(m)
+            n += 1
+        elif isinstance(m, QuantLinearW8A8):
+            w8a8_kernels.prepare_module(m)
+            n += 1
+    return n
+
+
+__all__ = ["QuantLinearW8A8", "QuantLinearWeightOnly", "prepare_model"]

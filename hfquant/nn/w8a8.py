@@ -18,9 +18,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hfquant.algorithms.smoothquant import quantize_weight_int8
-from hfquant.kernels._cache import cached_operands
-from hfquant.nn.w4a16 import storage_dtype
+from hfquant.core.smoothquant import quantize_weight_int8
+from hfquant.kernels.common import cached_operands
+from hfquant.kernels.w8a8 import w8a8_linear
+from hfquant.nn.weight_only import storage_dtype
 
 
 class QuantLinearW8A8(nn.Module):
@@ -80,8 +81,6 @@ class QuantLinearW8A8(nn.Module):
         return self.weight.reshape(self.out_features, self.in_features).float() * self.weight_scale[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from hfquant.kernels.w8a8 import w8a8_linear
-
         return w8a8_linear(x, self)
 
     def extra_repr(self) -> str:

@@ -2,7 +2,7 @@
 // W4A16 for many rows (prefill): dequantized tiles and torch's GEMM (w4a16_dequant_mm); W8A8 for few rows with
 // AVX512-VNNI (w8a8_gemv, further down).
 //
-// Weights are read in hfquant's own packed layout (hfquant/nn/packing.py) viewed as bytes: byte b of a row
+// Weights are read in hfquant's own packed layout (hfquant/core/packing.py) viewed as bytes: byte b of a row
 // holds the 4-bit codes of columns 2b (low nibble) and 2b+1 (high nibble). Per quantization group g of a
 // row, with scale s and zero point z:  sum_k s * (q_k - z) * x_k  =  s * (sum_k q_k * x_k  -  z * sum_k x_k),
 // so the inner loop multiplies unpacked codes with x, and the scale and zero are applied once per group.

@@ -8,6 +8,9 @@
 import datasets
 import evaluate
 
+from hfquant.calibration.data import join_texts
+from hfquant.eval.perplexity import perplexity
+
 _DESCRIPTION = "Perplexity of a causal LM over non-overlapping windows of the joined texts (hfquant PPL protocol)."
 _KWARGS = """
 Args:
@@ -32,9 +35,6 @@ class HFQuantPerplexity(evaluate.Metric):
         )
 
     def _compute(self, predictions, model=None, tokenizer=None, seq_len=512, max_windows=None):
-        from hfquant.calibration.data import join_texts
-        from hfquant.eval.perplexity import perplexity
-
         if model is None or tokenizer is None:
             raise ValueError("hfquant perplexity: pass model=<loaded model> and tokenizer=<its tokenizer> to compute()")
         return {"perplexity": perplexity(model, tokenizer, join_texts(list(predictions)), seq_len, max_windows)}

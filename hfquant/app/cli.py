@@ -1,0 +1,370 @@
+"""The ``hfquant`` command line: ``run``, ``sensitivity``, ``eval``, ``inspect``, ``push``, ``export``, ``validate``.
+
+Exit codes: 0 success, 2 bad input (one line on stderr, no traceback, nothing written), 1 failure.
+Subcommands live in ``COMMANDS``: a new one is one ``Command`` entry (its arguments and its handler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import math
+import sys
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub.utils import disable_progress_bars
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+import yaml
+
+from hfquant.app import pipeline, recipe
+from hfquant.app.hub import HubAuthError, HubError
+from hfquant.app.pipeline import run_sensitivity
+from hfquant.app.recipe import check_repo_id, EVALUATION_DEFAULTS, HUB_DEFAULTS, validate
+from hfquant.app.report import describe, RECIPE, REPORT, SENSITIVITY_MD, table
+from hfquant.calibration.distributed import Dist, init_from_env
+from hfquant.core.errors import HFQuantError
+from hfquant.formats import export_checkpoint
+from hfquant.formats.files import check_checkpoint, CheckpointError, read_json, tensor_headers
+from hfquant.mixed.resolve import summary
+
+logger = logging.getLogger("hfquant")
+
+
+class UsageError(Exception):
+    """Bad command-line syntax (argparse's complaints)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line instead of usage + message + exit
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of the record (so captured output sees it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+@dataclass
+class Command:
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Callable[[argparse.Namespace], int]
+
+
+def _err(message: str) -> None:
+    print(f"hfquant: error: {message}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------------------------- run
+def _run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    _set_arg(p)
+    p.add_argument("--output", metavar="DIR", help="output folder (overrides output_dir)")
+    p.add_argument("--push-to-hub", metavar="REPO", help="push the output folder to this Hub repo (overrides hub.repo_id)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder / discard old progress")
+    p.add_argument("--dry-run", action="store_true", help="check the recipe, model config, data and output folder; load and write nothing")
+
+
+def _set_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a recipe value (YAML), e.g. --set quantization.bits=8; repeatable")
+
+
+def _run(args) -> int:
+    resolved = recipe.load(args.recipe, args.set, args.output)
+    dist = _distributed(args.dry_run)
+    plan = pipeline.plan(resolved, overwrite=args.overwrite, resume=args.resume, push_repo=args.push_to_hub)
+    if args.dry_run:
+        print(recipe.dump(resolved), end="")
+        print(f"dry run: {args.recipe} is valid and its inputs are readable; nothing was loaded or written")
+        return 0
+    report = pipeline.execute(plan, quiet=args.quiet or not dist.is_main)
+    if not dist.is_main:  # the main process prints, saves and pushes
+        return 0
+    print()
+    print(table(report))
+    schemes = report["config"].get("module_schemes")
+    if schemes:
+
+        bits = report.get("stored_bits", {}).get("avg_bits")
+        print(f"\nper-module schemes: {summary(schemes)}" + (f"; {bits:.4f} stored bits per weight" if bits else ""))
+    print(f"\nsaved to {plan.out}")
+    repo = plan.push_repo or resolved["hub"]["repo_id"]
+    if repo:
+        url = pipeline.push(plan.out, repo, resolved["hub"])
+        print(f"pushed to {repo}: {url}")
+    return 0
+
+
+def _distributed(dry_run: bool):
+    """Under ``accelerate launch --num_processes N`` (``WORLD_SIZE > 1``): join the process group; the
+    calibration batches are split across the processes and only the main one writes."""
+
+    if dry_run:
+        return Dist()
+    dist = init_from_env()
+    if not dist.is_main:
+        logger.setLevel(logging.WARNING)
+    return dist
+
+
+# ------------------------------------------------------------------------------------------ sensitivity
+def _sensitivity_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file (its model, calibration and GPTQ settings; candidates from "
+                                  "quantization.candidates, else the default set)")
+    _set_arg(p)
+    p.add_argument("--output", metavar="DIR", help="output folder (overrides output_dir)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+
+
+def _sensitivity(args) -> int:
+    resolved = recipe.load(args.recipe, args.set, args.output)
+    resolved["evaluation"] = {**resolved["evaluation"], "before": False, "after": False}
+    plan = pipeline.plan(resolved, overwrite=args.overwrite)
+    table = run_sensitivity(plan, quiet=args.quiet)
+    print(f"sensitivity of {len(table['modules'])} modules x {len(table['candidates'])} candidates in "
+          f"{table['seconds']:.1f} s; table {plan.out / SENSITIVITY_MD}, plot and card in {plan.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- eval
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="output folder of `hfquant run` (or any hfquant checkpoint)")
+    p.add_argument("--seq-len", type=int, help="window length (default: the recipe's, else 512)")
+    p.add_argument("--max-tokens", type=int, help="evaluate the first MAX_TOKENS tokens (default 16384)")
+    p.add_argument("--dataset", help="evaluation text: local file or Hub dataset id (default: bundled WikiText-2 test)")
+
+
+def _eval(args) -> int:
+    folder = check_checkpoint(args.dir)
+    ev = dict(EVALUATION_DEFAULTS)
+    saved = _saved_recipe(folder / RECIPE)
+    if saved:
+        ev.update(saved.get("evaluation") or {})
+    for key, value in (("seq_len", args.seq_len), ("max_tokens", args.max_tokens), ("dataset", args.dataset)):
+        if value is not None:
+            ev[key] = value
+    ev = validate({"model": str(folder), "output_dir": str(folder), "evaluation": ev})["evaluation"]
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids, name = pipeline.evaluation_ids(ev, tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, dtype="auto").eval()
+    limit = pipeline.max_positions(model.config)
+    if limit is not None and ev["seq_len"] > limit:
+        raise pipeline.RecipeError(f"--seq-len: {ev['seq_len']} exceeds the model's maximum of {limit} positions")
+    ppl = pipeline._perplexity(model, ids, ev, args.quiet)
+    n = pipeline.eval_windows(ev, ids)
+    print(f"perplexity {ppl:.3f} on {name} ({n} windows x {ev['seq_len']} tokens) for {folder}")
+    return 0
+
+
+def _saved_recipe(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        raise CheckpointError(f"{str(path)!r}: unreadable or not valid YAML") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{str(path)!r}: not a recipe mapping")
+    return data
+
+
+# ------------------------------------------------------------------------------------------- inspect
+def _inspect_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="output folder of `hfquant run` (or any hfquant checkpoint)")
+
+
+def _inspect(args) -> int:
+    folder = check_checkpoint(args.dir)
+    config = read_json(folder / "config.json")
+    qc = config.get("quantization_config") or {}
+    print(f"{folder}: {config.get('model_type', '?')} ({', '.join(config.get('architectures') or ['?'])})")
+    if qc.get("quant_method") == "hfquant":
+        print(f"quantization: {describe(qc)}")
+        print("  " + ", ".join(f"{k}={v}" for k, v in qc.items()
+                               if k not in ("quant_method", "modules_to_not_convert", "module_schemes")))
+        print(f"  kept float: {', '.join(qc.get('modules_to_not_convert') or []) or '-'}")
+        if qc.get("module_schemes"):
+
+            print(f"  per-module schemes: {summary(qc['module_schemes'])}")
+    else:
+        print("quantization: none (not an hfquant checkpoint)")
+    by_dtype: dict[str, int] = {}
+    quantized = []
+    files = sorted(folder.glob("*.safetensors"))
+    total_bytes = sum(f.stat().st_size for f in files)
+    for key, shape, dtype in tensor_headers(files):
+        by_dtype[dtype] = by_dtype.get(dtype, 0) + math.prod(shape)
+        if key.endswith((".scales", ".weight_scale")):
+            quantized.append(key.rsplit(".", 1)[0])
+    print(f"size: {total_bytes / 2**20:.1f} MiB in safetensors; elements by dtype: "
+          + ", ".join(f"{k} {v:,}" for k, v in sorted(by_dtype.items())))
+    print(f"quantized modules: {len(quantized)}")
+    report = read_json(folder / REPORT)
+    if report is None:
+        print("no report.json (not written by `hfquant run`): no per-layer table")
+        return 0
+    print()
+    print(table(report))
+    print()
+    print("| layer | method | error | damping | retries | note |")
+    print("|---|---|---|---|---|---|")
+    for m in report.get("layers", []):
+        loss = m.get("loss")
+        damp = m.get("damp")
+        print(f"| {m['name']} | {m.get('method', 'w8a8' if 'smoothed' in m else '?')} | "
+              f"{'—' if loss is None else f'{loss:.4g}'} | {'—' if damp is None else f'{damp:.3g}'} | "
+              f"{m.get('damp_retries', 0)} | {m.get('note', '')} |")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- push
+def _push_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="output folder of `hfquant run`")
+    p.add_argument("repo", help="Hub repo id, owner/name")
+    vis = p.add_mutually_exclusive_group()
+    vis.add_argument("--private", dest="private", action="store_true", default=None, help="create the repo private (default)")
+    vis.add_argument("--public", dest="private", action="store_false", help="create the repo public")
+    p.add_argument("--revision", help="branch to push to (created when missing)")
+    p.add_argument("--commit-message")
+
+
+def _push(args) -> int:
+    folder = check_checkpoint(args.dir)
+    check_repo_id(args.repo, "repo")
+    hub = dict(HUB_DEFAULTS)
+    saved = _saved_recipe(folder / RECIPE)
+    if saved and isinstance(saved.get("hub"), dict):
+        hub.update({k: v for k, v in saved["hub"].items() if k in HUB_DEFAULTS})
+    for key in ("private", "revision", "commit_message"):
+        if getattr(args, key) is not None:
+            hub[key] = getattr(args, key)
+    url = pipeline.push(folder, args.repo, hub)
+    print(f"pushed {folder} to {args.repo}: {url}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ export
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("dir", help="an hfquant checkpoint folder")
+    p.add_argument("--format", required=True, choices=["gptq", "compressed-tensors"], help="layout to write")
+    p.add_argument("out", help="new (or empty) output folder; never overwritten")
+    p.add_argument("--checkpoint-format", default="gptq", choices=["gptq", "gptq_v2"],
+                   help="GPTQ zero-point convention (gptq = v1, stores zero-1)")
+
+
+def _export(args) -> int:
+    try:
+        path = export_checkpoint(args.dir, args.format, args.out, checkpoint_format=args.checkpoint_format)
+    except OSError as exc:  # unreadable source, unwritable destination: bad input, one line
+        _err(f"{args.dir} -> {args.out}: {exc.strerror or exc}")
+        return 2
+    print(f"wrote a {args.format} checkpoint to {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ validate
+def _validate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file")
+    _set_arg(p)
+
+
+def _validate(args) -> int:
+    r = recipe.load(args.recipe, args.set)
+    q = r["quantization"]
+    print(f"ok: {args.recipe}: {q['method']} on {r['model']} -> {r['output_dir']}")
+    return 0
+
+
+COMMANDS: dict[str, Command] = {
+    "run": Command("quantize a model as a recipe says, evaluate it and save (and push) the result", _run_args, _run),
+    "sensitivity": Command("measure per-module sensitivity to each candidate scheme (table, plot, card)",
+                           _sensitivity_args, _sensitivity),
+    "eval": Command("perplexity of a saved checkpoint", _eval_args, _eval),
+    "inspect": Command("show a checkpoint's config, sizes and per-layer report", _inspect_args, _inspect),
+    "push": Command("push an output folder to the Hugging Face Hub", _push_args, _push),
+    "export": Command("write a saved hfquant checkpoint in the GPTQ or compressed-tensors layout", _export_args, _export),
+    "validate": Command("check a recipe without loading anything", _validate_args, _validate),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hfquant", description="Post-training quantization for Hugging Face transformers.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or info logs")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs and tracebacks on failure")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for name, cmd in COMMANDS.items():
+        p = sub.add_parser(name, help=cmd.help, description=cmd.help)
+        cmd.arguments(p)
+        p.set_defaults(handler=cmd.handler)
+    return parser
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``hfquant`` and ``python -m hfquant``; returns the exit code."""
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:
+        _err(str(exc))
+        return 2
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    _setup_logging(args.quiet, args.verbose)
+    if args.quiet:
+
+        disable_progress_bars()
+        hf_logging.disable_progress_bar()
+    try:
+        return args.handler(args)
+    except HubAuthError as exc:
+        _err(str(exc))
+        return 2
+    except HubError as exc:
+        _err(str(exc))
+        return 1
+    except HFQuantError as exc:
+        _err(str(exc))
+        return 2
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
+    except BrokenPipeError:  # e.g. `hfquant inspect DIR | head`: the reader left; stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as exc:  # noqa: BLE001 - a failure, not bad input: one line, traceback with -v
+        if args.verbose:
+            traceback.print_exc()
+        first = (str(exc).splitlines() or [""])[0][:600]
+        print(f"hfquant: failed: {type(exc).__name__}: {first} (run with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Recipes: one YAML file that describes a whole run (model, quantization, calibration, evaluation, Hub push).
+
+The schema is strict and maps one-to-one onto the objects a run builds:
+
+- top level: ``model`` (Hub id or local folder), ``output_dir``, and the ``from_pretrained`` arguments
+  ``revision``, ``trust_remote_code``, ``dtype``, ``device``;
+- ``quantization``: ``HFQuantConfig`` fields, by their own names (only the ones the method uses);
+- ``calibration``: ``HFQuantConfig`` calibration fields, through ``CALIBRATION_FIELDS``, and how the run holds
+  the model and its activations (``LOADING_DEFAULTS``: ``layerwise``, ``activations``, ``offload_folder``);
+- ``evaluation``: perplexity before/after (``EVALUATION_DEFAULTS``);
+- ``hub``: where ``upload_folder`` pushes (``HUB_DEFAULTS``).
+
+Every problem raises ``RecipeError`` (a ``ConfigError``) whose one-line message starts with the key path
+(``quantization.group_size: ...``), before anything is loaded. Files are read with ``yaml.safe_load``.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from hfquant.calibration.spill import ACTIVATIONS
+from hfquant.config import _is_int, DEFAULTS, HFQuantConfig
+from hfquant.core.errors import ConfigError
+from hfquant.core.schemes import validate_overrides
+
+
+class RecipeError(ConfigError):
+    """A recipe is unreadable or does not match the schema; the message starts with the key path."""
+
+
+TOP_DEFAULTS: dict[str, Any] = {
+    "model": None,               # required
+    "output_dir": None,          # required (or --output)
+    "revision": None,
+    "trust_remote_code": False,
+    "dtype": "float32",
+    "device": "cpu",
+    "quantization": None,
+    "calibration": None,
+    "evaluation": None,
+    "hub": None,
+}
+SECTIONS = ("quantization", "calibration", "evaluation", "hub")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# HFQuantConfig fields each method reads; other quantization keys are rejected for that method.
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "gptq": ("bits", "group_size", "sym", "desc_act", "static_groups", "true_sequential", "damp_percent",
+             "block_size", "observer", "modules_to_not_convert", "overrides", "target_avg_bits",
+             "max_ppl_increase", "candidates", "fisher_windows", "lm_head_bits"),
+    "rtn": ("bits", "group_size", "sym", "observer", "modules_to_not_convert", "overrides", "lm_head_bits"),
+    "smoothquant": ("alpha", "weight_method", "activation_scheme", "damp_percent", "block_size",
+                    "modules_to_not_convert", "overrides"),
+}
+# Fields checked together (they constrain each other), after the one-by-one checks of the others.
+_JOINT_FIELDS = ("bits", "target_avg_bits", "max_ppl_increase", "candidates", "overrides")
+# recipe key under ``calibration`` -> HFQuantConfig field
+CALIBRATION_FIELDS: dict[str, str] = {
+    "dataset": "dataset",
+    "config": "dataset_config",
+    "split": "dataset_split",
+    "column": "dataset_column",
+    "num_samples": "num_samples",
+    "seq_len": "seq_len",
+    "seed": "seed",
+    "batch_size": "calibration_batch_size",
+    "tokenizer": "tokenizer",
+}
+# calibration keys that describe how the run loads the model and keeps activations (not saved in config.json)
+LOADING_DEFAULTS: dict[str, Any] = {
+    "layerwise": False,      # true: meta skeleton, one decoder layer's float weights loaded at a time
+    "activations": "device",  # where hidden states live between blocks: device | cpu | disk
+    "offload_folder": None,  # parent of the temporary folder for activations: disk (default: system temp)
+}
+EVALUATION_DEFAULTS: dict[str, Any] = {
+    "before": True,        # perplexity of the float model
+    "after": True,         # perplexity of the quantized model
+    "dataset": None,       # None: bundled WikiText-2 test.txt
+    "config": None,
+    "split": None,
+    "column": None,
+    "seq_len": 512,
+    "max_tokens": 16384,   # first max_tokens // seq_len windows (PPL-16K); null: every whole window
+}
+HUB_DEFAULTS: dict[str, Any] = {
+    "repo_id": None,       # set it (or pass --push-to-hub) to push after the run
+    "private": True,
+    "revision": None,      # branch; created when missing
+    "commit_message": None,
+}
+NOT_YET = {
+    ("hub", "token"): "tokens are never read from recipes; log in with `hf auth login` or set HF_TOKEN",
+}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
+
+
+def _fail(path: str, message: str):
+    raise RecipeError(f"{path}: {message}")
+
+
+def _type_name(v) -> str:
+    return "null" if v is None else type(v).__name__
+
+
+def _check_keys(path: str, section: dict, valid, extra_hint: str = "") -> None:
+    for key in section:
+        full = f"{path}.{key}" if path else str(key)
+        if not isinstance(key, str):
+            _fail(full, "keys must be strings")
+        if (path, key) in NOT_YET:
+            _fail(full, NOT_YET[(path, key)])
+        if key not in valid:
+            _fail(full, f"unknown key; valid keys are {sorted(valid)}{extra_hint}")
+
+
+def _check_config_field(path: str, field: str, value) -> None:
+    """Validate one HFQuantConfig field by building a config with it; re-word the error with ``path``."""
+
+    try:
+        HFQuantConfig(**{field: value})
+    except ConfigError as exc:
+        _fail(path, str(exc).split(": ", 1)[-1])
+
+
+def looks_local(model: str) -> bool:
+    """True when ``model`` must be a local folder: it exists, or it cannot be a Hub id."""
+    return Path(model).expanduser().exists() or not _HUB_ID.match(model)
+
+
+def _check_dataset_file(path: str, dataset) -> None:
+    if isinstance(dataset, str) and looks_local(dataset) and not Path(dataset).expanduser().is_file():
+        _fail(path, f"file {dataset!r} does not exist; give an existing .txt/.json/.jsonl/.csv/.parquet file, "
+                    "a Hub dataset id, or null for the bundled WikiText-2")
+    if isinstance(dataset, str) and Path(dataset).expanduser().is_file() and Path(dataset).expanduser().stat().st_size == 0:
+        _fail(path, f"file {dataset!r} is empty; give a file with text")
+    if isinstance(dataset, list) and (not dataset or not all(isinstance(t, str) and t.strip() for t in dataset)):
+        _fail(path, "a list of texts must hold at least one non-empty string and only strings")
+
+
+def _section(raw: dict, name: str) -> dict:
+    value = raw.get(name)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        _fail(name, f"must be a mapping of keys, got {_type_name(value)}")
+    return value
+
+
+def validate(raw) -> dict:
+    """Check a parsed recipe against the schema; return it resolved (every default filled in)."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe: the top level must be a mapping with keys such as model and output_dir, got {_type_name(raw)}")
+    _check_keys("", raw, TOP_DEFAULTS)
+    out: dict[str, Any] = {k: copy.deepcopy(raw.get(k, v)) for k, v in TOP_DEFAULTS.items() if k not in SECTIONS}
+
+    model = out["model"]
+    if model is None:
+        _fail("model", "required; give a Hub id (org/name) or a local folder with config.json")
+    if not isinstance(model, str) or not model.strip():
+        _fail("model", f"must be a Hub id or a local folder path (a string), got {_type_name(model)}")
+    if looks_local(model):
+        folder = Path(model).expanduser()
+        if not folder.is_dir():
+            _fail("model", f"local folder {model!r} does not exist; give an existing folder or a Hub id (org/name)")
+        if not (folder / "config.json").is_file():
+            _fail("model", f"{model!r} has no config.json; give a Hugging Face model folder")
+    if out["output_dir"] is not None and (not isinstance(out["output_dir"], str) or not out["output_dir"].strip()):
+        _fail("output_dir", f"must be a folder path (a string), got {_type_name(out['output_dir'])}")
+    if out["revision"] is not None and not isinstance(out["revision"], str):
+        _fail("revision", f"must be a branch, tag or commit (a string) or null, got {_type_name(out['revision'])}")
+    if not isinstance(out["trust_remote_code"], bool):
+        _fail("trust_remote_code", f"must be true or false, got {out['trust_remote_code']!r}")
+    if out["dtype"] not in DTYPES:
+        _fail("dtype", f"must be one of {list(DTYPES)}, got {out['dtype']!r}")
+    dev = out["device"]
+    if not isinstance(dev, str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?", dev):
+        _fail("device", f"must be 'cpu', 'auto' (cuda when available) or 'cuda[:N]', got {dev!r}")
+
+    # quantization
+    q = _section(raw, "quantization")
+    method = q.get("method", "gptq")
+    if method not in METHOD_FIELDS:
+        _fail("quantization.method", f"must be one of {list(METHOD_FIELDS)}, got {method!r}")
+    _check_keys("quantization", q, ("method", *METHOD_FIELDS[method]),
+                f" for method {method!r}")
+
+    validate_overrides(q.get("overrides"), "quantization.overrides")
+    for key, value in q.items():
+        if key not in _JOINT_FIELDS:
+            _check_config_field(f"quantization.{key}", key, value)
+
+    q_out = {"method": method}
+    for key in METHOD_FIELDS[method]:
+        q_out[key] = copy.deepcopy(q.get(key, DEFAULTS[key]))
+    try:
+        HFQuantConfig(**q_out)
+    except ConfigError as exc:
+        field, _, rest = str(exc).removeprefix("HFQuantConfig.").partition(": ")
+        _fail(f"quantization.{field}", rest)
+    out["quantization"] = q_out
+
+    # calibration
+    c = _section(raw, "calibration")
+    _check_keys("calibration", c, {**CALIBRATION_FIELDS, **LOADING_DEFAULTS})
+    for key, value in c.items():
+        if key in LOADING_DEFAULTS:
+            continue
+        if key == "tokenizer" and value is not None and not isinstance(value, str):
+            _fail("calibration.tokenizer", f"must be a tokenizer name or folder (a string) or null, got {_type_name(value)}")
+        _check_config_field(f"calibration.{key}", CALIBRATION_FIELDS[key], value)
+    _check_dataset_file("calibration.dataset", c.get("dataset"))
+    out["calibration"] = {k: copy.deepcopy(c.get(k, DEFAULTS[f])) for k, f in CALIBRATION_FIELDS.items()}
+    out["calibration"].update(_loading(c, method))
+
+    # evaluation
+    e = _section(raw, "evaluation")
+    _check_keys("evaluation", e, EVALUATION_DEFAULTS)
+    ev = {k: copy.deepcopy(e.get(k, v)) for k, v in EVALUATION_DEFAULTS.items()}
+    for flag in ("before", "after"):
+        if not isinstance(ev[flag], bool):
+            _fail(f"evaluation.{flag}", f"must be true or false, got {ev[flag]!r}")
+    if not _is_int(ev["seq_len"]) or ev["seq_len"] < 2:
+        _fail("evaluation.seq_len", f"must be an integer >= 2, e.g. 512, got {ev['seq_len']!r}")
+    if ev["max_tokens"] is not None and (not _is_int(ev["max_tokens"]) or ev["max_tokens"] < ev["seq_len"]):
+        _fail("evaluation.max_tokens", f"must be null (all windows) or an integer >= evaluation.seq_len ({ev['seq_len']}), got {ev['max_tokens']!r}")
+    if ev["dataset"] is not None and not isinstance(ev["dataset"], str):
+        _fail("evaluation.dataset", f"must be a local file, a Hub dataset id, or null (bundled WikiText-2 test), got {_type_name(ev['dataset'])}")
+    _check_dataset_file("evaluation.dataset", ev["dataset"])
+    for key in ("config", "split", "column"):
+        if ev[key] is not None and not isinstance(ev[key], str):
+            _fail(f"evaluation.{key}", f"must be a string or null, got {_type_name(ev[key])}")
+    out["evaluation"] = ev
+
+    # hub
+    h = _section(raw, "hub")
+    _check_keys("hub", h, HUB_DEFAULTS)
+    hub = {k: copy.deepcopy(h.get(k, v)) for k, v in HUB_DEFAULTS.items()}
+    if hub["repo_id"] is not None:
+        check_repo_id(hub["repo_id"], "hub.repo_id")
+    if not isinstance(hub["private"], bool):
+        _fail("hub.private", f"must be true or false, got {hub['private']!r}")
+    for key in ("revision", "commit_message"):
+        if hub[key] is not None and (not isinstance(hub[key], str) or not hub[key].strip()):
+            _fail(f"hub.{key}", f"must be a non-empty string or null, got {hub[key]!r}")
+    out["hub"] = hub
+    return out
+
+
+def _loading(c: dict, method: str) -> dict:
+    lo = {k: copy.deepcopy(c.get(k, v)) for k, v in LOADING_DEFAULTS.items()}
+    if not isinstance(lo["layerwise"], bool):
+        _fail("calibration.layerwise", f"must be true or false, got {lo['layerwise']!r}")
+    if lo["activations"] not in ACTIVATIONS:
+        _fail("calibration.activations", f"must be one of {list(ACTIVATIONS)}, got {lo['activations']!r}")
+    if lo["activations"] != "device" and method == "smoothquant":
+        _fail("calibration.activations", "only gptq moves activations off the device; SmoothQuant keeps them "
+                                         "there (set activations: device)")
+    folder = lo["offload_folder"]
+    if folder is not None and (not isinstance(folder, str) or not folder.strip()):
+        _fail("calibration.offload_folder", f"must be a folder path (a string) or null, got {_type_name(folder)}")
+    if folder is not None and lo["activations"] != "disk":
+        _fail("calibration.offload_folder", "is only used with activations: disk; set activations: disk or remove it")
+    return lo
+
+
+def check_repo_id(repo_id, path: str = "repo_id") -> str:
+    if not isinstance(repo_id, str) or not re.fullmatch(r"[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9][\w.\-]{0,95}", repo_id):
+        _fail(path, f"must be a Hub repo id 'owner/name' (letters, digits, - _ .), got {repo_id!r}")
+    return repo_id
+
+
+def parse_set(item: str) -> tuple[list[str], Any]:
+    """``key.path=value`` (value read as YAML: ``8``, ``false``, ``null``, ``[a, b]``) -> (path, value)."""
+
+    key, sep, value = item.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(p.strip() for p in parts):
+        raise RecipeError(f"--set {item!r}: expected key.path=value, e.g. --set quantization.bits=8")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else None
+    except yaml.YAMLError:
+        raise RecipeError(f"--set {item!r}: the value is not valid YAML; quote strings, e.g. --set 'model=\"org/name\"'") from None
+    return [p.strip() for p in parts], parsed
+
+
+def apply_sets(raw: dict, sets: list[str]) -> dict:
+    """Apply ``--set`` overrides to a parsed recipe (a copy)."""
+    raw = copy.deepcopy(raw)
+    for item in sets:
+        parts, value = parse_set(item)
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"--set {item!r}: {'.'.join(parts[:i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def read(path) -> Any:
+    """Parse a recipe file with ``yaml.safe_load``; unreadable files and bad YAML raise ``RecipeError``."""
+
+    p = Path(path)
+    if not p.is_file():
+        raise RecipeError(f"recipe {str(p)!r}: " + ("is a folder, not a YAML file" if p.is_dir() else "file not found"))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"recipe {str(p)!r}: cannot read it ({type(exc).__name__}: {exc})".splitlines()[0]) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise RecipeError(f"recipe {str(p)!r}: invalid YAML{where}: {problem}") from None
+
+
+def load(path, sets: list[str] | None = None, output: str | None = None) -> dict:
+    """Read, override (``--set``, ``--output``) and validate a recipe; returns the resolved recipe."""
+    raw = read(path)
+    if raw is None:
+        raise RecipeError(f"recipe {str(path)!r}: the file is empty; it needs at least model and output_dir")
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {str(path)!r}: the top level must be a mapping with keys such as model and output_dir, got {_type_name(raw)}")
+    raw = apply_sets(raw, sets or [])
+    if output is not None:
+        raw["output_dir"] = output
+    resolved = validate(raw)
+    if resolved["output_dir"] is None:
+        _fail("output_dir", "required; set it in the recipe or pass --output DIR")
+    return resolved
+
+
+def to_config(recipe: dict):
+    """The ``HFQuantConfig`` of a resolved recipe."""
+
+    fields = dict(recipe["quantization"])
+    for key, field in CALIBRATION_FIELDS.items():
+        fields[field] = recipe["calibration"][key]
+    return HFQuantConfig(**fields)
+
+
+def dump(recipe: dict) -> str:
+    """The resolved recipe as YAML (what ``hfquant_recipe.yaml`` holds)."""
+
+    return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False)

@@ -1,0 +1,205 @@
+"""Convert a saved hfquant checkpoint into the GPTQ layout or compressed-tensors, file to file.
+
+The conversion reads the hfquant safetensors shards tensor by tensor (never the whole model at once),
+rewrites the tensors of each quantized module, copies every other tensor unchanged, keeps the shard
+names, and replaces ``quantization_config`` in ``config.json``. Other files (tokenizer, generation
+config, ...) are copied. The model's module types (Linear vs GPT-2 ``Conv1D``, which Linears exist,
+the decoder blocks) come from instantiating the architecture on the meta device.
+
+The output is written to a temporary folder next to ``out_dir`` and renamed into place at the end, so a
+failed export leaves nothing half-written, and an existing non-empty ``out_dir`` is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import save_file
+import torch
+import transformers
+
+from hfquant.config import HFQuantConfig
+from hfquant.core.errors import FormatError
+from hfquant.formats.compressed_tensors import ct_writer
+from hfquant.formats.files import place
+from hfquant.formats.gptq import gptq_writer
+
+EXPORT_FORMATS = ("gptq", "compressed-tensors")
+_W4A16_KEYS = ("weight", "scales", "zeros", "g_idx")
+_W8A8_KEYS = ("weight", "weight_scale", "input_scale")
+SAFE_INDEX = "model.safetensors.index.json"
+
+
+class HFQuantCheckpoint:
+    """Read access to a saved hfquant checkpoint: its config, tensor names and quantized modules."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        cfg_path = self.folder / "config.json"
+        if not cfg_path.is_file():
+            raise FormatError(f"{self.folder}: no config.json; expected a folder written by save_pretrained of an hfquant model")
+        self.config = json.loads(cfg_path.read_text())
+        q = self.config.get("quantization_config") or {}
+        if q.get("quant_method") != "hfquant":
+            raise FormatError(
+                f"{self.folder}: quantization_config.quant_method is {q.get('quant_method')!r}; expected 'hfquant' "
+                "(export converts hfquant checkpoints; quantize with HFQuantConfig and save_pretrained first)"
+            )
+
+        self.qconfig = HFQuantConfig.from_dict(q)
+        index = self.folder / SAFE_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.folder / "model.safetensors").is_file():
+            with safe_open(self.folder / "model.safetensors", "pt") as f:
+                weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+        else:
+            raise FormatError(f"{self.folder}: no model.safetensors or {SAFE_INDEX} (hfquant saves safetensors only)")
+        self.weight_map: dict[str, str] = weight_map
+        self.w8a8 = self.qconfig.method == "smoothquant"
+        marker = "input_scale" if self.w8a8 else "zeros"
+        self.modules = sorted(k[: -len(marker) - 1] for k in weight_map if k.endswith("." + marker))
+        self._handles: dict[str, object] = {}
+
+    def tensor(self, key: str) -> torch.Tensor:
+        name = self.weight_map[key]
+        if name not in self._handles:
+            self._handles[name] = safe_open(self.folder / name, "pt")
+        return self._handles[name].get_tensor(key)
+
+    def module_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        """Local name -> tensor for quantized module ``name`` (``bias`` included when present)."""
+        keys = _W8A8_KEYS if self.w8a8 else _W4A16_KEYS
+        out = {k: self.tensor(f"{name}.{k}") for k in keys}
+        if f"{name}.bias" in self.weight_map:
+            out["bias"] = self.tensor(f"{name}.bias")
+        return out
+
+    def meta_model(self):
+        """The architecture on the meta device (module types and names only; no weights are read)."""
+
+        cfg_dict = {k: v for k, v in self.config.items() if k != "quantization_config"}
+        config = transformers.AutoConfig.for_model(**cfg_dict)
+        archs = getattr(config, "architectures", None) or []
+        cls = getattr(transformers, archs[0], None) if archs else None
+        with torch.device("meta"):
+            if cls is not None:
+                return cls(config)
+            return transformers.AutoModel.from_config(config)
+
+
+def _check_out_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FormatError(f"{out}: already exists and is not an empty folder; choose a new output folder (nothing was written)")
+
+
+def _write_shards(ckpt: HFQuantCheckpoint, tmp: Path, convert_module) -> None:
+    """Write ``tmp``'s shards: each quantized module's tensors converted by ``convert_module(name, tensors)``
+    (-> dict of full key -> tensor), in the shard that held its ``weight``; all other tensors copied."""
+    module_of = {}
+    for name in ckpt.modules:
+        for k in list(ckpt.weight_map):
+            if k.startswith(name + ".") and k[len(name) + 1:] in (*_W4A16_KEYS, *_W8A8_KEYS, "bias"):
+                module_of[k] = name
+    shards: dict[str, list[str]] = {}
+    for key, shard in ckpt.weight_map.items():
+        shards.setdefault(shard, []).append(key)
+    new_map: dict[str, str] = {}
+    total = 0
+    for shard, keys in sorted(shards.items()):
+        out: dict[str, torch.Tensor] = {}
+        for key in keys:
+            name = module_of.get(key)
+            if name is None:
+                out[key] = ckpt.tensor(key)
+            elif key == f"{name}.weight":
+                out.update(convert_module(name, ckpt.module_tensors(name)))
+        out = {k: v.contiguous() for k, v in out.items()}
+        save_file(out, str(tmp / shard), metadata={"format": "pt"})
+        for k, v in out.items():
+            new_map[k] = shard
+            total += v.numel() * v.element_size()
+    if (ckpt.folder / SAFE_INDEX).is_file():
+        (tmp / SAFE_INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(new_map.items()))}, indent=2))
+
+
+def _copy_other_files(src: Path, dst: Path) -> None:
+    for p in src.iterdir():
+        if p.is_file() and not p.name.endswith(".safetensors") and p.name not in (SAFE_INDEX, "config.json"):
+            shutil.copy2(p, dst / p.name)
+
+
+def convert_into(src_dir: str | os.PathLike, fmt: str, tmp: Path, checkpoint_format: str = "gptq") -> None:
+    """Write the ``fmt`` version of hfquant checkpoint ``src_dir`` into the existing empty folder ``tmp``."""
+    ckpt = HFQuantCheckpoint(src_dir)
+    if not ckpt.modules:
+        raise FormatError(f"{ckpt.folder}: no quantized modules found in the checkpoint; nothing to export")
+    if ckpt.qconfig.lm_head_bits is not None:
+        raise FormatError(f"{ckpt.folder}: its output head is quantized (lm_head_bits: {ckpt.qconfig.lm_head_bits}), "
+                          f"which {fmt} checkpoints here do not carry (their head is float); keep save_format hfquant, "
+                          "or quantize again with lm_head_bits: null to export")
+    if fmt == "gptq":
+        convert, write_config = gptq_writer(ckpt, checkpoint_format)
+    elif fmt == "compressed-tensors":
+        convert, write_config = ct_writer(ckpt)
+    else:
+        raise FormatError(f"format: got {fmt!r}; expected one of {list(EXPORT_FORMATS)}")
+    _write_shards(ckpt, tmp, convert)
+    _copy_other_files(ckpt.folder, tmp)
+    write_config(dict(ckpt.config), tmp)
+
+
+def export_checkpoint(src_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathLike,
+                      checkpoint_format: str = "gptq") -> Path:
+    """Export the hfquant checkpoint ``src_dir`` to ``fmt`` (``"gptq"`` or ``"compressed-tensors"``) in ``out_dir``.
+
+    ``out_dir`` must not exist or be an empty folder; the result is written to a temporary folder beside it
+    and renamed into place, so a failure leaves nothing behind. ``checkpoint_format`` (GPTQ only):
+    ``"gptq"`` (v1, the default, read everywhere) or ``"gptq_v2"``. Raises ``FormatError`` (one line) for
+    what the target format cannot express. Returns ``out_dir``.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise FormatError(f"format: got {fmt!r}; expected one of {list(EXPORT_FORMATS)}")
+    out = Path(out_dir)
+    _check_out_dir(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        convert_into(src_dir, fmt, tmp, checkpoint_format)
+        _check_out_dir(out)  # still missing or empty: place() only moves the finished folder in
+        place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def save_pretrained_as(model, save_directory: str | os.PathLike, fmt: str, **kwargs) -> None:
+    """``model.save_pretrained`` for ``save_format`` ``fmt`` != ``"hfquant"``: save hfquant to a temporary
+    folder, convert, then move the files into ``save_directory`` (replacing older weight files there, as
+    ``save_pretrained`` does)."""
+    if kwargs.get("push_to_hub"):
+        raise FormatError(f"save_pretrained(push_to_hub=True) with save_format={fmt!r} is not supported; save locally, then upload the folder")
+    out = Path(save_directory)
+    if out.exists() and not out.is_dir():
+        raise FormatError(f"{out}: exists and is not a folder; save_pretrained needs a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        src, dst = work / "hfquant", work / fmt
+        dst.mkdir()
+        type(model).save_pretrained(model, src, **kwargs)
+        convert_into(src, fmt, dst)
+        out.mkdir(exist_ok=True)
+        for old in list(out.glob("model*.safetensors")) + [out / SAFE_INDEX, out / "quantize_config.json"]:
+            if old.is_file():
+                old.unlink()
+        for p in dst.iterdir():
+            os.replace(p, out / p.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

@@ -1,0 +1,200 @@
+"""The one entry that quantizes a loaded float model according to an ``HFQuantConfig`` (calibration data
+included): ``quantize_loaded_model_``. The public ``hfquant.quantize_`` and ``hfquant.quantize_layerwise`` go
+through the transformers quantizer (``hfquant.integrations.transformers``), which calls it."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+from transformers import AutoTokenizer
+
+from hfquant.calibration import distributed
+from hfquant.calibration.data import calibration_windows, fingerprint, max_positions
+from hfquant.calibration.graph import is_quantizable, output_head_name
+from hfquant.calibration.spill import ACTIVATIONS, make_store
+from hfquant.core.errors import CalibrationError, ConfigError
+from hfquant.mixed import resolve
+from hfquant.quantize.w8a8 import quantize_w8a8_
+from hfquant.quantize.weight_only import quantize_gptq_, quantize_rtn_, reports_as_dicts, WeightScheme
+
+logger = logging.getLogger(__name__)
+
+
+def _tokenizer_for(model, config):
+    tok = config.tokenizer
+    if tok is not None and not isinstance(tok, str):
+        return tok
+
+    source = tok or getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    if not source:
+        raise CalibrationError("hfquant: no tokenizer for calibration; pass HFQuantConfig(tokenizer=...)")
+    try:
+        return AutoTokenizer.from_pretrained(source)
+    except Exception as exc:
+        raise CalibrationError(f"hfquant: cannot load a tokenizer from {source!r} ({type(exc).__name__}); pass HFQuantConfig(tokenizer=...)") from None
+
+
+def _check_seq_len(model, seq_len: int) -> None:
+    limit = max_positions(model.config)
+    if limit is not None and seq_len > limit:
+        raise CalibrationError(f"hfquant: seq_len={seq_len} exceeds the model's maximum of {limit} positions; lower seq_len")
+
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+OOM_HINT = ("to use less memory: calibration.layerwise: true (quantize_layerwise), calibration.activations: cpu or "
+            "disk, or a smaller calibration.batch_size; with --resume (single process, not layer-wise) a rerun starts "
+            "after the last finished block")
+
+
+def quantize_loaded_model_(model, config, keep: Callable[[str], bool], *args, **kwargs) -> dict:
+    """Quantize ``model`` in place (``_quantize_loaded_model_``); a device out of memory becomes one line that
+    names what to change."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    bad = sorted(str(d) for d in dtypes - set(SUPPORTED_DTYPES))
+    if bad:
+        raise ConfigError(f"hfquant: the model's weights are {', '.join(bad)}; quantization supports float32, bfloat16 "
+                          "and float16 weights: load the model with dtype=torch.float32 (or bfloat16/float16)")
+    try:
+        return _quantize_loaded_model_(model, config, keep, *args, **kwargs)
+    except torch.OutOfMemoryError as exc:
+        where = (str(exc).splitlines() or [""])[0][:160]
+        raise torch.OutOfMemoryError(f"the device ran out of memory while quantizing ({where}); {OOM_HINT}") from None
+
+
+def _quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: torch.Tensor | None = None,
+                            progress: bool = True, store=None, *, onload=None, activations: str = "device",
+                            offload_folder=None, dist=None) -> dict:
+    """Quantize ``model`` in place; returns a report (per-module results, calibration fingerprint, timings).
+
+    ``store`` (a ``hfquant.quantize.resume.ResumeStore``, GPTQ only) saves progress per block and resumes from it.
+    ``onload`` (a ``hfquant.calibration.onload.LayerLoader``): the model is a meta skeleton whose blocks load one at a
+    time. ``activations`` (``"device"``, ``"cpu"``, ``"disk"`` under ``offload_folder``) says where the
+    calibration hidden states live between blocks. ``dist`` (``hfquant.calibration.distributed.Dist``,
+    default: the initialised ``torch.distributed`` group, if any) splits the calibration batches across
+    processes and reduces the statistics exactly.
+    """
+
+    dist = dist or distributed.current()
+    if config.method == "smoothquant" and activations != "device":
+        raise ConfigError(f"hfquant: activations={activations!r} is supported for gptq only; SmoothQuant keeps its "
+                          "activations on the device (use activations: device)")
+    if config.bits == "auto" and (onload is not None or dist.active):
+        raise ConfigError("hfquant: bits: auto runs its sensitivity pass on the whole model in one process; "
+                          "it cannot be combined with layerwise: true or several processes (use fixed bits there)")
+    head = _lm_head_to_quantize(model, config)  # checked before the run, not after a long calibration
+    report: dict = {"method": config.method, "torch": torch.__version__, "machine": platform.machine()}
+    schemes = None
+    if resolve.is_mixed(config):
+        schemes, skipped, conflicts = resolve.resolve_for_model(model, config, keep)
+        report.update(skipped=skipped, override_conflicts=conflicts)
+        keep = (lambda n, _keep=keep, _skip=frozenset(skipped): _keep(n) and n not in _skip)
+    default = resolve.default_scheme(config)
+    scheme = WeightScheme(default.bits, config.group_size if config.bits != "auto" else default.group_size,
+                          config.sym, config.observer)
+    model.eval()
+    if config.method == "rtn":
+        modules = reports_as_dicts(_rtn_layerwise(model, keep, scheme, onload, schemes) if onload is not None
+                                   else quantize_rtn_(model, keep, scheme, schemes))
+    else:
+        _check_seq_len(model, config.seq_len)
+        t0 = time.perf_counter()
+        if windows is None:
+            tokenizer = _tokenizer_for(model, config)
+            windows = calibration_windows(tokenizer, dataset=config.dataset, config_name=config.dataset_config,
+                                          split=config.dataset_split, column=config.dataset_column,
+                                          num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
+        report["calibration"] = {"fingerprint": fingerprint(windows), "shape": list(windows.shape),
+                                 "seconds": time.perf_counter() - t0}
+        batches = list(windows.split(config.calibration_batch_size))
+        if dist.active:
+            share = dist.batch_range(len(batches))
+            report["calibration"]["processes"] = dist.world
+            batches = batches[share.start:share.stop]
+        if config.method == "smoothquant":
+
+            modules = quantize_w8a8_(model, batches, keep, alpha=config.alpha, weight_method=config.weight_method,
+                                     static_activations=config.activation_scheme == "static",
+                                     damp_percent=config.damp_percent, block_size=config.block_size, progress=progress,
+                                     dist=dist, onload=onload)
+        else:
+            if config.bits == "auto":
+                t1 = time.perf_counter()
+                schemes, report["auto"] = resolve.auto_schemes(model, config, keep, batches,
+                                                             lambda: _tokenizer_for(model, config), progress)
+                report["auto"]["seconds"] = time.perf_counter() - t1
+
+            if activations not in ACTIVATIONS:
+                raise ConfigError(f"hfquant: activations must be one of {list(ACTIVATIONS)}, got {activations!r}")
+            device = onload.device if onload is not None else next(model.parameters()).device
+            hidden = make_store(activations, device, offload_folder)
+            gptq_timings: dict = {}
+            t1 = time.perf_counter()
+            try:
+                modules = reports_as_dicts(quantize_gptq_(
+                    model, batches, keep, scheme, act_order=config.desc_act, static_groups=config.static_groups,
+                    damp_percent=config.damp_percent, block_size=config.block_size,
+                    true_sequential=config.true_sequential, progress=progress, store=store, hidden=hidden,
+                    dist=dist, onload=onload, cache_outputs=activations != "disk", schemes=schemes,
+                    timings=gptq_timings))
+            finally:
+                hidden.close()
+            # Solve time apart from the rest (forward passes, Hessians, their reduction, loading, swapping).
+            solve_s = gptq_timings.get("solve_seconds", 0.0)
+            report["gptq_seconds"] = {"solve": solve_s, "other": time.perf_counter() - t1 - solve_s}
+    if store is not None:
+        report["resumed_from_block"] = store.resumed_from
+    report["modules"] = modules
+    if schemes is not None and config.method != "smoothquant":
+        # The resolved scheme of every quantized module: reload builds each module from it.
+        config.module_schemes = {m["name"]: {"bits": m["bits"], "group_size": m["group_size"],
+                                             "sym": schemes[m["name"]].sym if m["name"] in schemes else config.sym,
+                                             "method": m["method"]} for m in modules}
+    if head is not None:
+        modules += reports_as_dicts(_quantize_lm_head_(model, config, head))
+    report["damp_retries"] = sum(m.get("damp_retries", 0) for m in modules)
+    return report
+
+
+def _lm_head_to_quantize(model, config) -> str | None:
+    """The output head's name when ``lm_head_bits`` is set (``None`` otherwise); ``ConfigError`` when the model
+    has no Linear head."""
+    if config.lm_head_bits is None:
+        return None
+
+    name = output_head_name(model)
+    if name is None or not is_quantizable(model.get_submodule(name)):
+        raise ConfigError(f"hfquant: lm_head_bits={config.lm_head_bits} but {type(model).__name__} has no Linear "
+                          "output head (get_output_embeddings()); set lm_head_bits: null")
+    return name
+
+
+def _quantize_lm_head_(model, config, name: str) -> list:
+    """``lm_head_bits``: round the output head ``name`` to nearest, one scale and zero per output channel, after
+    the rest of the model (its input is not calibrated: RTN needs none). A head tied to the input embeddings is
+    untied first (``tie_word_embeddings`` is set false in the model's config, so reloads keep them apart);
+    the embeddings keep the float tensor."""
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+    model.all_tied_weights_keys = {t: s for t, s in (getattr(model, "all_tied_weights_keys", None) or {}).items()
+                                   if not t.startswith(name + ".")}
+    scheme = WeightScheme(config.lm_head_bits, -1, config.sym, config.observer)
+    return quantize_rtn_(model, lambda n: n == name, scheme)
+
+
+def _rtn_layerwise(model, keep, scheme, onload, schemes=None) -> list:
+    """RTN a block at a time (loaded, quantized, its float Linears dropped), then the rest of the model."""
+    reports = []
+    for i in range(len(onload.blocks)):
+        prefix = f"{onload.blocks_name}.{i}."
+        onload.load_block(i)
+        reports += quantize_rtn_(model, lambda n, _p=prefix: n.startswith(_p) and keep(n), scheme, schemes)
+    onload.load_rest()
+    return reports + quantize_rtn_(model, lambda n: not n.startswith(onload.blocks_name + ".") and keep(n), scheme,
+                                   schemes)
+
+

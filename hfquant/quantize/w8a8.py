@@ -1,0 +1,282 @@
+"""Model-level W8A8: SmoothQuant smoothing, int8 weights (RTN or GPTQ), block by block.
+
+Per block: (1) one float forward over the calibration batches collects, for every group of Linears
+reading one tensor, the per-channel abs-max of that input (and its Hessian when weights use GPTQ, and a
+token sample when alpha is searched); its outputs are the next block's inputs, so the statistics are
+those of the float model, as in the SmoothQuant reference, and the whole run costs one forward pass;
+(2) each group fed by a norm is smoothed, with a fixed alpha or the alpha of ``ALPHA_GRID`` whose W8A8
+output error is smallest, and the fold is kept only if the block's output is unchanged; (3) weights
+become int8 per channel.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from hfquant.calibration.distributed import Dist
+from hfquant.calibration.graph import find_blocks, float_weight, quantizable_modules, set_submodule
+from hfquant.calibration.sequential import BlockInputs, call_block, capture_block_inputs, discover_groups, HessianStat
+from hfquant.calibration.smoothing import find_producers, fold_, missing_known_groups, relative_change
+from hfquant.core.gptq import gptq_solve, GPTQResult, HessianFactor, prepare_hessian
+from hfquant.core.smoothquant import column_absmax, QMAX, search_alpha, smoothing_scales
+from hfquant.nn.w8a8 import QuantLinearW8A8
+from hfquant.quantize.weight_only import share_result
+
+logger = logging.getLogger(__name__)
+SAMPLE_TOKENS = 2048  # tokens kept per group for the alpha search
+EXACT_TOL = 1e-4      # relative change of the block output that still counts as "unchanged"
+
+
+class _GroupStats:
+    """Per-channel abs-max (and Hessian, alpha-search sample) of one group's input, in float32 on the
+    input's device (created at the first batch, so they follow wherever the block runs)."""
+
+    def __init__(self, cols: int, hessian: bool, sample: bool, n_batches: int, dist: Dist):
+        self.cols, self.dist, self.want_hessian = cols, dist, hessian
+        self.absmax: torch.Tensor | None = None
+        self.hessian: HessianStat | None = None
+        self.sample = [] if sample else None
+        self.per_batch = max(1, SAMPLE_TOKENS // max(n_batches, 1))
+
+    def add(self, x: torch.Tensor) -> None:
+        x2 = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.absmax is None:
+            self.absmax = torch.zeros(self.cols, device=x2.device)
+            if self.want_hessian:
+                self.hessian = HessianStat(torch.zeros(self.cols, self.cols, device=x2.device), dist=self.dist)
+        self.absmax = torch.maximum(self.absmax, x2.abs().amax(dim=0))
+        if self.hessian is not None:
+            self.hessian.add(x2)
+        if self.sample is not None:
+            step = max(1, x2.shape[0] // self.per_batch)
+            self.sample.append(x2[::step][: self.per_batch].clone())
+
+    def reduce(self, dist: Dist, device) -> None:
+        """Totals over the calibration processes: max of maxima, the Hessian chain, samples in batch order."""
+        if self.absmax is None:  # no batch reached this group (cannot happen with a non-empty share)
+            self.absmax = torch.zeros(self.cols, device=device)
+            if self.want_hessian:
+                self.hessian = HessianStat(torch.zeros(self.cols, self.cols, device=device), dist=self.dist)
+        if not dist.active:
+            return
+        self.absmax = dist.max(self.absmax, device)
+        if self.hessian is not None:
+            self.hessian.reduce()
+        if self.sample is not None:
+            self.sample = [dist.gather_rows(torch.cat(self.sample).to(device))]
+
+
+class _FoldCheck:
+    """Whether folding ``s`` into a norm leaves the block's output unchanged, judged in float32 on a copy.
+
+    The copy is float32 whatever the model's dtype, so the tolerance (``EXACT_TOL``) measures whether the norm
+    feeds only these Linears, not a bf16/fp16 model's rounding of the folded weights. Accepted folds stay in
+    the copy (each group is checked on top of the earlier ones); a rejected one is restored exactly. The
+    model's own block is not touched here.
+    """
+
+    def __init__(self, block: nn.Module, inp: BlockInputs):
+        self.block = copy.deepcopy(block).float()
+        self.inp = BlockInputs(_to_float32(inp.args), _to_float32(inp.kwargs))
+        with torch.no_grad():
+            self.ref = call_block(self.block, self.inp)
+        self.names = {id(m): n for n, m in block.named_modules()}
+
+    def fold(self, g, s: torch.Tensor) -> float:
+        """Fold ``s`` into the copy's ``g.norm`` and Linears; return the relative change of the block output."""
+        norm = self.block.get_submodule(g.norm_name)
+        linears = [self.block.get_submodule(self.names[id(m)]) for m in g.modules]
+        saved = [t.detach().clone() for t in _fold_tensors(norm, linears)]
+        fold_(norm, linears, s)
+        with torch.no_grad():
+            change = relative_change(call_block(self.block, self.inp), self.ref)
+        if change > EXACT_TOL:
+            for t, old in zip(_fold_tensors(norm, linears), saved):
+                t.data.copy_(old)
+        return change
+
+
+def _smoothed_hessian(st: _GroupStats, s: torch.Tensor | None) -> torch.Tensor:
+    """The group's input Hessian, of the smoothed input ``X / s`` when smoothed."""
+    h = st.hessian.normalized()
+    if s is None:
+        return h
+    inv = 1.0 / s.float()
+    return h * inv[:, None] * inv[None, :]
+
+
+def _fold_norm_(norm: nn.Module, s: torch.Tensor) -> torch.Tensor:
+    """Divide the model's norm by ``s`` in its own dtype; return the scale that division really applied.
+
+    In bf16/fp16 ``weight / s`` is rounded, so the Linears must be multiplied by ``old / new`` (computed in
+    float32) rather than by ``s`` for the folded pair to compute what the unfolded one did. float32 keeps ``s``.
+    """
+    if norm.weight.dtype == torch.float32:
+        fold_(norm, [], s)
+        return s
+    old = norm.weight.detach().float().clone()
+    fold_(norm, [], s)
+    new = norm.weight.detach().float()
+    return torch.where(new != 0, old / new, s.float())
+
+
+def _fold_tensors(norm: nn.Module, linears: list[nn.Module]) -> list[torch.Tensor]:
+    ts = [norm.weight] + ([norm.bias] if getattr(norm, "bias", None) is not None else [])
+    return ts + [m.weight for m in linears]
+
+
+def _to_float32(value):
+    """``value`` (tensors, tuples, lists, dicts of them) with floating tensors cast to float32."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_float32(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_float32(v) for k, v in value.items()}
+    return value
+
+
+def quantize_w8a8_(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool], *,
+                   alpha, weight_method: str = "rtn", static_activations: bool = False,
+                   damp_percent: float = 0.01, block_size: int = 128, progress: bool = True,
+                   dist: Dist | None = None, onload=None) -> list[dict]:
+    """Smooth and quantize every selected Linear to W8A8 in place. Returns one report dict per Linear.
+
+    ``dist``: ``batches`` are this process's share; statistics are reduced exactly over the processes
+    (maxima, the Hessian chain, alpha-search samples gathered in batch order, fold checks on rank 0's first
+    batch, which is batch 0). ``onload`` (``hfquant.calibration.onload.LayerLoader``): load each block when its turn comes.
+    """
+    dist = dist or Dist()
+    blocks_name, blocks = find_blocks(model)
+    device = next(model.parameters()).device
+    inputs = capture_block_inputs(model, blocks[0], batches)
+    n_total = dist.sum_int(len(inputs), device) if dist.active else len(inputs)
+    if onload is not None:
+        onload.capture_done()
+    reports: list[dict] = []
+    it = range(len(blocks))
+    if progress:
+
+        it = tqdm(it, desc="smoothing + W8A8", unit="block")
+    for i in it:
+        block, prefix = blocks[i], f"{blocks_name}.{i}"
+        if onload is not None:
+            onload.load_block(i)
+        modules = quantizable_modules(block, keep, prefix=prefix)
+        if modules:
+            block_reports, outputs = _quantize_block(block, prefix, modules, inputs, alpha, weight_method,
+                                                     static_activations, damp_percent, block_size, dist, n_total)
+            reports.extend(block_reports)
+            if alpha is not None:
+                _check_known_groups(getattr(getattr(model, "config", None), "model_type", None), prefix, block_reports)
+        else:
+            with torch.no_grad():
+                outputs = [call_block(block, inp) for inp in inputs]
+        inputs = [inp.with_hidden(out) for inp, out in zip(inputs, outputs)]
+    if onload is not None:
+        onload.load_rest()
+    # Linears outside the repeated blocks: W8A8 without smoothing or calibration (dynamic activations).
+    for name, module in quantizable_modules(model, keep).items():
+        if name.startswith(blocks_name + "."):
+            continue
+        set_submodule(model, name, QuantLinearW8A8.from_float(module, float_weight(module).float()))
+        reports.append({"name": name, "smoothed": False, "alpha": None, "note": "outside the repeated blocks"})
+    return reports
+
+
+def _check_known_groups(model_type, prefix: str, block_reports: list[dict]) -> None:
+    pairs: dict[str, list[str]] = {}
+    for r in block_reports:
+        if r["smoothed"]:
+            pairs.setdefault(r["smoothed_by"], []).append(r["name"][len(prefix) + 1:])
+    for miss in missing_known_groups(model_type, [(n, tuple(ls)) for n, ls in pairs.items()]):
+        logger.warning("%s: the known %s pair %s was not smoothed (see the report's notes)", prefix, model_type, miss)
+
+
+def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static_activations, damp_percent, block_size,
+                    dist: Dist, n_total: int):
+    groups, _ = discover_groups(block, modules, inputs[0])
+    groups = find_producers(block, groups, lambda: call_block(block, inputs[0]))
+    stats = []
+    handles = []
+    for g in groups:
+        cols = float_weight(g.modules[0]).shape[1]
+        st = _GroupStats(cols, weight_method == "gptq", alpha == "auto" and g.norm is not None, n_total, dist)
+        stats.append(st)
+        handles.append(g.modules[0].register_forward_pre_hook(lambda _m, a, _st=st: _st.add(a[0])))
+    try:
+        with torch.no_grad():
+            outputs = [call_block(block, inp) for inp in inputs]
+    finally:
+        for h in handles:
+            h.remove()
+    device = next(block.parameters()).device
+    for st in stats:
+        st.reduce(dist, device)
+
+    # Decide every group's smoothing first (each fold checked against the float block), then quantize.
+    check = _FoldCheck(block, inputs[0]) if dist.is_main and alpha is not None else None
+    decisions = []
+    for g, st in zip(groups, stats):
+        s, chosen, note = None, None, ""
+        if alpha is None:
+            note = "smoothing off"
+        elif g.norm is None:
+            note = "input does not come from a norm in this block (attention output, activation, or block input)"
+        else:
+            weights = [float_weight(m).float() for m in g.modules]
+            chosen = search_alpha(torch.cat(st.sample), weights, st.absmax)[0] if alpha == "auto" else float(alpha)
+            s = smoothing_scales(st.absmax, column_absmax(weights), chosen).to(g.norm.weight.device)
+            change = check.fold(g, s) if check is not None else 0.0  # batch 0 lives on rank 0
+            if dist.active:
+                change = dist.from_main(change, device)
+            if change > EXACT_TOL:
+                note = (f"folding into {g.norm_name} changes the block output ({change:.1e}): "
+                        "its output feeds more than these Linears")
+                s, chosen = None, None
+            else:
+                s = _fold_norm_(g.norm, s)  # the Linears are quantized from w * s below
+        decisions.append((s, chosen, note))
+    del check
+
+    # Smoothed float32 weights, and with GPTQ weights each module's solve: every solve of the block is
+    # independent (the statistics are the float block's), so with several processes each has one owner.
+    units = []  # (group index, name, module, smoothed float32 weight)
+    for k, (g, (s, _, _)) in enumerate(zip(groups, decisions)):
+        for name, m in zip(g.names, g.modules):
+            # Not rounded to a bf16/fp16 model's dtype before the int8 rounding.
+            w = float_weight(m).float() * s.float()[None, :] if s is not None else float_weight(m).float()
+            units.append((k, name, m, w))
+    solved: dict[str, GPTQResult | None] = {}
+    if weight_method == "gptq":
+        owners = dist.owners([float(w.numel()) * w.shape[1] for *_, w in units])
+        factors: dict[int, HessianFactor | None] = {}
+        for (k, name, m, w), owner in zip(units, owners):
+            res = None
+            if owner == dist.rank:
+                if k not in factors:
+                    factors[k] = prepare_hessian(_smoothed_hessian(stats[k], decisions[k][0]), damp_percent=damp_percent)
+                if factors[k] is not None:
+                    res = gptq_solve(w, factors[k], bits=8, group_size=-1, sym=True, block_size=block_size)
+            if dist.active:
+                res = share_result(dist, res, owner, m, -1, device)
+            solved[name] = res
+
+    reports = []
+    for k, name, m, w in units:
+        g, st, (s, chosen, note) = groups[k], stats[k], decisions[k]
+        smoothed = s is not None
+        input_scale = float((st.absmax / s if smoothed else st.absmax).max()) / QMAX if static_activations else None
+        res = solved.get(name)
+        codes, scales = ((res.codes - 128).to(torch.int8), res.scales[:, 0]) if res is not None else (None, None)
+        set_submodule(block, name, QuantLinearW8A8.from_float(m, w, input_scale, codes, scales))
+        reports.append({"name": f"{prefix}.{name}", "smoothed": smoothed, "alpha": chosen,
+                        "smoothed_by": g.norm_name if smoothed else None,
+                        "weights": weight_method if codes is not None else "rtn", "note": note})
+    return reports, outputs

@@ -1,0 +1,258 @@
+"""Model-level quantization: RTN or GPTQ over every selected Linear, then the swap to quantized modules.
+
+This layer knows torch modules and the calibration runner, not transformers: the caller says which
+module names to keep float (``keep``) and provides calibration batches.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from hfquant.calibration.distributed import Dist
+from hfquant.calibration.graph import (
+    find_blocks,
+    float_weight,
+    in_out_features,
+    quantizable_modules,
+    set_float_weight_,
+    set_submodule,
+)
+from hfquant.calibration.sequential import BlockCallbacks, calibrate_blocks_
+from hfquant.core.gptq import gptq_solve, GPTQResult, prepare_hessian
+from hfquant.core.grids import dequantize_grouped, group_bounds, rtn_quantize
+from hfquant.nn.weight_only import QuantLinearWeightOnly, storage_dtype
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModuleReport:
+    """What happened to one module."""
+
+    name: str
+    method: str
+    loss: float | None = None
+    damp: float | None = None
+    damp_retries: int = 0
+    note: str = ""
+    bits: int | None = None
+    group_size: int | None = None
+
+
+@dataclass
+class WeightScheme:
+    """The grid settings shared by RTN and GPTQ."""
+
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = True
+    observer: str = "minmax"
+
+
+Schemes = dict  # module name -> hfquant.core.schemes.ModuleScheme; modules not in it use the run's scheme
+
+
+def _scheme_of(name: str, scheme: WeightScheme, schemes: Schemes | None) -> tuple[WeightScheme, str | None]:
+    """The grid and method (``None``: the run's own) of module ``name``."""
+    s = (schemes or {}).get(name)
+    if s is None:
+        return scheme, None
+    return WeightScheme(s.bits, s.group_size, s.sym, scheme.observer), s.method
+
+
+def _rtn(module: nn.Module, scheme: WeightScheme):
+    return rtn_quantize(float_weight(module).float(), scheme.bits, scheme.group_size, scheme.sym, scheme.observer,
+                        scale_dtype=storage_dtype(module))
+
+
+def share_result(dist: Dist, res: GPTQResult | None, owner: int, module: nn.Module, group_size: int, device) -> GPTQResult | None:
+    """``owner``'s result of one module's GPTQ solve, on every rank (``None`` everywhere when it failed)."""
+    cols, rows = in_out_features(module)
+    n_groups = len(group_bounds(cols, group_size))
+    meta = torch.tensor([res is not None, res.damp if res else 0.0, res.retries if res else 0],
+                        dtype=torch.float64, device=device)
+    dist.broadcast_(meta, owner)
+    if not meta[0]:
+        return None
+    if res is None:
+        res = GPTQResult(codes=torch.empty(rows, cols, dtype=torch.int32, device=device),
+                         scales=torch.empty(rows, n_groups, device=device),
+                         zeros=torch.empty(rows, n_groups, dtype=torch.int32, device=device),
+                         g_idx=torch.empty(cols, dtype=torch.int32, device=device),
+                         row_losses=torch.empty(rows, device=device), damp=float(meta[1]), retries=int(meta[2]))
+    for t in (res.codes, res.scales, res.zeros, res.g_idx, res.row_losses):
+        dist.broadcast_(t, owner)
+    return res
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module, codes, scales, zeros, g_idx, scheme: WeightScheme) -> None:
+    q = QuantLinearWeightOnly.from_float(module, codes, scales, zeros, g_idx, scheme.bits, scheme.group_size)
+    set_submodule(model, name, q)
+
+
+def quantize_rtn_(model: nn.Module, keep: Callable[[str], bool], scheme: WeightScheme,
+                  schemes: Schemes | None = None) -> list[ModuleReport]:
+    """Round-to-nearest every quantizable module whose name passes ``keep``; swap in quantized modules.
+
+    ``schemes`` (name -> ``ModuleScheme``) gives modules their own grid."""
+    reports = []
+    for name, module in list(quantizable_modules(model, keep).items()):
+        ws, _ = _scheme_of(name, scheme, schemes)
+        codes, scales, zeros, g_idx = _rtn(module, ws)
+        _swap(model, name, module, codes, scales, zeros, g_idx, ws)
+        reports.append(ModuleReport(name, "rtn", bits=ws.bits, group_size=ws.group_size))
+    return reports
+
+
+def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool], scheme: WeightScheme,
+                   *, act_order: bool, static_groups: bool, damp_percent: float, block_size: int,
+                   true_sequential: bool, progress: bool = True, store=None, hidden=None, dist=None,
+                   onload=None, cache_outputs: bool = True, schemes: Schemes | None = None,
+                   timings: dict | None = None) -> list[ModuleReport]:
+    """GPTQ over the model's repeated blocks, block by block; Linears outside the blocks get RTN.
+
+    Each block's modules are swapped for quantized ones as soon as the block is done, so its float
+    weights can be freed. ``store`` (a ``hfquant.quantize.resume.ResumeStore``) saves each finished block's
+    results and resumes from the blocks it already holds. ``hidden`` (a ``HiddenStore``) keeps the
+    activations between blocks; ``dist`` reduces statistics over calibration processes; ``onload`` (a
+    ``hfquant.calibration.onload.LayerLoader``) loads each block's float weights when its turn comes;
+    ``cache_outputs`` is ``run_block``'s. ``schemes`` (name -> ``ModuleScheme``) gives modules their own
+    grid and method; ``method: rtn`` modules are rounded to nearest (their rounded weights still feed the
+    later modules of the block).
+    ``timings`` (a dict) receives ``solve_seconds``, the time spent in the solves (and their broadcasts).
+
+    Every module is solved on its own (q, k and v one after another on the shared Hessian factor), whether
+    one process or several run: a fixed unit of work, so which rank solves it does not change its bits.
+    """
+
+    results: dict[str, tuple] = {}
+    reports: dict[str, ModuleReport] = {}
+    dist = dist or Dist()
+
+    def fallback(name: str, module: nn.Module, full: str | None = None, note: str = "not called during calibration"):
+        full = full or name
+        ws, _ = _scheme_of(full, scheme, schemes)
+        codes, scales, zeros, g_idx = _rtn(module, ws)
+        results[full] = (module, codes, scales, zeros, g_idx)
+        reports[full] = ModuleReport(full, "rtn", note=note, bits=ws.bits, group_size=ws.group_size)
+
+    def accept(name: str, module: nn.Module, res: GPTQResult | None, ws: WeightScheme) -> None:
+        """Record one module's solve (or its RTN fallback) and give later stages its dequantized weight."""
+        if res is None:
+            logger.warning("%s: Hessian not positive definite even at maximum damping; using RTN", name)
+            fallback(name, module, note="Hessian not positive definite at any damping")
+            set_float_weight_(module, dequantize_grouped(*results[name][1:]))
+            return
+        if res.retries:
+            logger.warning("%s: Hessian needed damping %.4g (%d retries)", name, res.damp, res.retries)
+        set_float_weight_(module, res.dequantized())
+        results[name] = (module, res.codes, res.scales, res.zeros, res.g_idx)
+        reports[name] = ModuleReport(name, "gptq", loss=res.loss, damp=res.damp, damp_retries=res.retries,
+                                     bits=ws.bits, group_size=ws.group_size)
+
+    def solve(block_name: str, group, hessian: torch.Tensor) -> None:
+        """One GPTQ solve per module on the shared Hessian (its factor computed once per rank that needs it).
+        With several processes each module has one owner (balanced by cost), which solves and broadcasts."""
+        t0 = time.perf_counter()
+        units = []
+        for short, module in zip(group.names, group.modules):
+            name = f"{block_name}.{short}"
+            ws, method = _scheme_of(name, scheme, schemes)
+            if method == "rtn":
+                fallback(name, module, note="method rtn (override)")
+                set_float_weight_(module, dequantize_grouped(*results[name][1:]))
+            else:
+                units.append((name, module, ws))
+        costs = [float(math.prod(float_weight(m).shape)) * in_out_features(m)[0] for _, m, _ in units]
+        owners = dist.owners(costs)
+        factor: list = []  # prepared on first use: [HessianFactor or None]
+        for (name, module, ws), owner in zip(units, owners):
+            res = None
+            if owner == dist.rank:
+                if not factor:
+                    factor.append(prepare_hessian(hessian, act_order=act_order, damp_percent=damp_percent))
+                if factor[0] is not None:
+                    res = gptq_solve(float_weight(module).float(), factor[0], bits=ws.bits, group_size=ws.group_size,
+                                     sym=ws.sym, static_groups=static_groups, block_size=block_size,
+                                     observer=ws.observer, scale_dtype=storage_dtype(module))
+            if dist.active:
+                res = share_result(dist, res, owner, module, ws.group_size, hessian.device)
+            accept(name, module, res, ws)
+        if timings is not None:
+            timings["solve_seconds"] = timings.get("solve_seconds", 0.0) + time.perf_counter() - t0
+
+    order: list[str] = []
+
+    def swap(prefix: str | None) -> None:
+        """Swap every pending result (under ``prefix``) for its quantized module and drop the float one."""
+        for name in [n for n in results if prefix is None or n.startswith(prefix + ".")]:
+            module, codes, scales, zeros, g_idx = results.pop(name)
+            _swap(model, name, module, codes, scales, zeros, g_idx, _scheme_of(name, scheme, schemes)[0])
+            order.append(name)
+
+    blocks_name, blocks = find_blocks(model)
+
+    def after_block(index: int, block_name: str) -> None:
+        # Modules of this block the calibration never reached: RTN while their float weights are here.
+        for n, m in quantizable_modules(blocks[index], keep, prefix=block_name).items():
+            if f"{block_name}.{n}" not in results and f"{block_name}.{n}" not in reports:
+                fallback(f"{block_name}.{n}", m)
+        swap(block_name)
+        if onload is not None:
+            onload.block_done(index)
+
+    def before_block(index: int) -> None:
+        swap(None)  # blocks restored by ``resume`` (the only results pending here)
+        if onload is not None:
+            onload.load_block(index)
+
+    callbacks = BlockCallbacks(after_capture=onload.capture_done if onload is not None else None,
+                               before_block=before_block, after_block=after_block)
+    resume = _GPTQResume(model, store, results, reports) if store is not None else None
+    calibrate_blocks_(model, batches, keep, solve, true_sequential, progress=progress, resume=resume,
+                      store=hidden, dist=dist, callbacks=callbacks,
+                      cache_outputs=cache_outputs)
+    if onload is not None:
+        onload.load_rest()
+    for name, module in quantizable_modules(model, keep).items():
+        if isinstance(module, QuantLinearWeightOnly) or name in reports:
+            continue
+        fallback(name, module, note="outside the repeated blocks")
+    swap(None)
+    return [reports[n] for n in order]
+
+
+_RESULT_FIELDS = ("codes", "scales", "zeros", "g_idx")
+
+
+class _GPTQResume:
+    """``BlockResume`` for GPTQ: a block's state is its modules' codes/scales/zeros/g_idx and reports."""
+
+    def __init__(self, model: nn.Module, store, results: dict, reports: dict):
+        self.model, self.store, self.results, self.reports = model, store, results, reports
+
+    def start(self):
+        done = self.store.blocks_done
+        for i in range(done):
+            tensors, meta = self.store.load_block(i)
+            for name, report in meta.items():
+                module = self.model.get_submodule(name)
+                self.results[name] = (module, *(tensors[f"{name}:{f}"] for f in _RESULT_FIELDS))
+                self.reports[name] = ModuleReport(**report)
+        return done, (self.store.load_hidden() if done else None)
+
+    def done(self, index: int, block_name: str, outputs: list[torch.Tensor]) -> None:
+        names = [n for n in self.results if n.startswith(block_name + ".")]
+        tensors = {f"{n}:{f}": t for n in names for f, t in zip(_RESULT_FIELDS, self.results[n][1:])}
+        self.store.save_block(index, tensors, {n: asdict(self.reports[n]) for n in names}, outputs)
+
+
+def reports_as_dicts(reports: list[ModuleReport]) -> list[dict]:
+    return [asdict(r) for r in reports]
