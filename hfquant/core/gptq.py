@@ -23,6 +23,14 @@ Differences from the reference, each deliberate:
   damping used and the number of retries are returned. If every try fails the caller gets ``None``
   and falls back to RTN.
 * The Cholesky factorisations run in float64 (cheap at these sizes) for stability.
+
+Layout: ``prepare_hessian`` does steps 2-4 once per input (``HessianFactor``, shared by the Linears reading
+it); ``gptq_solve`` does step 5 for one weight, in parts: a group grid policy (``_StaticGroupGrids``, every
+grid fitted up front on the original columns, or ``_FittedGroupGrids``, each fitted when its group starts),
+the lazy-update block (``_Block``: one column's quantization and in-block update, the columns a group spills
+past the block's end, the lazy update of later blocks), the column loop over the blocks
+(``_quantize_columns``), and the return to the original column order (``_restore_column_order``).
+``gptq_quantize`` is both in one call.
 """
 
 from __future__ import annotations
@@ -170,72 +178,174 @@ def gptq_solve(
     rows, cols = w.shape
     device = w.device
     g = cols if group_size == -1 else group_size
-    maxq = 2**bits - 1
-    perm, hinv = factor.perm, factor.hinv.to(device)
+    perm = factor.perm.to(device) if factor.perm is not None else None
+    hinv = factor.hinv.to(device)
     w[:, factor.dead.to(device)] = 0
 
-    static = None
-    if static_groups:
-        static = [fit_grid(w[:, a:b], bits, sym, observer, scale_dtype=scale_dtype) for a, b in group_bounds(cols, g)]
+    fit = _GridFit(bits, sym, observer, scale_dtype)
+    # Static grids are fitted on the weight in its original column order, before any update.
+    grids = _StaticGroupGrids(w, g, perm, fit) if static_groups else _FittedGroupGrids(rows, cols, g, device, fit)
     if perm is not None:
-        perm = perm.to(device)
         w = w[:, perm]
-
-    n_groups = (cols + g - 1) // g
-    codes = torch.zeros(rows, cols, device=device)
-    scales = torch.zeros(rows, n_groups, device=device)
-    zeros = torch.zeros(rows, n_groups, device=device)
-    losses = torch.zeros(rows, device=device)
-    if static is not None:
-        for k, grid in enumerate(static):
-            scales[:, k], zeros[:, k] = grid.scale, grid.zero
-    orig_col = perm.tolist() if perm is not None else list(range(cols))
-
-    scale = zero = None
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        w1 = w[:, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            j = i1 + i
-            if static is not None:
-                k = orig_col[j] // g
-                scale, zero = scales[:, k], zeros[:, k]
-            elif j % g == 0:
-                end = min(j + g, cols)
-                part = w1[:, i : end - i1]
-                if end > i2:
-                    # Columns past this block still owe the lazy update from columns i1..j-1.
-                    rest = w[:, i2:end] - err1[:, :i] @ hinv[i1:j, i2:end]
-                    part = torch.cat([part, rest], dim=1)
-                grid = fit_grid(part, bits, sym, observer, scale_dtype=scale_dtype)
-                scale, zero = grid.scale, grid.zero
-                scales[:, j // g], zeros[:, j // g] = scale, zero
-            col = w1[:, i]
-            d = hinv1[i, i]
-            q = quantize_codes(col, scale, zero, maxq)
-            dq = dequantize(q, scale, zero)
-            codes[:, j] = q
-            losses += (col - dq).pow(2) / d**2 / 2
-            err = (col - dq) / d
-            w1[:, i:] -= err[:, None] * hinv1[i, i:][None, :]
-            err1[:, i] = err
-        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-
-    arange = torch.arange(cols, device=device)
-    if perm is not None:
-        invperm = torch.argsort(perm)
-        codes = codes[:, invperm]
-        g_idx = arange // g if static is not None else (arange // g)[invperm]
-    else:
-        g_idx = arange // g
+    codes, losses = _quantize_columns(w, hinv, grids, 2**bits - 1, block_size)
+    codes, g_idx = _restore_column_order(codes, grids.groups(), perm)
     return GPTQResult(
         codes=codes.int(),
-        scales=scales,
-        zeros=zeros.int(),
+        scales=grids.scales,
+        zeros=grids.zeros.int(),
         g_idx=g_idx.int(),
         row_losses=losses,
         damp=factor.damp,
         retries=factor.retries,
     )
+
+
+# ---- step 5, in parts: grid policy, lazy-update blocks, column loop, column order ------------------------
+
+
+@dataclass
+class _GridFit:
+    """How a group's grid is fitted (``fit_grid``'s settings for one solve)."""
+
+    bits: int
+    sym: bool
+    observer: str
+    scale_dtype: torch.dtype | None
+
+    def __call__(self, part: torch.Tensor):
+        return fit_grid(part, self.bits, self.sym, self.observer, scale_dtype=self.scale_dtype)
+
+
+class _Block:
+    """One lazy-update block: columns ``i1:i2`` (processing order) of the working weight ``w`` ``[rows, cols]``.
+
+    The block's columns are quantized one at a time (``quantize_column``) on a copy ``w1`` that takes each
+    column's error at once, ``W[:, i:] -= err Hinv[i, i:]`` within the block; the errors are kept in ``err1``
+    and reach the columns after the block only in ``lazy_update``, ``W[:, i2:] -= Err @ Hinv[i1:i2, i2:]``.
+    """
+
+    def __init__(self, w: torch.Tensor, hinv: torch.Tensor, i1: int, i2: int):
+        self.w, self.hinv, self.i1, self.i2 = w, hinv, i1, i2
+        self.w1 = w[:, i1:i2].clone()
+        self.err1 = torch.zeros_like(self.w1)
+        self.hinv1 = hinv[i1:i2, i1:i2]
+
+    def updated_columns(self, j: int, end: int) -> torch.Tensor:
+        """Columns ``j:end`` (``i1 <= j < i2``) as updated by every column quantized before ``j``.
+
+        Columns past the block's end (a group spilling over it) still owe the lazy update from columns
+        ``i1..j-1``, which is applied here to a copy."""
+        i = j - self.i1
+        part = self.w1[:, i : end - self.i1]
+        if end > self.i2:
+            rest = self.w[:, self.i2:end] - self.err1[:, :i] @ self.hinv[self.i1:j, self.i2:end]
+            part = torch.cat([part, rest], dim=1)
+        return part
+
+    def quantize_column(self, j: int, scale: torch.Tensor, zero: torch.Tensor, maxq: int):
+        """Quantize column ``j`` on the grid and spread its error over the block's later columns.
+
+        Returns ``(codes, loss)``: the column's codes (as float) and its per-row loss
+        ``(w - q)^2 / Hinv_jj^2 / 2``."""
+        i = j - self.i1
+        col = self.w1[:, i]
+        d = self.hinv1[i, i]
+        q = quantize_codes(col, scale, zero, maxq)
+        dq = dequantize(q, scale, zero)
+        loss = (col - dq).pow(2) / d**2 / 2
+        err = (col - dq) / d
+        self.w1[:, i:] -= err[:, None] * self.hinv1[i, i:][None, :]
+        self.err1[:, i] = err
+        return q, loss
+
+    def lazy_update(self) -> None:
+        """Apply the block's errors to every later column of ``w``."""
+        self.w[:, self.i2:] -= self.err1 @ self.hinv[self.i1:self.i2, self.i2:]
+
+
+class _GroupGrids:
+    """Group grid policy: which grid (scale, zero) each column is quantized on, and the grids to store.
+
+    ``scales`` (float32) and ``zeros`` ``[rows, G]`` hold every group's grid once all columns are done;
+    ``grid(j, block)`` gives the grid of column ``j`` (processing order) when its turn comes in ``block``;
+    ``groups()`` the group of each column in processing order."""
+
+    def __init__(self, rows: int, cols: int, g: int, device, fit: _GridFit):
+        self.cols, self.g, self.device, self.fit = cols, g, device, fit
+        n_groups = (cols + g - 1) // g
+        self.scales = torch.zeros(rows, n_groups, device=device)
+        self.zeros = torch.zeros(rows, n_groups, device=device)
+
+    def grid(self, j: int, block: _Block) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def groups(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class _StaticGroupGrids(_GroupGrids):
+    """``static_groups``: groups of the *original* columns, each grid fitted up front on the weight before any
+    update; with act-order a column is quantized on the grid of its original group (``g_idx`` stays monotone)."""
+
+    def __init__(self, w: torch.Tensor, g: int, perm: torch.Tensor | None, fit: _GridFit):
+        rows, cols = w.shape
+        super().__init__(rows, cols, g, w.device, fit)
+        for k, (a, b) in enumerate(group_bounds(cols, g)):
+            grid = fit(w[:, a:b])
+            self.scales[:, k], self.zeros[:, k] = grid.scale, grid.zero
+        self.perm = perm
+        self.orig_col = perm.tolist() if perm is not None else list(range(cols))
+
+    def grid(self, j: int, block: _Block) -> tuple[torch.Tensor, torch.Tensor]:
+        k = self.orig_col[j] // self.g
+        return self.scales[:, k], self.zeros[:, k]
+
+    def groups(self) -> torch.Tensor:
+        by_orig = torch.arange(self.cols, device=self.device) // self.g
+        return by_orig[self.perm] if self.perm is not None else by_orig
+
+
+class _FittedGroupGrids(_GroupGrids):
+    """Default groups: consecutive columns in processing order; a group's grid is fitted when its first column
+    comes up, on the weights as updated so far, including the columns of the group that spill past the end of
+    the current block (``_Block.updated_columns``). The last group may be partial."""
+
+    def __init__(self, rows: int, cols: int, g: int, device, fit: _GridFit):
+        super().__init__(rows, cols, g, device, fit)
+        self.scale = self.zero = None
+
+    def grid(self, j: int, block: _Block) -> tuple[torch.Tensor, torch.Tensor]:
+        if j % self.g == 0:
+            grid = self.fit(block.updated_columns(j, min(j + self.g, self.cols)))
+            self.scale, self.zero = grid.scale, grid.zero
+            self.scales[:, j // self.g], self.zeros[:, j // self.g] = self.scale, self.zero
+        return self.scale, self.zero
+
+    def groups(self) -> torch.Tensor:
+        return torch.arange(self.cols, device=self.device) // self.g
+
+
+def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, grids: _GroupGrids, maxq: int, block_size: int):
+    """The column loop: every column of ``w`` (processing order, updated in place) in blocks of ``block_size``,
+    each on the grid ``grids`` gives it. Returns ``(codes [rows, cols] as float, row_losses [rows])``."""
+    rows, cols = w.shape
+    codes = torch.zeros(rows, cols, device=w.device)
+    losses = torch.zeros(rows, device=w.device)
+    for i1 in range(0, cols, block_size):
+        block = _Block(w, hinv, i1, min(i1 + block_size, cols))
+        for j in range(block.i1, block.i2):
+            scale, zero = grids.grid(j, block)
+            q, loss = block.quantize_column(j, scale, zero, maxq)
+            codes[:, j] = q
+            losses += loss
+        block.lazy_update()
+    return codes, losses
+
+
+def _restore_column_order(codes: torch.Tensor, groups: torch.Tensor, perm: torch.Tensor | None):
+    """Codes ``[rows, cols]`` and column groups ``[cols]`` from processing order back to the original column order
+    (the inverse act-order permutation; nothing to do without one)."""
+    if perm is None:
+        return codes, groups
+    invperm = torch.argsort(perm)
+    return codes[:, invperm], groups[invperm]

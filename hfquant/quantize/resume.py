@@ -1,7 +1,8 @@
 """Per-block progress of a quantization run, saved atomically so a killed run can resume.
 
 A progress folder holds ``state.json`` (the run key and how many blocks are finished), one
-``block-<i>.safetensors`` + ``block-<i>.json`` per finished block (that block's quantization results),
+``block-<i>.safetensors`` + ``block-<i>.json`` per finished block (that block's quantization results: per
+module, its tensors named ``<module>:<field>`` and its report under the module's name in the JSON),
 and ``hidden-<k>.safetensors`` (the calibration hidden states entering block ``k``). Every file is written
 to a temporary name and renamed into place; ``state.json`` is written last, so it is the commit point:
 whatever a SIGKILL leaves behind, ``state.json`` names only complete files.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -20,6 +22,7 @@ import torch
 from hfquant.core.errors import ConfigError
 
 STATE = "state.json"
+MODULE_FIELDS = ("codes", "scales", "zeros", "g_idx")  # the tensors saved per module (save_modules)
 
 
 def _replace(tmp: Path, final: Path) -> None:
@@ -108,6 +111,20 @@ class ResumeStore:
     def load_block(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:
         return (load_file(str(self.folder / f"block-{i}.safetensors")),
                 json.loads((self.folder / f"block-{i}.json").read_text()))
+
+    def save_modules(self, i: int, modules: dict[str, Sequence[torch.Tensor]], meta: dict[str, dict],
+                     hidden: list[torch.Tensor]) -> None:
+        """``save_block`` with per-module results: each module's tensors (``MODULE_FIELDS``, in that order) are saved
+        as ``<module>:<field>``; ``meta`` holds each module's JSON-able record under its name, in the order the
+        modules are to be restored."""
+        tensors = {f"{name}:{f}": t for name, ts in modules.items() for f, t in zip(MODULE_FIELDS, ts, strict=True)}
+        self.save_block(i, tensors, meta, hidden)
+
+    def load_modules(self, i: int) -> tuple[dict[str, tuple[torch.Tensor, ...]], dict[str, dict]]:
+        """Block ``i`` as saved by ``save_modules``: module -> its ``MODULE_FIELDS`` tensors, and module -> its record,
+        both in the saved order."""
+        tensors, meta = self.load_block(i)
+        return {name: tuple(tensors[f"{name}:{f}"] for f in MODULE_FIELDS) for name in meta}, meta
 
     def load_hidden(self) -> list[torch.Tensor]:
         saved = load_file(str(self.folder / self.state["hidden"]))

@@ -131,127 +131,172 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
     Every module is solved on its own (q, k and v one after another on the shared Hessian factor), whether
     one process or several run: a fixed unit of work, so which rank solves it does not change its bits.
     """
+    run = _GPTQRun(model, keep, scheme, schemes, act_order=act_order, static_groups=static_groups,
+                   damp_percent=damp_percent, block_size=block_size, dist=dist or Dist(), onload=onload,
+                   timings=timings)
+    return run.run(batches, true_sequential, progress=progress, store=store, hidden=hidden,
+                   cache_outputs=cache_outputs)
 
-    results: dict[str, tuple] = {}
-    reports: dict[str, ModuleReport] = {}
-    dist = dist or Dist()
 
-    def fallback(name: str, module: nn.Module, full: str | None = None, note: str = "not called during calibration"):
-        full = full or name
-        ws, _ = _scheme_of(full, scheme, schemes)
+class _GPTQRun:
+    """One ``quantize_gptq_`` run. It is the only owner of the run's state:
+
+    * ``results``: name -> ``(module, codes, scales, zeros, g_idx)``, modules quantized (or restored from the
+      resume store) but not yet swapped for their quantized module;
+    * ``reports``: name -> ``ModuleReport``, every module handled so far;
+    * ``order``: the names in the order they were swapped, the order of the returned reports.
+
+    ``run`` hands ``solve`` and the block callbacks (``before_block``, ``after_block``) to ``calibrate_blocks_``;
+    a resume store reaches the state only through ``restore`` and ``block_results`` (``_GPTQResume``).
+    """
+
+    def __init__(self, model: nn.Module, keep: Callable[[str], bool], scheme: WeightScheme, schemes: Schemes | None,
+                 *, act_order: bool, static_groups: bool, damp_percent: float, block_size: int, dist: Dist,
+                 onload=None, timings: dict | None = None):
+        self.model, self.keep, self.scheme, self.schemes = model, keep, scheme, schemes
+        self.act_order, self.static_groups = act_order, static_groups
+        self.damp_percent, self.block_size = damp_percent, block_size
+        self.dist, self.onload, self.timings = dist, onload, timings
+        self.results: dict[str, tuple] = {}
+        self.reports: dict[str, ModuleReport] = {}
+        self.order: list[str] = []
+        self.blocks_name, self.blocks = find_blocks(model)
+
+    def run(self, batches: list[torch.Tensor], true_sequential: bool, *, progress: bool, store, hidden,
+            cache_outputs: bool) -> list[ModuleReport]:
+        """Calibrate and quantize block by block, then RTN and swap what is left; the reports in swap order."""
+        onload = self.onload
+        callbacks = BlockCallbacks(after_capture=onload.capture_done if onload is not None else None,
+                                   before_block=self.before_block, after_block=self.after_block)
+        resume = _GPTQResume(self, store) if store is not None else None
+        calibrate_blocks_(self.model, batches, self.keep, self.solve, true_sequential, progress=progress,
+                          resume=resume, store=hidden, dist=self.dist, callbacks=callbacks,
+                          cache_outputs=cache_outputs)
+        if onload is not None:
+            onload.load_rest()
+        for name, module in quantizable_modules(self.model, self.keep).items():
+            if isinstance(module, QuantLinearWeightOnly) or name in self.reports:
+                continue
+            self.fallback(name, module, note="outside the repeated blocks")
+        self.swap(None)
+        return [self.reports[n] for n in self.order]
+
+    def scheme_of(self, name: str) -> tuple[WeightScheme, str | None]:
+        return _scheme_of(name, self.scheme, self.schemes)
+
+    # ---- recording results
+
+    def fallback(self, name: str, module: nn.Module, note: str = "not called during calibration") -> None:
+        """Round ``module`` to nearest and record it."""
+        ws, _ = self.scheme_of(name)
         codes, scales, zeros, g_idx = _rtn(module, ws)
-        results[full] = (module, codes, scales, zeros, g_idx)
-        reports[full] = ModuleReport(full, "rtn", note=note, bits=ws.bits, group_size=ws.group_size)
+        self.results[name] = (module, codes, scales, zeros, g_idx)
+        self.reports[name] = ModuleReport(name, "rtn", note=note, bits=ws.bits, group_size=ws.group_size)
 
-    def accept(name: str, module: nn.Module, res: GPTQResult | None, ws: WeightScheme) -> None:
+    def fallback_in_block(self, name: str, module: nn.Module, note: str) -> None:
+        """``fallback`` inside a block being calibrated: later stages read the rounded weight."""
+        self.fallback(name, module, note=note)
+        set_float_weight_(module, dequantize_grouped(*self.results[name][1:]))
+
+    def accept(self, name: str, module: nn.Module, res: GPTQResult | None, ws: WeightScheme) -> None:
         """Record one module's solve (or its RTN fallback) and give later stages its dequantized weight."""
         if res is None:
             logger.warning("%s: Hessian not positive definite even at maximum damping; using RTN", name)
-            fallback(name, module, note="Hessian not positive definite at any damping")
-            set_float_weight_(module, dequantize_grouped(*results[name][1:]))
+            self.fallback_in_block(name, module, note="Hessian not positive definite at any damping")
             return
         if res.retries:
             logger.warning("%s: Hessian needed damping %.4g (%d retries)", name, res.damp, res.retries)
         set_float_weight_(module, res.dequantized())
-        results[name] = (module, res.codes, res.scales, res.zeros, res.g_idx)
-        reports[name] = ModuleReport(name, "gptq", loss=res.loss, damp=res.damp, damp_retries=res.retries,
-                                     bits=ws.bits, group_size=ws.group_size)
+        self.results[name] = (module, res.codes, res.scales, res.zeros, res.g_idx)
+        self.reports[name] = ModuleReport(name, "gptq", loss=res.loss, damp=res.damp, damp_retries=res.retries,
+                                          bits=ws.bits, group_size=ws.group_size)
 
-    def solve(block_name: str, group, hessian: torch.Tensor) -> None:
+    def restore(self, modules: dict[str, tuple[tuple[torch.Tensor, ...], ModuleReport]]) -> None:
+        """Record modules of a finished block restored from a resume store: name -> ``((codes, scales, zeros,
+        g_idx), report)``, in the order they were saved. They are swapped before the next block runs."""
+        for name, (tensors, report) in modules.items():
+            self.results[name] = (self.model.get_submodule(name), *tensors)
+            self.reports[name] = report
+
+    def block_results(self, block_name: str) -> tuple[dict[str, tuple], dict[str, ModuleReport]]:
+        """The pending results ``(codes, scales, zeros, g_idx)`` and reports of block ``block_name``'s modules."""
+        names = [n for n in self.results if n.startswith(block_name + ".")]
+        return {n: self.results[n][1:] for n in names}, {n: self.reports[n] for n in names}
+
+    # ---- calibrate_blocks_'s callbacks
+
+    def solve(self, block_name: str, group, hessian: torch.Tensor) -> None:
         """One GPTQ solve per module on the shared Hessian (its factor computed once per rank that needs it).
         With several processes each module has one owner (balanced by cost), which solves and broadcasts."""
         t0 = time.perf_counter()
         units = []
         for short, module in zip(group.names, group.modules):
             name = f"{block_name}.{short}"
-            ws, method = _scheme_of(name, scheme, schemes)
+            ws, method = self.scheme_of(name)
             if method == "rtn":
-                fallback(name, module, note="method rtn (override)")
-                set_float_weight_(module, dequantize_grouped(*results[name][1:]))
+                self.fallback_in_block(name, module, note="method rtn (override)")
             else:
                 units.append((name, module, ws))
         costs = [float(math.prod(float_weight(m).shape)) * in_out_features(m)[0] for _, m, _ in units]
-        owners = dist.owners(costs)
+        owners = self.dist.owners(costs)
         factor: list = []  # prepared on first use: [HessianFactor or None]
         for (name, module, ws), owner in zip(units, owners):
             res = None
-            if owner == dist.rank:
+            if owner == self.dist.rank:
                 if not factor:
-                    factor.append(prepare_hessian(hessian, act_order=act_order, damp_percent=damp_percent))
+                    factor.append(prepare_hessian(hessian, act_order=self.act_order, damp_percent=self.damp_percent))
                 if factor[0] is not None:
                     res = gptq_solve(float_weight(module).float(), factor[0], bits=ws.bits, group_size=ws.group_size,
-                                     sym=ws.sym, static_groups=static_groups, block_size=block_size,
+                                     sym=ws.sym, static_groups=self.static_groups, block_size=self.block_size,
                                      observer=ws.observer, scale_dtype=storage_dtype(module))
-            if dist.active:
-                res = share_result(dist, res, owner, module, ws.group_size, hessian.device)
-            accept(name, module, res, ws)
-        if timings is not None:
-            timings["solve_seconds"] = timings.get("solve_seconds", 0.0) + time.perf_counter() - t0
+            if self.dist.active:
+                res = share_result(self.dist, res, owner, module, ws.group_size, hessian.device)
+            self.accept(name, module, res, ws)
+        if self.timings is not None:
+            self.timings["solve_seconds"] = self.timings.get("solve_seconds", 0.0) + time.perf_counter() - t0
 
-    order: list[str] = []
-
-    def swap(prefix: str | None) -> None:
+    def swap(self, prefix: str | None) -> None:
         """Swap every pending result (under ``prefix``) for its quantized module and drop the float one."""
-        for name in [n for n in results if prefix is None or n.startswith(prefix + ".")]:
-            module, codes, scales, zeros, g_idx = results.pop(name)
-            _swap(model, name, module, codes, scales, zeros, g_idx, _scheme_of(name, scheme, schemes)[0])
-            order.append(name)
+        for name in [n for n in self.results if prefix is None or n.startswith(prefix + ".")]:
+            module, codes, scales, zeros, g_idx = self.results.pop(name)
+            _swap(self.model, name, module, codes, scales, zeros, g_idx, self.scheme_of(name)[0])
+            self.order.append(name)
 
-    blocks_name, blocks = find_blocks(model)
+    def before_block(self, index: int) -> None:
+        self.swap(None)  # blocks restored by ``resume`` (the only results pending here)
+        if self.onload is not None:
+            self.onload.load_block(index)
 
-    def after_block(index: int, block_name: str) -> None:
+    def after_block(self, index: int, block_name: str) -> None:
         # Modules of this block the calibration never reached: RTN while their float weights are here.
-        for n, m in quantizable_modules(blocks[index], keep, prefix=block_name).items():
-            if f"{block_name}.{n}" not in results and f"{block_name}.{n}" not in reports:
-                fallback(f"{block_name}.{n}", m)
-        swap(block_name)
-        if onload is not None:
-            onload.block_done(index)
-
-    def before_block(index: int) -> None:
-        swap(None)  # blocks restored by ``resume`` (the only results pending here)
-        if onload is not None:
-            onload.load_block(index)
-
-    callbacks = BlockCallbacks(after_capture=onload.capture_done if onload is not None else None,
-                               before_block=before_block, after_block=after_block)
-    resume = _GPTQResume(model, store, results, reports) if store is not None else None
-    calibrate_blocks_(model, batches, keep, solve, true_sequential, progress=progress, resume=resume,
-                      store=hidden, dist=dist, callbacks=callbacks,
-                      cache_outputs=cache_outputs)
-    if onload is not None:
-        onload.load_rest()
-    for name, module in quantizable_modules(model, keep).items():
-        if isinstance(module, QuantLinearWeightOnly) or name in reports:
-            continue
-        fallback(name, module, note="outside the repeated blocks")
-    swap(None)
-    return [reports[n] for n in order]
-
-
-_RESULT_FIELDS = ("codes", "scales", "zeros", "g_idx")
+        for n, m in quantizable_modules(self.blocks[index], self.keep, prefix=block_name).items():
+            if f"{block_name}.{n}" not in self.results and f"{block_name}.{n}" not in self.reports:
+                self.fallback(f"{block_name}.{n}", m)
+        self.swap(block_name)
+        if self.onload is not None:
+            self.onload.block_done(index)
 
 
 class _GPTQResume:
-    """``BlockResume`` for GPTQ: a block's state is its modules' codes/scales/zeros/g_idx and reports."""
+    """``BlockResume`` for a ``_GPTQRun`` over a ``ResumeStore``: a finished block's state is its modules' codes,
+    scales, zeros, g_idx (``ResumeStore.save_modules``) and reports (as dicts).
 
-    def __init__(self, model: nn.Module, store, results: dict, reports: dict):
-        self.model, self.store, self.results, self.reports = model, store, results, reports
+    It holds none of that state: restored modules are handed to ``run.restore``, and what a finished block
+    saves is asked of ``run.block_results``."""
+
+    def __init__(self, run: _GPTQRun, store):
+        self.run, self.store = run, store
 
     def start(self):
         done = self.store.blocks_done
         for i in range(done):
-            tensors, meta = self.store.load_block(i)
-            for name, report in meta.items():
-                module = self.model.get_submodule(name)
-                self.results[name] = (module, *(tensors[f"{name}:{f}"] for f in _RESULT_FIELDS))
-                self.reports[name] = ModuleReport(**report)
+            modules, meta = self.store.load_modules(i)
+            self.run.restore({name: (modules[name], ModuleReport(**report)) for name, report in meta.items()})
         return done, (self.store.load_hidden() if done else None)
 
     def done(self, index: int, block_name: str, outputs: list[torch.Tensor]) -> None:
-        names = [n for n in self.results if n.startswith(block_name + ".")]
-        tensors = {f"{n}:{f}": t for n in names for f, t in zip(_RESULT_FIELDS, self.results[n][1:])}
-        self.store.save_block(index, tensors, {n: asdict(self.reports[n]) for n in names}, outputs)
+        results, reports = self.run.block_results(block_name)
+        self.store.save_modules(index, results, {n: asdict(r) for n, r in reports.items()}, outputs)
 
 
 def reports_as_dicts(reports: list[ModuleReport]) -> list[dict]:
