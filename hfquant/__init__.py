@@ -1,9 +1,18 @@
-"""hfquant: post-training quantization (GPTQ, RTN) for Hugging Face transformers models.
+"""hfquant: post-training quantization (GPTQ, RTN, SmoothQuant) for Hugging Face transformers models.
 
 ``import hfquant`` imports torch only. It registers ``quant_method: "hfquant"`` with transformers as soon
 as transformers' quantizer registry is imported (now, if it already is), so that
 ``from_pretrained(saved_dir)`` of an hfquant checkpoint works after ``import hfquant``.
-``hfquant.HFQuantConfig`` imports transformers on first access.
+
+The public API (``__all__``), each name loaded from its module on first access (``_LAZY``):
+
+* ``HFQuantConfig``: the configuration, ``from_pretrained(..., quantization_config=HFQuantConfig(...))``;
+* ``quantize_(model, config)``, ``quantize_layerwise(path, config)``: quantize a loaded model in place, or
+  load and quantize one decoder layer at a time;
+* ``QuantLinearWeightOnly`` (2/3/4/8-bit weights, float activations), ``QuantLinearW8A8``: the quantized modules;
+* ``export_checkpoint(src, fmt, out)``, ``load_gptq(path)``: GPTQ / compressed-tensors export, GPTQ import;
+* ``perplexity(model, tokenizer, text)``: the evaluation;
+* ``HFQuantQuantizer``: the transformers quantizer behind ``quant_method: "hfquant"``.
 """
 
 from __future__ import annotations
@@ -15,17 +24,20 @@ import sys
 __version__ = "0.1.0"
 
 _REGISTRY_MODULE = "transformers.quantizers.auto"
+# public name -> the module that defines it (imported on first access, see __getattr__)
 _LAZY = {
     "HFQuantConfig": "hfquant.config",
-    "HFQuantQuantizer": "hfquant.integrations.transformers",
+    "quantize_": "hfquant.integrations.transformers",
+    "quantize_layerwise": "hfquant.integrations.transformers",
     "QuantLinearWeightOnly": "hfquant.nn.weight_only",
     "QuantLinearW8A8": "hfquant.nn.w8a8",
+    "export_checkpoint": "hfquant.formats",
+    "load_gptq": "hfquant.formats",
     "perplexity": "hfquant.eval.perplexity",
-    "quantize_": "hfquant.quantize.entry",
-    "quantize_layerwise": "hfquant.quantize.entry",
+    "HFQuantQuantizer": "hfquant.integrations.transformers",
 }
 
-__all__ = ["__version__", *_LAZY]
+__all__ = list(_LAZY)
 
 
 def _register() -> None:
@@ -77,3 +89,7 @@ def __getattr__(name: str):
             _register()
         return getattr(module, name)
     raise AttributeError(f"module 'hfquant' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

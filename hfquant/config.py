@@ -281,6 +281,10 @@ class HFQuantConfig(QuantizationConfigMixin):
     def __eq__(self, other) -> bool:
         return isinstance(other, HFQuantConfig) and self.to_dict() == other.to_dict()
 
+    # Unhashable on purpose: equality compares the fields, and the fields are mutable (a quantizer fills in
+    # module_schemes, users set save_format), so a hash would change under a set or dict key that holds it.
+    __hash__ = None  # type: ignore[assignment]
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.to_diff_dict().items() if k != "quant_method")
         return f"HFQuantConfig({fields})"

@@ -22,7 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from hfquant.app.hub import push_folder
-from hfquant.app.recipe import check_repo_id, dump, looks_local, RecipeError, to_config
+from hfquant.app.recipe import check_repo_id, dump, looks_local, recipe_error, RecipeError, to_config
 from hfquant.app.report import (
     CARD,
     measure_words,
@@ -78,11 +78,6 @@ class Plan:
     seconds: float = 0.0      # time spent checking inputs and preparing calibration/evaluation tokens
 
 
-def _fail(path: str, exc: Exception | str) -> RecipeError:
-    text = exc if isinstance(exc, str) else (str(exc).splitlines() or [type(exc).__name__])[0]
-    return RecipeError(f"{path}: {text}")
-
-
 def _load_kwargs(recipe: dict) -> dict:
     return {"revision": recipe["revision"], "trust_remote_code": recipe["trust_remote_code"]}
 
@@ -91,8 +86,8 @@ def model_config(recipe: dict):
     try:
         return AutoConfig.from_pretrained(recipe["model"], **_load_kwargs(recipe))
     except Exception as exc:  # noqa: BLE001 - transformers raises OSError/ValueError/... for missing models
-        raise _fail("model", f"cannot load the config of {recipe['model']!r} ({type(exc).__name__}); check the "
-                             "Hub id or folder (offline: HF_HUB_OFFLINE=1 only finds cached models)") from None
+        raise recipe_error("model", f"cannot load the config of {recipe['model']!r} ({type(exc).__name__}); check the "
+                                    "Hub id or folder (offline: HF_HUB_OFFLINE=1 only finds cached models)") from None
 
 
 def evaluation_ids(ev: dict, tokenizer) -> tuple[torch.Tensor, str]:
@@ -105,12 +100,12 @@ def evaluation_ids(ev: dict, tokenizer) -> tuple[torch.Tensor, str]:
             text = join_texts(load_texts(ev["dataset"], config_name=ev["config"], split=ev["split"] or "test",
                                          column=ev["column"]))
         except CalibrationError as exc:
-            raise _fail("evaluation.dataset", str(exc).replace("calibration dataset", "dataset")) from None
+            raise recipe_error("evaluation.dataset", str(exc).replace("calibration dataset", "dataset")) from None
         name = ev["dataset"]
     ids = tokenize_text(text, tokenizer)
     if ids.numel() < ev["seq_len"]:
-        raise _fail("evaluation.dataset", f"{name} has {ids.numel()} tokens, fewer than one window of "
-                                          f"evaluation.seq_len={ev['seq_len']}; give more text or lower seq_len")
+        raise recipe_error("evaluation.dataset", f"{name} has {ids.numel()} tokens, fewer than one window of "
+                                                 f"evaluation.seq_len={ev['seq_len']}; give more text or lower seq_len")
     return ids, name
 
 
@@ -149,14 +144,14 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
             try:
                 checkpoint_files(Path(recipe["model"]).expanduser())
             except HFQuantError as exc:
-                raise _fail("calibration.layerwise", str(exc).removeprefix("hfquant: ")) from None
+                raise recipe_error("calibration.layerwise", str(exc).removeprefix("hfquant: ")) from None
     mcfg = model_config(recipe)
     limit = max_positions(mcfg)
     ev = recipe["evaluation"]
     for path, seq_len, used in (("calibration.seq_len", config.seq_len, method != "rtn"),
                                 ("evaluation.seq_len", ev["seq_len"], ev["before"] or ev["after"])):
         if used and limit is not None and seq_len > limit:
-            raise _fail(path, f"{seq_len} exceeds the model's maximum of {limit} positions; lower it")
+            raise recipe_error(path, f"{seq_len} exceeds the model's maximum of {limit} positions; lower it")
 
 
     check_before_loading(config, mcfg, getattr(torch, recipe["dtype"]))
@@ -164,7 +159,7 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **_load_kwargs(recipe))
     except Exception as exc:  # noqa: BLE001
-        raise _fail("calibration.tokenizer", f"cannot load a tokenizer from {source!r} ({type(exc).__name__})") from None
+        raise recipe_error("calibration.tokenizer", f"cannot load a tokenizer from {source!r} ({type(exc).__name__})") from None
 
     import datasets  # heavy (pyarrow, pandas): imported only when calibration text is read
 
@@ -176,7 +171,7 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
                                           split=config.dataset_split, column=config.dataset_column,
                                           num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
         except CalibrationError as exc:
-            raise _fail("calibration", str(exc).removeprefix("calibration ")) from None
+            raise recipe_error("calibration", str(exc).removeprefix("calibration ")) from None
     eval_ids, eval_name = (None, "")
     if ev["before"] or ev["after"]:
         eval_ids, eval_name = evaluation_ids(ev, tokenizer)
@@ -216,7 +211,7 @@ def load_model(recipe: dict, dist=None):
     try:
         return AutoModelForCausalLM.from_pretrained(recipe["model"], **kwargs).eval()
     except ValueError as exc:  # e.g. "Unrecognized configuration class" for a model that is not a causal LM
-        raise _fail("model", exc) from None
+        raise recipe_error("model", exc) from None
 
 
 def _perplexity(model, ids, ev, quiet: bool) -> float:
@@ -262,22 +257,43 @@ def execute(p: Plan, quiet: bool = False) -> dict:
 
 
 def _work(p: Plan, store, partial: Path | None, timings: dict, t_start: float, quiet: bool, dist) -> dict:
-    recipe, ev, cal = p.recipe, p.recipe["evaluation"], p.recipe["calibration"]
-    options = dict(windows=p.windows, progress=not quiet, activations=cal["activations"],
-                   offload_folder=cal["offload_folder"], dist=dist)
+    """The run's steps, in order: load, evaluate the float model, quantize, evaluate the quantized model, save,
+    then the report (assembled in ``_report``), written with the model card into ``partial``, which is moved
+    into place. A calibration process other than the main one stops after quantizing (returns its report)."""
+    model, source_bytes = _load(p, timings, dist)
+    before = _evaluate_before(p, model, store, timings, quiet, dist)
+    model, qreport = _quantize(p, model, store, timings, quiet, dist)
+    if not dist.is_main:
+        return qreport
+    after = _evaluate_after(p, model, timings, quiet)
+    _save(p, model, qreport, partial, timings)
+    timings["total"] = time.perf_counter() - t_start
+    report = _report(p, model.config.quantization_config, qreport, source_bytes, before, after, partial, timings)
+    write_report(partial, report)
+    write_card(partial, report, p.recipe, p.out.name)
+    place(partial, p.out)
+    return report
 
-    t0 = time.perf_counter()
-    if cal["layerwise"]:
-        model = None
-        source_bytes = _checkpoint_float_bytes(recipe)
+
+def _load(p: Plan, timings: dict, dist) -> tuple[object | None, int]:
+    """The float model (``None`` with ``calibration.layerwise``: ``_quantize`` loads it a layer at a time) and its
+    size in bytes as ``dtype``."""
+    recipe, ev = p.recipe, p.recipe["evaluation"]
+    if p.recipe["calibration"]["layerwise"]:
         if ev["before"] and dist.is_main:
             logger.info("calibration.layerwise: the float model is never loaded whole; skipping its perplexity")
-    else:
-        model = load_model(recipe, dist)
-        timings["load"] = time.perf_counter() - t0
-        unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights once
-        source_bytes = sum(t.numel() * t.element_size() for t in unique.values())
+        return None, _checkpoint_float_bytes(recipe)
+    t0 = time.perf_counter()
+    model = load_model(recipe, dist)
+    timings["load"] = time.perf_counter() - t0
+    unique = {t.data_ptr(): t for t in model.state_dict().values()}  # tied weights once
+    return model, sum(t.numel() * t.element_size() for t in unique.values())
 
+
+def _evaluate_before(p: Plan, model, store, timings: dict, quiet: bool, dist) -> float | None:
+    """Perplexity of the float model (main process, whole model loaded), or the one a resumed run saved with the
+    same evaluation settings; ``None`` when it is not measured."""
+    ev = p.recipe["evaluation"]
     saved = store.get("ppl_before") if store is not None else None
     before = saved["value"] if saved and saved["evaluation"] == ev else None  # same evaluation settings only
     if ev["before"] and before is None and model is not None and dist.is_main:
@@ -287,7 +303,14 @@ def _work(p: Plan, store, partial: Path | None, timings: dict, t_start: float, q
         timings["eval_before"] = time.perf_counter() - t0
         if store is not None:
             store.put("ppl_before", {"evaluation": ev, "value": before})
+    return before
 
+
+def _quantize(p: Plan, model, store, timings: dict, quiet: bool, dist) -> tuple[object, dict]:
+    """Quantize ``model`` in place (or, layer-wise, load and quantize it); returns the model and its report."""
+    recipe, cal = p.recipe, p.recipe["calibration"]
+    options = dict(windows=p.windows, progress=not quiet, activations=cal["activations"],
+                   offload_folder=cal["offload_folder"], dist=dist)
     logger.info("quantizing: %s", p.config)
     t0 = time.perf_counter()
     if model is None:
@@ -298,31 +321,44 @@ def _work(p: Plan, store, partial: Path | None, timings: dict, t_start: float, q
     else:
         qreport = quantize_(model, p.config, store=store, **options)
     timings["quantize"] = time.perf_counter() - t0
-    if not dist.is_main:
-        return qreport
+    return model, qreport
 
-    after = None
-    if ev["after"]:
-        logger.info("perplexity of the quantized model")
-        t0 = time.perf_counter()
-        after = _perplexity(model, p.eval_ids, ev, quiet)
-        timings["eval_after"] = time.perf_counter() - t0
 
+def _evaluate_after(p: Plan, model, timings: dict, quiet: bool) -> float | None:
+    """Perplexity of the quantized model (``None`` when ``evaluation.after`` is off)."""
+    ev = p.recipe["evaluation"]
+    if not ev["after"]:
+        return None
+    logger.info("perplexity of the quantized model")
+    t0 = time.perf_counter()
+    after = _perplexity(model, p.eval_ids, ev, quiet)
+    timings["eval_after"] = time.perf_counter() - t0
+    return after
+
+
+def _save(p: Plan, model, qreport: dict, partial: Path, timings: dict) -> None:
+    """Write the model (its ``save_format``), the tokenizer, the resolved recipe and, for ``bits: auto``, the
+    sensitivity files into ``partial``."""
     t0 = time.perf_counter()
     model.save_pretrained(partial)
     p.tokenizer.save_pretrained(partial)
-    (partial / RECIPE).write_text(dump(recipe), encoding="utf-8")
+    (partial / RECIPE).write_text(dump(p.recipe), encoding="utf-8")
     auto = qreport.get("auto")
     if auto:
-
         write_sensitivity(partial, auto["sensitivity"], auto["allocation"])
     timings["save"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - t_start
+
+
+def _report(p: Plan, config, qreport: dict, source_bytes: int, before: float | None, after: float | None,
+            partial: Path, timings: dict) -> dict:
+    """``report.json``: the run's settings, the resolved quantization ``config`` (the saved model's, with its skip
+    list and per-module schemes), perplexities, sizes, timings and the quantization report."""
+    recipe, ev = p.recipe, p.recipe["evaluation"]
     windows = eval_windows(ev, p.eval_ids) if p.eval_ids is not None else 0
     report = {
         "model_name": recipe["model"],
         "dtype": recipe["dtype"],
-        "config": p.config.to_dict(),
+        "config": config.to_dict(),
         "evaluation": {"dataset": p.eval_name, "seq_len": ev["seq_len"], "windows": windows,
                        "tokens": windows * ev["seq_len"], "before": before, "after": after},
         "source_mib": round(source_bytes / 2**20, 1),
@@ -334,14 +370,11 @@ def _work(p: Plan, store, partial: Path | None, timings: dict, t_start: float, q
         "quantization": {k: v for k, v in qreport.items() if k not in ("modules", "auto")},
         "layers": qreport.get("modules", []),
     }
-    if p.config.module_schemes:
-
+    if config.module_schemes:
         report["stored_bits"] = stored_average_bits(partial)
+    auto = qreport.get("auto")
     if auto:  # the table itself is sensitivity.json
         report["auto"] = {k: v for k, v in auto.items() if k != "sensitivity"}
-    write_report(partial, report)
-    write_card(partial, report, recipe, p.out.name)
-    place(partial, p.out)
     return report
 
 

@@ -99,8 +99,11 @@ NOT_YET = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 
 
-def _fail(path: str, message: str):
-    raise RecipeError(f"{path}: {message}")
+def recipe_error(path: str, problem: Exception | str) -> RecipeError:
+    """The ``RecipeError`` for key ``path`` (``quantization.bits``, ``model``, ...): ``"<path>: <problem>"``, where an
+    exception becomes the first line of its message (its type name when it has none). Callers ``raise`` it."""
+    text = problem if isinstance(problem, str) else (str(problem).splitlines() or [type(problem).__name__])[0]
+    return RecipeError(f"{path}: {text}")
 
 
 def _type_name(v) -> str:
@@ -111,11 +114,11 @@ def _check_keys(path: str, section: dict, valid, extra_hint: str = "") -> None:
     for key in section:
         full = f"{path}.{key}" if path else str(key)
         if not isinstance(key, str):
-            _fail(full, "keys must be strings")
+            raise recipe_error(full, "keys must be strings")
         if (path, key) in NOT_YET:
-            _fail(full, NOT_YET[(path, key)])
+            raise recipe_error(full, NOT_YET[(path, key)])
         if key not in valid:
-            _fail(full, f"unknown key; valid keys are {sorted(valid)}{extra_hint}")
+            raise recipe_error(full, f"unknown key; valid keys are {sorted(valid)}{extra_hint}")
 
 
 def _check_config_field(path: str, field: str, value) -> None:
@@ -124,7 +127,7 @@ def _check_config_field(path: str, field: str, value) -> None:
     try:
         HFQuantConfig(**{field: value})
     except ConfigError as exc:
-        _fail(path, str(exc).split(": ", 1)[-1])
+        raise recipe_error(path, str(exc).split(": ", 1)[-1])
 
 
 def looks_local(model: str) -> bool:
@@ -134,12 +137,12 @@ def looks_local(model: str) -> bool:
 
 def _check_dataset_file(path: str, dataset) -> None:
     if isinstance(dataset, str) and looks_local(dataset) and not Path(dataset).expanduser().is_file():
-        _fail(path, f"file {dataset!r} does not exist; give an existing .txt/.json/.jsonl/.csv/.parquet file, "
-                    "a Hub dataset id, or null for the bundled WikiText-2")
+        raise recipe_error(path, f"file {dataset!r} does not exist; give an existing .txt/.json/.jsonl/.csv/.parquet file, "
+                                 "a Hub dataset id, or null for the bundled WikiText-2")
     if isinstance(dataset, str) and Path(dataset).expanduser().is_file() and Path(dataset).expanduser().stat().st_size == 0:
-        _fail(path, f"file {dataset!r} is empty; give a file with text")
+        raise recipe_error(path, f"file {dataset!r} is empty; give a file with text")
     if isinstance(dataset, list) and (not dataset or not all(isinstance(t, str) and t.strip() for t in dataset)):
-        _fail(path, "a list of texts must hold at least one non-empty string and only strings")
+        raise recipe_error(path, "a list of texts must hold at least one non-empty string and only strings")
 
 
 def _section(raw: dict, name: str) -> dict:
@@ -147,7 +150,7 @@ def _section(raw: dict, name: str) -> dict:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        _fail(name, f"must be a mapping of keys, got {_type_name(value)}")
+        raise recipe_error(name, f"must be a mapping of keys, got {_type_name(value)}")
     return value
 
 
@@ -160,32 +163,32 @@ def validate(raw) -> dict:
 
     model = out["model"]
     if model is None:
-        _fail("model", "required; give a Hub id (org/name) or a local folder with config.json")
+        raise recipe_error("model", "required; give a Hub id (org/name) or a local folder with config.json")
     if not isinstance(model, str) or not model.strip():
-        _fail("model", f"must be a Hub id or a local folder path (a string), got {_type_name(model)}")
+        raise recipe_error("model", f"must be a Hub id or a local folder path (a string), got {_type_name(model)}")
     if looks_local(model):
         folder = Path(model).expanduser()
         if not folder.is_dir():
-            _fail("model", f"local folder {model!r} does not exist; give an existing folder or a Hub id (org/name)")
+            raise recipe_error("model", f"local folder {model!r} does not exist; give an existing folder or a Hub id (org/name)")
         if not (folder / "config.json").is_file():
-            _fail("model", f"{model!r} has no config.json; give a Hugging Face model folder")
+            raise recipe_error("model", f"{model!r} has no config.json; give a Hugging Face model folder")
     if out["output_dir"] is not None and (not isinstance(out["output_dir"], str) or not out["output_dir"].strip()):
-        _fail("output_dir", f"must be a folder path (a string), got {_type_name(out['output_dir'])}")
+        raise recipe_error("output_dir", f"must be a folder path (a string), got {_type_name(out['output_dir'])}")
     if out["revision"] is not None and not isinstance(out["revision"], str):
-        _fail("revision", f"must be a branch, tag or commit (a string) or null, got {_type_name(out['revision'])}")
+        raise recipe_error("revision", f"must be a branch, tag or commit (a string) or null, got {_type_name(out['revision'])}")
     if not isinstance(out["trust_remote_code"], bool):
-        _fail("trust_remote_code", f"must be true or false, got {out['trust_remote_code']!r}")
+        raise recipe_error("trust_remote_code", f"must be true or false, got {out['trust_remote_code']!r}")
     if out["dtype"] not in DTYPES:
-        _fail("dtype", f"must be one of {list(DTYPES)}, got {out['dtype']!r}")
+        raise recipe_error("dtype", f"must be one of {list(DTYPES)}, got {out['dtype']!r}")
     dev = out["device"]
     if not isinstance(dev, str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?", dev):
-        _fail("device", f"must be 'cpu', 'auto' (cuda when available) or 'cuda[:N]', got {dev!r}")
+        raise recipe_error("device", f"must be 'cpu', 'auto' (cuda when available) or 'cuda[:N]', got {dev!r}")
 
     # quantization
     q = _section(raw, "quantization")
     method = q.get("method", "gptq")
     if method not in METHOD_FIELDS:
-        _fail("quantization.method", f"must be one of {list(METHOD_FIELDS)}, got {method!r}")
+        raise recipe_error("quantization.method", f"must be one of {list(METHOD_FIELDS)}, got {method!r}")
     _check_keys("quantization", q, ("method", *METHOD_FIELDS[method]),
                 f" for method {method!r}")
 
@@ -201,7 +204,7 @@ def validate(raw) -> dict:
         HFQuantConfig(**q_out)
     except ConfigError as exc:
         field, _, rest = str(exc).removeprefix("HFQuantConfig.").partition(": ")
-        _fail(f"quantization.{field}", rest)
+        raise recipe_error(f"quantization.{field}", rest)
     out["quantization"] = q_out
 
     # calibration
@@ -211,7 +214,7 @@ def validate(raw) -> dict:
         if key in LOADING_DEFAULTS:
             continue
         if key == "tokenizer" and value is not None and not isinstance(value, str):
-            _fail("calibration.tokenizer", f"must be a tokenizer name or folder (a string) or null, got {_type_name(value)}")
+            raise recipe_error("calibration.tokenizer", f"must be a tokenizer name or folder (a string) or null, got {_type_name(value)}")
         _check_config_field(f"calibration.{key}", CALIBRATION_FIELDS[key], value)
     _check_dataset_file("calibration.dataset", c.get("dataset"))
     out["calibration"] = {k: copy.deepcopy(c.get(k, DEFAULTS[f])) for k, f in CALIBRATION_FIELDS.items()}
@@ -223,17 +226,17 @@ def validate(raw) -> dict:
     ev = {k: copy.deepcopy(e.get(k, v)) for k, v in EVALUATION_DEFAULTS.items()}
     for flag in ("before", "after"):
         if not isinstance(ev[flag], bool):
-            _fail(f"evaluation.{flag}", f"must be true or false, got {ev[flag]!r}")
+            raise recipe_error(f"evaluation.{flag}", f"must be true or false, got {ev[flag]!r}")
     if not _is_int(ev["seq_len"]) or ev["seq_len"] < 2:
-        _fail("evaluation.seq_len", f"must be an integer >= 2, e.g. 512, got {ev['seq_len']!r}")
+        raise recipe_error("evaluation.seq_len", f"must be an integer >= 2, e.g. 512, got {ev['seq_len']!r}")
     if ev["max_tokens"] is not None and (not _is_int(ev["max_tokens"]) or ev["max_tokens"] < ev["seq_len"]):
-        _fail("evaluation.max_tokens", f"must be null (all windows) or an integer >= evaluation.seq_len ({ev['seq_len']}), got {ev['max_tokens']!r}")
+        raise recipe_error("evaluation.max_tokens", f"must be null (all windows) or an integer >= evaluation.seq_len ({ev['seq_len']}), got {ev['max_tokens']!r}")
     if ev["dataset"] is not None and not isinstance(ev["dataset"], str):
-        _fail("evaluation.dataset", f"must be a local file, a Hub dataset id, or null (bundled WikiText-2 test), got {_type_name(ev['dataset'])}")
+        raise recipe_error("evaluation.dataset", f"must be a local file, a Hub dataset id, or null (bundled WikiText-2 test), got {_type_name(ev['dataset'])}")
     _check_dataset_file("evaluation.dataset", ev["dataset"])
     for key in ("config", "split", "column"):
         if ev[key] is not None and not isinstance(ev[key], str):
-            _fail(f"evaluation.{key}", f"must be a string or null, got {_type_name(ev[key])}")
+            raise recipe_error(f"evaluation.{key}", f"must be a string or null, got {_type_name(ev[key])}")
     out["evaluation"] = ev
 
     # hub
@@ -243,10 +246,10 @@ def validate(raw) -> dict:
     if hub["repo_id"] is not None:
         check_repo_id(hub["repo_id"], "hub.repo_id")
     if not isinstance(hub["private"], bool):
-        _fail("hub.private", f"must be true or false, got {hub['private']!r}")
+        raise recipe_error("hub.private", f"must be true or false, got {hub['private']!r}")
     for key in ("revision", "commit_message"):
         if hub[key] is not None and (not isinstance(hub[key], str) or not hub[key].strip()):
-            _fail(f"hub.{key}", f"must be a non-empty string or null, got {hub[key]!r}")
+            raise recipe_error(f"hub.{key}", f"must be a non-empty string or null, got {hub[key]!r}")
     out["hub"] = hub
     return out
 
@@ -254,23 +257,23 @@ def validate(raw) -> dict:
 def _loading(c: dict, method: str) -> dict:
     lo = {k: copy.deepcopy(c.get(k, v)) for k, v in LOADING_DEFAULTS.items()}
     if not isinstance(lo["layerwise"], bool):
-        _fail("calibration.layerwise", f"must be true or false, got {lo['layerwise']!r}")
+        raise recipe_error("calibration.layerwise", f"must be true or false, got {lo['layerwise']!r}")
     if lo["activations"] not in ACTIVATIONS:
-        _fail("calibration.activations", f"must be one of {list(ACTIVATIONS)}, got {lo['activations']!r}")
+        raise recipe_error("calibration.activations", f"must be one of {list(ACTIVATIONS)}, got {lo['activations']!r}")
     if lo["activations"] != "device" and method == "smoothquant":
-        _fail("calibration.activations", "only gptq moves activations off the device; SmoothQuant keeps them "
-                                         "there (set activations: device)")
+        raise recipe_error("calibration.activations", "only gptq moves activations off the device; SmoothQuant keeps them "
+                                                      "there (set activations: device)")
     folder = lo["offload_folder"]
     if folder is not None and (not isinstance(folder, str) or not folder.strip()):
-        _fail("calibration.offload_folder", f"must be a folder path (a string) or null, got {_type_name(folder)}")
+        raise recipe_error("calibration.offload_folder", f"must be a folder path (a string) or null, got {_type_name(folder)}")
     if folder is not None and lo["activations"] != "disk":
-        _fail("calibration.offload_folder", "is only used with activations: disk; set activations: disk or remove it")
+        raise recipe_error("calibration.offload_folder", "is only used with activations: disk; set activations: disk or remove it")
     return lo
 
 
 def check_repo_id(repo_id, path: str = "repo_id") -> str:
     if not isinstance(repo_id, str) or not re.fullmatch(r"[A-Za-z0-9][\w.\-]{0,95}/[A-Za-z0-9][\w.\-]{0,95}", repo_id):
-        _fail(path, f"must be a Hub repo id 'owner/name' (letters, digits, - _ .), got {repo_id!r}")
+        raise recipe_error(path, f"must be a Hub repo id 'owner/name' (letters, digits, - _ .), got {repo_id!r}")
     return repo_id
 
 
@@ -336,7 +339,7 @@ def load(path, sets: list[str] | None = None, output: str | None = None) -> dict
         raw["output_dir"] = output
     resolved = validate(raw)
     if resolved["output_dir"] is None:
-        _fail("output_dir", "required; set it in the recipe or pass --output DIR")
+        raise recipe_error("output_dir", "required; set it in the recipe or pass --output DIR")
     return resolved
 
 

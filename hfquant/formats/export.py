@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors import safe_open
@@ -179,9 +180,11 @@ def export_checkpoint(src_dir: str | os.PathLike, fmt: str, out_dir: str | os.Pa
     return out
 
 
-def save_pretrained_as(model, save_directory: str | os.PathLike, fmt: str, **kwargs) -> None:
-    """``model.save_pretrained`` for ``save_format`` ``fmt`` != ``"hfquant"``: save hfquant to a temporary
-    folder, convert, then move the files into ``save_directory`` (replacing older weight files there, as
+def save_pretrained_as(save_hfquant: Callable[..., object], save_directory: str | os.PathLike, fmt: str,
+                       **kwargs) -> None:
+    """``model.save_pretrained`` for ``save_format`` ``fmt`` != ``"hfquant"``: save the hfquant layout to a
+    temporary folder with ``save_hfquant(folder, **kwargs)`` (the model class's own bound ``save_pretrained``),
+    convert, then move the files into ``save_directory`` (replacing older weight files there, as
     ``save_pretrained`` does)."""
     if kwargs.get("push_to_hub"):
         raise FormatError(f"save_pretrained(push_to_hub=True) with save_format={fmt!r} is not supported; save locally, then upload the folder")
@@ -193,7 +196,7 @@ def save_pretrained_as(model, save_directory: str | os.PathLike, fmt: str, **kwa
     try:
         src, dst = work / "hfquant", work / fmt
         dst.mkdir()
-        type(model).save_pretrained(model, src, **kwargs)
+        save_hfquant(src, **kwargs)
         convert_into(src, fmt, dst)
         out.mkdir(exist_ok=True)
         for old in list(out.glob("model*.safetensors")) + [out / SAFE_INDEX, out / "quantize_config.json"]:

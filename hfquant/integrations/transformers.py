@@ -3,13 +3,18 @@
 Fresh quantization runs in ``_process_model_after_weight_loading`` (calibration needs the loaded float
 model, like transformers' own GPTQ integration). Reloading a saved checkpoint swaps the Linears for
 ``QuantLinearWeightOnly`` skeletons before the weights load, so the saved tensors load by name.
+
+The quantizer works on its own copy of the config it is given (``HFQuantQuantizer.__init__``): the resolved
+skip list and per-module schemes go into that copy, which transformers' ``postprocess_model`` makes
+``model.config.quantization_config`` (so ``config.json`` records them); the caller's object is never written.
 """
 
 from __future__ import annotations
 
+import copy
+import copyreg
 import logging
 import time
-import types
 from collections.abc import Callable
 
 import torch
@@ -53,13 +58,31 @@ def quantized_predicate(left_float: list[str]) -> Callable[[str], bool]:
     return lambda name: should_convert_module(name, patterns)
 
 
+def _own_copy(config):
+    """A copy of ``config`` that the quantizer may write into. A tokenizer object is shared, not copied: the run
+    only reads it (and it stays out of ``config.json``)."""
+    if not isinstance(config, HFQuantConfig):
+        return config
+    return copy.deepcopy(config, {id(config.tokenizer): config.tokenizer})
+
+
 class HFQuantQuantizer(HfQuantizer):
-    """transformers ``HfQuantizer`` for hfquant checkpoints and fresh hfquant quantization."""
+    """The transformers ``HfQuantizer`` registered for ``quant_method: "hfquant"``.
+
+    transformers builds it from the ``quantization_config`` of ``from_pretrained``: with a fresh
+    ``HFQuantConfig`` it quantizes the loaded float model (``pre_quantized=False``: calibration, GPTQ/RTN/
+    SmoothQuant, the report in ``model.hfquant_report``); with a saved hfquant checkpoint (or a GPTQ one, see
+    ``hfquant.formats.load_gptq``) it builds quantized module skeletons before the weights load. It keeps its
+    own copy of the config (the caller's is never modified); after loading that copy, with the resolved
+    ``modules_to_not_convert`` and ``module_schemes``, is ``model.config.quantization_config``. The model's
+    ``save_pretrained`` then writes ``quantization_config.save_format``. ``hfquant.quantize_`` drives the same
+    quantizer on a model that is already loaded.
+    """
 
     requires_calibration = False  # True would forbid quantizing at load (see transformers' base class)
 
     def __init__(self, quantization_config: HFQuantConfig, **kwargs):
-        super().__init__(quantization_config, **kwargs)
+        super().__init__(_own_copy(quantization_config), **kwargs)
         self.report: dict = {}
         self.run_options: dict = {}  # extra quantize_loaded_model_ arguments (hfquant.quantize_)
 
@@ -134,22 +157,28 @@ class HFQuantQuantizer(HfQuantizer):
             set_submodule(model, name, q)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        cfg = self.quantization_config  # the quantizer's own copy, now model.config.quantization_config
         _install_save_format_hook(model)
         if self.pre_quantized:
-            if self.quantization_config.checkpoint_format != "hfquant":
-                _convert_gptq_skeletons(model, self.quantization_config)
+            if cfg.checkpoint_format != "hfquant":
+                _convert_gptq_skeletons(model)
+                # The config now describes an hfquant model: its Linears left float listed by name.
+                cfg.checkpoint_format = "hfquant"
+                cfg.modules_to_not_convert = sorted(n for n, m in model.named_modules() if n and is_quantizable(m))
             _freeze(model)
             return model
 
         t0 = time.perf_counter()
-        self.report = quantize_loaded_model_(model, self.quantization_config, keep=self._keep, **self.run_options)
+        self.report, module_schemes = quantize_loaded_model_(model, cfg, keep=self._keep, **self.run_options)
         self.report["quantization_seconds"] = time.perf_counter() - t0
+        if module_schemes is not None:
+            cfg.module_schemes = module_schemes
         # Record the resolved skip list so a reload rebuilds exactly the same modules.
         kept = set(self.modules_to_not_convert) | set(self.report.get("skipped", []))
-        if self.quantization_config.lm_head_bits is not None:
+        if cfg.lm_head_bits is not None:
             kept.discard(output_head_name(model))
-        self.quantization_config.modules_to_not_convert = sorted(kept)
-        model.config.quantization_config = self.quantization_config
+        cfg.modules_to_not_convert = sorted(kept)
+        model.config.quantization_config = cfg
         model.hfquant_report = self.report
         _freeze(model)
         return model
@@ -162,29 +191,69 @@ class HFQuantQuantizer(HfQuantizer):
         return False
 
 
-def _convert_gptq_skeletons(model, cfg) -> None:
-    """Replace the GPTQ skeletons by ``QuantLinearWeightOnly`` modules; the config then describes an hfquant model
-    (``checkpoint_format="hfquant"``, the Linears left float listed in ``modules_to_not_convert``)."""
+def _convert_gptq_skeletons(model) -> None:
+    """Replace the GPTQ skeletons by ``QuantLinearWeightOnly`` modules."""
 
     for name, module in list(model.named_modules()):
         if isinstance(module, GPTQImportLinear):
             set_submodule(model, name, module.to_w4a16())
-    cfg.checkpoint_format = "hfquant"
-    cfg.modules_to_not_convert = sorted(n for n, m in model.named_modules() if n and is_quantizable(m))
 
 
-def _save_pretrained(self, save_directory, **kwargs):
-    """``save_pretrained`` that honours ``quantization_config.save_format``."""
-    fmt = getattr(self.config.quantization_config, "save_format", "hfquant")
-    if fmt == "hfquant":
-        return type(self).save_pretrained(self, save_directory, **kwargs)
+class _SaveFormat:
+    """Mixed into the class of every model the quantizer produced (see ``_install_save_format_hook``):
+    ``save_pretrained`` writes ``quantization_config.save_format``, whether it is called as
+    ``model.save_pretrained(d)`` or ``type(model).save_pretrained(model, d)``."""
 
-    return save_pretrained_as(self, save_directory, fmt, **kwargs)
+    _hfquant_base: type  # the model's original class, set on each subclass
+
+    def save_pretrained(self, save_directory, **kwargs):
+        """``save_pretrained`` of the model's class for ``save_format: hfquant`` (the default); for ``"gptq"``
+        and ``"compressed-tensors"`` the hfquant layout is written to a temporary folder and converted
+        (``hfquant.formats.export.save_pretrained_as``)."""
+        fmt = getattr(getattr(self.config, "quantization_config", None), "save_format", "hfquant")
+        if fmt == "hfquant":
+            return super().save_pretrained(save_directory, **kwargs)
+        return save_pretrained_as(super().save_pretrained, save_directory, fmt, **kwargs)
+
+    def __reduce_ex__(self, protocol):
+        # pickle finds classes by module and name, which lead to the original class: rebuild the subclass from it
+        rv = super().__reduce_ex__(protocol)
+        if isinstance(rv, tuple) and rv[0] is copyreg.__newobj__ and rv[1][0] is type(self):
+            return (_new_with_save_format, (self._hfquant_base, *rv[1][1:]), *rv[2:])
+        return rv
+
+
+_SAVE_FORMAT_CLASSES: dict[type, type] = {}
+
+
+def _save_format_class(base: type) -> type:
+    """``base`` with ``_SaveFormat`` mixed in, made once per class. It has ``base``'s ``__name__``,
+    ``__qualname__`` and ``__module__``, so ``config.json``'s ``architectures`` (the class name) and everything
+    transformers derives from the class (remote code, ``can_generate``) stay as they are."""
+    cls = _SAVE_FORMAT_CLASSES.get(base)
+    if cls is None:
+        cls = type(base.__name__, (_SaveFormat, base), {
+            "__module__": base.__module__, "__qualname__": base.__qualname__, "__doc__": base.__doc__,
+            "_hfquant_base": base})
+        _SAVE_FORMAT_CLASSES[base] = cls
+    return cls
+
+
+def _new_with_save_format(base: type, *args):
+    """An empty instance of ``base``'s save-format subclass (pickle and ``copy.deepcopy`` fill in its state)."""
+    cls = _save_format_class(base)
+    return cls.__new__(cls, *args)
 
 
 def _install_save_format_hook(model) -> None:
-    # A bound method (not a closure), so copy.deepcopy(model) binds it to the copy.
-    model.save_pretrained = types.MethodType(_save_pretrained, model)
+    """Make ``save_pretrained`` honour ``quantization_config.save_format``. The model's class is swapped for a
+    subclass (``_save_format_class``) rather than patching the instance, so that a call through the class,
+    ``type(model).save_pretrained(model, d)``, honours it too; ``copy.deepcopy(model)`` keeps the class.
+    transformers' ``save_pretrained`` offers no hook for this: a quantizer can only change the state dict
+    (``get_state_dict_and_metadata``), while the GPTQ and compressed-tensors layouts also change
+    ``config.json`` and add files."""
+    if getattr(type(model), "_hfquant_base", None) is None:  # not yet (also across a reload of this module)
+        model.__class__ = _save_format_class(type(model))
 
 
 def _freeze(model) -> None:
@@ -201,8 +270,9 @@ def quantize_(model, config, **options) -> dict:
     """Quantize an already loaded float transformers model in place (the torchao ``quantize_`` convention),
     exactly as ``from_pretrained(..., quantization_config=config)`` would (same skip list, config and report),
     so it saves and reloads like one. The model may be in float32, bfloat16 or float16 and on any device:
-    calibration runs where its weights are. ``options`` go to ``quantize_loaded_model_`` (``windows``,
-    ``progress``, ``store``). Returns ``model.hfquant_report``.
+    calibration runs where its weights are. ``config`` (an ``HFQuantConfig``) is not modified: the resolved
+    config is ``model.config.quantization_config``. ``options`` go to ``quantize_loaded_model_``
+    (``windows``, ``progress``, ``store``). Returns ``model.hfquant_report``.
     """
 
     quantizer = HFQuantQuantizer(config, pre_quantized=False)
@@ -222,7 +292,8 @@ def quantize_layerwise(model, config, *, device="cpu", dtype=torch.float32, acti
     ``quantize_(model, config)``, ready for ``save_pretrained``. ``activations`` says where the
     calibration hidden states live between blocks: ``"device"`` (the execution device), ``"cpu"`` or
     ``"disk"`` (safetensors files in a temporary folder under ``offload_folder``; quantized modules are then
-    recomputed rather than having their outputs cached). ``options`` go to ``quantize_loaded_model_``
+    recomputed rather than having their outputs cached). ``config`` is not modified (the resolved config is
+    the returned model's ``config.quantization_config``). ``options`` go to ``quantize_loaded_model_``
     (``windows``, ``progress``, ``dist``).
     """
 
@@ -230,8 +301,8 @@ def quantize_layerwise(model, config, *, device="cpu", dtype=torch.float32, acti
     skeleton = empty_model(folder, dtype, revision=revision, trust_remote_code=trust_remote_code)
     loader = LayerLoader(skeleton, folder, device, dtype)
     loader.load_outside()
-    report = quantize_(skeleton, config, onload=loader, activations=activations,
-                                offload_folder=offload_folder, **options)
+    report = quantize_(skeleton, config, onload=loader, activations=activations, offload_folder=offload_folder,
+                       **options)
     report["layerwise"] = {"activations": activations, "read_seconds": loader.seconds}
     return skeleton
 

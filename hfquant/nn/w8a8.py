@@ -25,7 +25,11 @@ from hfquant.nn.weight_only import storage_dtype
 
 
 class QuantLinearW8A8(nn.Module):
-    """W8A8 Linear; ``forward`` calls one op chosen at call time.
+    """W8A8 Linear (SmoothQuant): int8 weights with one float32 scale per output channel, and int8 activations,
+    quantized per token at run time (``input_scale == 0``) or with one static per-tensor scale; the int8 x int8
+    product accumulates in int32. ``forward`` calls one op chosen at call time (``hfquant.kernels.w8a8``).
+    Built by ``from_float`` (or as an empty skeleton that a checkpoint fills); tensors are listed in the module
+    docstring.
 
     Args:
         in_features, out_features: shape of the source Linear.

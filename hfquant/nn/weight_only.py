@@ -29,7 +29,10 @@ def storage_dtype(linear: nn.Module) -> torch.dtype:
 
 
 class QuantLinearWeightOnly(nn.Module):
-    """Weight-only quantized Linear. ``forward`` calls one op chosen at call time (``hfquant.kernels``).
+    """Weight-only quantized Linear (W4A16 and the 2/3/8-bit variants): packed integer codes with a float scale and
+    an integer zero point per group of input columns, float activations. ``forward`` calls one op chosen at call
+    time (``hfquant.kernels``). Built by ``from_float`` (or as an empty skeleton that a checkpoint fills);
+    tensors and the dequantization formula are in the module docstring.
 
     Args:
         in_features: input features.

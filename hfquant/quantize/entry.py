@@ -1,6 +1,9 @@
 """The one entry that quantizes a loaded float model according to an ``HFQuantConfig`` (calibration data
 included): ``quantize_loaded_model_``. The public ``hfquant.quantize_`` and ``hfquant.quantize_layerwise`` go
-through the transformers quantizer (``hfquant.integrations.transformers``), which calls it."""
+through the transformers quantizer (``hfquant.integrations.transformers``), which calls it.
+
+The config is only read: what the run resolves (the per-module schemes) comes back in ``Quantized`` and the
+quantizer records it in its own copy of the config."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import logging
 import platform
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from transformers import AutoTokenizer
@@ -50,9 +54,20 @@ OOM_HINT = ("to use less memory: calibration.layerwise: true (quantize_layerwise
             "after the last finished block")
 
 
-def quantize_loaded_model_(model, config, keep: Callable[[str], bool], *args, **kwargs) -> dict:
+class Quantized(NamedTuple):
+    """What ``quantize_loaded_model_`` returns."""
+
+    report: dict
+    """Per-module results, calibration fingerprint, timings (``model.hfquant_report``)."""
+    module_schemes: dict | None
+    """The resolved ``{module: {bits, group_size, sym, method}}`` of every quantized module when the run used
+    overrides, ``bits="auto"`` or given ``module_schemes`` (weight-only methods); ``None`` otherwise. The
+    caller stores it as the saved config's ``module_schemes``, from which reload builds each module."""
+
+
+def quantize_loaded_model_(model, config, keep: Callable[[str], bool], *args, **kwargs) -> Quantized:
     """Quantize ``model`` in place (``_quantize_loaded_model_``); a device out of memory becomes one line that
-    names what to change."""
+    names what to change. ``config`` is not modified."""
     dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
     bad = sorted(str(d) for d in dtypes - set(SUPPORTED_DTYPES))
     if bad:
@@ -67,8 +82,9 @@ def quantize_loaded_model_(model, config, keep: Callable[[str], bool], *args, **
 
 def _quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows: torch.Tensor | None = None,
                             progress: bool = True, store=None, *, onload=None, activations: str = "device",
-                            offload_folder=None, dist=None) -> dict:
-    """Quantize ``model`` in place; returns a report (per-module results, calibration fingerprint, timings).
+                            offload_folder=None, dist=None) -> Quantized:
+    """Quantize ``model`` in place; returns the report (per-module results, calibration fingerprint, timings)
+    and the resolved per-module schemes (``Quantized``).
 
     ``store`` (a ``hfquant.quantize.resume.ResumeStore``, GPTQ only) saves progress per block and resumes from it.
     ``onload`` (a ``hfquant.calibration.onload.LayerLoader``): the model is a meta skeleton whose blocks load one at a
@@ -148,15 +164,16 @@ def _quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows:
     if store is not None:
         report["resumed_from_block"] = store.resumed_from
     report["modules"] = modules
+    module_schemes = None
     if schemes is not None and config.method != "smoothquant":
         # The resolved scheme of every quantized module: reload builds each module from it.
-        config.module_schemes = {m["name"]: {"bits": m["bits"], "group_size": m["group_size"],
-                                             "sym": schemes[m["name"]].sym if m["name"] in schemes else config.sym,
-                                             "method": m["method"]} for m in modules}
+        module_schemes = {m["name"]: {"bits": m["bits"], "group_size": m["group_size"],
+                                      "sym": schemes[m["name"]].sym if m["name"] in schemes else config.sym,
+                                      "method": m["method"]} for m in modules}
     if head is not None:
         modules += reports_as_dicts(_quantize_lm_head_(model, config, head))
     report["damp_retries"] = sum(m.get("damp_retries", 0) for m in modules)
-    return report
+    return Quantized(report, module_schemes)
 
 
 def _lm_head_to_quantize(model, config) -> str | None:
