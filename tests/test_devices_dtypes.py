@@ -216,7 +216,7 @@ def test_missing_triton_is_one_warning_and_a_fallback(monkeypatch):
     import warnings
 
     import hfquant.kernels
-    import hfquant.kernels.w4a16 as w
+    import hfquant.kernels.common as w
 
     monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ImportError
     monkeypatch.delitem(sys.modules, "hfquant.kernels.triton_kernels", raising=False)

@@ -64,7 +64,7 @@ def _build():
     if os.environ.get("HFQUANT_CPU_EXTENSION", "1") == "0":
         return None
     try:
-        logger.info("loading hfquant's CPU W4A16 kernel (compiled once per machine, about a minute)")
+        logger.info("loading hfquant's CPU W4A16 kernel (compiled on first use, then cached in torch's extension folder)")
         ext = compile_kernel()
     except Exception as exc:  # noqa: BLE001 - no compiler, headers or ninja: fall back, say so once
         first = (str(exc).strip().splitlines() or [""])[-1][:200]
