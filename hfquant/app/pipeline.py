@@ -38,12 +38,12 @@ from hfquant.app.report import (
 )
 from hfquant.calibration.data import (
     BUNDLED_EVALUATION,
-    calibration_windows,
     fingerprint,
     join_texts,
     load_texts,
     max_positions,
     tokenize_text,
+    windows_for,
 )
 from hfquant.calibration.distributed import current
 from hfquant.calibration.graph import find_blocks, in_out_features, quantizable_modules
@@ -167,9 +167,7 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
     windows = None
     if method != "rtn":
         try:
-            windows = calibration_windows(tokenizer, dataset=config.dataset, config_name=config.dataset_config,
-                                          split=config.dataset_split, column=config.dataset_column,
-                                          num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
+            windows = windows_for(config, tokenizer)
         except CalibrationError as exc:
             raise recipe_error("calibration", str(exc).removeprefix("calibration ")) from None
     eval_ids, eval_name = (None, "")

@@ -112,6 +112,14 @@ def calibration_windows(tokenizer, *, dataset=None, config_name=None, split=None
     return sample_windows(tokenize_text(join_texts(texts), tokenizer), num_samples, seq_len, seed)
 
 
+def windows_for(config, tokenizer) -> torch.Tensor:
+    """The calibration windows an ``HFQuantConfig`` asks for (its dataset, split, column, sample count, length and
+    seed): the one call shared by ``hfquant run``'s checks and quantizing a loaded model."""
+    return calibration_windows(tokenizer, dataset=config.dataset, config_name=config.dataset_config,
+                               split=config.dataset_split, column=config.dataset_column,
+                               num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
+
+
 def fingerprint(windows: torch.Tensor) -> str:
     """Short sha256 of the calibration token ids, for reports and reproducibility checks."""
     return hashlib.sha256(windows.to(torch.int64).numpy().tobytes()).hexdigest()[:16]

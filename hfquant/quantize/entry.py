@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer
 
 from hfquant.calibration import distributed
-from hfquant.calibration.data import calibration_windows, fingerprint, max_positions
+from hfquant.calibration.data import fingerprint, max_positions, windows_for
 from hfquant.calibration.graph import is_quantizable, output_head_name
 from hfquant.calibration.spill import ACTIVATIONS, make_store
 from hfquant.core.errors import CalibrationError, ConfigError
@@ -120,9 +120,7 @@ def _quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows:
         t0 = time.perf_counter()
         if windows is None:
             tokenizer = _tokenizer_for(model, config)
-            windows = calibration_windows(tokenizer, dataset=config.dataset, config_name=config.dataset_config,
-                                          split=config.dataset_split, column=config.dataset_column,
-                                          num_samples=config.num_samples, seq_len=config.seq_len, seed=config.seed)
+            windows = windows_for(config, tokenizer)
         report["calibration"] = {"fingerprint": fingerprint(windows), "shape": list(windows.shape),
                                  "seconds": time.perf_counter() - t0}
         batches = list(windows.split(config.calibration_batch_size))
