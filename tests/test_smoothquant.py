@@ -55,11 +55,60 @@ def test_smoothing_reduces_w8a8_error_on_outlier_channels():
     assert smoothed < plain / 2
 
 
-def test_alpha_search_picks_the_grid_minimum():
+def plain_w8a8_error(x, weights, act_absmax, alpha):
+    """The smoothed W8A8 error written out in float64, independently of hfquant: ``s_j = max|X_j|^alpha /
+    max|W_j|^(1-alpha)`` (max over every weight, both clamped to >= 1e-5; ``alpha=None``: no smoothing), X / s
+    rounded to int8 per token, W * s per output channel, error ``sum |x W^T - Xq Wq^T|^2`` over the weights."""
+    x = x.double()
+    if alpha is None:
+        s = torch.ones(x.shape[1], dtype=torch.float64)
+    else:
+        w_max = torch.stack([w.double().abs().amax(dim=0) for w in weights]).amax(dim=0)
+        s = (act_absmax.double().clamp(min=1e-5) ** alpha / w_max.clamp(min=1e-5) ** (1 - alpha)).clamp(min=1e-5)
+    xs = x / s
+    sx = (xs.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-8)
+    xq = torch.clamp(torch.round(xs / sx), -127, 127) * sx
+    total = 0.0
+    for w in weights:
+        w = w.double()
+        ws = w * s
+        sw = (ws.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-8)
+        wq = torch.clamp(torch.round(ws / sw), -127, 127) * sw
+        total += float(((xq @ wq.t() - x @ w.t()) ** 2).sum())
+    return total
+
+
+def test_alpha_search_errors_and_choice_match_a_plain_reimplementation():
     x = outlier_inputs()
-    ws = [torch.randn(16, 64), torch.randn(8, 64)]
-    best, errors = search_alpha(x, ws, x.abs().amax(0))
-    assert set(errors) == set(ALPHA_GRID) and errors[best] == min(errors.values())
+    gen = torch.Generator().manual_seed(5)
+    ws = [torch.randn(16, 64, generator=gen), torch.randn(8, 64, generator=gen)]
+    act = x.abs().amax(0)
+    best, errors = search_alpha(x, ws, act)
+    assert list(errors) == list(ALPHA_GRID)
+    want = {a: plain_w8a8_error(x, ws, act, a) for a in ALPHA_GRID}
+    assert errors == pytest.approx(want, rel=1e-4)
+    assert best == min(want, key=want.get) == 0.5
+    ordered = sorted(want.values())
+    assert ordered[0] < 0.9 * ordered[1]  # a clear minimum: the argmin is not decided by float noise
+    # the ends of the range too, on a grid of the caller's
+    best, errors = search_alpha(x, ws, act, grid=(0.0, 0.5, 1.0))
+    assert best == 0.5
+    assert errors == pytest.approx({a: plain_w8a8_error(x, ws, act, a) for a in (0.0, 0.5, 1.0)}, rel=1e-4)
+
+
+def test_chosen_alpha_beats_no_migration_on_an_activation_outlier_channel():
+    """One channel 100x the others: without smoothing (or with alpha=0, which only rescales by the weights)
+    the per-token activation grid is set by the outlier and the other channels lose their bits."""
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(256, 64, generator=gen)
+    x[:, 11] *= 100
+    ws = [torch.randn(32, 64, generator=gen)]
+    act = x.abs().amax(0)
+    best, errors = search_alpha(x, ws, act)
+    assert errors[best] < plain_w8a8_error(x, ws, act, 0.0) / 20
+    assert errors[best] < plain_w8a8_error(x, ws, act, None) / 20
+    plain = float(((fake_w8a8(x, ws[0]) - x @ ws[0].t()) ** 2).sum())  # hfquant's own unsmoothed W8A8
+    assert plain == pytest.approx(plain_w8a8_error(x, ws, act, None), rel=1e-4)
 
 
 def test_int8_grids():
