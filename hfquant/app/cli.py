@@ -98,7 +98,6 @@ def _run(args) -> int:
     print(table(report))
     schemes = report["config"].get("module_schemes")
     if schemes:
-
         bits = report.get("stored_bits", {}).get("avg_bits")
         print(f"\nper-module schemes: {summary(schemes)}" + (f"; {bits:.4f} stored bits per weight" if bits else ""))
     print(f"\nsaved to {plan.out}")
@@ -112,7 +111,6 @@ def _run(args) -> int:
 def _distributed(dry_run: bool):
     """Under ``accelerate launch --num_processes N`` (``WORLD_SIZE > 1``): join the process group; the
     calibration batches are split across the processes and only the main one writes."""
-
     if dry_run:
         return Dist()
     dist = init_from_env()
@@ -198,7 +196,6 @@ def _inspect(args) -> int:
                                if k not in ("quant_method", "modules_to_not_convert", "module_schemes")))
         print(f"  kept float: {', '.join(qc.get('modules_to_not_convert') or []) or '-'}")
         if qc.get("module_schemes"):
-
             print(f"  per-module schemes: {summary(qc['module_schemes'])}")
     else:
         print("quantization: none (not an hfquant checkpoint)")
@@ -324,7 +321,6 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``hfquant`` and ``python -m hfquant``; returns the exit code."""
-
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -338,7 +334,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     _setup_logging(args.quiet, args.verbose)
     if args.quiet:
-
         disable_progress_bars()
         hf_logging.disable_progress_bar()
     try:

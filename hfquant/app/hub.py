@@ -46,7 +46,6 @@ def _transient(exc) -> bool:
 
 def _call(what: str, repo_id: str, fn, attempts: int, wait: float):
     """``fn()`` with retries on transient errors; Hub errors become one-line ``HubError``s."""
-
     for attempt in range(1, attempts + 1):
         try:
             return fn()
@@ -74,7 +73,6 @@ def _call(what: str, repo_id: str, fn, attempts: int, wait: float):
 def push_folder(folder, repo_id: str, *, private: bool = True, revision: str | None = None,
                 commit_message: str | None = None, attempts: int = 4, wait: float = 1.0) -> str:
     """Create ``repo_id`` if needed and upload ``folder`` to it (branch ``revision``). Returns the commit URL."""
-
     if constants.HF_HUB_OFFLINE:
         raise HubError("hub: HF_HUB_OFFLINE is set, so nothing can be pushed; unset it (e.g. HF_HUB_OFFLINE=0) and retry")
     folder = Path(folder)

@@ -92,7 +92,6 @@ def model_config(recipe: dict):
 
 def evaluation_ids(ev: dict, tokenizer) -> tuple[torch.Tensor, str]:
     """Token ids of the evaluation text (bundled WikiText-2 test by default) and a name for reports."""
-
     if ev["dataset"] is None:
         text, name = BUNDLED_EVALUATION.read_text(encoding="utf-8"), BUNDLED_EVAL_NAME
     else:
@@ -116,7 +115,6 @@ def eval_windows(ev: dict, ids: torch.Tensor) -> int:
 
 def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_repo: str | None = None) -> Plan:
     """Check everything that can be checked without loading weights; raise ``HFQuantError`` (bad input)."""
-
     t0 = time.perf_counter()
     config = to_config(recipe)
     if push_repo is not None:
@@ -139,7 +137,6 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
         raise RecipeError("--resume: resuming is not supported with calibration.layerwise or several processes; "
                           "rerun without --resume (or with --overwrite)")
     if cal["layerwise"]:
-
         if looks_local(recipe["model"]):
             try:
                 checkpoint_files(Path(recipe["model"]).expanduser())
@@ -152,7 +149,6 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
                                 ("evaluation.seq_len", ev["seq_len"], ev["before"] or ev["after"])):
         if used and limit is not None and seq_len > limit:
             raise recipe_error(path, f"{seq_len} exceeds the model's maximum of {limit} positions; lower it")
-
 
     check_before_loading(config, mcfg, getattr(torch, recipe["dtype"]))
     source = recipe["calibration"]["tokenizer"] or recipe["model"]
@@ -187,14 +183,12 @@ def _device(name: str, dist=None) -> str:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise RecipeError(f"device: {name!r} requested but CUDA is not available; use device: cpu")
     if name == "cuda" and dist is not None and dist.active:  # one GPU per process
-
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', dist.rank))}"
     return name
 
 
 def _checkpoint_float_bytes(recipe: dict) -> int:
     """Bytes of the float model as ``dtype`` (for the report), from the safetensors headers."""
-
     size = getattr(torch, recipe["dtype"]).itemsize
     files = sorted(set(checkpoint_files(local_folder(recipe["model"], recipe["revision"])).values()))
     total = sum(math.prod(shape) * size for _, shape, dtype in tensor_headers(files) if dtype.startswith(("F", "BF")))
@@ -218,7 +212,6 @@ def _perplexity(model, ids, ev, quiet: bool) -> float:
 
 def execute(p: Plan, quiet: bool = False) -> dict:
     """Run the plan; returns the report (also written to ``report.json``)."""
-
     timings: dict[str, float] = {"prepare": p.seconds}
     t_start = time.perf_counter()
     dist = current()
@@ -387,7 +380,6 @@ __all__ = ["HFQuantError", "Plan", "execute", "plan", "push"]
 def run_sensitivity(plan, quiet: bool = False) -> dict:
     """``hfquant sensitivity``: measure the table on the float model and write it (JSON, markdown, PNG) with a
     ``README.md`` into the plan's output folder (assembled beside it, moved into place when complete)."""
-
     cfg = plan.config
     if plan.windows is None:
         raise ConfigError("quantization.method: sensitivity needs calibration data; use method gptq in the recipe")
@@ -426,7 +418,6 @@ def check_before_loading(config, model_config, dtype) -> None:
     a quantizable module, and ``target_avg_bits`` is reachable with the candidates. Raises ``ConfigError``."""
     if not (config.overrides or config.target_avg_bits is not None):
         return
-
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)

@@ -123,7 +123,6 @@ def _check_keys(path: str, section: dict, valid, extra_hint: str = "") -> None:
 
 def _check_config_field(path: str, field: str, value) -> None:
     """Validate one HFQuantConfig field by building a config with it; re-word the error with ``path``."""
-
     try:
         HFQuantConfig(**{field: value})
     except ConfigError as exc:
@@ -279,7 +278,6 @@ def check_repo_id(repo_id, path: str = "repo_id") -> str:
 
 def parse_set(item: str) -> tuple[list[str], Any]:
     """``key.path=value`` (value read as YAML: ``8``, ``false``, ``null``, ``[a, b]``) -> (path, value)."""
-
     key, sep, value = item.partition("=")
     parts = key.strip().split(".")
     if not sep or not all(p.strip() for p in parts):
@@ -310,7 +308,6 @@ def apply_sets(raw: dict, sets: list[str]) -> dict:
 
 def read(path) -> Any:
     """Parse a recipe file with ``yaml.safe_load``; unreadable files and bad YAML raise ``RecipeError``."""
-
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"recipe {str(p)!r}: " + ("is a folder, not a YAML file" if p.is_dir() else "file not found"))
@@ -345,7 +342,6 @@ def load(path, sets: list[str] | None = None, output: str | None = None) -> dict
 
 def to_config(recipe: dict):
     """The ``HFQuantConfig`` of a resolved recipe."""
-
     fields = dict(recipe["quantization"])
     for key, field in CALIBRATION_FIELDS.items():
         fields[field] = recipe["calibration"][key]
@@ -354,5 +350,4 @@ def to_config(recipe: dict):
 
 def dump(recipe: dict) -> str:
     """The resolved recipe as YAML (what ``hfquant_recipe.yaml`` holds)."""
-
     return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=False)

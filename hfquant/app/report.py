@@ -74,7 +74,6 @@ def describe(config: dict) -> str:
 def write_card(folder: Path, report: dict, recipe: dict, name: str) -> None:
     """``README.md`` made with ``huggingface_hub.ModelCard``: metadata, how to load, the measured table
     (and the mixed-precision allocation and sensitivity plot, when there are)."""
-
     model = recipe["model"]
     data = ModelCardData(library_name="transformers", tags=["hfquant", report["config"]["method"], "quantized"],
                          base_model=None if looks_local(model) else model, pipeline_tag="text-generation")
@@ -131,7 +130,6 @@ def write_sensitivity(folder: Path, table: dict, allocation: dict | None = None)
 def stored_average_bits(folder: Path) -> dict:
     """Measured from the saved safetensors: bits of ``weight`` + ``scales`` + ``zeros`` + ``g_idx`` of every
     W4A16 module, over its ``in * out`` weights. Returns ``{"avg_bits", "modules", "weights"}``."""
-
     itemsize = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
     sizes: dict[str, dict] = {}  # module -> leaf -> (shape, bytes); read from the headers, no tensor data
     for key, shape, dtype in tensor_headers(sorted(Path(folder).glob("*.safetensors"))):
@@ -151,7 +149,6 @@ def stored_average_bits(folder: Path) -> dict:
 
 def card_section(report: dict, folder: Path) -> str:
     """Markdown for the model card: the allocation and the sensitivity plot (when present)."""
-
     auto = report.get("auto") or {}
     allocation = auto.get("allocation")
     lines = []
@@ -185,7 +182,6 @@ def card_section(report: dict, folder: Path) -> str:
 
 def measure_words(table: dict) -> str:
     """What the sensitivity plot of ``table`` shows (the quantity the allocation minimises)."""
-
     return ("the estimated increase of the next-token loss" if has_fisher(table)
             else "the relative output error")
 

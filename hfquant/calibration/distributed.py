@@ -85,7 +85,6 @@ class Dist:
         """Finish ``h`` (rank 0's running sum, or zeros elsewhere) with every rank's batch ``products`` (an
         iterable, consumed in order), in rank order, exactly as one process adds them; afterwards every rank
         holds the total."""
-
         if self.rank > 0:
             td.recv(h, src=self.rank - 1)
             for p in products:
@@ -108,7 +107,6 @@ class Dist:
     @_collective
     def broadcast_(self, t: torch.Tensor, src: int) -> None:
         """``t`` takes rank ``src``'s values on every rank (in place)."""
-
         td.broadcast(t, src=src)
 
     @_collective
@@ -120,7 +118,6 @@ class Dist:
     @_collective
     def max(self, t: torch.Tensor, device) -> torch.Tensor:
         """Elementwise maximum of ``t`` over the processes (exact in any order), computed on ``device``."""
-
         u = t.to(device).clone()
         td.all_reduce(u, op=td.ReduceOp.MAX)
         return u.to(t.device)
@@ -128,7 +125,6 @@ class Dist:
     @_collective
     def from_main(self, value: float, device) -> float:
         """Rank 0's ``value`` on every rank."""
-
         t = torch.tensor([value], dtype=torch.float64, device=device)
         td.broadcast(t, src=0)
         return float(t.item())
@@ -137,7 +133,6 @@ class Dist:
     def gather_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Every rank's ``t`` (``[rows_r, ...]``, rows may differ) concatenated along rows in rank order (= batch
         order for contiguous batch ranges). Tensors only: the sizes travel first, then padded blocks."""
-
         n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
         sizes = [torch.zeros_like(n) for _ in range(self.world)]
         td.all_gather(sizes, n)
@@ -151,13 +146,11 @@ class Dist:
     @_collective
     def barrier(self) -> None:
         if self.active:
-
             td.barrier()
 
 
 def current() -> Dist:
     """The ``Dist`` of the initialised ``torch.distributed`` group, or a single process when there is none."""
-
     if td.is_available() and td.is_initialized() and td.get_world_size() > 1:
         return Dist(td.get_rank(), td.get_world_size())
     return Dist()
@@ -166,8 +159,6 @@ def current() -> Dist:
 def init_from_env() -> Dist:
     """Under ``accelerate launch`` / ``torchrun`` (``WORLD_SIZE > 1``), create the process group through
     accelerate's ``PartialState`` (gloo on CPU-only machines, NCCL on GPUs); otherwise a single process."""
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-
         PartialState(cpu=not torch.cuda.is_available())
     return current()

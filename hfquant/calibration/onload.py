@@ -47,7 +47,6 @@ def checkpoint_files(folder: Path) -> dict[str, Path]:
                               "(expected a JSON object with a 'weight_map')") from None
         return {name: folder / file for name, file in weight_map.items()}
     if (folder / SINGLE).is_file():
-
         with safe_open(str(folder / SINGLE), "pt") as f:
             return {name: folder / SINGLE for name in f.keys()}
     raise ConfigError(f"hfquant: layer-wise loading needs {SINGLE} or {INDEX} in {str(folder)!r}; "
@@ -160,7 +159,6 @@ def release_freed_memory() -> None:
 
 def empty_model(folder, dtype: torch.dtype, *, revision=None, trust_remote_code: bool = False):
     """The ``AutoModelForCausalLM`` of ``folder`` with its parameters on the meta device (buffers real)."""
-
     config = AutoConfig.from_pretrained(folder, revision=revision, trust_remote_code=trust_remote_code)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)

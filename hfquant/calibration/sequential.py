@@ -156,7 +156,6 @@ def discover_groups(block: nn.Module, modules: dict[str, nn.Module], inp: BlockI
 
 def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[torch.Tensor]) -> list[BlockInputs]:
     """Run the model on each batch of token ids up to ``block`` and record that block's inputs."""
-
     records: list[BlockInputs] = []
 
     def pre(_m, args, kwargs):
@@ -328,7 +327,6 @@ def calibrate_blocks_(model: nn.Module, batches: list[torch.Tensor], keep: Calla
     quantized = []
     it = range(first, len(blocks))
     if progress:
-
         it = tqdm(it, desc="quantizing blocks", unit="block", initial=first, total=len(blocks))
     for i in it:
         name = f"{blocks_name}.{i}"

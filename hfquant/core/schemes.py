@@ -70,7 +70,6 @@ def matches(pattern: str, name: str) -> bool:
 
 def validate_overrides(overrides, where: str = "HFQuantConfig.overrides") -> None:
     """Raise ``ConfigError`` (naming the key path) unless ``overrides`` is a valid pattern -> fields mapping."""
-
     if overrides is None:
         return
     if not isinstance(overrides, dict):

@@ -36,7 +36,6 @@ def window_nlls(model, ids: torch.Tensor, seq_len: int, max_windows: int | None 
     out = []
     it = range(n_windows)
     if progress:
-
         it = tqdm(it, desc="perplexity", unit="window")
     for k in it:
         window = ids[k * seq_len : (k + 1) * seq_len].unsqueeze(0).to(device)

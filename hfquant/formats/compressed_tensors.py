@@ -45,7 +45,6 @@ def _import_ct():
 
 def _module_q(q, name: str):
     """The config fields of module ``name``: its entry in ``module_schemes``, else the top-level ones."""
-
     s = (q.module_schemes or {}).get(name)
     if s is None:
         return q

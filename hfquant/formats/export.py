@@ -83,7 +83,6 @@ class HFQuantCheckpoint:
 
     def meta_model(self):
         """The architecture on the meta device (module types and names only; no weights are read)."""
-
         cfg_dict = {k: v for k, v in self.config.items() if k != "quantization_config"}
         config = transformers.AutoConfig.for_model(**cfg_dict)
         archs = getattr(config, "architectures", None) or []

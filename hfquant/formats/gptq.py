@@ -181,7 +181,6 @@ def gptq_quantization_config(*, bits: int, group_size: int, sym: bool, desc_act:
 
 def _block_layout(ckpt):
     """``(block_name, modules_in_block_to_quantize or None)`` for the GPTQ config; refuses layouts it cannot state."""
-
     model = ckpt.meta_model()
     quantizable = {n for n, m in model.named_modules() if n and is_quantizable(m)}
     missing = sorted(set(ckpt.modules) - quantizable)
@@ -216,7 +215,6 @@ def gptq_writer(ckpt, checkpoint_format: str = "gptq"):
                           "activation quantization; export to compressed-tensors instead")
     mixed = {(s["bits"], s["group_size"], s["sym"]) for s in (q.module_schemes or {}).values()}
     if mixed - {(q.bits, q.group_size, q.sym)}:
-
         raise FormatError(f"per-module schemes ({summary(q.module_schemes)}): the GPTQ v1 layout has one bits/group_size "
                           "for the whole model; export to compressed-tensors (one config group per scheme) instead")
     zero_offset(checkpoint_format)
@@ -290,7 +288,6 @@ class GPTQImportLinear(torch.nn.Module):
 
 def checkpoint_keys(checkpoint_files) -> set[str]:
     """Tensor names in the safetensors files (headers only)."""
-
     keys: set[str] = set()
     for f in checkpoint_files or []:
         if str(f).endswith(".safetensors"):
@@ -302,7 +299,6 @@ def checkpoint_keys(checkpoint_files) -> set[str]:
 def float16_rounded(model):
     """A copy of ``model`` whose W4A16 scales and biases are rounded to float16, as the GPTQ layout stores
     them: what a GPTQ export of ``model`` computes exactly."""
-
     rounded = copy.deepcopy(model)
     for m in rounded.modules():
         if isinstance(m, QuantLinearWeightOnly):

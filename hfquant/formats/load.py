@@ -47,7 +47,6 @@ def read_gptq_config(path: str | os.PathLike) -> dict:
 
 def gptq_to_hfquant_config(q: dict, **overrides):
     """``HFQuantConfig`` describing a GPTQ ``quantization_config`` (``checkpoint_format`` gptq or gptq_v2)."""
-
     fmt = str(q.get("checkpoint_format") or q.get("format") or "gptq").lower()
     if fmt not in GPTQ_FORMATS:
         raise FormatError(f"GPTQ checkpoint_format {fmt!r} is not supported; expected one of {list(GPTQ_FORMATS)} "
@@ -70,7 +69,6 @@ def gptq_config(path: str | os.PathLike, **overrides):
     """The checkpoint's transformers config with an hfquant ``quantization_config`` that imports the GPTQ
     tensors; pass it as ``from_pretrained(path, config=...)``. ``overrides`` set ``HFQuantConfig`` fields
     (e.g. ``save_format="compressed-tensors"``)."""
-
     hq = gptq_to_hfquant_config(read_gptq_config(path), **overrides)
     config = AutoConfig.from_pretrained(path)
     config.quantization_config = hq.to_dict()

@@ -136,7 +136,6 @@ class HFQuantQuantizer(HfQuantizer):
     def _gptq_skeletons(self, model, cfg, dtype, checkpoint_files) -> None:
         """Importing a GPTQ checkpoint: give each module that has a ``qweight`` in the files a skeleton
         holding the GPTQ tensors; ``_process_model_after_weight_loading`` converts them."""
-
         keys = checkpoint_keys(checkpoint_files)
         names = sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
         if not names:
@@ -193,7 +192,6 @@ class HFQuantQuantizer(HfQuantizer):
 
 def _convert_gptq_skeletons(model) -> None:
     """Replace the GPTQ skeletons by ``QuantLinearWeightOnly`` modules."""
-
     for name, module in list(model.named_modules()):
         if isinstance(module, GPTQImportLinear):
             set_submodule(model, name, module.to_w4a16())
@@ -258,7 +256,6 @@ def _install_save_format_hook(model) -> None:
 
 def _freeze(model) -> None:
     """Freeze the quantized tensors and convert them to their kernels' layouts once, at load time."""
-
     for m in model.modules():
         if isinstance(m, (QuantLinearWeightOnly, QuantLinearW8A8)):
             for p in m.parameters(recurse=False):
@@ -274,7 +271,6 @@ def quantize_(model, config, **options) -> dict:
     config is ``model.config.quantization_config``. ``options`` go to ``quantize_loaded_model_``
     (``windows``, ``progress``, ``store``). Returns ``model.hfquant_report``.
     """
-
     quantizer = HFQuantQuantizer(config, pre_quantized=False)
     quantizer.run_options = options
     quantizer.preprocess_model(model)
@@ -296,7 +292,6 @@ def quantize_layerwise(model, config, *, device="cpu", dtype=torch.float32, acti
     the returned model's ``config.quantization_config``). ``options`` go to ``quantize_loaded_model_``
     (``windows``, ``progress``, ``dist``).
     """
-
     folder = local_folder(str(model), revision)
     skeleton = empty_model(folder, dtype, revision=revision, trust_remote_code=trust_remote_code)
     loader = LayerLoader(skeleton, folder, device, dtype)
@@ -315,7 +310,6 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-
 
     if AUTO_QUANTIZATION_CONFIG_MAPPING.get(QUANT_METHOD) is not HFQuantConfig:
         AUTO_QUANTIZATION_CONFIG_MAPPING.pop(QUANT_METHOD, None)  # a stale class from a reloaded module

@@ -55,7 +55,6 @@ def kernel(ext, name: str):
 def compile_kernel(name: str = "hfquant_w4a16_cpu", extra_cflags: tuple = ()):
     """Compile (or load from torch's extension cache) the kernel module. ``extra_cflags`` go after
     ``-march=native``: the tests build a ``-mno-avx512vnni`` copy to check the float32 FMA loop too."""
-
     return load(name=name, sources=[str(_SOURCE)], verbose=False,
                 extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags])
 

@@ -88,7 +88,6 @@ def average_range(table: dict, scale_bits: int = 32) -> tuple[float, float]:
 
 def _fake_quantize_(model: nn.Module, allocation: dict[str, dict], sym: bool, observer: str) -> dict[str, torch.Tensor]:
     """Replace each allocated module's weight by its RTN dequantized weight; returns the originals."""
-
     saved = {}
     for name, s in allocation.items():
         m = model.get_submodule(name)
@@ -109,7 +108,6 @@ def search_ppl(model: nn.Module, table: dict, ids: torch.Tensor, max_increase: f
 
     Returns ``{"allocation", "target_avg_bits", "avg_bits", "ppl_float", "ppl_limit", "trials": [...]}``.
     """
-
     def ppl() -> float:
         return perplexity(model, None, ids, seq_len=seq_len, max_windows=windows)
 
@@ -149,6 +147,5 @@ def search_ppl(model: nn.Module, table: dict, ids: torch.Tensor, max_increase: f
 
 def valid_ids(tokenizer, seq_len: int, windows: int) -> torch.Tensor:
     """The last ``windows * seq_len`` tokens of the bundled WikiText-2 valid text."""
-
     ids = tokenize_text(BUNDLED_CALIBRATION.read_text(encoding="utf-8"), tokenizer)
     return ids[-windows * seq_len:]

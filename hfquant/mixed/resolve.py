@@ -60,7 +60,6 @@ def scale_bits_of(model) -> int:
 def auto_schemes(model, config, keep: Callable[[str], bool], batches: list[torch.Tensor], tokenizer_fn,
                  progress: bool = True) -> tuple[dict[str, ModuleScheme], dict]:
     """Measure sensitivity, allocate the budget; returns ``(schemes, report)``."""
-
     table = measure_for_config(model, batches, keep, config, progress)
     sb = scale_bits_of(model)
     report: dict = {"sensitivity": table, "scale_bits": sb}
@@ -68,7 +67,6 @@ def auto_schemes(model, config, keep: Callable[[str], bool], batches: list[torch
         allocation, avg = budget.allocate_bits(table, config.target_avg_bits, sb)
         report.update(target_avg_bits=config.target_avg_bits, predicted_avg_bits=avg)
     else:
-
         seq_len = min(512, max_positions(model.config) or 512)
         ids = budget.valid_ids(tokenizer_fn(), seq_len, 8)
         found = budget.search_ppl(model, table, ids, config.max_ppl_increase, sym=config.sym,

@@ -169,7 +169,6 @@ def measure_for_config(model: nn.Module, batches: list[torch.Tensor], keep: Call
                        progress: bool = True) -> dict:
     """``measure_sensitivity`` with an ``HFQuantConfig``'s candidates and GPTQ settings (what ``bits: auto``
     and ``hfquant sensitivity`` run)."""
-
     return measure_sensitivity(model, batches, keep, [dict(c) for c in (config.candidates or DEFAULT_CANDIDATES)],
                                sym=config.sym, observer=config.observer, act_order=config.desc_act,
                                static_groups=config.static_groups, damp_percent=config.damp_percent,
@@ -215,7 +214,6 @@ def plot(table: dict, path, allocation: dict | None = None) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # after use("Agg"): no display needed
-
 
     names = list(table["modules"])
     values = losses_of(table)  # what the allocation minimises

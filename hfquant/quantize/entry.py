@@ -93,7 +93,6 @@ def _quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows:
     default: the initialised ``torch.distributed`` group, if any) splits the calibration batches across
     processes and reduces the statistics exactly.
     """
-
     dist = dist or distributed.current()
     if config.method == "smoothquant" and activations != "device":
         raise ConfigError(f"hfquant: activations={activations!r} is supported for gptq only; SmoothQuant keeps its "
@@ -129,7 +128,6 @@ def _quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows:
             report["calibration"]["processes"] = dist.world
             batches = batches[share.start:share.stop]
         if config.method == "smoothquant":
-
             modules = quantize_w8a8_(model, batches, keep, alpha=config.alpha, weight_method=config.weight_method,
                                      static_activations=config.activation_scheme == "static",
                                      damp_percent=config.damp_percent, block_size=config.block_size, progress=progress,

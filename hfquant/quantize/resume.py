@@ -105,7 +105,6 @@ class ResumeStore:
             (self.folder / old).unlink(missing_ok=True)
         hook = os.environ.get("HFQUANT_TEST_PAUSE_AFTER_BLOCK")
         if hook is not None and int(hook) == i:  # tests: wait here to be killed with SIGKILL
-
             time.sleep(120)
 
     def load_block(self, i: int) -> tuple[dict[str, torch.Tensor], dict]:

@@ -162,7 +162,6 @@ def quantize_w8a8_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
     reports: list[dict] = []
     it = range(len(blocks))
     if progress:
-
         it = tqdm(it, desc="smoothing + W8A8", unit="block")
     for i in it:
         block, prefix = blocks[i], f"{blocks_name}.{i}"
