@@ -47,8 +47,8 @@ from hfquant.calibration.data import (
 )
 from hfquant.calibration.distributed import current
 from hfquant.calibration.graph import find_blocks, in_out_features, quantizable_modules
-from hfquant.config import DEFAULT_CANDIDATES
 from hfquant.calibration.onload import checkpoint_files, local_folder
+from hfquant.config import DEFAULT_CANDIDATES
 from hfquant.core.errors import CalibrationError, ConfigError, HFQuantError
 from hfquant.core.schemes import resolve
 from hfquant.eval.perplexity import perplexity
