@@ -14,6 +14,8 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from hfquant.core.errors import ConfigError
+from hfquant.core.gguf_blocks import BLOCK_TYPES
+from hfquant.core.gguf_grids import symmetric
 from hfquant.core.grids import OBSERVERS
 from hfquant.core.packing import SUPPORTED_BITS
 from hfquant.core.schemes import MODULE_METHODS, validate_overrides
@@ -22,7 +24,11 @@ QUANT_METHOD = "hfquant"
 METHODS = ("gptq", "rtn", "smoothquant")
 WEIGHT_METHODS = ("rtn", "gptq")
 ACTIVATION_SCHEMES = ("dynamic", "static")
-SAVE_FORMATS = ("hfquant", "gptq", "compressed-tensors")
+SAVE_FORMATS = ("hfquant", "gptq", "compressed-tensors", "gguf")
+# gguf_type values: a block type, or "Q4_K_M" (llama.cpp's mix around Q4_K; hfquant.mixed.gguf_types).
+GGUF_TYPES = (*BLOCK_TYPES, "Q4_K_M")
+# gguf_head_type / gguf_embedding_type values (export only: the head and embeddings are rounded to nearest).
+GGUF_TENSOR_TYPES = (*BLOCK_TYPES, "F16", "BF16", "F32")
 CHECKPOINT_FORMATS = ("hfquant", "gptq", "gptq_v2")
 LM_HEAD_BITS = (8,)
 
@@ -60,6 +66,9 @@ DEFAULTS: dict[str, Any] = {
     "candidates": None,
     "fisher_windows": 16,
     "module_schemes": None,
+    "gguf_type": None,
+    "gguf_head_type": None,
+    "gguf_embedding_type": None,
 }
 # ``bits: auto`` chooses per module among these (bits, group_size) unless ``candidates`` says otherwise.
 DEFAULT_CANDIDATES: tuple[dict, ...] = (
@@ -136,6 +145,15 @@ class HFQuantConfig(QuantizationConfigMixin):
         module_schemes: written by the run: the resolved ``{module: {bits, group_size, sym, method}}`` of
             every quantized module when overrides or ``bits="auto"`` were used; reload builds each module
             from it. Given at quantization time, it is used as is (exact names, no patterns).
+        gguf_type: quantize (GPTQ or RTN) onto a llama.cpp GGUF grid: ``"Q8_0"``, ``"Q4_0"``, ``"Q5_0"``,
+            ``"Q4_1"``, ``"Q4_K"``, ``"Q6_K"``, or ``"Q4_K_M"`` (llama.cpp's mix: Q4_K, with Q6_K for some
+            layers' attn_v and ffn_down). It sets bits, group size and grid (given ``bits``/``group_size``/``sym``
+            must agree); tensors whose row length the type cannot hold fall back as llama.cpp does (Q4_K -> Q5_0,
+            Q6_K -> Q8_0). The modules hold the GGUF blocks (``QuantLinearGGUF``); ``save_format: gguf`` or
+            ``hfquant export --format gguf`` writes the ``.gguf`` file.
+        gguf_head_type / gguf_embedding_type: the output head's and token embeddings' type in the GGUF file
+            (rounded to nearest at export); ``None`` follows llama.cpp (head Q6_K, or Q8_0 when its rows are not
+            a multiple of 256; untied embeddings in ``gguf_type``'s type).
     """
 
     def __init__(self, **kwargs):
@@ -148,6 +166,7 @@ class HFQuantConfig(QuantizationConfigMixin):
         self.quant_method = QUANT_METHOD
         for key, default in DEFAULTS.items():
             setattr(self, key, copy.deepcopy(kwargs.get(key, default)))
+        self._given = frozenset(kwargs)
         self.post_init()
 
     # transformers calls cls(**dict) in from_dict; keep that behaviour and our validation.
@@ -163,7 +182,9 @@ class HFQuantConfig(QuantizationConfigMixin):
 
         if self.method not in METHODS:
             bad("method", f"one of {list(METHODS)}")
-        if self.bits != AUTO and (not _is_int(self.bits) or self.bits not in SUPPORTED_BITS):
+        if self.gguf_type is not None:
+            self._apply_gguf_type(bad)
+        elif self.bits != AUTO and (not _is_int(self.bits) or self.bits not in SUPPORTED_BITS):
             bad("bits", f"one of {list(SUPPORTED_BITS)} or \"auto\"")
         if not _is_int(self.group_size) or not (self.group_size == -1 or self.group_size > 0):
             bad("group_size", "-1 (one group per output channel) or a positive integer such as 128")
@@ -195,6 +216,11 @@ class HFQuantConfig(QuantizationConfigMixin):
             bad("activation_scheme", f"one of {list(ACTIVATION_SCHEMES)}")
         if self.save_format not in SAVE_FORMATS:
             bad("save_format", f"one of {list(SAVE_FORMATS)}")
+        if self.save_format == "gguf" and self.gguf_type is None:
+            bad("save_format", "gguf only with gguf_type set (e.g. gguf_type: Q4_K_M), or another save_format")
+        for field in ("gguf_head_type", "gguf_embedding_type"):
+            if getattr(self, field) is not None and getattr(self, field) not in GGUF_TENSOR_TYPES:
+                bad(field, f"null (llama.cpp's choice) or one of {list(GGUF_TENSOR_TYPES)}")
         if self.checkpoint_format not in CHECKPOINT_FORMATS:
             bad("checkpoint_format", f"one of {list(CHECKPOINT_FORMATS)}")
         m = self.modules_to_not_convert
@@ -210,6 +236,31 @@ class HFQuantConfig(QuantizationConfigMixin):
                 bad("lm_head_bits", f"null with save_format {self.save_format!r} (GPTQ and compressed-tensors "
                                     "checkpoints are written with a float head); use save_format hfquant")
         self._check_mixed(bad)
+
+    def _apply_gguf_type(self, bad) -> None:
+        """Check ``gguf_type`` against the fields it fixes, then set them from the type."""
+        if self.gguf_type not in GGUF_TYPES:
+            bad("gguf_type", f"one of {list(GGUF_TYPES)} or null")
+        bt = BLOCK_TYPES["Q4_K" if self.gguf_type == "Q4_K_M" else self.gguf_type]
+        fixed = {"bits": bt.bits, "group_size": bt.group_size, "sym": symmetric(bt.name)}
+        for key, value in fixed.items():
+            if key in getattr(self, "_given", ()) and getattr(self, key) != value:
+                raise ConfigError(f"HFQuantConfig.{key}: got {getattr(self, key)!r}, but gguf_type {self.gguf_type!r} "
+                                  f"stores {key} {value!r}; drop {key} (gguf_type sets it) or choose another gguf_type")
+            setattr(self, key, value)
+        if self.method not in WEIGHT_METHODS:
+            bad("method", f"gptq or rtn with gguf_type (GGUF files hold weight-only grids); got {self.method!r}")
+        if self.desc_act and not self.static_groups:
+            bad("static_groups", "true with gguf_type and desc_act (a GGUF block holds consecutive columns, so "
+                                 "act-order needs static groups), or set desc_act false")
+        if self.lm_head_bits is not None:
+            bad("lm_head_bits", "null with gguf_type (the GGUF head type is gguf_head_type)")
+        if self.observer != "minmax":
+            bad("observer", "minmax with gguf_type (GGUF grids are fitted as llama.cpp fits them)")
+        for pattern, fields in (self.overrides or {}).items():
+            if set(fields) - {"skip", "method", "gguf_type"}:
+                raise ConfigError(f"HFQuantConfig.overrides[{pattern!r}]: with gguf_type only skip, method and gguf_type "
+                                  f"can be overridden, got {sorted(set(fields) - {'skip', 'method', 'gguf_type'})}")
 
     def _check_mixed(self, bad) -> None:
         validate_overrides(self.overrides)
@@ -239,6 +290,10 @@ class HFQuantConfig(QuantizationConfigMixin):
                         or item["bits"] not in SUPPORTED_BITS or not _is_int(item["group_size"])
                         or not (item["group_size"] == -1 or item["group_size"] > 0)):
                     bad("candidates", f"a list of {{bits: one of {list(SUPPORTED_BITS)}, group_size: -1 or > 0}}")
+        if self.overrides and self.gguf_type is None and any("gguf_type" in f for f in self.overrides.values()):
+            raise ConfigError("HFQuantConfig.overrides: gguf_type overrides need the run's gguf_type set (e.g. gguf_type: Q4_K)")
+        if auto and self.gguf_type is not None:
+            bad("bits", 'an integer with gguf_type ("auto" does not choose GGUF types; Q4_K_M is llama.cpp\'s mix)')
         if self.overrides and (self.method == "smoothquant" or auto):
             for pattern, fields in self.overrides.items():
                 if set(fields) - {"skip"}:
@@ -253,9 +308,11 @@ class HFQuantConfig(QuantizationConfigMixin):
         ms = self.module_schemes
         if ms is not None:
             ok = isinstance(ms, dict) and all(
-                isinstance(k, str) and isinstance(v, dict) and set(v) == {"bits", "group_size", "sym", "method"}
-                and v["bits"] in SUPPORTED_BITS and _is_int(v["group_size"]) and isinstance(v["sym"], bool)
-                and v["method"] in MODULE_METHODS for k, v in ms.items())
+                isinstance(k, str) and isinstance(v, dict)
+                and set(v) - {"gguf_type"} == {"bits", "group_size", "sym", "method"}
+                and v.get("gguf_type", None) in (None, *BLOCK_TYPES)
+                and (v["bits"] in SUPPORTED_BITS or "gguf_type" in v) and _is_int(v["group_size"])
+                and isinstance(v["sym"], bool) and v["method"] in MODULE_METHODS for k, v in ms.items())
             if not ok:
                 bad("module_schemes", "a mapping module name -> {bits, group_size, sym, method}")
 

@@ -39,6 +39,15 @@ from dataclasses import dataclass
 
 import torch
 
+from hfquant.core.gguf_blocks import block_type, dequantize_codes
+from hfquant.core.gguf_grids import (
+    BlockGrid,
+    code_layout,
+    concat_params,
+    fit_block_grid,
+    grid_codes,
+    grid_values,
+)
 from hfquant.core.grids import dequantize, dequantize_grouped, fit_grid, group_bounds, quantize_codes
 
 
@@ -54,6 +63,9 @@ class GPTQResult:
         row_losses: float32 ``[rows]``, ``sum_i (w - q)^2 / Hinv_ii^2 / 2`` per row (the reference's error).
         damp: damping fraction finally used.
         retries: how many times the damping was raised.
+        gguf_type: the GGUF block type the codes are on (``hfquant.core.gguf_grids``), or ``None``.
+        params: with ``gguf_type``, the stored block parameters (``gguf_blocks.pack_rows``'s ``params``); the
+            codes are then in the type's own range (signed for Q8_0) and ``zeros`` is the type's constant zero.
     """
 
     codes: torch.Tensor
@@ -63,13 +75,18 @@ class GPTQResult:
     row_losses: torch.Tensor
     damp: float
     retries: int
+    gguf_type: str | None = None
+    params: dict | None = None
 
     @property
     def loss(self) -> float:
         return float(self.row_losses.sum())
 
     def dequantized(self) -> torch.Tensor:
-        """The fake-quantized weight ``scale[g_idx] * (codes - zero[g_idx])`` in float32."""
+        """The fake-quantized weight ``scale[g_idx] * (codes - zero[g_idx])`` in float32 (for a GGUF type, ggml's
+        de-quantization of the stored blocks)."""
+        if self.gguf_type is not None:
+            return dequantize_codes(self.gguf_type, self.codes, self.params)
         return dequantize_grouped(self.codes, self.scales, self.zeros, self.g_idx)
 
 
@@ -140,6 +157,7 @@ def gptq_quantize(
     block_size: int = 128,
     observer: str = "minmax",
     scale_dtype: torch.dtype | None = None,
+    gguf_type: str | None = None,
 ) -> GPTQResult | None:
     """Quantize ``weight`` (``[rows, cols]``) given the input Hessian ``hessian`` (``[cols, cols]``).
 
@@ -153,7 +171,7 @@ def gptq_quantize(
     if factor is None:
         return None
     return gptq_solve(weight, factor, bits=bits, group_size=group_size, sym=sym, static_groups=static_groups,
-                      block_size=block_size, observer=observer, scale_dtype=scale_dtype)
+                      block_size=block_size, observer=observer, scale_dtype=scale_dtype, gguf_type=gguf_type)
 
 
 def gptq_solve(
@@ -167,12 +185,17 @@ def gptq_solve(
     block_size: int = 128,
     observer: str = "minmax",
     scale_dtype: torch.dtype | None = None,
+    gguf_type: str | None = None,
 ) -> GPTQResult:
     """Step 5 above for ``weight`` ``[rows, cols]`` on a prepared Hessian factor.
 
     ``scale_dtype``: the dtype the scales are stored in (the model's, e.g. bfloat16). Each group's scale is
     rounded to it before its codes are chosen, so the codes, the losses and ``dequantized()`` are those of
     the stored grid. Every tensor is created on ``weight``'s device.
+
+    ``gguf_type``: quantize onto that GGUF block type's stored grid instead (``hfquant.core.gguf_grids``); it
+    fixes the group size and the grid, so ``bits``, ``group_size``, ``sym``, ``observer`` and ``scale_dtype`` are
+    not used. Act-order needs ``static_groups`` then (a GGUF block holds consecutive columns).
     """
     w = weight.float().clone()
     rows, cols = w.shape
@@ -182,12 +205,17 @@ def gptq_solve(
     hinv = factor.hinv.to(device)
     w[:, factor.dead.to(device)] = 0
 
-    fit = _GridFit(bits, sym, observer, scale_dtype)
-    # Static grids are fitted on the weight in its original column order, before any update.
-    grids = _StaticGroupGrids(w, g, perm, fit) if static_groups else _FittedGroupGrids(rows, cols, g, device, fit)
+    if gguf_type is not None:
+        if perm is not None and not static_groups:
+            raise ValueError(f"GGUF {gguf_type}: act-order needs static_groups (a GGUF block holds consecutive columns)")
+        grids = _BlockTypeGrids(w, gguf_type, perm, static_groups)
+    else:
+        fit = _GridFit(bits, sym, observer, scale_dtype)
+        # Static grids are fitted on the weight in its original column order, before any update.
+        grids = _StaticGroupGrids(w, g, perm, fit) if static_groups else _FittedGroupGrids(rows, cols, g, device, fit)
     if perm is not None:
         w = w[:, perm]
-    codes, losses = _quantize_columns(w, hinv, grids, 2**bits - 1, block_size)
+    codes, losses = _quantize_columns(w, hinv, grids, block_size)
     codes, g_idx = _restore_column_order(codes, grids.groups(), perm)
     return GPTQResult(
         codes=codes.int(),
@@ -197,6 +225,8 @@ def gptq_solve(
         row_losses=losses,
         damp=factor.damp,
         retries=factor.retries,
+        gguf_type=gguf_type,
+        params=grids.params() if gguf_type is not None else None,
     )
 
 
@@ -242,16 +272,16 @@ class _Block:
             part = torch.cat([part, rest], dim=1)
         return part
 
-    def quantize_column(self, j: int, scale: torch.Tensor, zero: torch.Tensor, maxq: int):
-        """Quantize column ``j`` on the grid and spread its error over the block's later columns.
+    def quantize_column(self, j: int, grid):
+        """Quantize column ``j`` on ``grid`` (a callable: column -> ``(codes, values)``) and spread its error over
+        the block's later columns.
 
         Returns ``(codes, loss)``: the column's codes (as float) and its per-row loss
         ``(w - q)^2 / Hinv_jj^2 / 2``."""
         i = j - self.i1
         col = self.w1[:, i]
         d = self.hinv1[i, i]
-        q = quantize_codes(col, scale, zero, maxq)
-        dq = dequantize(q, scale, zero)
+        q, dq = grid(col)
         loss = (col - dq).pow(2) / d**2 / 2
         err = (col - dq) / d
         self.w1[:, i:] -= err[:, None] * self.hinv1[i, i:][None, :]
@@ -267,10 +297,11 @@ class _GroupGrids:
     """Group grid policy: which grid (scale, zero) each column is quantized on, and the grids to store.
 
     ``scales`` (float32) and ``zeros`` ``[rows, G]`` hold every group's grid once all columns are done;
-    ``grid(j, block)`` gives the grid of column ``j`` (processing order) when its turn comes in ``block``;
-    ``groups()`` the group of each column in processing order."""
+    ``grid(j, block)`` gives the grid (scale, zero) of column ``j`` (processing order) when its turn comes in
+    ``block``, and ``column_grid`` the quantizer of that column; ``groups()`` the group of each column in
+    processing order."""
 
-    def __init__(self, rows: int, cols: int, g: int, device, fit: _GridFit):
+    def __init__(self, rows: int, cols: int, g: int, device, fit: _GridFit | None):
         self.cols, self.g, self.device, self.fit = cols, g, device, fit
         n_groups = (cols + g - 1) // g
         self.scales = torch.zeros(rows, n_groups, device=device)
@@ -278,6 +309,16 @@ class _GroupGrids:
 
     def grid(self, j: int, block: _Block) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def column_grid(self, j: int, block: _Block):
+        """Column -> ``(codes, values)`` on column ``j``'s grid: ``scale * (q - zero)``, ``q`` in ``[0, maxq]``."""
+        scale, zero = self.grid(j, block)
+        maxq = 2**self.fit.bits - 1
+
+        def quantize(col):
+            q = quantize_codes(col, scale, zero, maxq)
+            return q, dequantize(q, scale, zero)
+        return quantize
 
     def groups(self) -> torch.Tensor:
         raise NotImplementedError
@@ -325,7 +366,55 @@ class _FittedGroupGrids(_GroupGrids):
         return torch.arange(self.cols, device=self.device) // self.g
 
 
-def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, grids: _GroupGrids, maxq: int, block_size: int):
+class _BlockTypeGrids(_GroupGrids):
+    """A GGUF block type's grids (``hfquant.core.gguf_grids``): groups of the type's group size, whose stored
+    parameters are fitted one span (a block, or a k-quant super-block) at a time: all up front on the original
+    weight with ``static`` (act-order columns are quantized on their original group's grid), else when the span's
+    first column comes up, on the weights as updated so far. ``params()`` gives the stored parameters."""
+
+    def __init__(self, w: torch.Tensor, name: str, perm: torch.Tensor | None, static: bool):
+        self.bt = block_type(name)
+        rows, cols = w.shape
+        if cols % self.bt.block_values:
+            raise ValueError(f"GGUF {name}: {cols} input columns; expected a multiple of {self.bt.block_values}")
+        super().__init__(rows, cols, self.bt.group_size, w.device, None)
+        self.name, self.span = name, self.bt.block_values
+        self.offsets = torch.zeros_like(self.scales)
+        self.spans: list[BlockGrid | None] = [None] * (cols // self.span)
+        self.perm = perm
+        self.orig_col = perm.tolist() if perm is not None else list(range(cols))
+        self.static = static
+        if static:
+            for k in range(len(self.spans)):
+                self._record(k, fit_block_grid(name, w[:, k * self.span:(k + 1) * self.span]))
+
+    def _record(self, k: int, grid: BlockGrid) -> None:
+        self.spans[k] = grid
+        a, b = k * self.span // self.g, (k + 1) * self.span // self.g
+        self.scales[:, a:b], self.offsets[:, a:b] = grid.scale, grid.offset
+        self.zeros[:, a:b] = grid.zero
+
+    def column_grid(self, j: int, block: _Block):
+        if not self.static and j % self.span == 0:
+            self._record(j // self.span, fit_block_grid(self.name, block.updated_columns(j, j + self.span)))
+        k = self.orig_col[j] // self.g
+        scale, offset = self.scales[:, k], self.offsets[:, k]
+        zero, lo, hi = code_layout(self.name)
+
+        def quantize(col):
+            q = grid_codes(col, scale, zero, offset, lo, hi)
+            return q, grid_values(q, scale, zero, offset)
+        return quantize
+
+    def groups(self) -> torch.Tensor:
+        by_orig = torch.arange(self.cols, device=self.device) // self.g
+        return by_orig[self.perm] if self.perm is not None else by_orig
+
+    def params(self) -> dict[str, torch.Tensor]:
+        return concat_params(self.spans)
+
+
+def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, grids: _GroupGrids, block_size: int):
     """The column loop: every column of ``w`` (processing order, updated in place) in blocks of ``block_size``,
     each on the grid ``grids`` gives it. Returns ``(codes [rows, cols] as float, row_losses [rows])``."""
     rows, cols = w.shape
@@ -334,8 +423,7 @@ def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, grids: _GroupGrids, m
     for i1 in range(0, cols, block_size):
         block = _Block(w, hinv, i1, min(i1 + block_size, cols))
         for j in range(block.i1, block.i2):
-            scale, zero = grids.grid(j, block)
-            q, loss = block.quantize_column(j, scale, zero, maxq)
+            q, loss = block.quantize_column(j, grids.column_grid(j, block))
             codes[:, j] = q
             losses += loss
         block.lazy_update()

@@ -22,9 +22,10 @@ import re
 from dataclasses import asdict, dataclass
 
 from hfquant.core.errors import ConfigError
+from hfquant.core.gguf_blocks import BLOCK_TYPES
 from hfquant.core.packing import SUPPORTED_BITS
 
-OVERRIDE_FIELDS = ("bits", "group_size", "method", "sym", "skip")
+OVERRIDE_FIELDS = ("bits", "group_size", "method", "sym", "skip", "gguf_type")
 MODULE_METHODS = ("gptq", "rtn")
 _GLOB_CHARS = set("*?[")
 _REGEX_META = set(".^$*+?{}[]\\|()")
@@ -38,9 +39,14 @@ class ModuleScheme:
     group_size: int
     sym: bool
     method: str  # "gptq" or "rtn"
+    gguf_type: str | None = None  # a GGUF block type (hfquant.core.gguf_blocks); it fixes bits, group_size, sym
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields; ``gguf_type`` only when set (so configs without GGUF keep their four keys)."""
+        d = asdict(self)
+        if d["gguf_type"] is None:
+            del d["gguf_type"]
+        return d
 
 
 def pattern_kind(pattern: str) -> str:
@@ -95,11 +101,12 @@ def validate_overrides(overrides, where: str = "HFQuantConfig.overrides") -> Non
                 "method": value in MODULE_METHODS,
                 "sym": isinstance(value, bool),
                 "skip": isinstance(value, bool),
+                "gguf_type": value in BLOCK_TYPES,
             }[key]
             if not ok:
                 expected = {"bits": f"one of {list(SUPPORTED_BITS)}", "group_size": "-1 or a positive integer",
                             "method": f"one of {list(MODULE_METHODS)}", "sym": "true or false",
-                            "skip": "true or false"}[key]
+                            "skip": "true or false", "gguf_type": f"one of {list(BLOCK_TYPES)}"}[key]
                 raise ConfigError(f"{path}.{key}: got {value!r}; expected {expected}")
 
 

@@ -34,6 +34,7 @@ from hfquant.core.errors import ConfigError
 from hfquant.formats.export import save_pretrained_as
 from hfquant.formats.gptq import checkpoint_keys, GPTQImportLinear
 from hfquant.nn import prepare_model
+from hfquant.nn.gguf import QuantLinearGGUF
 from hfquant.nn.w8a8 import QuantLinearW8A8
 from hfquant.nn.weight_only import QuantLinearWeightOnly
 from hfquant.quantize.entry import quantize_loaded_model_
@@ -129,6 +130,8 @@ class HFQuantQuantizer(HfQuantizer):
             with torch.device("meta"):
                 if cfg.method == "smoothquant":
                     q = QuantLinearW8A8(in_f, out_f, bias=bias, dtype=dtype)
+                elif s.get("gguf_type"):
+                    q = QuantLinearGGUF(in_f, out_f, s["gguf_type"], bias=bias, dtype=dtype)
                 else:
                     q = QuantLinearWeightOnly(in_f, out_f, s["bits"], s["group_size"], bias=bias, dtype=dtype)
             set_submodule(model, name, q)

@@ -13,22 +13,27 @@ from collections.abc import Callable
 import torch
 
 from hfquant.calibration.data import max_positions
-from hfquant.calibration.graph import quantizable_modules
+from hfquant.calibration.graph import in_out_features, quantizable_modules
 from hfquant.config import AUTO, DEFAULT_CANDIDATES
 from hfquant.core.errors import ConfigError
-from hfquant.core.schemes import ModuleScheme, resolve
-from hfquant.mixed import budget
+from hfquant.core.gguf_blocks import BLOCK_TYPES
+from hfquant.core.gguf_grids import symmetric
+from hfquant.core.schemes import matches, ModuleScheme, resolve
+from hfquant.mixed import budget, gguf_types
 from hfquant.mixed.sensitivity import measure_for_config
 
 logger = logging.getLogger(__name__)
 
 
 def is_mixed(config) -> bool:
-    return bool(config.overrides) or bool(config.module_schemes) or config.bits == AUTO
+    return bool(config.overrides) or bool(config.module_schemes) or config.bits == AUTO or config.gguf_type is not None
 
 
 def default_scheme(config) -> ModuleScheme:
     """The run's own scheme (for ``bits: auto``: the largest candidate, used only outside the allocation)."""
+    if config.gguf_type is not None:
+        return ModuleScheme(config.bits, config.group_size, config.sym, "rtn" if config.method == "rtn" else "gptq",
+                            gguf_types.base_type(config.gguf_type))
     if config.bits == AUTO:
         top = max(config.candidates or DEFAULT_CANDIDATES, key=lambda c: (c["bits"], -c["group_size"]))
         return ModuleScheme(top["bits"], top["group_size"], config.sym, "gptq")
@@ -37,7 +42,8 @@ def default_scheme(config) -> ModuleScheme:
 
 def resolve_for_model(model, config, keep: Callable[[str], bool]) -> tuple[dict[str, ModuleScheme], list[str], list[dict]]:
     """``(schemes, skipped, conflicts)`` for the quantizable modules passing ``keep``."""
-    names = list(quantizable_modules(model, keep))
+    modules = quantizable_modules(model, keep)
+    names = list(modules)
     if config.module_schemes:
         unknown = sorted(set(config.module_schemes) - set(names))
         if unknown:
@@ -45,10 +51,31 @@ def resolve_for_model(model, config, keep: Callable[[str], bool]) -> tuple[dict[
                               "module_schemes must use exact module names")
         return {n: ModuleScheme(**s) for n, s in config.module_schemes.items()}, [], []
     schemes, skipped, conflicts = resolve(config.overrides, names, default_scheme(config))
+    if config.gguf_type is not None:
+        schemes, skipped = _gguf_schemes(config, {n: in_out_features(m)[0] for n, m in modules.items()}, schemes,
+                                         skipped)
     for c in conflicts:
         logger.info("override conflict: %s.%s = %r from %r (most specific) over %s", c["module"], c["field"],
                     c["value"], c["winner"], c["overruled"])
     return schemes, skipped, conflicts
+
+
+def _gguf_schemes(config, cols: dict[str, int], schemes: dict[str, ModuleScheme], skipped: list[str]):
+    """The GGUF type of every module (``gguf_types.module_types``, then a ``gguf_type`` override wins, then the
+    row-length fallback); modules no block type fits (rows not a multiple of 32) stay float, as llama.cpp keeps
+    them F16."""
+    mix = gguf_types.module_types(cols, config.gguf_type)
+    given = {n for p, f in (config.overrides or {}).items() if "gguf_type" in f for n in cols if matches(p, n)}
+    out = {}
+    for name, s in schemes.items():
+        t = gguf_types.fit_row(s.gguf_type if name in given else mix[name], cols[name])
+        if t not in BLOCK_TYPES:
+            logger.info("%s: %d input features fit no GGUF block type; kept float (F16 in the file)", name, cols[name])
+            skipped = [*skipped, name]
+            continue
+        bt = BLOCK_TYPES[t]
+        out[name] = ModuleScheme(bt.bits, bt.group_size, symmetric(t), s.method, t)
+    return out, skipped
 
 
 def scale_bits_of(model) -> int:

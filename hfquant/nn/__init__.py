@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from hfquant.kernels import w4a16 as w4a16_kernels
 from hfquant.kernels import w8a8 as w8a8_kernels
+from hfquant.nn.gguf import QuantLinearGGUF
 from hfquant.nn.w8a8 import QuantLinearW8A8
 from hfquant.nn.weight_only import QuantLinearWeightOnly
 
@@ -27,4 +28,4 @@ def prepare_model(model) -> int:
     return n
 
 
-__all__ = ["QuantLinearW8A8", "QuantLinearWeightOnly", "prepare_model"]
+__all__ = ["QuantLinearGGUF", "QuantLinearW8A8", "QuantLinearWeightOnly", "prepare_model"]

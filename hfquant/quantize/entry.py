@@ -109,7 +109,7 @@ def _quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows:
         keep = (lambda n, _keep=keep, _skip=frozenset(skipped): _keep(n) and n not in _skip)
     default = resolve.default_scheme(config)
     scheme = WeightScheme(default.bits, config.group_size if config.bits != "auto" else default.group_size,
-                          config.sym, config.observer)
+                          config.sym, config.observer, default.gguf_type)
     model.eval()
     if config.method == "rtn":
         modules = reports_as_dicts(_rtn_layerwise(model, keep, scheme, onload, schemes) if onload is not None
@@ -166,6 +166,9 @@ def _quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows:
         module_schemes = {m["name"]: {"bits": m["bits"], "group_size": m["group_size"],
                                       "sym": schemes[m["name"]].sym if m["name"] in schemes else config.sym,
                                       "method": m["method"]} for m in modules}
+        for name, s in module_schemes.items():
+            if name in schemes and schemes[name].gguf_type is not None:
+                s["gguf_type"] = schemes[name].gguf_type
     if head is not None:
         modules += reports_as_dicts(_quantize_lm_head_(model, config, head))
     report["damp_retries"] = sum(m.get("damp_retries", 0) for m in modules)

@@ -23,6 +23,7 @@ from hfquant.core.errors import ConfigError
 
 STATE = "state.json"
 MODULE_FIELDS = ("codes", "scales", "zeros", "g_idx")  # the tensors saved per module (save_modules)
+GGUF_FIELDS = ("blocks",)  # ... for a module stored as GGUF blocks
 
 
 def _replace(tmp: Path, final: Path) -> None:
@@ -116,14 +117,16 @@ class ResumeStore:
         """``save_block`` with per-module results: each module's tensors (``MODULE_FIELDS``, in that order) are saved
         as ``<module>:<field>``; ``meta`` holds each module's JSON-able record under its name, in the order the
         modules are to be restored."""
-        tensors = {f"{name}:{f}": t for name, ts in modules.items() for f, t in zip(MODULE_FIELDS, ts, strict=True)}
+        tensors = {f"{name}:{f}": t for name, ts in modules.items()
+                   for f, t in zip(GGUF_FIELDS if len(ts) == 1 else MODULE_FIELDS, ts, strict=True)}
         self.save_block(i, tensors, meta, hidden)
 
     def load_modules(self, i: int) -> tuple[dict[str, tuple[torch.Tensor, ...]], dict[str, dict]]:
         """Block ``i`` as saved by ``save_modules``: module -> its ``MODULE_FIELDS`` tensors, and module -> its record,
         both in the saved order."""
         tensors, meta = self.load_block(i)
-        return {name: tuple(tensors[f"{name}:{f}"] for f in MODULE_FIELDS) for name in meta}, meta
+        return {name: tuple(tensors[f"{name}:{f}"] for f in (GGUF_FIELDS if f"{name}:blocks" in tensors else MODULE_FIELDS))
+                for name in meta}, meta
 
     def load_hidden(self) -> list[torch.Tensor]:
         saved = load_file(str(self.folder / self.state["hidden"]))

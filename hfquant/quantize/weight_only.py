@@ -25,8 +25,11 @@ from hfquant.calibration.graph import (
     set_submodule,
 )
 from hfquant.calibration.sequential import BlockCallbacks, calibrate_blocks_
+from hfquant.core.gguf_blocks import block_type, dequantize_rows, pack_rows, unpack_rows
+from hfquant.core.gguf_grids import rtn_block_quantize
 from hfquant.core.gptq import gptq_solve, GPTQResult, prepare_hessian
 from hfquant.core.grids import dequantize_grouped, group_bounds, rtn_quantize
+from hfquant.nn.gguf import QuantLinearGGUF
 from hfquant.nn.weight_only import QuantLinearWeightOnly, storage_dtype
 
 logger = logging.getLogger(__name__)
@@ -54,7 +57,10 @@ class WeightScheme:
     group_size: int = 128
     sym: bool = True
     observer: str = "minmax"
+    gguf_type: str | None = None  # a GGUF block type: the grid and the stored layout (QuantLinearGGUF)
 
+
+QUANTIZED = (QuantLinearWeightOnly, QuantLinearGGUF)
 
 Schemes = dict  # module name -> hfquant.core.schemes.ModuleScheme; modules not in it use the run's scheme
 
@@ -64,23 +70,57 @@ def _scheme_of(name: str, scheme: WeightScheme, schemes: Schemes | None) -> tupl
     s = (schemes or {}).get(name)
     if s is None:
         return scheme, None
-    return WeightScheme(s.bits, s.group_size, s.sym, scheme.observer), s.method
+    return WeightScheme(s.bits, s.group_size, s.sym, scheme.observer, s.gguf_type), s.method
 
 
-def _rtn(module: nn.Module, scheme: WeightScheme):
-    return rtn_quantize(float_weight(module).float(), scheme.bits, scheme.group_size, scheme.sym, scheme.observer,
+def _rtn(module: nn.Module, scheme: WeightScheme) -> tuple[torch.Tensor, ...]:
+    """The stored tensors of ``module`` rounded to nearest: ``(codes, scales, zeros, g_idx)``, or ``(blocks,)``
+    (GGUF, ``gguf_blocks.pack_rows``'s bytes)."""
+    w = float_weight(module).float()
+    if scheme.gguf_type is not None:
+        return (pack_rows(scheme.gguf_type, *rtn_block_quantize(scheme.gguf_type, w)),)
+    return rtn_quantize(w, scheme.bits, scheme.group_size, scheme.sym, scheme.observer,
                         scale_dtype=storage_dtype(module))
 
 
-def share_result(dist: Dist, res: GPTQResult | None, owner: int, module: nn.Module, group_size: int, device) -> GPTQResult | None:
-    """``owner``'s result of one module's GPTQ solve, on every rank (``None`` everywhere when it failed)."""
+def _stored(res: GPTQResult) -> tuple[torch.Tensor, ...]:
+    """A solve's stored tensors, as ``_rtn`` returns them."""
+    if res.gguf_type is not None:
+        return (pack_rows(res.gguf_type, res.codes, res.params),)
+    return res.codes, res.scales, res.zeros, res.g_idx
+
+
+def _dequantized(tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, cols: int) -> torch.Tensor:
+    """The float32 weight the stored tensors hold."""
+    if scheme.gguf_type is not None:
+        return dequantize_rows(scheme.gguf_type, tensors[0], cols)
+    return dequantize_grouped(*tensors)
+
+
+def share_result(dist: Dist, res: GPTQResult | None, owner: int, module: nn.Module, group_size: int, device,
+                 gguf_type: str | None = None) -> GPTQResult | None:
+    """``owner``'s result of one module's GPTQ solve, on every rank (``None`` everywhere when it failed). A GGUF
+    result travels as its packed blocks (``gguf_type``; ``group_size`` is then not used)."""
     cols, rows = in_out_features(module)
-    n_groups = len(group_bounds(cols, group_size))
     meta = torch.tensor([res is not None, res.damp if res else 0.0, res.retries if res else 0],
                         dtype=torch.float64, device=device)
     dist.broadcast_(meta, owner)
     if not meta[0]:
         return None
+    if gguf_type is not None:
+        bt = block_type(gguf_type)
+        data = (pack_rows(gguf_type, res.codes, res.params) if res is not None else
+                torch.empty(rows, cols // bt.block_values * bt.block_bytes, dtype=torch.uint8, device=device))
+        losses = res.row_losses if res is not None else torch.empty(rows, device=device)
+        dist.broadcast_(data, owner)
+        dist.broadcast_(losses, owner)
+        if res is None:
+            codes, params = unpack_rows(gguf_type, data, cols)
+            res = GPTQResult(codes=codes, scales=torch.empty(0), zeros=torch.empty(0), g_idx=torch.empty(0),
+                             row_losses=losses, damp=float(meta[1]), retries=int(meta[2]), gguf_type=gguf_type,
+                             params=params)
+        return res
+    n_groups = len(group_bounds(cols, group_size))
     if res is None:
         res = GPTQResult(codes=torch.empty(rows, cols, dtype=torch.int32, device=device),
                          scales=torch.empty(rows, n_groups, device=device),
@@ -92,8 +132,11 @@ def share_result(dist: Dist, res: GPTQResult | None, owner: int, module: nn.Modu
     return res
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module, codes, scales, zeros, g_idx, scheme: WeightScheme) -> None:
-    q = QuantLinearWeightOnly.from_float(module, codes, scales, zeros, g_idx, scheme.bits, scheme.group_size)
+def _swap(model: nn.Module, name: str, module: nn.Module, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme) -> None:
+    if scheme.gguf_type is not None:
+        q = QuantLinearGGUF.from_blocks(module, tensors[0], scheme.gguf_type, storage_dtype(module))
+    else:
+        q = QuantLinearWeightOnly.from_float(module, *tensors, scheme.bits, scheme.group_size)
     set_submodule(model, name, q)
 
 
@@ -105,8 +148,7 @@ def quantize_rtn_(model: nn.Module, keep: Callable[[str], bool], scheme: WeightS
     reports = []
     for name, module in list(quantizable_modules(model, keep).items()):
         ws, _ = _scheme_of(name, scheme, schemes)
-        codes, scales, zeros, g_idx = _rtn(module, ws)
-        _swap(model, name, module, codes, scales, zeros, g_idx, ws)
+        _swap(model, name, module, _rtn(module, ws), ws)
         reports.append(ModuleReport(name, "rtn", bits=ws.bits, group_size=ws.group_size))
     return reports
 
@@ -175,7 +217,7 @@ class _GPTQRun:
         if onload is not None:
             onload.load_rest()
         for name, module in quantizable_modules(self.model, self.keep).items():
-            if isinstance(module, QuantLinearWeightOnly) or name in self.reports:
+            if isinstance(module, QUANTIZED) or name in self.reports:
                 continue
             self.fallback(name, module, note="outside the repeated blocks")
         self.swap(None)
@@ -189,14 +231,14 @@ class _GPTQRun:
     def fallback(self, name: str, module: nn.Module, note: str = "not called during calibration") -> None:
         """Round ``module`` to nearest and record it."""
         ws, _ = self.scheme_of(name)
-        codes, scales, zeros, g_idx = _rtn(module, ws)
-        self.results[name] = (module, codes, scales, zeros, g_idx)
+        self.results[name] = (module, *_rtn(module, ws))
         self.reports[name] = ModuleReport(name, "rtn", note=note, bits=ws.bits, group_size=ws.group_size)
 
     def fallback_in_block(self, name: str, module: nn.Module, note: str) -> None:
         """``fallback`` inside a block being calibrated: later stages read the rounded weight."""
         self.fallback(name, module, note=note)
-        set_float_weight_(module, dequantize_grouped(*self.results[name][1:]))
+        set_float_weight_(module, _dequantized(self.results[name][1:], self.scheme_of(name)[0],
+                                               in_out_features(module)[0]))
 
     def accept(self, name: str, module: nn.Module, res: GPTQResult | None, ws: WeightScheme) -> None:
         """Record one module's solve (or its RTN fallback) and give later stages its dequantized weight."""
@@ -207,7 +249,7 @@ class _GPTQRun:
         if res.retries:
             logger.warning("%s: Hessian needed damping %.4g (%d retries)", name, res.damp, res.retries)
         set_float_weight_(module, res.dequantized())
-        self.results[name] = (module, res.codes, res.scales, res.zeros, res.g_idx)
+        self.results[name] = (module, *_stored(res))
         self.reports[name] = ModuleReport(name, "gptq", loss=res.loss, damp=res.damp, damp_retries=res.retries,
                                           bits=ws.bits, group_size=ws.group_size)
 
@@ -248,9 +290,9 @@ class _GPTQRun:
                 if factor[0] is not None:
                     res = gptq_solve(float_weight(module).float(), factor[0], bits=ws.bits, group_size=ws.group_size,
                                      sym=ws.sym, static_groups=self.static_groups, block_size=self.block_size,
-                                     observer=ws.observer, scale_dtype=storage_dtype(module))
+                                     observer=ws.observer, scale_dtype=storage_dtype(module), gguf_type=ws.gguf_type)
             if self.dist.active:
-                res = share_result(self.dist, res, owner, module, ws.group_size, hessian.device)
+                res = share_result(self.dist, res, owner, module, ws.group_size, hessian.device, ws.gguf_type)
             self.accept(name, module, res, ws)
         if self.timings is not None:
             self.timings["solve_seconds"] = self.timings.get("solve_seconds", 0.0) + time.perf_counter() - t0
@@ -258,8 +300,8 @@ class _GPTQRun:
     def swap(self, prefix: str | None) -> None:
         """Swap every pending result (under ``prefix``) for its quantized module and drop the float one."""
         for name in [n for n in self.results if prefix is None or n.startswith(prefix + ".")]:
-            module, codes, scales, zeros, g_idx = self.results.pop(name)
-            _swap(self.model, name, module, codes, scales, zeros, g_idx, self.scheme_of(name)[0])
+            module, *tensors = self.results.pop(name)
+            _swap(self.model, name, module, tuple(tensors), self.scheme_of(name)[0])
             self.order.append(name)
 
     def before_block(self, index: int) -> None:

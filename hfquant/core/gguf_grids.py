@@ -1,0 +1,250 @@
+"""GGUF's block types as quantization grids for RTN and GPTQ: fitting the stored scales, then codes on them.
+
+A GGUF block type (``hfquant.core.gguf_blocks``) stores, per group of 32 (16 for Q6_K) weights of a row, a
+grid whose float32 values are ``scale * (q - zero) + offset`` for integer codes ``q`` in ``[lo, hi]``:
+
+======  ===========================  ========  =======================  ===========
+type    scale                        zero      offset                   codes
+======  ===========================  ========  =======================  ===========
+Q8_0    ``d``                        0         0                        -128..127
+Q4_0    ``d``                        8         0                        0..15
+Q5_0    ``d``                        16        0                        0..31
+Q4_1    ``d``                        0         ``m``                    0..15
+Q4_K    ``d * sc`` (float32)         0         ``-(dmin * mn)``         0..15
+Q6_K    ``d * sc`` (float32)         32        0                        0..63
+======  ===========================  ========  =======================  ===========
+
+(``d``, ``m``, ``dmin`` are float16 values, ``sc``/``mn`` the k-quants' 6-bit or int8 sub-scales.) These are
+the same float32 operations as ggml's de-quantization, so the weights GPTQ calibrates against are the ones
+llama.cpp computes from the file.
+
+``fit_block_grid`` chooses the stored parameters of one span of columns (one 32-block, or one 256-value
+super-block for the k-quants, whose sub-scales are quantized together). The choices follow llama.cpp's
+reference quantizers (``ggml-quants.c``), described in its source and re-derived here:
+
+* Q8_0: ``d = absmax / 127``. Q4_0 / Q5_0: ``d = -m / 8`` (``/ 16``) with ``m`` the block's largest-magnitude
+  weight, sign kept, so that weight sits exactly on the code ``0``. Q4_1: ``d = (max - min) / 15``, ``m = min``.
+* Q4_K: per 32-value sub-block, a weighted least-squares search over 21 candidate inverse scales for the
+  scale and the (non-positive) minimum (importance ``mean|x| + |x|`` per weight, as llama.cpp's
+  ``make_qkx2_quants`` without an importance matrix); then the eight scales and minimums of the super-block
+  are quantized to 6 bits against ``d = max scale / 63`` and ``dmin = max min / 63``.
+* Q6_K: per 16-value sub-block, the signed-max scale refined by least squares over 19 nearby candidates
+  (importance ``x^2``, as ``make_qx_quants``); the 16 scales are quantized to int8 against ``d = max / -128``.
+
+One difference from llama.cpp, deliberately: codes are always chosen on the *stored* grid (the float16 ``d``
+and the quantized sub-scales); llama.cpp's Q4_0/Q4_1/Q5_0/Q8_0 reference rounds with the unrounded scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hfquant.core.gguf_blocks import block_type
+
+_ZERO = {"Q8_0": 0, "Q4_0": 8, "Q5_0": 16, "Q4_1": 0, "Q4_K": 0, "Q6_K": 32}
+_RANGE = {"Q8_0": (-128, 127), "Q4_0": (0, 15), "Q5_0": (0, 31), "Q4_1": (0, 15), "Q4_K": (0, 15), "Q6_K": (0, 63)}
+
+
+@dataclass
+class BlockGrid:
+    """The stored grid of one span of columns (``fit_block_grid``).
+
+    Attributes:
+        name: the block type.
+        params: the stored parameters of the span, as ``gguf_blocks.pack_rows`` takes them.
+        scale: float32 ``[rows, groups]``, per group of the span.
+        offset: float32 ``[rows, groups]`` (zeros for the types without a minimum).
+    """
+
+    name: str
+    params: dict[str, torch.Tensor]
+    scale: torch.Tensor
+    offset: torch.Tensor
+
+    @property
+    def zero(self) -> int:
+        return _ZERO[self.name]
+
+    @property
+    def code_range(self) -> tuple[int, int]:
+        return _RANGE[self.name]
+
+
+def symmetric(name: str) -> bool:
+    """Whether the type's grid is symmetric (no stored minimum)."""
+    block_type(name)
+    return name not in ("Q4_1", "Q4_K")
+
+
+def code_layout(name: str) -> tuple[int, int, int]:
+    """``(zero, lo, hi)`` of block type ``name``: its constant zero point and code range."""
+    block_type(name)
+    return (_ZERO[name], *_RANGE[name])
+
+
+def grid_codes(w: torch.Tensor, scale: torch.Tensor, zero: int, offset: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+    """Nearest codes (as float) of ``w`` on the grid ``scale * (q - zero) + offset``; a zero scale gives ``zero``."""
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    q = torch.round((w - offset) / safe) + zero
+    q = torch.where(scale == 0, torch.full_like(q, float(zero)), q)
+    return q.clamp_(lo, hi)
+
+
+def grid_values(q: torch.Tensor, scale: torch.Tensor, zero: int, offset: torch.Tensor) -> torch.Tensor:
+    """``scale * (q - zero) + offset`` in float32: ggml's de-quantization of the block types above."""
+    return scale * (q - zero) + offset
+
+
+def _half(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float16)
+
+
+def _signed_max(x: torch.Tensor) -> torch.Tensor:
+    """The value of largest magnitude along the last dimension, sign kept (the first one on ties)."""
+    idx = x.abs().argmax(dim=-1, keepdim=True)
+    return x.gather(-1, idx).squeeze(-1)
+
+
+def _safe_inverse(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x == 0, torch.zeros_like(x), 1.0 / torch.where(x == 0, torch.ones_like(x), x))
+
+
+def _fit_q4k_sub_blocks(x: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sub-block (last dimension, 32 values) the scale and the minimum ``<= 0`` of ``scale * L + min``
+    with ``L`` in 0..15 minimizing the weighted squared error, over 21 candidate inverse scales
+    ``(15 + k / 10 - 1) / (max - min)``, each refitted by weighted least squares."""
+    nmax = 15
+    xmin = x.min(dim=-1).values.clamp(max=0)
+    xmax = x.max(dim=-1).values
+    span = xmax - xmin
+    flat = span <= 0
+    span = torch.where(flat, torch.ones_like(span), span)
+    sw = weights.sum(-1)
+    sx = (weights * x).sum(-1)
+
+    def error(scale, mn, levels):
+        return (weights * (scale[..., None] * levels + mn[..., None] - x) ** 2).sum(-1)
+
+    best_scale = span / nmax
+    best_min = xmin
+    levels = torch.clamp(torch.round((x - xmin[..., None]) * (nmax / span)[..., None]), 0, nmax)
+    best_err = error(best_scale, best_min, levels)
+    for k in range(21):
+        iscale = (nmax - 1.0 + 0.1 * k) / span
+        levels = torch.clamp(torch.round((x - xmin[..., None]) * iscale[..., None]), 0, nmax)
+        sl = (weights * levels).sum(-1)
+        sl2 = (weights * levels * levels).sum(-1)
+        sxl = (weights * levels * x).sum(-1)
+        det = sw * sl2 - sl * sl
+        ok = det > 0
+        det = torch.where(ok, det, torch.ones_like(det))
+        scale = (sw * sxl - sx * sl) / det
+        mn = (sl2 * sx - sl * sxl) / det
+        positive = mn > 0
+        scale = torch.where(positive, sxl / torch.where(sl2 > 0, sl2, torch.ones_like(sl2)), scale)
+        mn = torch.where(positive, torch.zeros_like(mn), mn)
+        err = error(scale, mn, levels)
+        better = ok & (err < best_err)
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_min = torch.where(better, mn, best_min)
+    best_scale = torch.where(flat, torch.zeros_like(best_scale), best_scale)
+    best_min = torch.where(flat, xmin, best_min)
+    return best_scale, best_min
+
+
+def _fit_q6k_sub_blocks(x: torch.Tensor) -> torch.Tensor:
+    """Per sub-block (last dimension, 16 values) the signed scale of ``scale * L``, ``L`` in -32..31, starting
+    from the signed maximum on ``-32`` and refined by weighted least squares (weights ``x^2``) over the 19
+    candidate inverse scales ``-(32 + k / 10) / max``, ``k`` in -9..9; the one with the largest
+    ``(sum w x L)^2 / sum w L^2`` wins."""
+    nmax = 32
+    weights = x * x
+    m = _signed_max(x)
+    dead = m.abs() < 1e-30
+    m = torch.where(dead, torch.ones_like(m), m)
+    best_scale = torch.zeros_like(m)
+    best_score = torch.full_like(m, -1.0)
+    for k in [0] + [k for k in range(-9, 10)]:
+        iscale = -(nmax + 0.1 * k) / m
+        levels = torch.clamp(torch.round(x * iscale[..., None]), -nmax, nmax - 1)
+        sxl = (weights * x * levels).sum(-1)
+        sl2 = (weights * levels * levels).sum(-1)
+        ok = sl2 > 0
+        sl2 = torch.where(ok, sl2, torch.ones_like(sl2))
+        score = torch.where(ok, sxl * sxl / sl2, torch.full_like(sxl, -1.0))
+        better = score > best_score
+        best_score = torch.where(better, score, best_score)
+        best_scale = torch.where(better, sxl / sl2, best_scale)
+    return torch.where(dead, torch.zeros_like(best_scale), best_scale)
+
+
+def fit_block_grid(name: str, w: torch.Tensor) -> BlockGrid:
+    """The stored grid of the columns ``w`` ``[rows, n]`` for block type ``name`` (``n`` a multiple of the
+    type's ``block_values``; every tensor on ``w``'s device). See the module docstring for each type's rule."""
+    bt = block_type(name)
+    w = w.float()
+    rows, n = w.shape
+    if n % bt.block_values:
+        raise ValueError(f"GGUF {name}: a span of {n} columns; expected a multiple of {bt.block_values}")
+    groups = w.view(rows, n // bt.group_size, bt.group_size)
+    zeros_like = torch.zeros(rows, n // bt.group_size, device=w.device)
+    if name in ("Q8_0", "Q4_0", "Q5_0"):
+        if name == "Q8_0":
+            d = groups.abs().amax(-1) / 127
+        else:
+            d = _signed_max(groups) / (-8.0 if name == "Q4_0" else -16.0)
+        d16 = _half(d)
+        return BlockGrid(name, {"d": d16}, d16.float(), zeros_like)
+    if name == "Q4_1":
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        d16, m16 = _half((hi - lo) / 15), _half(lo)
+        return BlockGrid(name, {"d": d16, "m": m16}, d16.float(), m16.float())
+    supers = n // 256
+    if name == "Q4_K":
+        x = groups.view(rows, supers, 8, 32)
+        av = x.pow(2).mean(-1, keepdim=True).sqrt()
+        scale, mn = _fit_q4k_sub_blocks(x, av + x.abs())
+        mins = -mn  # >= 0
+        max_scale, max_min = scale.amax(-1), mins.amax(-1)
+        sc = torch.clamp(torch.round(scale * _safe_inverse(max_scale / 63)[..., None]), 0, 63)
+        mq = torch.clamp(torch.round(mins * _safe_inverse(max_min / 63)[..., None]), 0, 63)
+        d16, dmin16 = _half(max_scale / 63), _half(max_min / 63)
+        sub_scale = d16.float()[..., None] * sc
+        sub_min = dmin16.float()[..., None] * mq
+        params = {"d": d16, "dmin": dmin16, "sc": sc.to(torch.uint8).view(rows, -1),
+                  "mn": mq.to(torch.uint8).view(rows, -1)}
+        return BlockGrid(name, params, sub_scale.view(rows, -1), (-sub_min).view(rows, -1))
+    # Q6_K
+    x = groups.view(rows, supers, 16, 16)
+    scale = _fit_q6k_sub_blocks(x)
+    max_scale = _signed_max(scale)
+    iscale = _safe_inverse(max_scale) * -128.0
+    sc = torch.clamp(torch.round(scale * iscale[..., None]), -128, 127)
+    d16 = _half(_safe_inverse(iscale))
+    sub_scale = d16.float()[..., None] * sc
+    return BlockGrid(name, {"d": d16, "sc": sc.to(torch.int8).view(rows, -1)}, sub_scale.view(rows, -1),
+                     torch.zeros(rows, supers * 16, device=w.device))
+
+
+def concat_params(grids: list[BlockGrid]) -> dict[str, torch.Tensor]:
+    """The stored parameters of consecutive spans, joined along the columns."""
+    return {k: torch.cat([g.params[k] for g in grids], dim=1) for k in grids[0].params}
+
+
+def rtn_block_quantize(name: str, w: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Round-to-nearest of ``w`` ``[rows, cols]`` on block type ``name``: ``(codes int32, params)`` for
+    ``gguf_blocks.pack_rows``."""
+    bt = block_type(name)
+    w = w.float()
+    rows, cols = w.shape
+    if cols % bt.block_values:
+        raise ValueError(f"GGUF {name}: {cols} columns; expected a multiple of {bt.block_values}")
+    grid = fit_block_grid(name, w)
+    lo, hi = grid.code_range
+    s = grid.scale.repeat_interleave(bt.group_size, dim=1)
+    o = grid.offset.repeat_interleave(bt.group_size, dim=1)
+    codes = grid_codes(w, s, grid.zero, o, lo, hi)
+    return codes.int(), grid.params
