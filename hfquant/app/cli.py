@@ -27,9 +27,12 @@ from hfquant.app.pipeline import run_sensitivity
 from hfquant.app.recipe import check_repo_id, EVALUATION_DEFAULTS, HUB_DEFAULTS, validate
 from hfquant.app.report import describe, RECIPE, REPORT, SENSITIVITY_MD, table
 from hfquant.calibration.distributed import Dist, init_from_env
+from hfquant.config import GGUF_TENSOR_TYPES
 from hfquant.core.errors import HFQuantError
 from hfquant.formats import export_checkpoint
+from hfquant.formats.export import EXPORT_FORMATS
 from hfquant.formats.files import check_checkpoint, CheckpointError, read_json, tensor_headers
+from hfquant.formats.gguf import FLOAT_TYPES
 from hfquant.mixed.resolve import summary
 
 logger = logging.getLogger("hfquant")
@@ -256,16 +259,24 @@ def _push(args) -> int:
 
 # ------------------------------------------------------------------------------------------ export
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", help="an hfquant checkpoint folder")
-    p.add_argument("--format", required=True, choices=["gptq", "compressed-tensors"], help="layout to write")
+    p.add_argument("dir", help="an hfquant checkpoint folder (for gguf also a float model folder)")
+    p.add_argument("--format", required=True, choices=list(EXPORT_FORMATS), help="layout to write")
     p.add_argument("out", help="new (or empty) output folder; never overwritten")
     p.add_argument("--checkpoint-format", default="gptq", choices=["gptq", "gptq_v2"],
                    help="GPTQ zero-point convention (gptq = v1, stores zero-1)")
+    p.add_argument("--float-type", default="F16", choices=list(FLOAT_TYPES),
+                   help="gguf: type of float weights (a float model's Linears, or Linears left float)")
+    p.add_argument("--head-type", default=None, choices=list(GGUF_TENSOR_TYPES),
+                   help="gguf: output head type (default: the checkpoint's gguf_head_type, else llama.cpp's choice)")
+    p.add_argument("--embedding-type", default=None, choices=list(GGUF_TENSOR_TYPES),
+                   help="gguf: untied token embeddings' type (default: llama.cpp's choice)")
 
 
 def _export(args) -> int:
+    gguf = dict(float_type=args.float_type, head_type=args.head_type, embedding_type=args.embedding_type)
     try:
-        path = export_checkpoint(args.dir, args.format, args.out, checkpoint_format=args.checkpoint_format)
+        path = export_checkpoint(args.dir, args.format, args.out, checkpoint_format=args.checkpoint_format,
+                                 **(gguf if args.format == "gguf" else {}))
     except OSError as exc:  # unreadable source, unwritable destination: bad input, one line
         _err(f"{args.dir} -> {args.out}: {exc.strerror or exc}")
         return 2
@@ -293,7 +304,8 @@ COMMANDS: dict[str, Command] = {
     "eval": Command("perplexity of a saved checkpoint", _eval_args, _eval),
     "inspect": Command("show a checkpoint's config, sizes and per-layer report", _inspect_args, _inspect),
     "push": Command("push an output folder to the Hugging Face Hub", _push_args, _push),
-    "export": Command("write a saved hfquant checkpoint in the GPTQ or compressed-tensors layout", _export_args, _export),
+    "export": Command("write a saved hfquant checkpoint in the GPTQ, compressed-tensors or GGUF layout", _export_args,
+                      _export),
     "validate": Command("check a recipe without loading anything", _validate_args, _validate),
 }
 

@@ -28,9 +28,10 @@ from hfquant.config import HFQuantConfig
 from hfquant.core.errors import FormatError
 from hfquant.formats.compressed_tensors import ct_writer
 from hfquant.formats.files import place
+from hfquant.formats.gguf import export_gguf, GGUF_FILE, write_gguf
 from hfquant.formats.gptq import gptq_writer
 
-EXPORT_FORMATS = ("gptq", "compressed-tensors")
+EXPORT_FORMATS = ("gptq", "compressed-tensors", "gguf")
 _W4A16_KEYS = ("weight", "scales", "zeros", "g_idx")
 _W8A8_KEYS = ("weight", "weight_scale", "input_scale")
 SAFE_INDEX = "model.safetensors.index.json"
@@ -134,8 +135,13 @@ def _copy_other_files(src: Path, dst: Path) -> None:
             shutil.copy2(p, dst / p.name)
 
 
-def convert_into(src_dir: str | os.PathLike, fmt: str, tmp: Path, checkpoint_format: str = "gptq") -> None:
-    """Write the ``fmt`` version of hfquant checkpoint ``src_dir`` into the existing empty folder ``tmp``."""
+def convert_into(src_dir: str | os.PathLike, fmt: str, tmp: Path, checkpoint_format: str = "gptq",
+                 tokenizer_dir=None) -> None:
+    """Write the ``fmt`` version of hfquant checkpoint ``src_dir`` into the existing empty folder ``tmp``
+    (``tokenizer_dir``: where a GGUF export finds ``tokenizer.json`` when ``src_dir`` has none)."""
+    if fmt == "gguf":
+        write_gguf(src_dir, tmp / GGUF_FILE, tokenizer_dir=tokenizer_dir)
+        return
     ckpt = HFQuantCheckpoint(src_dir)
     if not ckpt.modules:
         raise FormatError(f"{ckpt.folder}: no quantized modules found in the checkpoint; nothing to export")
@@ -155,8 +161,10 @@ def convert_into(src_dir: str | os.PathLike, fmt: str, tmp: Path, checkpoint_for
 
 
 def export_checkpoint(src_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathLike,
-                      checkpoint_format: str = "gptq") -> Path:
-    """Export the hfquant checkpoint ``src_dir`` to ``fmt`` (``"gptq"`` or ``"compressed-tensors"``) in ``out_dir``.
+                      checkpoint_format: str = "gptq", **gguf_options) -> Path:
+    """Export the hfquant checkpoint ``src_dir`` to ``fmt`` (``"gptq"``, ``"compressed-tensors"`` or ``"gguf"``) in
+    ``out_dir``. For ``"gguf"`` (``hfquant.formats.gguf.export_gguf``, whose ``gguf_options`` it takes) ``src_dir``
+    may also be a float checkpoint, written in ``float_type``; the result is ``out_dir/model.gguf``.
 
     ``out_dir`` must not exist or be an empty folder; the result is written to a temporary folder beside it
     and renamed into place, so a failure leaves nothing behind. ``checkpoint_format`` (GPTQ only):
@@ -165,6 +173,9 @@ def export_checkpoint(src_dir: str | os.PathLike, fmt: str, out_dir: str | os.Pa
     """
     if fmt not in EXPORT_FORMATS:
         raise FormatError(f"format: got {fmt!r}; expected one of {list(EXPORT_FORMATS)}")
+    if fmt == "gguf":
+        export_gguf(src_dir, out_dir, **gguf_options)
+        return Path(out_dir)
     out = Path(out_dir)
     _check_out_dir(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -180,7 +191,7 @@ def export_checkpoint(src_dir: str | os.PathLike, fmt: str, out_dir: str | os.Pa
 
 
 def save_pretrained_as(save_hfquant: Callable[..., object], save_directory: str | os.PathLike, fmt: str,
-                       **kwargs) -> None:
+                       tokenizer_dir=None, **kwargs) -> None:
     """``model.save_pretrained`` for ``save_format`` ``fmt`` != ``"hfquant"``: save the hfquant layout to a
     temporary folder with ``save_hfquant(folder, **kwargs)`` (the model class's own bound ``save_pretrained``),
     convert, then move the files into ``save_directory`` (replacing older weight files there, as
@@ -196,9 +207,9 @@ def save_pretrained_as(save_hfquant: Callable[..., object], save_directory: str 
         src, dst = work / "hfquant", work / fmt
         dst.mkdir()
         save_hfquant(src, **kwargs)
-        convert_into(src, fmt, dst)
+        convert_into(src, fmt, dst, tokenizer_dir=tokenizer_dir)
         out.mkdir(exist_ok=True)
-        for old in list(out.glob("model*.safetensors")) + [out / SAFE_INDEX, out / "quantize_config.json"]:
+        for old in list(out.glob("model*.safetensors")) + [out / SAFE_INDEX, out / "quantize_config.json", out / GGUF_FILE]:
             if old.is_file():
                 old.unlink()
         for p in dst.iterdir():

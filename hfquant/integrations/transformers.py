@@ -214,7 +214,8 @@ class _SaveFormat:
         fmt = getattr(getattr(self.config, "quantization_config", None), "save_format", "hfquant")
         if fmt == "hfquant":
             return super().save_pretrained(save_directory, **kwargs)
-        return save_pretrained_as(super().save_pretrained, save_directory, fmt, **kwargs)
+        tokenizer_dir = getattr(self, "name_or_path", None) if fmt == "gguf" else None
+        return save_pretrained_as(super().save_pretrained, save_directory, fmt, tokenizer_dir=tokenizer_dir, **kwargs)
 
     def __reduce_ex__(self, protocol):
         # pickle finds classes by module and name, which lead to the original class: rebuild the subclass from it

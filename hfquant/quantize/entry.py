@@ -21,7 +21,9 @@ from hfquant.calibration.data import fingerprint, max_positions, windows_for
 from hfquant.calibration.graph import is_quantizable, output_head_name
 from hfquant.calibration.spill import ACTIVATIONS, make_store
 from hfquant.core.errors import CalibrationError, ConfigError
-from hfquant.mixed import resolve
+from hfquant.core.gguf_blocks import BLOCK_TYPES, dequantize_codes
+from hfquant.core.gguf_grids import rtn_block_quantize
+from hfquant.mixed import gguf_types, resolve
 from hfquant.quantize.w8a8 import quantize_w8a8_
 from hfquant.quantize.weight_only import quantize_gptq_, quantize_rtn_, reports_as_dicts, WeightScheme
 
@@ -171,6 +173,8 @@ def _quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows:
                 s["gguf_type"] = schemes[name].gguf_type
     if head is not None:
         modules += reports_as_dicts(_quantize_lm_head_(model, config, head))
+    if config.gguf_type is not None:
+        report["gguf"] = round_gguf_embeddings_(model, config)
     report["damp_retries"] = sum(m.get("damp_retries", 0) for m in modules)
     return Quantized(report, module_schemes)
 
@@ -200,6 +204,33 @@ def _quantize_lm_head_(model, config, name: str) -> list:
                                    if not t.startswith(name + ".")}
     scheme = WeightScheme(config.lm_head_bits, -1, config.sym, config.observer)
     return quantize_rtn_(model, lambda n: n == name, scheme)
+
+
+def round_gguf_embeddings_(model, config) -> dict:
+    """With ``gguf_type``: round the output head and the token embeddings (in place, kept float) to the types the
+    GGUF file stores them in (``gguf_types.head_type`` / ``embedding_type``: llama.cpp's choice or the config's), so
+    the model hfquant evaluates is the one llama.cpp runs. Returns ``{"head": type, "embeddings": type}``."""
+    done: dict[int, str] = {}
+    out = {}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for role, module in (("head", head), ("embeddings", emb)):
+        w = getattr(module, "weight", None)
+        if w is None or w.dim() != 2:
+            continue
+        cols = w.shape[1]
+        if id(w) in done:  # tied: the head's type
+            out[role] = done[id(w)]
+            continue
+        kind = (gguf_types.head_type(config.gguf_type, cols, config.gguf_head_type) if role == "head" else
+                gguf_types.embedding_type(config.gguf_type, cols, config.gguf_embedding_type))
+        with torch.no_grad():
+            if kind in BLOCK_TYPES:
+                w.copy_(dequantize_codes(kind, *rtn_block_quantize(kind, w.float())).to(w.dtype))
+            elif kind in ("F16", "BF16"):
+                w.copy_(w.to(torch.float16 if kind == "F16" else torch.bfloat16).to(w.dtype))
+        done[id(w)] = out[role] = kind
+    return out
 
 
 def _rtn_layerwise(model, keep, scheme, onload, schemes=None) -> list:
