@@ -23,6 +23,8 @@ METHODS = {
     "smoothquant": dict(method="smoothquant"),
     "smoothquant-gptq-static": dict(method="smoothquant", alpha=0.5, weight_method="gptq", activation_scheme="static"),
     "smoothquant-plain": dict(method="smoothquant", alpha=None),
+    "gguf-gptq-q4_k_m": dict(method="gptq", gguf_type="Q4_K_M"),
+    "gguf-rtn-q4_1": dict(method="rtn", gguf_type="Q4_1"),
 }
 
 

@@ -21,7 +21,8 @@ from hfquant.app.recipe import RecipeError, validate
 
 
 def _config(method="gptq", **kw):
-    return HFQuantConfig(method=method, group_size=32, tokenizer=tiny_tokenizer(), **small_calibration(**kw))
+    grid = {} if "gguf_type" in kw else {"group_size": 32}
+    return HFQuantConfig(method=method, **grid, tokenizer=tiny_tokenizer(), **small_calibration(**kw))
 
 
 def _full(folder, config, dtype=torch.float32):
@@ -40,13 +41,16 @@ def _assert_same_state(a: dict, b: dict):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("method,activations", [("gptq", "device"), ("gptq", "disk"), ("gptq", "cpu"), ("rtn", "device"),
-                                               ("smoothquant", "device"), ("rtn-head8", "device")])
+                                               ("smoothquant", "device"), ("rtn-head8", "device"),
+                                               ("gptq-gguf", "device")])
 def test_layerwise_is_bit_identical_to_full_load(tiny_models, tmp_path, arch, method, activations):
     from hfquant.integrations.transformers import quantize_layerwise
 
     extra = {"weight_method": "gptq"} if method == "smoothquant" else {}
     if method == "rtn-head8":  # an 8-bit head (llama's is tied to the embeddings, qwen2's is not)
         method, extra = "rtn", {"lm_head_bits": 8}
+    if method == "gptq-gguf":  # GGUF blocks; the head and embeddings rounded to their GGUF types
+        method, extra = "gptq", {"gguf_type": "Q4_0"}
     full = _full(tiny_models[arch], _config(method, **extra))
     lw = quantize_layerwise(tiny_models[arch], _config(method, **extra), activations=activations,
                             offload_folder=tmp_path / "spill" if activations == "disk" else None, progress=False)
@@ -155,7 +159,7 @@ def _port() -> int:
 
 @pytest.mark.parametrize("method,layerwise,dtype", [("gptq", False, "float32"), ("gptq", True, "float32"),
                                                    ("smoothquant", False, "float32"), ("gptq", False, "bfloat16"),
-                                                   ("smoothquant", True, "float16")])
+                                                   ("smoothquant", True, "float16"), ("gguf", False, "float32")])
 def test_two_processes_bit_identical_to_one(tiny_models, tmp_path, method, layerwise, dtype):
     """Python API under PartialState (gloo, 2 processes x 1 thread) vs one process with 1 thread: every
     tensor and every reduced Hessian equal. 5 batches: an uneven split (3 + 2), so the chain crosses ranks
@@ -164,7 +168,7 @@ def test_two_processes_bit_identical_to_one(tiny_models, tmp_path, method, layer
     from safetensors.torch import load_file
 
     extra = dict(method="smoothquant", weight_method="gptq", activation_scheme="static") if method == "smoothquant" \
-        else dict(method="gptq", group_size=32)
+        else dict(method="gptq", gguf_type="Q4_K_M") if method == "gguf" else dict(method="gptq", group_size=32)
     kw = dict(**extra, **small_calibration(num_samples=10, calibration_batch_size=2))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
