@@ -265,3 +265,22 @@ def test_resume_and_report_with_gguf(tmp_path, llama256):
     assert cfg["module_schemes"]["model.layers.1.mlp.down_proj"]["gguf_type"] == "Q6_K"
     assert cfg["module_schemes"]["model.layers.0.mlp.down_proj"]["gguf_type"] == "Q4_K"
     assert model.hfquant_report["gguf"] == {"head": "Q6_K", "embeddings": "Q6_K"}
+
+
+@pytest.mark.parametrize("save_format", ["hfquant", "gguf"])
+def test_recipe_with_gguf_type(tmp_path, llama256, capsys, save_format):
+    """``hfquant run`` with ``gguf_type`` (and ``save_format: gguf``): the run evaluates, saves and the output
+    loads (hfquant layout: reload; gguf: transformers' GGUF loader)."""
+    import transformers as tf
+    from helpers import write_recipe
+
+    recipe = write_recipe(tmp_path / "r.yaml", llama256, tmp_path / "out",
+                          quantization={"method": "gptq", "gguf_type": "Q4_0",
+                                        "save_format": save_format})
+    code, out, err = run_cli(["run", recipe], capsys)
+    assert code == 0, err
+    if save_format == "gguf":
+        assert (tmp_path / "out" / "model.gguf").is_file()
+        tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="model.gguf")
+    else:
+        tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")

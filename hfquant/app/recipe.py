@@ -48,17 +48,20 @@ TOP_DEFAULTS: dict[str, Any] = {
 SECTIONS = ("quantization", "calibration", "evaluation", "hub")
 DTYPES = ("float32", "bfloat16", "float16")
 
+# The GGUF keys (and the save format, which gguf needs) of the weight-only methods.
+GGUF_FIELDS = ("gguf_type", "gguf_head_type", "gguf_embedding_type", "save_format")
 # HFQuantConfig fields each method reads; other quantization keys are rejected for that method.
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "gptq": ("bits", "group_size", "sym", "desc_act", "static_groups", "true_sequential", "damp_percent",
              "block_size", "observer", "modules_to_not_convert", "overrides", "target_avg_bits",
-             "max_ppl_increase", "candidates", "fisher_windows", "lm_head_bits"),
-    "rtn": ("bits", "group_size", "sym", "observer", "modules_to_not_convert", "overrides", "lm_head_bits"),
+             "max_ppl_increase", "candidates", "fisher_windows", "lm_head_bits", *GGUF_FIELDS),
+    "rtn": ("bits", "group_size", "sym", "observer", "modules_to_not_convert", "overrides", "lm_head_bits",
+            *GGUF_FIELDS),
     "smoothquant": ("alpha", "weight_method", "activation_scheme", "damp_percent", "block_size",
                     "modules_to_not_convert", "overrides"),
 }
 # Fields checked together (they constrain each other), after the one-by-one checks of the others.
-_JOINT_FIELDS = ("bits", "target_avg_bits", "max_ppl_increase", "candidates", "overrides")
+_JOINT_FIELDS = ("bits", "target_avg_bits", "max_ppl_increase", "candidates", "overrides", "save_format")
 # recipe key under ``calibration`` -> HFQuantConfig field
 CALIBRATION_FIELDS: dict[str, str] = {
     "dataset": "dataset",
@@ -198,6 +201,8 @@ def validate(raw) -> dict:
 
     q_out = {"method": method}
     for key in METHOD_FIELDS[method]:
+        if q.get("gguf_type") and key in ("bits", "group_size", "sym") and key not in q:
+            continue  # gguf_type sets them
         q_out[key] = copy.deepcopy(q.get(key, DEFAULTS[key]))
     try:
         HFQuantConfig(**q_out)
