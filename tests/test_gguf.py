@@ -284,3 +284,32 @@ def test_recipe_with_gguf_type(tmp_path, llama256, capsys, save_format):
         tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out", gguf_file="model.gguf")
     else:
         tf.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+
+
+def test_load_gguf_holds_the_files_blocks_and_exports_them_again(tmp_path, llama256):
+    """``load_gguf`` of an exported file: the same blocks as the hfquant model that wrote it, the same logits; saved
+    and reloaded in hfquant's layout, it exports a file with identical tensors."""
+    import numpy as np
+    import transformers as tf
+
+    from hfquant.formats import export_gguf, load_gguf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(llama256, quantization_config=HFQuantConfig(gguf_type="Q4_K_M", method="rtn"))
+    model.save_pretrained(tmp_path / "q")
+    tiny_tokenizer().save_pretrained(tmp_path / "q")
+    first = export_gguf(tmp_path / "q", tmp_path / "g1")
+    loaded = load_gguf(first.parent)
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(_logits(loaded, ids), _logits(model, ids))
+    blocks = {n: m.qweight for n, m in model.named_modules() if hasattr(m, "qweight")}
+    assert blocks.keys() == {n for n, m in loaded.named_modules() if hasattr(m, "qweight")}
+    assert all(torch.equal(blocks[n], loaded.get_submodule(n).qweight) for n in blocks)
+    loaded.save_pretrained(tmp_path / "again")
+    tiny_tokenizer().save_pretrained(tmp_path / "again")
+    second = export_gguf(tmp_path / "again", tmp_path / "g2")
+    a = {t.name: t for t in gguf.GGUFReader(str(first)).tensors}
+    b = {t.name: t for t in gguf.GGUFReader(str(second)).tensors}
+    assert a.keys() == b.keys()
+    assert all(a[k].tensor_type == b[k].tensor_type and np.array_equal(a[k].data, b[k].data) for k in a)
+    with pytest.raises(FormatError, match="exactly one"):
+        load_gguf(tmp_path)

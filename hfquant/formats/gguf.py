@@ -17,6 +17,7 @@ The container, the metadata keys, the tensor names and the block constants come 
 
 from __future__ import annotations
 
+from collections import Counter
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ import torch
 
 from hfquant.core.errors import FormatError
 from hfquant.core.gguf_blocks import BLOCK_TYPES, pack_rows
-from hfquant.core.gguf_grids import rtn_block_quantize
+from hfquant.core.gguf_grids import rtn_block_quantize, symmetric
 from hfquant.formats.files import place
 from hfquant.mixed import gguf_types
 
@@ -259,3 +260,60 @@ def export_gguf(src_dir: str | os.PathLike, out_dir: str | os.PathLike, **kwargs
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out / GGUF_FILE
+
+
+def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
+    """Load a GGUF file (``.gguf`` path, or a folder holding one ``.gguf``) into hfquant modules: transformers'
+    GGUF loader builds the model (config, tokenizer-free; norms and embeddings de-quantized), then every Linear
+    stored as Q8_0, Q4_0, Q5_0, Q4_1, Q4_K or Q6_K becomes a ``QuantLinearGGUF`` holding the file's blocks
+    exactly (q/k rows back in the HF rotary layout). ``model.config.quantization_config`` records each module's
+    type, so the model saves (hfquant layout), reloads and exports back to GGUF byte for byte."""
+    import transformers
+
+    from hfquant.calibration.graph import is_quantizable, set_submodule
+    from hfquant.config import HFQuantConfig
+    from hfquant.nn.gguf import QuantLinearGGUF
+
+    gguf = _gguf()
+    file = Path(path)
+    if file.is_dir():
+        found = sorted(file.glob("*.gguf"))
+        if len(found) != 1:
+            raise FormatError(f"{file}: expected exactly one .gguf file, found {len(found)}; pass the file's path")
+        file = found[0]
+    if not file.is_file():
+        raise FormatError(f"{file}: no such GGUF file")
+    reader = gguf.GGUFReader(str(file))
+    model = transformers.AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
+    if getattr(model, "hf_quantizer", None) is not None:  # transformers' GGUF loader: its weights are float now
+        model.hf_quantizer.remove_quantization_config(model)
+    cfg = model.config
+    arch = _ARCHS.get(cfg.model_type)
+    if arch is None:
+        raise FormatError(f"{file}: model_type {cfg.model_type!r}; load_gguf handles {sorted(_ARCHS)}")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
+                                     cfg.num_hidden_layers)
+    tensors = {t.name: t for t in reader.tensors}
+    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
+    schemes = {}
+    for name, module in list(model.named_modules()):
+        if not name or not is_quantizable(module) or module is model.get_output_embeddings():
+            continue
+        target = names.get_name(name + ".weight", try_suffixes=(".weight",))
+        t = tensors.get(target) if target else None
+        if t is None or t.tensor_type.name not in BLOCK_TYPES:
+            continue
+        data = torch.from_numpy(t.data.copy()).reshape(module.out_features, -1)
+        n = heads if name.endswith("q_proj") else kv_heads if name.endswith("k_proj") else None
+        if arch == "llama" and n is not None:  # llama.cpp's rotary row order -> HF's
+            data = data.reshape(n, data.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(data.shape)
+        kind = t.tensor_type.name
+        set_submodule(model, name, QuantLinearGGUF.from_blocks(module, data, kind, dtype))
+        bt = BLOCK_TYPES[kind]
+        schemes[name] = {"bits": bt.bits, "group_size": bt.group_size, "sym": symmetric(kind), "method": "rtn",
+                         "gguf_type": kind}
+    if not schemes:
+        raise FormatError(f"{file}: no Linear stored in a block type hfquant reads ({sorted(BLOCK_TYPES)})")
+    main = Counter(s["gguf_type"] for s in schemes.values()).most_common(1)[0][0]
+    cfg.quantization_config = HFQuantConfig(gguf_type=main, method="rtn", module_schemes=schemes)
+    return model
