@@ -106,20 +106,35 @@ def _gemv_or_skip():
         pytest.skip("hfquant's CPU extension is not available here (no compiler or no AVX-512)")
 
 
-@pytest.fixture(params=["native", "no-vnni"])
-def gemv_kernel(request, monkeypatch):
-    """The kernel as built for this machine and, where that is the VNNI loop, a copy built without VNNI
-    (the float32 FMA loop Skylake-X Xeons run), swapped in for the test."""
+def use_build(build: str, monkeypatch):
+    """Swap in a copy of hfquant's CPU kernels built for another x86 level: ``"no-vnni"`` (the AVX-512 float32 FMA
+    loop Skylake-X Xeons run) or ``"avx2"`` (``-march=haswell``: what AVX2-only CPUs run); ``"native"`` keeps the
+    machine's own build. Skips where that copy cannot run or is the native one."""
     from hfquant.kernels import cpu_ext
 
-    _gemv_or_skip()
-    if request.param == "no-vnni":
-        if cpu_ext.extension().path() != "avx512-vnni":
+    if cpu_ext.extension() is None:
+        pytest.skip("hfquant's CPU extension is not available here (no compiler or no AVX2)")
+    native = cpu_ext.extension().path()
+    if build == "no-vnni":
+        if native != "avx512-vnni":
             pytest.skip("the native build already is the non-VNNI loop")
         ext = cpu_ext.compile_kernel("hfquant_w4a16_cpu_novnni", ("-mno-avx512vnni",))
         assert ext.path() == "avx512"
-        monkeypatch.setitem(cpu_ext._STATE, "ext", ext)
-    return cpu_ext.extension()
+    elif build == "avx2":
+        if native == "avx2":
+            pytest.skip("the native build already is the AVX2 loop")
+        ext = cpu_ext.compile_kernel("hfquant_w4a16_cpu_avx2", ("-march=haswell",))
+        assert ext.path() == "avx2"
+    else:
+        return cpu_ext.extension()
+    monkeypatch.setitem(cpu_ext._STATE, "ext", ext)
+    return ext
+
+
+@pytest.fixture(params=["native", "no-vnni", "avx2"])
+def gemv_kernel(request, monkeypatch):
+    """The kernel as built for this machine, and the copies built for smaller x86 levels, swapped in for the test."""
+    return use_build(request.param, monkeypatch)
 
 
 @pytest.mark.parametrize("in_f,out_f,group,act_perm", [(576, 960, 128, False), (576, 1536, 64, True), (4096, 64, 128, False),
@@ -154,10 +169,9 @@ def test_cpu_gemv_zero_and_non_finite_inputs(gemv_kernel):
 @pytest.mark.parametrize("in_f,out_f,group,act_perm", [(576, 960, 128, False), (576, 1536, 64, True), (160, 66, -1, False),
                                                        (96, 40, 32, True), (100, 33, 32, False)])
 @pytest.mark.parametrize("tile", [None, 7, 64])  # None: the default (whole W here); 7: several tiles, a partial last one
-def test_cpu_dequant_mm_matches_reference(in_f, out_f, group, act_perm, tile):
+def test_cpu_dequant_mm_matches_reference(gemv_kernel, in_f, out_f, group, act_perm, tile):
     from hfquant.kernels.w4a16 import DEQUANT_MIN_ROWS, w4a16_cpu_dequant_mm
 
-    _gemv_or_skip()
     mod = make_module(in_f, out_f, group=group, act_perm=act_perm)
     x = torch.randn(2, 37, in_f)
     ref = w4a16_reference(x, mod)

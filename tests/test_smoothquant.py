@@ -143,9 +143,13 @@ def _w8a8_gemv_or_skip():
 
 @pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("in_f,out_f,bias", [(64, 48, True), (576, 192, False), (100, 33, True), (4096, 20, True)])
-def test_cpu_w8a8_gemv_is_bit_identical_to_reference(static, in_f, out_f, bias):
+@pytest.mark.parametrize("build", ["native", "avx2"])
+def test_cpu_w8a8_gemv_is_bit_identical_to_reference(static, in_f, out_f, bias, build, monkeypatch):
+    from test_kernels import use_build
+
     from hfquant.kernels.w8a8 import w8a8_cpu_gemv
 
+    use_build(build, monkeypatch)
     _w8a8_gemv_or_skip()
     torch.manual_seed(0)
     lin = torch.nn.Linear(in_f, out_f, bias=bias)
@@ -160,6 +164,36 @@ def test_cpu_w8a8_gemv_is_bit_identical_to_reference(static, in_f, out_f, bias):
             assert torch.equal(w8a8_cpu_gemv(x, m), w8a8_reference(x, m))
         else:
             assert not torch.isfinite(w8a8_cpu_gemv(x, m)).any()  # never silently finite
+
+
+@pytest.mark.parametrize("isa,int_mm", [("avx2", False), ("avx512", False), ("avx512-vnni", True)])
+def test_many_rows_use_int_mm_only_where_it_is_fast(isa, int_mm, monkeypatch):
+    """Without AVX512-VNNI torch's ``_int_mm`` is a plain loop (two orders of magnitude slower than float32), so
+    W8A8 prefill multiplies the codes in float32 tiles there; both match the exact reference."""
+    import hfquant.kernels.w8a8 as k
+    from hfquant.kernels.isa import cpu_isa
+
+    monkeypatch.setenv("HFQUANT_ISA", isa)
+    cpu_isa.cache_clear()
+    try:
+        if cpu_isa() != isa:
+            pytest.skip(f"this CPU cannot run as {isa}")
+        calls = []
+        real = torch._int_mm
+        monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(1) or real(a, b))
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(576, 200)
+        m = QuantLinearW8A8.from_float(lin, lin.weight.data)
+        x = torch.randn(2, 37, 576) * 3
+        ref = k.w8a8_reference(x, m)
+        y = k.w8a8_linear(x, m)
+        assert bool(calls) == int_mm
+        assert ((y - ref).abs().max() / ref.abs().max()) < 1e-6
+        tiles = k.w8a8_float_tiles(x, m, tile=48)  # several tiles, a partial last one
+        assert ((tiles - ref).abs().max() / ref.abs().max()) < 1e-6
+    finally:
+        monkeypatch.delenv("HFQUANT_ISA")
+        cpu_isa.cache_clear()
 
 
 def test_bert_post_norm_is_reported_not_smoothed(tiny_models):

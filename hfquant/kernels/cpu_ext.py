@@ -9,7 +9,8 @@ group's scale and zero once per group (``s * (sum q*x - z * sum x)``), adds the 
 accuracy. With AVX512-VNNI it multiplies the 4-bit codes with a three-part int8 split of ``x`` (about 21
 bits of each 128-column block, relative error about 2e-6) in integer dot-product instructions; without VNNI
 it converts codes to float32 and uses FMAs. It is compiled for the machine it runs on
-(``-O3 -march=native``) with ``torch.utils.cpp_extension`` into torch's extension cache. No compiler, or a
+(``-O3 -march=native``; on an AVX2 CPU, or with ``HFQUANT_ISA=avx2``, ``-march=haswell``: the 256-bit FMA loop and
+an AVX2 W8A8 GEMV, see ``hfquant.kernels.isa``) with ``torch.utils.cpp_extension`` into torch's extension cache. No compiler, or a
 failed build: a warning once, and torch's int4 kernel is used instead. Each function is also a torch operator
 (``torch.ops.hfquant_w4a16_cpu.*``, used under ``torch.compile``: ``kernel``). ``HFQUANT_CPU_EXTENSION=0`` turns it
 off.
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import torch
 from torch.utils.cpp_extension import load
+
+from hfquant.kernels.isa import cpu_isa
 
 logger = logging.getLogger(__name__)
 
@@ -62,13 +65,16 @@ def compile_kernel(name: str = "hfquant_w4a16_cpu", extra_cflags: tuple = ()):
 def _build():
     if os.environ.get("HFQUANT_CPU_EXTENSION", "1") == "0":
         return None
+    isa = cpu_isa()
+    if isa == "other":
+        return None
     try:
         logger.info("loading hfquant's CPU W4A16 kernel (compiled on first use, then cached in torch's extension folder)")
-        ext = compile_kernel()
+        ext = compile_kernel("hfquant_w4a16_cpu_avx2", ("-march=haswell",)) if isa == "avx2" else compile_kernel()
     except Exception as exc:  # noqa: BLE001 - no compiler, headers or ninja: fall back, say so once
         first = (str(exc).strip().splitlines() or [""])[-1][:200]
         warnings.warn(f"hfquant: the CPU W4A16 extension could not be built ({type(exc).__name__}: {first}); "
                       "using torch's int4 kernel instead", RuntimeWarning, stacklevel=3)
         return None
-    # Without AVX-512 only the scalar loop is compiled, which is slower than torch's int4 kernel.
+    # Without AVX2 only the scalar loop is compiled, which is slower than torch's int4 kernel.
     return ext if ext.path() != "scalar" else None

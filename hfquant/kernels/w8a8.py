@@ -5,9 +5,15 @@ integer products exactly (int32 in ``_int_mm``; float64 in the reference, exact 
 accumulator to float32 and apply ``s_x * s_w`` in the same order, so their outputs are bit-identical.
 The int8 weight is passed to ``_int_mm`` as a transposed view of its stored rows (no copy).
 On CUDA the Triton kernels in ``hfquant.kernels.triton_kernels`` run instead (same numerics).
-On a CPU with AVX512-VNNI, one float32 row (decode) runs hfquant's own GEMV (``hfquant.kernels.cpu_ext``):
-the same quantization of ``x``, int32 dot products with ``VPDPBUSD`` and the same float32 epilogue in one
-C++ call, bit-identical for finite ``x`` (a NaN in ``x`` makes its row's outputs NaN).
+On a CPU with AVX512-VNNI (or AVX2), one float32 row (decode) runs hfquant's own GEMV
+(``hfquant.kernels.cpu_ext``): the same quantization of ``x``, exact int32 dot products (``VPDPBUSD``, or
+``VPMADDWD`` on AVX2) and the same float32 epilogue in one C++ call, bit-identical for finite ``x`` (a NaN in
+``x`` makes its row's outputs NaN).
+
+More rows on a CPU without AVX512-VNNI, where ``torch._int_mm`` is a plain loop (``hfquant.kernels.isa``): the
+int8 codes of ``x`` times tiles of the int8 weight converted to float32, by torch's float32 GEMM
+(``w8a8_float_tiles``): the speed of a float32 Linear, the integer products exact and their sums rounded as
+float32 sums are (relative error about 1e-7 against the reference).
 """
 
 from __future__ import annotations
@@ -17,10 +23,13 @@ import torch
 from hfquant.core.smoothquant import quantize_activation_int8
 from hfquant.kernels import cpu_ext
 from hfquant.kernels.common import cached_operands, forced_reference, triton_kernels
+from hfquant.kernels.isa import int8_gemm_is_fast
 
 # hfquant's VNNI GEMV (csrc) quantizes and multiplies one float32 row per call (decode); more rows go to
 # torch._int_mm, which reads the int8 weight once for all of them.
 CPU_GEMV_MAX_ROWS = 1
+# Rows of the int8 weight converted to float32 at a time by ``w8a8_float_tiles`` (about 16 MB at 4096 columns).
+FLOAT_TILE_BYTES = 16 << 20
 
 
 def _quantize_input(x: torch.Tensor, module):
@@ -57,6 +66,20 @@ def w8a8_int_mm(x: torch.Tensor, module) -> torch.Tensor:
     return _finish(acc, sx, x, module)
 
 
+def w8a8_float_tiles(x: torch.Tensor, module, tile: int | None = None) -> torch.Tensor:
+    """W8A8 without an int8 GEMM: the activation codes (as float32) times tiles of the weight codes converted to
+    float32, by torch's float32 GEMM; the same epilogue as the other paths."""
+    qx, sx = _quantize_input(x, module)
+    w = module.weight.reshape(module.out_features, module.in_features)
+    tile = tile or max(64, FLOAT_TILE_BYTES // (4 * module.in_features))
+    qf = qx.float()
+    acc = qf.new_empty(qf.shape[0], module.out_features)
+    for n0 in range(0, module.out_features, tile):
+        n1 = min(module.out_features, n0 + tile)
+        acc[:, n0:n1] = qf @ w[n0:n1].float().t()
+    return _finish(acc, sx, x, module)
+
+
 def _gemv_operands(module):
     """(int8 weight [out, in], float32 weight scales, int32 row sums of the weight, float32 bias or None, the
     static input scale or 0 for per-token scales), built once per module."""
@@ -69,7 +92,7 @@ def _gemv_operands(module):
 
 
 def _gemv_kernel():
-    """The compiled extension when it has the W8A8 GEMV (AVX512-VNNI), else ``None``."""
+    """The compiled extension when it has the W8A8 GEMV (AVX512-VNNI or AVX2), else ``None``."""
     ext = cpu_ext.extension()
     return ext if ext is not None and hasattr(ext, "w8a8_gemv") else None
 
@@ -81,7 +104,7 @@ def prepare_module(module) -> None:
 
 
 def w8a8_cpu_gemv(x: torch.Tensor, module) -> torch.Tensor | None:
-    """hfquant's VNNI GEMV for few float32 rows, or ``None`` where it is not built (no compiler, no VNNI)."""
+    """hfquant's GEMV for few float32 rows, or ``None`` where it is not built (no compiler, neither VNNI nor AVX2)."""
     ext = _gemv_kernel()
     if ext is None:
         return None
@@ -90,8 +113,8 @@ def w8a8_cpu_gemv(x: torch.Tensor, module) -> torch.Tensor | None:
 
 
 def w8a8_linear(x: torch.Tensor, module) -> torch.Tensor:
-    """Dispatch: Triton on CUDA (fused activation quantization and epilogue); on CPU hfquant's VNNI GEMV for
-    one float32 row where it is built, else ``_int_mm``."""
+    """Dispatch: Triton on CUDA (fused activation quantization and epilogue); on CPU hfquant's GEMV for one
+    float32 row where it is built, else ``_int_mm`` where it is fast (AVX512-VNNI), else float32 tiles."""
     if forced_reference():
         return w8a8_reference(x, module)
     if x.device.type == "cuda":
@@ -102,5 +125,5 @@ def w8a8_linear(x: torch.Tensor, module) -> torch.Tensor:
             y = w8a8_cpu_gemv(x, module)
             if y is not None:
                 return y
-        return w8a8_int_mm(x, module)
+        return w8a8_int_mm(x, module) if int8_gemm_is_fast() else w8a8_float_tiles(x, module)
     return w8a8_reference(x, module)

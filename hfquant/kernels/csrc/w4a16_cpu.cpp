@@ -10,6 +10,9 @@
 //   * AVX512-VNNI (Cascade Lake and later Xeons, Zen 4): integer dot products over a three-part int8 split
 //     of x (rows_dot_vnni); float32-level accuracy (about 2e-6 relative to the float32 reference);
 //   * AVX-512F without VNNI (Skylake-X): float32 FMAs over codes converted to float (rows_dot);
+//   * AVX2 + FMA without AVX-512 (AMD Zen 2/3, Intel Haswell..Comet Lake; cpu_ext.py builds it with
+//     -march=haswell on such CPUs, or to test it on others): the same FMA loop on 256-bit vectors, and a
+//     W8A8 GEMV whose int8 dot products are exact 16-bit multiply-adds (VPMADDWD);
 //   * otherwise a scalar loop (cpu_ext.py does not use it: torch's int4 kernel is faster there).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -19,13 +22,29 @@
 #include <limits>
 #include <vector>
 
-#ifdef __AVX512F__
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 // The integer dot-product loops (W4A16 decode, W8A8 decode) need AVX512-VNNI and AVX512-BW.
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 #define HFQUANT_VNNI 1
+#endif
+// The 256-bit loops: AVX2 and FMA, no AVX-512.
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#define HFQUANT_AVX2 1
+static inline float hsum256(__m256 v) {
+  __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  r = _mm_add_ps(r, _mm_movehl_ps(r, r));
+  r = _mm_add_ss(r, _mm_movehdup_ps(r));
+  return _mm_cvtss_f32(r);
+}
+static inline int32_t hsum256_epi32(__m256i v) {
+  __m128i r = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0x4e));
+  r = _mm_add_epi32(r, _mm_shuffle_epi32(r, 0xb1));
+  return _mm_cvtsi128_si32(r);
+}
 #endif
 
 // One output: sum over groups of s_g * (sum_b lo(b) e[b] + hi(b) o[b]) - sum_g s_g z_g xs_g.
@@ -63,6 +82,33 @@ static inline void rows_dot(const uint8_t* const* rows, const float* e, const fl
     }
   }
   for (int r = 0; r < R; ++r) out[r] = _mm512_reduce_add_ps(total[r]) - corr[r];
+#elif defined(HFQUANT_AVX2)
+  // As above on 8-float vectors: 8 packed bytes (16 columns) per row per step.
+  const __m256i mask = _mm256_set1_epi32(15);
+  __m256 total[R];
+  float corr[R];
+  for (int r = 0; r < R; ++r) { total[r] = _mm256_setzero_ps(); corr[r] = 0.f; }
+  for (int64_t g = 0; g < G; ++g) {
+    const int64_t b0 = g * half, b1 = std::min((g + 1) * half, KB);
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t b = b0; b < b1; b += 8) {
+      const __m256 ev = _mm256_loadu_ps(e + b), ov = _mm256_loadu_ps(o + b);
+      if (ahead != 0 && (b & 63) == 0) {
+        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + b + ahead), _MM_HINT_T0);
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(rows[r] + b)));
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(w, mask)), ev, acc[r]);
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 4)), ov, acc[r]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      total[r] = _mm256_fmadd_ps(_mm256_set1_ps(s[r][g]), acc[r], total[r]);
+      corr[r] += s[r][g] * z[r][g] * xs[g];
+    }
+  }
+  for (int r = 0; r < R; ++r) out[r] = hsum256(total[r]) - corr[r];
 #else
   for (int r = 0; r < R; ++r) {
     float res = 0.f;
@@ -401,6 +447,18 @@ static void dequant_row(const uint8_t* row, const float* s, const float* z, int6
     _mm512_storeu_ps(out + k, _mm512_mul_ps(_mm512_sub_ps(_mm512_permutex2var_ps(even, il, odd), zv), sv));
     _mm512_storeu_ps(out + k + 16, _mm512_mul_ps(_mm512_sub_ps(_mm512_permutex2var_ps(even, ih, odd), zv), sv));
   }
+#elif defined(HFQUANT_AVX2)
+  // 16 columns (8 bytes) per step; unpack + lane permutes put the even and odd columns back in order.
+  const __m256i mask = _mm256_set1_epi32(15);
+  for (; k + 16 <= K; k += 16) {
+    const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(row + k / 2)));
+    const __m256 even = _mm256_cvtepi32_ps(_mm256_and_si256(w, mask));
+    const __m256 odd = _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 4));
+    const __m256 lo = _mm256_unpacklo_ps(even, odd), hi = _mm256_unpackhi_ps(even, odd);
+    const __m256 sv = _mm256_set1_ps(s[k / group]), zv = _mm256_set1_ps(z[k / group]);
+    _mm256_storeu_ps(out + k, _mm256_mul_ps(_mm256_sub_ps(_mm256_permute2f128_ps(lo, hi, 0x20), zv), sv));
+    _mm256_storeu_ps(out + k + 8, _mm256_mul_ps(_mm256_sub_ps(_mm256_permute2f128_ps(lo, hi, 0x31), zv), sv));
+  }
 #endif
   for (; k < K; ++k) {
     const uint8_t b = row[k / 2];
@@ -520,11 +578,107 @@ torch::Tensor w8a8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor w_scale,
 }
 #endif
 
+#ifdef HFQUANT_AVX2
+// W8A8 for few rows on AVX2, with the same numerics as the VNNI GEMV above (bit-identical to
+// hfquant.kernels.w8a8 for finite x): x quantized per row to signed int8 codes, then 16 codes at a time
+// sign-extended to 16 bits and multiplied with the weight's 16 bytes by VPMADDWD (pairwise products summed
+// into int32: exact, no saturation), one int32 sum per row; the same float32 epilogue.
+torch::Tensor w8a8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor w_scale, torch::Tensor w_rowsum,
+                        c10::optional<torch::Tensor> bias, double static_scale) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.is_contiguous(), "x: contiguous float32 [..., K]");
+  TORCH_CHECK(w.dtype() == torch::kInt8 && w.dim() == 2 && w.is_contiguous(), "w: contiguous int8 [N, K]");
+  TORCH_CHECK(w_scale.dtype() == torch::kFloat32 && w_scale.is_contiguous(), "w_scale: contiguous float32 [N]");
+  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = w.size(0);
+  TORCH_CHECK(w.size(1) == K && w_scale.numel() == N, "shape mismatch");
+  const float* bp = bias_ptr(bias, N);
+  auto y = output_for(x, N);
+  const float* xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const float* wsp = w_scale.data_ptr<float>();
+  const int64_t K16 = K / 16 * 16;
+  static thread_local std::vector<int8_t> tls_q;
+  static thread_local std::vector<float> tls_scale;
+  std::vector<int8_t>& q = tls_q;
+  std::vector<float>& sx = tls_scale;
+  q.assign(M * K, 0);
+  sx.assign(M, 0.f);
+  for (int64_t m = 0; m < M; ++m) {
+    const float* xr = xp + m * K;
+    float amax = 0.f;
+    bool nan = false;
+    for (int64_t k = 0; k < K; ++k) {
+      nan |= std::isnan(xr[k]);
+      amax = std::max(amax, std::fabs(xr[k]));
+    }
+    float scale = static_scale > 0 ? static_cast<float>(static_scale) : std::max(amax / 127.f, 1e-8f);
+    if (nan) scale = std::numeric_limits<float>::quiet_NaN();
+    sx[m] = scale;
+    int8_t* qr = q.data() + m * K;
+    const __m256 sv = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.f), hi = _mm256_set1_ps(127.f);
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+      const __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xr + k), sv),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      alignas(32) int32_t tmp[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(tmp), _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi)));
+      for (int i = 0; i < 8; ++i) qr[k + i] = static_cast<int8_t>(tmp[i]);
+    }
+    for (; k < K; ++k) {
+      const float r = std::nearbyint(xr[k] / scale);  // round half to even (the default rounding mode)
+      qr[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, r)));
+    }
+  }
+  constexpr int R = 4;
+  const int64_t blocks = (N + R - 1) / R;
+  at::parallel_for(0, blocks, 4, [&](int64_t blk0, int64_t blk1) {
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t n0 = blk * R, count = std::min<int64_t>(R, N - n0);
+      for (int64_t m = 0; m < M; ++m) {
+        const int8_t* qr = q.data() + m * K;
+        __m256i acc[R];
+        int32_t tail[R];
+        for (int r = 0; r < R; ++r) { acc[r] = _mm256_setzero_si256(); tail[r] = 0; }
+        for (int64_t k = 0; k < K16; k += 16) {
+          const __m256i xv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qr + k)));
+          for (int r = 0; r < count; ++r) {
+            const int8_t* row = wp + (n0 + r) * K + k;
+            if (m == 0 && (k & 63) == 0 && blk + 2 < blk1) {
+              _mm_prefetch(reinterpret_cast<const char*>(row + 2 * R * K), _MM_HINT_T0);
+            }
+            const __m256i wv = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row)));
+            acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(xv, wv));
+          }
+        }
+        for (int r = 0; r < count; ++r) {
+          const int8_t* row = wp + (n0 + r) * K;
+          for (int64_t k = K16; k < K; ++k) tail[r] += static_cast<int32_t>(qr[k]) * row[k];
+        }
+        for (int r = 0; r < count; ++r) {
+          const int64_t n = n0 + r;
+          const int32_t dot = hsum256_epi32(acc[r]) + tail[r];
+          float out = static_cast<float>(dot) * sx[m];
+          out = out * wsp[n];
+          yp[m * N + n] = bp != nullptr ? out + bp[n] : out;
+        }
+      }
+    }
+  });
+  return y;
+}
+#endif
+
+#if defined(HFQUANT_VNNI) || defined(HFQUANT_AVX2)
+#define HFQUANT_W8A8_GEMV 1
+#endif
+
 std::string path() {
 #ifdef HFQUANT_VNNI
   return "avx512-vnni";
 #elif defined(__AVX512F__)
   return "avx512";
+#elif defined(HFQUANT_AVX2)
+  return "avx2";
 #else
   return "scalar";
 #endif
@@ -542,7 +696,7 @@ static torch::Tensor w4a16_mm_meta(torch::Tensor x, torch::Tensor w, torch::Tens
   return output_for(x, w.size(0));
 }
 
-#ifdef HFQUANT_VNNI
+#ifdef HFQUANT_W8A8_GEMV
 static torch::Tensor w8a8_meta(torch::Tensor x, torch::Tensor w, torch::Tensor, torch::Tensor,
                                c10::optional<torch::Tensor>, double) {
   return output_for(x, w.size(0));
@@ -556,7 +710,7 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_gemv(Tensor x, Tensor w, Tensor scales, Tensor zeros, Tensor? bias, int group) -> Tensor");
   m.def("w4a16_dequant_mm(Tensor x, Tensor w, Tensor scales, Tensor zeros, Tensor? bias, int group, "
         "int tile) -> Tensor");
-#ifdef HFQUANT_VNNI
+#ifdef HFQUANT_W8A8_GEMV
   m.def("w8a8_gemv(Tensor x, Tensor w, Tensor w_scale, Tensor w_rowsum, Tensor? bias, float static_scale) "
         "-> Tensor");
 #endif
@@ -565,7 +719,7 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("w4a16_gemv", &w4a16_gemv);
   m.impl("w4a16_dequant_mm", &w4a16_dequant_mm);
-#ifdef HFQUANT_VNNI
+#ifdef HFQUANT_W8A8_GEMV
   m.impl("w8a8_gemv", &w8a8_gemv);
 #endif
 }
@@ -573,7 +727,7 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, Meta, m) {
   m.impl("w4a16_gemv", &w4a16_meta);
   m.impl("w4a16_dequant_mm", &w4a16_mm_meta);
-#ifdef HFQUANT_VNNI
+#ifdef HFQUANT_W8A8_GEMV
   m.impl("w8a8_gemv", &w8a8_meta);
 #endif
 }
@@ -581,8 +735,8 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, Meta, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_gemv", &w4a16_gemv, "hfquant W4A16 float32 GEMV (few rows)");
   m.def("w4a16_dequant_mm", &w4a16_dequant_mm, "hfquant W4A16 float32 matmul for many rows: tiles of W dequantized, torch GEMM");
-#ifdef HFQUANT_VNNI
+#ifdef HFQUANT_W8A8_GEMV
   m.def("w8a8_gemv", &w8a8_gemv, "hfquant W8A8 GEMV (few rows), numerics of hfquant.kernels.w8a8");
 #endif
-  m.def("path", &path, "which inner loop was compiled in: avx512-vnni, avx512 or scalar");
+  m.def("path", &path, "which inner loop was compiled in: avx512-vnni, avx512, avx2 or scalar");
 }
