@@ -40,7 +40,36 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.timing import interleaved_median_seconds, median_seconds, run_meta, save_table, table_header  # noqa: E402
+from scripts.timing import (  # noqa: E402
+    interleaved_median_seconds,
+    median_seconds,
+    rerun_as_isa,
+    run_meta,
+    save_table,
+    table_header,
+)
+
+
+# Models built from a config (random weights, seeded): speed does not depend on the weights' values. SmolLM2's
+# vocabulary size, so its tokenizer (saved with the model) serves the W8A8 model's calibration.
+SYNTHETIC = {"llama7b-2layers": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=2,
+                                     num_attention_heads=32, num_key_value_heads=32, vocab_size=49152,
+                                     max_position_embeddings=4096, tie_word_embeddings=False)}
+
+
+def synthetic_model(name: str, tokenizer_from: str) -> str:
+    """Build ``SYNTHETIC[name]`` (float32, seed 0) and save it with ``tokenizer_from``'s tokenizer to a temporary
+    folder; returns the folder."""
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**SYNTHETIC[name]))
+    folder = tempfile.mkdtemp(prefix=f"hfquant-{name}-")
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
+    return folder
 
 
 def load_models(path: str) -> dict:
@@ -144,13 +173,25 @@ def main(argv=None) -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--update-benchmarks", action="store_true")
     parser.add_argument("--no-compile", action="store_true", help="skip the compiled-decode table")
+    parser.add_argument("--synthetic", choices=list(SYNTHETIC),
+                        help="instead of --model: a randomly initialised model built from a config (e.g. two Llama-2-7B "
+                             "layers), saved to a temporary folder")
+    parser.add_argument("--isa", choices=["native", "avx2"], default="native",
+                        help="avx2: run as on an AVX2-only CPU (torch's AVX2 code, hfquant's AVX2 build; emulated)")
     args = parser.parse_args(argv)
+    if rerun_as_isa(args.isa, argv):
+        return
+    suffix = "" if args.isa == "native" else f"-{args.isa}"
     if not Path(args.model, "config.json").is_file():
         sys.exit(f"error: no model at {args.model}; run `python scripts/prepare_reference_model.py --out models` first")
+    if args.synthetic:
+        args.model = synthetic_model(args.synthetic, args.model)
+        suffix = f"-{args.synthetic}{suffix}"
     models = load_models(args.model)
     gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(0, 49152, (1, 16), generator=gen)
-    long = torch.randint(0, 49152, (1, 512), generator=gen)
+    vocab = next(iter(models.values())).config.vocab_size
+    prompt = torch.randint(0, vocab, (1, 16), generator=gen)
+    long = torch.randint(0, vocab, (1, 512), generator=gen)
     n = args.new_tokens
     for model in models.values():
         model.eval()
@@ -181,7 +222,7 @@ def main(argv=None) -> None:
                   [[r["model"], f"{r['decode_tok_s']:.1f}", f"{r['decode_speedup']:.2f}x", f"{r['prefill_tok_s']:.1f}",
                     f"{r['prefill_speedup']:.2f}x", f"{r['decode_ms_per_token']:.1f}", f"{r['linears_ms_per_token']:.1f}",
                     f"{r['lm_head_ms_per_token']:.1f}", f"{r['rest_ms_per_token']:.1f}"] for r in rows])
-    save_table(args.out, "generate", meta, rows, md, "generate" if args.update_benchmarks else None)
+    save_table(args.out, "generate" + suffix, meta, rows, md, "generate" + suffix if args.update_benchmarks else None)
     if args.no_compile:
         return
     compiled = compiled_decode(models, prompt, n, args.repeats)
@@ -195,8 +236,8 @@ def main(argv=None) -> None:
                   [[r["model"], f"{r['compiled_decode_tok_s']:.1f}", f"{r['compiled_decode_speedup']:.2f}x",
                     f"{eager[r['model']]['decode_tok_s']:.1f}", f"{r['compiled_decode_ms_per_token']:.1f}",
                     f"{r['compile_s']:.0f}"] for r in compiled])
-    save_table(args.out, "generate_compiled", meta, compiled, md,
-               "generate-compiled" if args.update_benchmarks else None)
+    save_table(args.out, "generate_compiled" + suffix, meta, compiled, md,
+               "generate-compiled" + suffix if args.update_benchmarks else None)
 
 
 if __name__ == "__main__":

@@ -246,15 +246,22 @@ def main(argv=None) -> None:
     parser.add_argument("--cache", choices=["rotate", "cold", "warm"], default="rotate",
                         help="CPU: cycle over weight copies larger than the cache (rotate, as in decode), flush the "
                              "caches before each call (cold), or repeat one call (warm)")
+    parser.add_argument("--isa", choices=["native", "avx2"], default="native",
+                        help="avx2: run as on an AVX2-only CPU (torch's AVX2 code, hfquant's AVX2 build; emulated)")
     parser.add_argument("--update-benchmarks", action="store_true")
     args = parser.parse_args(argv)
+    from scripts.timing import isa_label, rerun_as_isa
+
+    if rerun_as_isa(args.isa, argv):
+        return
     rows_list = [int(v) for v in args.rows.split(",")]
     rows, bw = run(args.device, args.repeats, SHAPES, rows_list, args.cache)
     if args.device == "cuda":
         machine = f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda})"
         timing = "CUDA-graph replay over weight copies (>= 256 MB, L2 defeated), median; bf16 activations"
     else:
-        machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+        machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads, "
+                   f"torch ISA {torch.backends.cpu.get_cpu_capability()}, hfquant kernels {isa_label()}")
         llc = 2 * last_level_cache_bytes() >> 20
         timing = {"rotate": f"median of max({args.repeats}, copies) calls cycling over copies of the weights (>= {llc} "
                             "MB in all: weights come from DRAM, code and activations stay cached)",
@@ -267,6 +274,7 @@ def main(argv=None) -> None:
             "baseline": "bf16" if args.device == "cuda" else "fp32", "date": time.strftime("%Y-%m-%d")}
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"kernels-{args.device}" + (f"-{args.cache}" if args.device == "cpu" and args.cache != "rotate" else "")
+    stem += f"-{args.isa}" if args.isa != "native" else ""
     (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = markdown(rows, meta)
     (args.out / f"{stem}.md").write_text(md)

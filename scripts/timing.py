@@ -41,6 +41,40 @@ def cpu_model() -> str | None:
     return None
 
 
+# ``--isa avx2``: torch's own code for AVX2-only CPUs (its dispatch level, oneDNN's and MKL's instruction sets) and
+# hfquant's AVX2 build and dispatch (``hfquant.kernels.isa``), on a CPU that has more. An emulation: the numbers
+# name it as such.
+ISA_ENV = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                  "MKL_ENABLE_INSTRUCTIONS": "AVX2", "HFQUANT_ISA": "avx2"}}
+
+
+def rerun_as_isa(isa: str, argv=None) -> bool:
+    """For ``--isa avx2`` in the parent process: run this script again (same arguments) in a child with
+    ``ISA_ENV[isa]`` and return True (the caller then returns); False where nothing is to be done (``native``, or
+    already the child)."""
+    import os
+    import subprocess
+    import sys
+
+    if isa == "native" or os.environ.get("HFQUANT_ISA") == ISA_ENV[isa]["HFQUANT_ISA"]:
+        return False
+    args = sys.argv[1:] if argv is None else list(argv)
+    subprocess.run([sys.executable, sys.argv[0], *args], env={**os.environ, **ISA_ENV[isa]}, check=True)
+    return True
+
+
+def isa_label() -> str:
+    """The instruction set the run measured, and whether it was emulated (``ISA_ENV``) or the CPU's own."""
+    import os
+
+    from hfquant.kernels.isa import _hardware, cpu_isa
+
+    isa = cpu_isa()
+    if os.environ.get("HFQUANT_ISA") and isa != _hardware():
+        return f"{isa} (emulated on an {_hardware()} CPU: ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA / MKL_ENABLE_INSTRUCTIONS, hfquant's {isa} build)"
+    return f"{isa} (this CPU's own)"
+
+
 def run_meta(script: str, argv=None) -> dict:
     """The command, machine and versions a benchmark table is stamped with."""
     import os
@@ -52,7 +86,7 @@ def run_meta(script: str, argv=None) -> dict:
     return {
         "command": f"python scripts/{script} " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": f"{cpu_model() or platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                   f"ISA {torch.backends.cpu.get_cpu_capability()}",
+                   f"ISA {torch.backends.cpu.get_cpu_capability()}, hfquant kernels {isa_label()}",
         "torch": torch.__version__, "transformers": transformers.__version__,
         "threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"),
     }
