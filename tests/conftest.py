@@ -9,6 +9,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# CPU prefill path fixed (the default, auto, picks the faster by timing): tests compare exact outputs of one path.
+# tests/test_kernels.py checks the auto choice on its own.
+os.environ.setdefault("HFQUANT_CPU_PREFILL", "tiles")
 if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors under the interpreter (must be set before triton is imported).
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -205,6 +205,41 @@ def test_8bit_codes_take_the_cpu_kernels_and_match_the_reference(gemv_kernel, in
         assert rel_err(w4a16_linear(x, mod), ref) < 1e-6
 
 
+def test_prefill_auto_keeps_the_faster_path_per_shape_class(monkeypatch):
+    """``HFQUANT_CPU_PREFILL=auto``: the first call of a shape class times the dequantized tiles and torch's int4
+    kernel and returns the faster one's output; later calls of the class take that path without timing."""
+    import hfquant.kernels.w4a16 as k
+
+    _gemv_or_skip()
+    monkeypatch.setenv("HFQUANT_CPU_PREFILL", "auto")
+    monkeypatch.setattr(k, "_PREFILL_CHOICE", {})
+    slow = {"tiles": 0.0, "int4": 0.05}  # make int4 lose the timing
+    real = k._prefill_paths()
+
+    def slowed(name):
+        def run(x, module):
+            import time
+
+            time.sleep(slow[name])
+            return real[name](x, module)
+        return run
+    monkeypatch.setattr(k, "_prefill_paths", lambda: {name: slowed(name) for name in real})
+    mod = make_module(256, 64, group=128)
+    x = torch.randn(40, 256)
+    assert torch.equal(k.w4a16_linear(x, mod), real["tiles"](x, mod))
+    assert list(k._PREFILL_CHOICE.values()) == ["tiles"]
+    slow.update(tiles=0.05, int4=0.0)  # the choice is kept: no new timing for this class
+    x2 = torch.randn(50, 256)  # 50 rows: the same class as 40 (32..63)
+    assert torch.equal(k.w4a16_linear(x2, mod), real["tiles"](x2, mod))
+    assert list(k._PREFILL_CHOICE.values()) == ["tiles"]
+    x = torch.randn(300, 256)  # a new class (rows 256..511): timed again, int4 now faster
+    assert torch.equal(k.w4a16_linear(x, mod), real["int4"](x, mod))
+    assert sorted(k._PREFILL_CHOICE.values()) == ["int4", "tiles"]
+    monkeypatch.setenv("HFQUANT_CPU_PREFILL", "fastest")
+    with pytest.raises(ValueError, match="HFQUANT_CPU_PREFILL"):
+        k.w4a16_linear(x, mod)
+
+
 def test_8bit_group_the_kernel_cannot_take_falls_back_to_the_reference():
     _gemv_or_skip()
     mod = make_module(120, 16, bits=8, group=40)  # 40 columns: not a multiple of 16

@@ -51,6 +51,7 @@ def cpu_isa() -> str:
     return isa
 
 
+@torch.compiler.assume_constant_result  # a fact about the process: torch.compile reads it once while tracing
 def int8_gemm_is_fast() -> bool:
     """Whether ``torch._int_mm`` on the CPU goes through oneDNN's int8 GEMM (AVX512-VNNI), not a plain loop."""
     return cpu_isa() == "avx512-vnni"

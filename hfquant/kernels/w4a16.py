@@ -9,10 +9,14 @@ Paths (``w4a16_linear`` picks one per call; ``HFQUANT_KERNEL=reference`` forces 
   dot products (AVX512-VNNI) over a three-part int8 split of ``x``, or float32 FMAs without VNNI; float32-level
   accuracy (< 1e-5 relative to the reference in the tests, outlier channels included), bias added in the
   kernel. Its speed against float32 ``F.linear`` is in BENCHMARKS.md (``scripts/bench_kernels.py``).
-* **CPU, at least DEQUANT_MIN_ROWS rows, float32** (prefill): hfquant's kernel dequantizes tiles of W
-  (about 16 MB of float32 each) with the reference's float ops, and torch's float32 GEMM multiplies each
-  tile: the result matches the reference to float32 rounding (the same weights, the same GEMM), and the
-  time is the GEMM's plus a small dequantization (BENCHMARKS.md).
+* **CPU, at least DEQUANT_MIN_ROWS rows, float32** (prefill), one of two, whichever this CPU runs faster
+  (``HFQUANT_CPU_PREFILL``: ``auto``, the default, times both on the first call of each shape class -- in, out,
+  group, rows rounded to a power of two -- and keeps the faster for the process; ``tiles`` or ``int4`` forces
+  one): hfquant's kernel dequantizes tiles of W (about 16 MB of float32 each) with the reference's float ops
+  and torch's float32 GEMM multiplies each tile (float32 rounding only; the GEMM's time plus a small
+  dequantization), or torch's int4 kernel below (bf16 activations). Measured: on an AVX-512-BF16 EPYC the int4
+  kernel is 1.6-1.8x float32 at 128-512 rows and the tiles 1.0x; with torch's AVX2 code the tiles are 1.02-1.06x
+  and the int4 kernel 0.76-0.88x; on an earlier AVX-512 Xeon the tiles won from 64 rows (BENCHMARKS.md).
 * **CPU, 8-bit codes, float32** (``bits: 8`` modules, e.g. an int8 ``lm_head`` or the 8-bit choices of
   ``bits: auto``): one row through the 4-bit decode kernel, each code byte read as two nibbles against ``x``
   spread to ``(x_k, 16 x_k)`` (``_ext_operands``); more rows through tiles dequantized by torch ops.
@@ -35,6 +39,8 @@ is a second copy of the packed weight in the kernel's own layout (0.5 byte per w
 
 from __future__ import annotations
 
+import os
+import time
 from typing import NamedTuple
 
 import torch
@@ -219,6 +225,47 @@ def _byte_codes_mm(x: torch.Tensor, module, ops: ExtOperands, tile: int) -> torc
     return _finish(y, x, module)
 
 
+PREFILL_MODES = ("auto", "tiles", "int4")
+_PREFILL_CHOICE: dict[tuple, str] = {}  # shape class -> "tiles" or "int4", decided once per process
+
+
+def _prefill_paths():
+    return {"tiles": w4a16_cpu_dequant_mm, "int4": w4a16_cpu_int4}
+
+
+def w4a16_cpu_prefill(x: torch.Tensor, module) -> torch.Tensor | None:
+    """Many float32 rows: the dequantized tiles or torch's int4 kernel, whichever ``HFQUANT_CPU_PREFILL`` says
+    (``auto``: the faster on this CPU, timed on the first call of the shape class); ``None`` when neither takes
+    the module."""
+    mode = os.environ.get("HFQUANT_CPU_PREFILL", "auto")
+    if mode not in PREFILL_MODES:
+        raise ValueError(f"HFQUANT_CPU_PREFILL={mode!r}; expected one of {list(PREFILL_MODES)}")
+    paths = _prefill_paths()
+    if mode != "auto":
+        return paths[mode](x, module)
+    rows = x.numel() // max(1, x.shape[-1])
+    key = (module.in_features, module.out_features, module.group_size, module.bits, rows.bit_length())
+    choice = _PREFILL_CHOICE.get(key)
+    if choice is None and torch.compiler.is_compiling():
+        choice = _PREFILL_CHOICE[key] = "tiles"  # no timing while tracing; eager calls then agree with the graph
+    if choice is not None:
+        return paths[choice](x, module)
+    best = None  # (seconds, name, output): each path run twice, the second (warm) call timed
+    for name, fn in paths.items():
+        y = fn(x, module)
+        if y is None:
+            continue
+        t0 = time.perf_counter()
+        y = fn(x, module)
+        elapsed = time.perf_counter() - t0
+        if best is None or elapsed < best[0]:
+            best = (elapsed, name, y)
+    if best is None:
+        return None
+    _PREFILL_CHOICE[key] = best[1]
+    return best[2]
+
+
 def prepare_module(module) -> None:
     """Build the operands of the fast paths this module's device uses (called once at load time)."""
     if module.weight.device.type == "cpu":
@@ -243,7 +290,7 @@ def w4a16_linear(x: torch.Tensor, module) -> torch.Tensor:
             if y is not None:
                 return y
         elif x.dtype is torch.float32 and (rows >= DEQUANT_MIN_ROWS or module.bits == 8):
-            y = w4a16_cpu_dequant_mm(x, module)
+            y = w4a16_cpu_prefill(x, module)
             if y is not None:
                 return y
         y = w4a16_cpu_int4(x, module)
