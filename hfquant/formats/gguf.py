@@ -27,12 +27,16 @@ from pathlib import Path
 
 from safetensors import safe_open
 import torch
+import transformers
 
+from hfquant.calibration.graph import is_quantizable, set_submodule
+from hfquant.config import HFQuantConfig
 from hfquant.core.errors import FormatError
 from hfquant.core.gguf_blocks import BLOCK_TYPES, pack_rows
 from hfquant.core.gguf_grids import rtn_block_quantize, symmetric
 from hfquant.formats.files import place
 from hfquant.mixed import gguf_types
+from hfquant.nn.gguf import QuantLinearGGUF
 
 logger = logging.getLogger(__name__)
 
@@ -268,12 +272,6 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
     stored as Q8_0, Q4_0, Q5_0, Q4_1, Q4_K or Q6_K becomes a ``QuantLinearGGUF`` holding the file's blocks
     exactly (q/k rows back in the HF rotary layout). ``model.config.quantization_config`` records each module's
     type, so the model saves (hfquant layout), reloads and exports back to GGUF byte for byte."""
-    import transformers
-
-    from hfquant.calibration.graph import is_quantizable, set_submodule
-    from hfquant.config import HFQuantConfig
-    from hfquant.nn.gguf import QuantLinearGGUF
-
     gguf = _gguf()
     file = Path(path)
     if file.is_dir():
