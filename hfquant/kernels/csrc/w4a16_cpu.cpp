@@ -490,6 +490,25 @@ torch::Tensor w4a16_dequant_mm(torch::Tensor x, torch::Tensor w, torch::Tensor s
   return y.view(shape_for(x, N));
 }
 
+#if defined(HFQUANT_VNNI) || defined(HFQUANT_AVX2)
+#define HFQUANT_W8A8_GEMV 1
+// The W8A8 GEMV's operands: x [..., K] float32, the int8 weight [N, K], float32 scales and int32 row sums [N].
+struct W8Dims {
+  int64_t K, M, N;
+};
+
+static W8Dims check_w8(const torch::Tensor& x, const torch::Tensor& w, const torch::Tensor& w_scale,
+                       const torch::Tensor& w_rowsum) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.is_contiguous(), "x: contiguous float32 [..., K]");
+  TORCH_CHECK(w.dtype() == torch::kInt8 && w.dim() == 2 && w.is_contiguous(), "w: contiguous int8 [N, K]");
+  TORCH_CHECK(w_scale.dtype() == torch::kFloat32 && w_scale.is_contiguous(), "w_scale: contiguous float32 [N]");
+  TORCH_CHECK(w_rowsum.dtype() == torch::kInt32 && w_rowsum.is_contiguous(), "w_rowsum: contiguous int32 [N]");
+  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = w.size(0);
+  TORCH_CHECK(w.size(1) == K && w_scale.numel() == N && w_rowsum.numel() == N, "shape mismatch");
+  return {K, M, N};
+}
+#endif
+
 #ifdef HFQUANT_VNNI
 // W8A8 for few rows (decode), with the numerics of hfquant.kernels.w8a8 (bit-identical for finite x): per
 // row of x, scale = max(amax|x| / 127, 1e-8) (or the static per-tensor scale), q = clamp(round_half_even(x /
@@ -498,12 +517,8 @@ torch::Tensor w4a16_dequant_mm(torch::Tensor x, torch::Tensor w, torch::Tensor s
 // off the int32 sum. w_rowsum is that per-row sum, computed once per module.
 torch::Tensor w8a8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor w_scale, torch::Tensor w_rowsum,
                         c10::optional<torch::Tensor> bias, double static_scale) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.is_contiguous(), "x: contiguous float32 [..., K]");
-  TORCH_CHECK(w.dtype() == torch::kInt8 && w.dim() == 2 && w.is_contiguous(), "w: contiguous int8 [N, K]");
-  TORCH_CHECK(w_scale.dtype() == torch::kFloat32 && w_scale.is_contiguous(), "w_scale: contiguous float32 [N]");
-  TORCH_CHECK(w_rowsum.dtype() == torch::kInt32 && w_rowsum.is_contiguous(), "w_rowsum: contiguous int32 [N]");
-  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = w.size(0);
-  TORCH_CHECK(w.size(1) == K && w_scale.numel() == N && w_rowsum.numel() == N, "shape mismatch");
+  const W8Dims d = check_w8(x, w, w_scale, w_rowsum);
+  const int64_t K = d.K, M = d.M, N = d.N;
   const float* bp = bias_ptr(bias, N);
   auto y = output_for(x, N);
   const float* xp = x.data_ptr<float>();
@@ -585,11 +600,8 @@ torch::Tensor w8a8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor w_scale,
 // into int32: exact, no saturation), one int32 sum per row; the same float32 epilogue.
 torch::Tensor w8a8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor w_scale, torch::Tensor w_rowsum,
                         c10::optional<torch::Tensor> bias, double static_scale) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.is_contiguous(), "x: contiguous float32 [..., K]");
-  TORCH_CHECK(w.dtype() == torch::kInt8 && w.dim() == 2 && w.is_contiguous(), "w: contiguous int8 [N, K]");
-  TORCH_CHECK(w_scale.dtype() == torch::kFloat32 && w_scale.is_contiguous(), "w_scale: contiguous float32 [N]");
-  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = w.size(0);
-  TORCH_CHECK(w.size(1) == K && w_scale.numel() == N, "shape mismatch");
+  const W8Dims d = check_w8(x, w, w_scale, w_rowsum);
+  const int64_t K = d.K, M = d.M, N = d.N;
   const float* bp = bias_ptr(bias, N);
   auto y = output_for(x, N);
   const float* xp = x.data_ptr<float>();
@@ -666,10 +678,6 @@ torch::Tensor w8a8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor w_scale,
   });
   return y;
 }
-#endif
-
-#if defined(HFQUANT_VNNI) || defined(HFQUANT_AVX2)
-#define HFQUANT_W8A8_GEMV 1
 #endif
 
 std::string path() {
