@@ -313,3 +313,28 @@ def test_load_gguf_holds_the_files_blocks_and_exports_them_again(tmp_path, llama
     assert all(a[k].tensor_type == b[k].tensor_type and np.array_equal(a[k].data, b[k].data) for k in a)
     with pytest.raises(FormatError, match="exactly one"):
         load_gguf(tmp_path)
+
+
+@pytest.mark.parametrize("method", ["gptq", "rtn"])
+def test_bf16_model_on_gguf_grids(tmp_path, llama256, method):
+    """A bf16 model: the GGUF modules keep bf16 biases/outputs, the model reloads with equal logits, and the
+    export (read by transformers in float32) computes the same weights: logits within bf16 rounding."""
+    import transformers as tf
+
+    from hfquant.formats import export_gguf
+    from hfquant.nn.gguf import QuantLinearGGUF
+
+    model = tf.AutoModelForCausalLM.from_pretrained(
+        llama256, dtype=torch.bfloat16,
+        quantization_config=HFQuantConfig(gguf_type="Q4_K_M", method=method, **small_calibration()))
+    mods = [m for m in model.modules() if isinstance(m, QuantLinearGGUF)]
+    assert mods and all(m.dtype == torch.bfloat16 for m in mods)
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(4))
+    ref = _logits(model, ids)
+    assert ref.dtype == torch.bfloat16 and torch.isfinite(ref).all()
+    model.save_pretrained(tmp_path / "q")
+    tiny_tokenizer().save_pretrained(tmp_path / "q")
+    assert torch.equal(_logits(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "q"), ids), ref)
+    path = export_gguf(tmp_path / "q", tmp_path / "g")
+    f32 = _logits(tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name), ids)
+    assert ((f32 - ref.float()).abs().max() / ref.float().abs().max()) < 3e-2
