@@ -338,3 +338,47 @@ def test_bf16_model_on_gguf_grids(tmp_path, llama256, method):
     path = export_gguf(tmp_path / "q", tmp_path / "g")
     f32 = _logits(tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name), ids)
     assert ((f32 - ref.float()).abs().max() / ref.float().abs().max()) < 3e-2
+
+
+def _llama_style_tokenizer(vocab: int = 400):
+    """A SentencePiece-style BPE with byte fallback, as Llama 2 and Mistral ship in tokenizer.json."""
+    from tokenizers import decoders, models, normalizers, Tokenizer, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from hfquant.calibration.data import BUNDLED_CALIBRATION
+
+    tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    specials = ["<unk>", "<s>", "</s>", *[f"<0x{i:02X}>" for i in range(256)]]
+    tok.train_from_iterator([BUNDLED_CALIBRATION.read_text()[:30000]],
+                            trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_mistral_with_a_byte_fallback_tokenizer(tmp_path):
+    """Mistral (GGUF ``llama``) with a Llama-2-style tokenizer: the file's ``llama`` tokenizer tokenizes as the
+    original (after the BOS the GGUF tokenizer adds), and the logits are the hfquant model's."""
+    import transformers as tf
+
+    from hfquant.formats import export_gguf
+
+    torch.manual_seed(0)
+    cfg = tf.MistralConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=256, vocab_size=400, sliding_window=None,
+                           tie_word_embeddings=False)
+    tok = _llama_style_tokenizer()
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "f")
+    tok.save_pretrained(tmp_path / "f")
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "f", quantization_config=HFQuantConfig(gguf_type="Q4_0", method="rtn"))
+    model.save_pretrained(tmp_path / "q")
+    tok.save_pretrained(tmp_path / "q")
+    path = export_gguf(tmp_path / "q", tmp_path / "g")
+    ids = torch.randint(0, 400, (1, 16), generator=torch.Generator().manual_seed(5))
+    assert torch.equal(_logits(tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name), ids),
+                       _logits(model, ids))
+    back = tf.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    for text in ("Hello world, 123 times.", "The quick brown fox jumps over the lazy dog."):
+        assert back(text)["input_ids"][1:] == tok(text)["input_ids"]
+    assert gguf.GGUFReader(str(path)).fields["tokenizer.ggml.model"].contents() == "llama"

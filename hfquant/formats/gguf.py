@@ -116,6 +116,9 @@ def _add_tokenizer(gguf, writer, src: _Source, folder: Path) -> None:
     tok = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
     model = tok.get("model") or {}
     decoder = (tok.get("decoder") or {}).get("type")
+    if model.get("type") == "BPE" and model.get("byte_fallback") and decoder == "Sequence":
+        _add_llama_tokenizer(gguf, writer, src, folder)
+        return
     if model.get("type") != "BPE" or model.get("byte_fallback") or decoder != "ByteLevel":
         raise FormatError(f"{folder}/tokenizer.json: a {model.get('type')} tokenizer with decoder {decoder}; the GGUF "
                           "writer handles byte-level BPE tokenizers (SmolLM2, Llama 3, Qwen2)")
@@ -141,6 +144,28 @@ def _add_tokenizer(gguf, writer, src: _Source, folder: Path) -> None:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     gguf.SpecialVocab(folder, load_merges=True, n_vocab=size).add_to_gguf(writer)
+
+
+def _add_llama_tokenizer(gguf, writer, src: _Source, folder: Path) -> None:
+    """A SentencePiece-style BPE with byte fallback in ``tokenizer.json`` (Llama 2, Mistral): llama.cpp's ``llama``
+    tokenizer model, read by the gguf package's ``LlamaHfVocab`` (as llama.cpp's converter does without a
+    ``tokenizer.model``), padded to the model's vocabulary size."""
+    vocab = gguf.vocab.LlamaHfVocab(folder)
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    for i in range(len(tokens), src.config.get("vocab_size") or len(tokens)):
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens)).add_to_gguf(writer)
 
 
 def _add_metadata(writer, cfg: dict, file_type, name: str) -> None:
