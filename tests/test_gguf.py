@@ -382,3 +382,26 @@ def test_mistral_with_a_byte_fallback_tokenizer(tmp_path):
     for text in ("Hello world, 123 times.", "The quick brown fox jumps over the lazy dog."):
         assert back(text)["input_ids"][1:] == tok(text)["input_ids"]
     assert gguf.GGUFReader(str(path)).fields["tokenizer.ggml.model"].contents() == "llama"
+
+
+def test_qwen2_export_with_biases(tmp_path):
+    """GGUF ``qwen2``: q/k/v biases travel as F32 tensors, no rotary permutation; logits equal in transformers."""
+    import transformers as tf
+
+    from hfquant.formats import export_gguf
+
+    torch.manual_seed(0)
+    cfg = tf.Qwen2Config(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, vocab_size=VOCAB, tie_word_embeddings=False)
+    tf.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "f")
+    tiny_tokenizer().save_pretrained(tmp_path / "f")
+    model = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "f", quantization_config=HFQuantConfig(gguf_type="Q4_K_M", method="rtn"))
+    model.save_pretrained(tmp_path / "q")
+    tiny_tokenizer().save_pretrained(tmp_path / "q")
+    path = export_gguf(tmp_path / "q", tmp_path / "g")
+    ids = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(6))
+    assert torch.equal(_logits(tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name), ids),
+                       _logits(model, ids))
+    fields = gguf.GGUFReader(str(path))
+    assert fields.fields["general.architecture"].contents() == "qwen2"
+    assert {t.name: t.tensor_type.name for t in fields.tensors}["blk.0.attn_q.bias"] == "F32"
