@@ -324,9 +324,26 @@ class _GroupGrids:
         raise NotImplementedError
 
 
-class _StaticGroupGrids(_GroupGrids):
-    """``static_groups``: groups of the *original* columns, each grid fitted up front on the weight before any
-    update; with act-order a column is quantized on the grid of its original group (``g_idx`` stays monotone)."""
+class _OriginalGroups(_GroupGrids):
+    """Groups of the *original* columns: with act-order (``perm``) a column is quantized on the grid of its original
+    group, so ``g_idx`` stays monotone."""
+
+    def _set_order(self, perm: torch.Tensor | None) -> None:
+        self.perm = perm
+        self.orig_col = perm.tolist() if perm is not None else list(range(self.cols))
+
+    def group_of(self, j: int) -> int:
+        """The group of column ``j`` (processing order)."""
+        return self.orig_col[j] // self.g
+
+    def groups(self) -> torch.Tensor:
+        by_orig = torch.arange(self.cols, device=self.device) // self.g
+        return by_orig[self.perm] if self.perm is not None else by_orig
+
+
+class _StaticGroupGrids(_OriginalGroups):
+    """``static_groups``: groups of the original columns, each grid fitted up front on the weight before any
+    update."""
 
     def __init__(self, w: torch.Tensor, g: int, perm: torch.Tensor | None, fit: _GridFit):
         rows, cols = w.shape
@@ -334,16 +351,11 @@ class _StaticGroupGrids(_GroupGrids):
         for k, (a, b) in enumerate(group_bounds(cols, g)):
             grid = fit(w[:, a:b])
             self.scales[:, k], self.zeros[:, k] = grid.scale, grid.zero
-        self.perm = perm
-        self.orig_col = perm.tolist() if perm is not None else list(range(cols))
+        self._set_order(perm)
 
     def grid(self, j: int, block: _Block) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self.orig_col[j] // self.g
+        k = self.group_of(j)
         return self.scales[:, k], self.zeros[:, k]
-
-    def groups(self) -> torch.Tensor:
-        by_orig = torch.arange(self.cols, device=self.device) // self.g
-        return by_orig[self.perm] if self.perm is not None else by_orig
 
 
 class _FittedGroupGrids(_GroupGrids):
@@ -366,7 +378,7 @@ class _FittedGroupGrids(_GroupGrids):
         return torch.arange(self.cols, device=self.device) // self.g
 
 
-class _BlockTypeGrids(_GroupGrids):
+class _BlockTypeGrids(_OriginalGroups):
     """A GGUF block type's grids (``hfquant.core.gguf_grids``): groups of the type's group size, whose stored
     parameters are fitted one span (a block, or a k-quant super-block) at a time: all up front on the original
     weight with ``static`` (act-order columns are quantized on their original group's grid), else when the span's
@@ -381,8 +393,7 @@ class _BlockTypeGrids(_GroupGrids):
         self.name, self.span = name, self.bt.block_values
         self.offsets = torch.zeros_like(self.scales)
         self.spans: list[BlockGrid | None] = [None] * (cols // self.span)
-        self.perm = perm
-        self.orig_col = perm.tolist() if perm is not None else list(range(cols))
+        self._set_order(perm)
         self.static = static
         if static:
             for k in range(len(self.spans)):
@@ -397,7 +408,7 @@ class _BlockTypeGrids(_GroupGrids):
     def column_grid(self, j: int, block: _Block):
         if not self.static and j % self.span == 0:
             self._record(j // self.span, fit_block_grid(self.name, block.updated_columns(j, j + self.span)))
-        k = self.orig_col[j] // self.g
+        k = self.group_of(j)
         scale, offset = self.scales[:, k], self.offsets[:, k]
         zero, lo, hi = code_layout(self.name)
 
@@ -405,10 +416,6 @@ class _BlockTypeGrids(_GroupGrids):
             q = grid_codes(col, scale, zero, offset, lo, hi)
             return q, grid_values(q, scale, zero, offset)
         return quantize
-
-    def groups(self) -> torch.Tensor:
-        by_orig = torch.arange(self.cols, device=self.device) // self.g
-        return by_orig[self.perm] if self.perm is not None else by_orig
 
     def params(self) -> dict[str, torch.Tensor]:
         return concat_params(self.spans)

@@ -81,27 +81,35 @@ class _Source:
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise FormatError(f"{folder}: no .safetensors files (hfquant reads safetensors only)")
-        self._where: dict[str, Path] = {}
-        for f in files:
-            with safe_open(f, "pt") as h:
-                for k in h.keys():
-                    self._where[k] = f
-        self._handles: dict[Path, object] = {}
+        self._handles = {f: safe_open(f, "pt") for f in files}  # opened once: listing and reading
+        self._where = {k: f for f, h in self._handles.items() for k in h.keys()}
 
     def keys(self) -> list[str]:
         return list(self._where)
 
     def tensor(self, key: str) -> torch.Tensor:
-        f = self._where[key]
-        if f not in self._handles:
-            self._handles[f] = safe_open(f, "pt")
-        return self._handles[f].get_tensor(key)
+        return self._handles[self._where[key]].get_tensor(key)
 
 
-def _permute_rows(rows: torch.Tensor, n_head: int) -> torch.Tensor:
-    """HF's rotary row order -> llama.cpp's, per head: rows ``(2, half)`` become ``(half, 2)`` interleaved."""
+def _name_map(gguf, arch: str, n_layers: int):
+    """The gguf package's HF -> llama.cpp tensor names for GGUF architecture ``arch``."""
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, n_layers)
+
+
+def _rotary_heads(arch: str, module: str, heads: int, kv_heads: int) -> int | None:
+    """The head count whose rotary row order differs between HF and llama.cpp for ``module`` (GGUF ``llama``'s q and
+    k projections), else ``None``."""
+    if arch != "llama":
+        return None
+    return heads if module.endswith("q_proj") else kv_heads if module.endswith("k_proj") else None
+
+
+def _permute_rows(rows: torch.Tensor, n_head: int, inverse: bool = False) -> torch.Tensor:
+    """HF's rotary row order -> llama.cpp's (``inverse``: back), per head: rows ``(2, half)`` become ``(half, 2)``
+    interleaved."""
     shape = rows.shape
-    return rows.reshape(n_head, 2, shape[0] // n_head // 2, *shape[1:]).swapaxes(1, 2).reshape(shape)
+    split = (2, shape[0] // n_head // 2)
+    return rows.reshape(n_head, *(split[::-1] if inverse else split), *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
 def _tokenizer_folder(src: _Source, tokenizer_dir) -> Path:
@@ -213,7 +221,7 @@ def write_gguf(src_dir: str | os.PathLike, out_file: str | os.PathLike, *, float
     head_type = head_type or (q or {}).get("gguf_head_type")
     embedding_type = embedding_type or (q or {}).get("gguf_embedding_type")
     n_layers = cfg["num_hidden_layers"]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if src.arch == "llama" else gguf.MODEL_ARCH.QWEN2, n_layers)
+    names = _name_map(gguf, src.arch, n_layers)
     tied = bool(cfg.get("tie_word_embeddings", False))
     heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
     quantized = {k[: -len(".qweight")]: (q.get("module_schemes") or {}).get(k[: -len(".qweight")], {}).get("gguf_type")
@@ -240,11 +248,7 @@ def write_gguf(src_dir: str | os.PathLike, out_file: str | os.PathLike, *, float
             data = src.tensor(key).float()
         if target is None:
             raise FormatError(f"{key}: no llama.cpp tensor name for it in GGUF {src.arch!r}; the exporter cannot place it")
-        permute = None
-        if src.arch == "llama" and module.endswith("q_proj"):
-            permute = heads
-        elif src.arch == "llama" and module.endswith("k_proj"):
-            permute = kv_heads
+        permute = _rotary_heads(src.arch, module, heads, kv_heads)
         if permute is not None:
             data = _permute_rows(data, permute)
         if leaf == "qweight":
@@ -314,8 +318,7 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
     arch = _ARCHS.get(cfg.model_type)
     if arch is None:
         raise FormatError(f"{file}: model_type {cfg.model_type!r}; load_gguf handles {sorted(_ARCHS)}")
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
-                                     cfg.num_hidden_layers)
+    names = _name_map(gguf, arch, cfg.num_hidden_layers)
     tensors = {t.name: t for t in reader.tensors}
     heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
     schemes = {}
@@ -327,9 +330,9 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
         if t is None or t.tensor_type.name not in BLOCK_TYPES:
             continue
         data = torch.from_numpy(t.data.copy()).reshape(module.out_features, -1)
-        n = heads if name.endswith("q_proj") else kv_heads if name.endswith("k_proj") else None
-        if arch == "llama" and n is not None:  # llama.cpp's rotary row order -> HF's
-            data = data.reshape(n, data.shape[0] // n // 2, 2, -1).swapaxes(1, 2).reshape(data.shape)
+        n = _rotary_heads(arch, name, heads, kv_heads)
+        if n is not None:  # llama.cpp's rotary row order -> HF's
+            data = _permute_rows(data, n, inverse=True)
         kind = t.tensor_type.name
         set_submodule(model, name, QuantLinearGGUF.from_blocks(module, data, kind, dtype))
         bt = BLOCK_TYPES[kind]

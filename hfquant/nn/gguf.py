@@ -61,9 +61,10 @@ class QuantLinearGGUF(nn.Module):
         return dequantize_rows(self.gguf_type, self.qweight, self.in_features).to(dtype or self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = cached_operands(self, "dequantized", lambda: self.dequantize(x.dtype), extra=(x.dtype, x.device))
+        weight = cached_operands(self, "dequantized", lambda: self.dequantize(x.dtype).to(x.device),
+                                 extra=(x.dtype, x.device))
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, weight.to(x.device), bias)
+        return F.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, gguf_type={self.gguf_type}, "

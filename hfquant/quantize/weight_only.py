@@ -116,7 +116,8 @@ def share_result(dist: Dist, res: GPTQResult | None, owner: int, module: nn.Modu
         dist.broadcast_(losses, owner)
         if res is None:
             codes, params = unpack_rows(gguf_type, data, cols)
-            res = GPTQResult(codes=codes, scales=torch.empty(0), zeros=torch.empty(0), g_idx=torch.empty(0),
+            empty = torch.empty(0, device=device)  # a GGUF result's grids live in its params
+            res = GPTQResult(codes=codes, scales=empty, zeros=empty, g_idx=empty,
                              row_losses=losses, damp=float(meta[1]), retries=int(meta[2]), gguf_type=gguf_type,
                              params=params)
         return res
