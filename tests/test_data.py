@@ -38,6 +38,17 @@ def test_bundled_default_is_wikitext_valid():
     assert join_texts(texts) == open(__import__("hfquant.calibration.data").calibration.data.BUNDLED_CALIBRATION).read()
 
 
+def test_bundled_evaluation_texts_are_the_documented_files():
+    import hashlib
+
+    from hfquant.calibration.data import BUNDLED_EVALUATION, BUNDLED_EVALUATION_2
+
+    assert hashlib.md5(BUNDLED_EVALUATION.read_bytes()).hexdigest() == "c532f8903d38e7ac68eb26be133c3c26"
+    alice = BUNDLED_EVALUATION_2.read_text(encoding="utf-8")
+    assert hashlib.md5(alice.encode()).hexdigest() == "9c784749de4e8f7b856c66b750a71d62"
+    assert alice.startswith("ALICE'S ADVENTURES IN WONDERLAND") and "`" not in alice and "\r" not in alice
+
+
 def test_missing_file_and_wrong_column(tmp_path):
     with pytest.raises(CalibrationError, match="does not exist"):
         load_texts(tmp_path / "nope.txt")

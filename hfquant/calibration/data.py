@@ -20,6 +20,8 @@ from hfquant.core.errors import CalibrationError
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "data" / "wikitext2"
 BUNDLED_CALIBRATION = BUNDLED_DIR / "valid.txt"
 BUNDLED_EVALUATION = BUNDLED_DIR / "test.txt"
+# The second evaluation text, not WikiText (public domain fiction; see data/alice/README.md). Evaluation only.
+BUNDLED_EVALUATION_2 = BUNDLED_DIR.parent / "alice" / "test.txt"
 
 _BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
