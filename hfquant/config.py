@@ -31,10 +31,17 @@ GGUF_TYPES = (*BLOCK_TYPES, "Q4_K_M")
 GGUF_TENSOR_TYPES = (*BLOCK_TYPES, "F16", "BF16", "F32")
 CHECKPOINT_FORMATS = ("hfquant", "gptq", "gptq_v2")
 LM_HEAD_BITS = (8,)
+# quality -> the fields it sets when they are not given (GPTQ and RTN; SmoothQuant accepts only "default").
+# Chosen by measurement on WikiText-2 valid, reported on two texts: BENCHMARKS.md "Accuracy beyond GPTQ".
+QUALITY: dict[str, dict[str, Any]] = {
+    "default": {"observer": "hessian"},
+    "best": {"observer": "hessian", "gptaq": True},
+}
 
 # name -> default; the order is the order of to_dict().
 DEFAULTS: dict[str, Any] = {
     "method": "gptq",
+    "quality": "default",
     "bits": 4,
     "group_size": 128,
     "sym": True,
@@ -43,7 +50,10 @@ DEFAULTS: dict[str, Any] = {
     "true_sequential": True,
     "damp_percent": 0.01,
     "block_size": 128,
-    "observer": "minmax",
+    "observer": "hessian",  # what quality "default" chooses
+    "gptaq": False,
+    "gptaq_alpha": 0.25,
+    "reconstruct_steps": 0,
     "dataset": None,
     "dataset_config": None,
     "dataset_split": None,
@@ -89,6 +99,11 @@ class HFQuantConfig(QuantizationConfigMixin):
 
     Args:
         method: ``"gptq"`` (calibrated, W4A16 and friends) or ``"rtn"`` (round-to-nearest, no data).
+        quality: ``"default"`` or ``"best"``: which accuracy methods a GPTQ/RTN run uses unless their own fields
+            are given (``QUALITY``). ``"default"``: the Hessian-weighted grid search (``observer: hessian``);
+            ``"best"`` adds asymmetric calibration (``gptaq: true``), which costs about one more forward pass per
+            block. With ``gguf_type`` the grids are GGUF's own, so ``quality`` sets only ``gptaq``. SmoothQuant
+            takes only ``"default"``. BENCHMARKS.md shows what each costs and gains.
         bits: weight bits, one of 2, 3, 4, 8, or ``"auto"`` (GPTQ only): choose a scheme per module from
             ``candidates`` to meet ``target_avg_bits`` or ``max_ppl_increase`` (see ``hfquant.mixed.budget``).
         group_size: input columns sharing one scale/zero; ``-1`` for one per output channel. Need not
@@ -100,7 +115,19 @@ class HFQuantConfig(QuantizationConfigMixin):
             quantized outputs of the ones before.
         damp_percent: GPTQ dampening, a fraction of the mean Hessian diagonal; raised 10x on failure.
         block_size: GPTQ lazy-update block width.
-        observer: ``"minmax"`` (reference grid) or ``"mse"`` (range shrink search minimising ``|w - q|^2.4``).
+        observer: ``"minmax"`` (reference grid), ``"mse"`` (range shrink search minimising ``|w - q|^2.4``) or
+            ``"hessian"`` (per group, the grid with the smallest error weighted by each input column's importance:
+            GPTQ's per-column loss weight; symmetric grids may take a negative scale so the largest weight lands on
+            the longer half of the code range; see ``hfquant.core.grids``).
+        gptaq: GPTQ with asymmetric calibration (GPTAQ): each layer is solved to match the *float* model's outputs
+            (its input in the float model is carried alongside; about one more forward pass per block), not the
+            float layer applied to the already-quantized model's inputs. ``gptaq_alpha`` in (0, 1] scales the
+            correction (0.25 as in the paper's code). See ``hfquant.core.gptq.asymmetric_target``.
+        reconstruct_steps: block-wise output reconstruction after each decoder block's GPTQ solves (AutoRound's
+            idea, started from GPTQ's result): that many signed-gradient steps (one calibration batch each) tune
+            each weight's rounding (at most one code step) and each group's scale so the block's outputs match the
+            float model's; kept only where it lowers the block's output error. 0: off. Costs about two forward
+            passes per step; see ``hfquant.calibration.reconstruct``.
         dataset: calibration text: ``None`` (bundled WikiText-2 valid), a list of strings, a local
             .txt/.json/.jsonl/.csv/.parquet path, or a Hub dataset id.
         dataset_config / dataset_split / dataset_column: for Hub ids and files with several columns.
@@ -182,6 +209,7 @@ class HFQuantConfig(QuantizationConfigMixin):
 
         if self.method not in METHODS:
             bad("method", f"one of {list(METHODS)}")
+        self._apply_quality(bad)
         if self.gguf_type is not None:
             self._apply_gguf_type(bad)
         elif self.bits != AUTO and (not _is_int(self.bits) or self.bits not in SUPPORTED_BITS):
@@ -197,6 +225,20 @@ class HFQuantConfig(QuantizationConfigMixin):
             bad("block_size", "a positive integer, e.g. 128")
         if self.observer not in OBSERVERS:
             bad("observer", f"one of {list(OBSERVERS)}")
+        if not isinstance(self.gptaq, bool):
+            bad("gptaq", "true or false")
+        a = self.gptaq_alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not 0 < a <= 1:
+            bad("gptaq_alpha", "a number in (0, 1], e.g. 0.25")
+        if self.gptaq and self.method != "gptq":
+            bad("gptaq", f"false for method {self.method!r} (asymmetric calibration is a GPTQ option)")
+        r = self.reconstruct_steps
+        if not _is_int(r) or r < 0:
+            bad("reconstruct_steps", "a number of steps >= 0 (0: no block reconstruction), e.g. 32")
+        if r and self.method != "gptq":
+            bad("reconstruct_steps", f"0 for method {self.method!r} (block reconstruction follows GPTQ's solves)")
+        if r and self.gguf_type is not None:
+            bad("reconstruct_steps", "0 with gguf_type (GGUF blocks keep llama.cpp's fitted grids)")
         for field in ("num_samples", "seq_len", "calibration_batch_size"):
             if not _is_int(getattr(self, field)) or getattr(self, field) <= 0:
                 bad(field, "a positive integer")
@@ -236,6 +278,23 @@ class HFQuantConfig(QuantizationConfigMixin):
                 bad("lm_head_bits", f"null with save_format {self.save_format!r} (GPTQ and compressed-tensors "
                                     "checkpoints are written with a float head); use save_format hfquant")
         self._check_mixed(bad)
+
+    def _apply_quality(self, bad) -> None:
+        """Set the fields ``quality`` chooses that were not given (``QUALITY``), where they apply to the method."""
+        if self.quality not in QUALITY:
+            bad("quality", f"one of {list(QUALITY)}")
+        if self.method == "smoothquant":
+            if self.quality != "default":
+                bad("quality", '"default" for method smoothquant (the quality settings are weight-only GPTQ/RTN '
+                               "methods; SmoothQuant's own are alpha and weight_method)")
+            return
+        given = getattr(self, "_given", frozenset())
+        for key, value in QUALITY[self.quality].items():
+            if key in given or (key == "gptaq" and self.method != "gptq"):
+                continue
+            setattr(self, key, value)
+        if self.gguf_type is not None and "observer" not in given:
+            self.observer = "minmax"  # GGUF grids are fitted as llama.cpp fits them
 
     def _apply_gguf_type(self, bad) -> None:
         """Check ``gguf_type`` against the fields it fixes, then set them from the type."""

@@ -15,7 +15,8 @@ to bf16: RTN W4 g128 sym measured 36.7464 with it against 36.7151 with the refer
 Usage:
     python scripts/prepare_reference_model.py --out models
     python scripts/bench_accuracy.py --model models/smollm2-135m --out bench --update-benchmarks
-    python scripts/bench_accuracy.py --only gptq-w4-g64   # a subset (substring match on row names)
+    python scripts/bench_accuracy.py --only gptq-w4-g64   # a subset (substring match on row names; a full row
+                                                          # name selects that row alone)
     python scripts/bench_accuracy.py --only head8 --marker accuracy-head8 --out bench/head8 --update-benchmarks
 """
 
@@ -34,8 +35,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-GPTQ = {"method": "gptq"}
-RTN = {"method": "rtn"}
+# The reference rows pin the reference grid (``observer: minmax``); the default config now searches its grids.
+GPTQ = {"method": "gptq", "observer": "minmax"}
+RTN = {"method": "rtn", "observer": "minmax"}
 STATIC_ACT = {"desc_act": True, "static_groups": True}
 ROWS: dict[str, dict | None] = {
     "fp32": None,
@@ -54,12 +56,30 @@ ROWS: dict[str, dict | None] = {
     "rtn-w4-g128-asym-head8": {**RTN, "group_size": 128, "sym": False, "lm_head_bits": 8},
     "gptq-w4-g128-asym-actorder-head8": {**GPTQ, "group_size": 128, "sym": False, **STATIC_ACT, "lm_head_bits": 8},
     "gptq-w3-g128-asym-actorder": {**GPTQ, "bits": 3, "group_size": 128, "sym": False, **STATIC_ACT},
+    "gptq-w2-g64-asym-actorder": {**GPTQ, "bits": 2, "group_size": 64, "sym": False, **STATIC_ACT},
     "w8a8-nosmooth": {"method": "smoothquant", "alpha": None},
     "smoothquant-w8a8-a0.5": {"method": "smoothquant", "alpha": 0.5},
     "smoothquant-w8a8-a0.8": {"method": "smoothquant", "alpha": 0.8},
     "smoothquant-w8a8-auto": {"method": "smoothquant", "alpha": "auto"},
     "smoothquant-w8a8-a0.8-gptq": {"method": "smoothquant", "alpha": 0.8, "weight_method": "gptq"},
 }
+
+# Issue 20: the Hessian-weighted grid search ("hessian" observer) and asymmetric calibration (GPTAQ), alone and
+# together, for W4 g128 sym/asym, W3 g128 asym and W2 g64 asym.
+for _bits, _g, _sym in ((4, 128, True), (4, 128, False), (3, 128, False), (2, 64, False)):
+    _base = f"gptq-w{_bits}-g{_g}-{'sym' if _sym else 'asym'}-actorder"
+    for _suffix, _extra in (("-hessian", {"observer": "hessian"}), ("-gptaq", {"gptaq": True}),
+                            ("-hessian-gptaq", {"observer": "hessian", "gptaq": True}),
+                            ("-hessian-rec16", {"observer": "hessian", "reconstruct_steps": 16}),
+                            ("-hessian-gptaq-rec16", {"observer": "hessian", "gptaq": True, "reconstruct_steps": 16}),
+                            ("-hessian-gptaq-rec32", {"observer": "hessian", "gptaq": True, "reconstruct_steps": 32})):
+        ROWS[_base + _suffix] = {**GPTQ, "bits": _bits, "group_size": _g, "sym": _sym, **STATIC_ACT, **_extra}
+    # What users get: HFQuantConfig(bits, group_size, sym) and the same with quality="best".
+    for _quality in ("default", "best"):
+        ROWS[f"gptq-w{_bits}-g{_g}-{'sym' if _sym else 'asym'}-quality-{_quality}"] = {
+            "method": "gptq", "bits": _bits, "group_size": _g, "sym": _sym, "quality": _quality}
+ROWS["rtn-w4-g128-sym-hessian"] = {**RTN, "group_size": 128, "sym": True, "observer": "hessian"}
+ROWS["rtn-w4-g128-asym-hessian"] = {**RTN, "group_size": 128, "sym": False, "observer": "hessian"}
 
 
 def _dir_mb(folder: Path) -> float:
@@ -72,7 +92,7 @@ def run_row(name: str, model_path: str, extra: dict, windows: int, dtype_name: s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import hfquant
-    from hfquant.calibration.data import BUNDLED_EVALUATION
+    from hfquant.calibration.data import BUNDLED_EVALUATION, BUNDLED_EVALUATION_2
     from hfquant.eval import perplexity
 
     torch.manual_seed(0)
@@ -106,6 +126,7 @@ def run_row(name: str, model_path: str, extra: dict, windows: int, dtype_name: s
     t1 = time.perf_counter()
     row["ppl16k"] = perplexity(model, tokenizer, text, seq_len=512, max_windows=windows)
     row["eval_seconds"] = time.perf_counter() - t1
+    row["ppl16k_alice"] = perplexity(model, tokenizer, BUNDLED_EVALUATION_2.read_text(), seq_len=512, max_windows=windows)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             model.save_pretrained(tmp)
@@ -177,7 +198,8 @@ def main(argv=None) -> None:
 
     if not Path(args.model, "config.json").is_file():
         sys.exit(f"error: no model at {args.model}; run: python scripts/prepare_reference_model.py --out models")
-    names = [n for n in ROWS if not args.only or any(o in n for o in args.only)]
+    # An --only item that is a row's full name selects that row alone; any other item is a substring.
+    names = [n for n in ROWS if not args.only or n in args.only or any(o in n for o in args.only if o not in ROWS)]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in names:

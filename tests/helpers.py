@@ -134,9 +134,11 @@ def dist_quantize_worker(rank: int, world: int, port: int, folder: str, out: str
     calibrate = hq.calibrate_blocks_
 
     def recording(model, batches, keep, solve, *args, **kw):  # the reduced Hessians, not only the results
-        def solve_and_record(block_name, group, h):
+        def solve_and_record(block_name, group, h, **kw):
             hessians.append(h.clone())
-            return solve(block_name, group, h)
+            if kw.get("cross") is not None:
+                hessians.append(kw["cross"].clone())
+            return solve(block_name, group, h, **kw)
 
         return calibrate(model, batches, keep, solve_and_record, *args, **kw)
 

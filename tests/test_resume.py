@@ -29,11 +29,11 @@ def _cli(*args, env=None):
     return [sys.executable, "-m", "hfquant", "--quiet", *map(str, args)]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_sigkill_then_resume_gives_identical_checkpoint(tmp_path, capsys, dtype):
+@pytest.mark.parametrize("dtype,quality", [("float32", "default"), ("bfloat16", "default"), ("float32", "best")])
+def test_sigkill_then_resume_gives_identical_checkpoint(tmp_path, capsys, dtype, quality):
     model = _four_layer_llama(tmp_path / "model")
     recipe = write_recipe(tmp_path / "r.yaml", model, tmp_path / "unused", dtype=dtype,
-                          evaluation={"before": False, "after": False})
+                          evaluation={"before": False, "after": False}, quantization={"quality": quality})
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
 
     straight = tmp_path / "straight"

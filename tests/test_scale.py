@@ -42,7 +42,7 @@ def _assert_same_state(a: dict, b: dict):
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 @pytest.mark.parametrize("method,activations", [("gptq", "device"), ("gptq", "disk"), ("gptq", "cpu"), ("rtn", "device"),
                                                ("smoothquant", "device"), ("rtn-head8", "device"),
-                                               ("gptq-gguf", "device")])
+                                               ("gptq-gguf", "device"), ("gptq-best", "disk")])
 def test_layerwise_is_bit_identical_to_full_load(tiny_models, tmp_path, arch, method, activations):
     from hfquant.integrations.transformers import quantize_layerwise
 
@@ -51,6 +51,8 @@ def test_layerwise_is_bit_identical_to_full_load(tiny_models, tmp_path, arch, me
         method, extra = "rtn", {"lm_head_bits": 8}
     if method == "gptq-gguf":  # GGUF blocks; the head and embeddings rounded to their GGUF types
         method, extra = "gptq", {"gguf_type": "Q4_0"}
+    if method == "gptq-best":  # asymmetric calibration: the float model's hidden states travel (and spill) too
+        method, extra = "gptq", {"quality": "best"}
     full = _full(tiny_models[arch], _config(method, **extra))
     lw = quantize_layerwise(tiny_models[arch], _config(method, **extra), activations=activations,
                             offload_folder=tmp_path / "spill" if activations == "disk" else None, progress=False)
@@ -159,7 +161,8 @@ def _port() -> int:
 
 @pytest.mark.parametrize("method,layerwise,dtype", [("gptq", False, "float32"), ("gptq", True, "float32"),
                                                    ("smoothquant", False, "float32"), ("gptq", False, "bfloat16"),
-                                                   ("smoothquant", True, "float16"), ("gguf", False, "float32")])
+                                                   ("smoothquant", True, "float16"), ("gguf", False, "float32"),
+                                                   ("gptq-best", True, "float32"), ("gptq-rec", False, "float32")])
 def test_two_processes_bit_identical_to_one(tiny_models, tmp_path, method, layerwise, dtype):
     """Python API under PartialState (gloo, 2 processes x 1 thread) vs one process with 1 thread: every
     tensor and every reduced Hessian equal. 5 batches: an uneven split (3 + 2), so the chain crosses ranks
@@ -168,7 +171,10 @@ def test_two_processes_bit_identical_to_one(tiny_models, tmp_path, method, layer
     from safetensors.torch import load_file
 
     extra = dict(method="smoothquant", weight_method="gptq", activation_scheme="static") if method == "smoothquant" \
-        else dict(method="gptq", gguf_type="Q4_K_M") if method == "gguf" else dict(method="gptq", group_size=32)
+        else dict(method="gptq", gguf_type="Q4_K_M") if method == "gguf" \
+        else dict(method="gptq", group_size=32, quality="best") if method == "gptq-best" \
+        else dict(method="gptq", group_size=32, quality="best", reconstruct_steps=6) if method == "gptq-rec" \
+        else dict(method="gptq", group_size=32)
     kw = dict(**extra, **small_calibration(num_samples=10, calibration_batch_size=2))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -52,10 +52,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 GGUF_FIELDS = ("gguf_type", "gguf_head_type", "gguf_embedding_type", "save_format")
 # HFQuantConfig fields each method reads; other quantization keys are rejected for that method.
 METHOD_FIELDS: dict[str, tuple[str, ...]] = {
-    "gptq": ("bits", "group_size", "sym", "desc_act", "static_groups", "true_sequential", "damp_percent",
-             "block_size", "observer", "modules_to_not_convert", "overrides", "target_avg_bits",
+    "gptq": ("quality", "bits", "group_size", "sym", "desc_act", "static_groups", "true_sequential", "damp_percent",
+             "block_size", "observer", "gptaq", "gptaq_alpha", "reconstruct_steps", "modules_to_not_convert", "overrides", "target_avg_bits",
              "max_ppl_increase", "candidates", "fisher_windows", "lm_head_bits", *GGUF_FIELDS),
-    "rtn": ("bits", "group_size", "sym", "observer", "modules_to_not_convert", "overrides", "lm_head_bits",
+    "rtn": ("quality", "bits", "group_size", "sym", "observer", "modules_to_not_convert", "overrides", "lm_head_bits",
             *GGUF_FIELDS),
     "smoothquant": ("alpha", "weight_method", "activation_scheme", "damp_percent", "block_size",
                     "modules_to_not_convert", "overrides"),

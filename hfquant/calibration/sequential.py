@@ -12,11 +12,19 @@ Per block (GPTQ reference ``llama.py``/``opt.py`` loop, with true-sequential as 
    run quantized and replayed afterwards, so the block's Linears run about once in total.
 4. Finally the block runs in full and its outputs become the next block's inputs.
 
+With ``asymmetric`` (GPTAQ, Li et al., "GPTAQ: Efficient Finetuning-Free Quantization for Asymmetric
+Calibration", ICML 2025, arXiv 2504.02692), a second stream of hidden states runs through a float copy of
+each block, as in the float model: every group also accumulates ``sum (X_float - X)^T X`` (its *cross* term,
+``X`` its input in the quantized model, ``X_float`` the same input in the float model), which lets the solve
+aim at the float model's outputs instead of the float layer applied to quantized inputs. The float stream is
+kept in the same ``HiddenStore`` (batches ``n .. 2n - 1``), so spilling to disk and resuming carry it too.
+
 The per-group solve is a callback, so this module knows nothing of GPTQ itself.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from collections.abc import Callable, Sequence
@@ -68,26 +76,44 @@ class HessianStat:
     n: int = 0
     dist: Dist = field(default_factory=Dist)
     pending: list = field(default_factory=list, repr=False)
+    cross: torch.Tensor | None = None
+    cross_pending: list = field(default_factory=list, repr=False)
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
+        """Add one batch's inputs ``x``; with a ``cross`` sum, also ``(x_float - x)^T x`` (same shape as ``x``)."""
         x = x.detach().reshape(-1, x.shape[-1]).to(device=self.h.device, dtype=torch.float32)
+        c = None
+        if self.cross is not None:
+            d = x_float.detach().reshape(x.shape).to(device=x.device, dtype=torch.float32) - x
+            c = d.t() @ x
         if self.dist.rank > 0:
             small = x.shape[1] <= x.shape[0]
             self.pending.append((True, x.t() @ x) if small else (False, x.clone()))
+            if c is not None:
+                self.cross_pending.append(c)
         else:
             self.h.add_(x.t() @ x)
+            if c is not None:
+                self.cross.add_(c)
         self.n += x.shape[0]
 
     def reduce(self) -> None:
-        """Make ``h`` and ``n`` the totals over every process (a no-op for a single process)."""
+        """Make ``h``, ``cross`` and ``n`` the totals over every process (a no-op for a single process)."""
         if self.dist.active:
             self.dist.chain_add_(self.h, (p if is_product else p.t() @ p for is_product, p in self.pending))
             self.pending.clear()
+            if self.cross is not None:
+                self.dist.chain_add_(self.cross, iter(self.cross_pending))
+                self.cross_pending.clear()
             self.n = self.dist.sum_int(self.n, self.h.device)
 
     def normalized(self) -> torch.Tensor:
         """``2/n * sum X^T X``, the reference's scaling."""
         return self.h * (2.0 / max(self.n, 1))
+
+    def normalized_cross(self) -> torch.Tensor | None:
+        """``2/n * sum (X_float - X)^T X`` (scaled as ``normalized``), or ``None`` without a cross sum."""
+        return None if self.cross is None else self.cross * (2.0 / max(self.n, 1))
 
 
 @dataclass
@@ -175,15 +201,44 @@ def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[torch
     return records
 
 
-SolveFn = Callable[[str, Group, torch.Tensor], None]
-"""``solve(block_name, group, hessian)``: quantize the group's modules in place (weights replaced by
-their dequantized values) and remember the results."""
+SolveFn = Callable[..., None]
+"""``solve(block_name, group, hessian)``, or ``solve(block_name, group, hessian, cross=...)`` in an asymmetric
+run: quantize the group's modules in place (weights replaced by their dequantized values) and remember the
+results."""
+
+
+def _float_group_inputs(float_block: nn.Module, names: list[str], inp: BlockInputs) -> list[torch.Tensor]:
+    """The inputs of the modules ``names`` (one per group) when the float copy of the block runs on ``inp``."""
+    found: dict[str, torch.Tensor] = {}
+    handles = []
+    for name in names:
+        def pre(_m, args, _name=name):
+            found.setdefault(_name, args[0])
+            if len(found) == len(names):
+                raise _Stop
+        handles.append(float_block.get_submodule(name).register_forward_pre_hook(pre))
+    with _hooks(handles), torch.no_grad():
+        try:
+            call_block(float_block, inp)
+        except _Stop:
+            pass
+    return [found[n] for n in names]
 
 
 def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], inputs: Sequence[BlockInputs],
               solve: SolveFn, true_sequential: bool = True, *, dist: Dist | None = None,
-              sink: Callable[[int, torch.Tensor], None] | None = None, cache_outputs: bool = True) -> list[torch.Tensor]:
+              sink: Callable[[int, torch.Tensor], None] | None = None, cache_outputs: bool = True,
+              float_inputs: Sequence[BlockInputs] | None = None,
+              float_sink: Callable[[int, torch.Tensor], None] | None = None,
+              refine: Callable[..., None] | None = None) -> list[torch.Tensor]:
     """Quantize one block's modules with ``solve`` and return the block's outputs for every batch.
+
+    ``float_inputs``: the float model's inputs of this block, one per batch (an asymmetric run, module
+    docstring): a float copy of the block, taken before any module is quantized, gives each group's float input
+    for its cross term (``solve`` gets ``cross=``), and its outputs go to ``float_sink(b, output)``.
+    ``refine(block_name, block, inputs, targets)``: called once every group is solved, with the float block's
+    outputs as ``targets`` (needs ``float_inputs``), to tune the block's quantized weights in place
+    (``hfquant.calibration.reconstruct``); the block's outputs are then computed afresh.
 
     ``dist``: reduce the Hessians over the calibration processes (each holds its own ``inputs``).
     ``sink(b, output)``: hand each output over instead of returning them (returns ``[]``).
@@ -198,18 +253,21 @@ def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], 
     cache: dict[str, list] = {}
     done: dict[str, nn.Module] = {}
     batch = [0]
+    float_block = copy.deepcopy(block) if float_inputs is not None else None
+    float_x: list = []  # the current batch's float inputs of the stage's groups
 
     for stage in stages:
         device = next(block.parameters()).device
         stats = []
         for g in stage:
             cols = in_out_features(g.modules[0])[0]
-            stats.append(HessianStat(torch.zeros(cols, cols, device=device), dist=dist))
+            cross = torch.zeros(cols, cols, device=device) if float_block is not None else None
+            stats.append(HessianStat(torch.zeros(cols, cols, device=device), dist=dist, cross=cross))
         pending = [len(stage)]
         handles = []
-        for g, st in zip(stage, stats):
-            def pre(_m, args, _st=st):
-                _st.add(args[0])
+        for k, (g, st) in enumerate(zip(stage, stats)):
+            def pre(_m, args, _st=st, _k=k):
+                _st.add(args[0], float_x[_k] if float_x else None)
                 pending[0] -= 1
                 if pending[0] == 0:
                     raise _Stop
@@ -223,6 +281,8 @@ def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], 
             for b in range(len(inputs)):
                 batch[0] = b
                 pending[0] = len(stage)
+                if float_block is not None:
+                    float_x[:] = _float_group_inputs(float_block, [g.names[0] for g in stage], float_inputs[b])
                 try:
                     call_block(block, inputs[b])
                 except _Stop:
@@ -231,13 +291,29 @@ def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], 
         for n in fresh:
             if len(cache[n]) != len(inputs):
                 del cache[n]
+        float_x.clear()
         for g, st in zip(stage, stats):
             st.reduce()
-            solve(block_name, g, st.normalized())
+            if float_block is None:
+                solve(block_name, g, st.normalized())
+            else:
+                solve(block_name, g, st.normalized(), cross=st.normalized_cross())
             for n, m in zip(g.names, g.modules):
                 done[n] = m
         del stats
 
+    targets = []
+    if float_block is not None:
+        with torch.no_grad():
+            for b in range(len(float_inputs)):
+                out = call_block(float_block, float_inputs[b])
+                float_sink(b, out)
+                if refine is not None:
+                    targets.append(out)
+        del float_block
+    if refine is not None:
+        refine(block_name, block, inputs, targets)
+        cache.clear()  # the modules' cached outputs predate the tuning
     outputs = []
     replay = {n: m for n, m in done.items() if n in cache}
     with _replaying(replay, cache, batch), torch.no_grad():
@@ -273,8 +349,8 @@ class BlockCallbacks:
 class _Inputs(Sequence):
     """Each batch's recorded block inputs with its current hidden state taken from a ``HiddenStore``."""
 
-    def __init__(self, base: list[BlockInputs], store: HiddenStore):
-        self.base, self.store = base, store
+    def __init__(self, base: list[BlockInputs], store: HiddenStore, offset: int = 0):
+        self.base, self.store, self.offset = base, store, offset
 
     def __len__(self) -> int:
         return len(self.base)
@@ -282,7 +358,7 @@ class _Inputs(Sequence):
     def __getitem__(self, b):
         if not 0 <= b < len(self.base):
             raise IndexError(b)
-        return self.base[b].with_hidden(self.store.get(b))
+        return self.base[b].with_hidden(self.store.get(self.offset + b))
 
 
 def _hidden_of(inp: BlockInputs) -> torch.Tensor:
@@ -293,13 +369,16 @@ def calibrate_blocks_(model: nn.Module, batches: list[torch.Tensor], keep: Calla
                       true_sequential: bool = True, progress: bool = True,
                       resume: BlockResume | None = None, *, store: HiddenStore | None = None,
                       dist: Dist | None = None, callbacks: BlockCallbacks | None = None,
-                      cache_outputs: bool = True) -> list[str]:
+                      cache_outputs: bool = True, asymmetric: bool = False,
+                      refine: Callable[..., None] | None = None) -> list[str]:
     """Run block-by-block calibration over the whole model. Returns the names of the modules quantized now.
 
     With ``resume``, blocks it reports finished are skipped (their inputs replaced by the saved hidden
     states) and every finished block is reported to it. ``store`` keeps the hidden states between blocks
     (default: in memory where computed); ``dist`` reduces statistics over calibration processes (``batches``
-    are then this process's share); ``callbacks`` run around the capture and each block.
+    are then this process's share); ``callbacks`` run around the capture and each block. ``asymmetric``: also
+    carry the float model's hidden states (module docstring); the resume store then saves both streams.
+    ``refine``: ``run_block``'s, for every block (needs ``asymmetric``).
     """
     cb = callbacks or BlockCallbacks()
     blocks_name, blocks = find_blocks(model)
@@ -307,10 +386,15 @@ def calibrate_blocks_(model: nn.Module, batches: list[torch.Tensor], keep: Calla
     device = _hidden_of(records[0]).device
     if store is None:
         store = HiddenStore(device)
+    n = len(records)
+    streams = 2 if asymmetric else 1
     for b, rec in enumerate(records):
-        store.put(b, _hidden_of(rec))
+        for k in range(streams):
+            store.put(k * n + b, _hidden_of(rec))
     store.advance()
-    inputs = _Inputs([rec.with_hidden(None) for rec in records], store)
+    base = [rec.with_hidden(None) for rec in records]
+    inputs = _Inputs(base, store)
+    float_inputs = _Inputs(base, store, offset=n) if asymmetric else None
     del records
     if cb.after_capture is not None:
         cb.after_capture()
@@ -319,8 +403,9 @@ def calibrate_blocks_(model: nn.Module, batches: list[torch.Tensor], keep: Calla
         first, hidden = resume.start()
         if first:
             logger.info("resuming at block %d of %d", first, len(blocks))
-            if len(hidden) != len(inputs):
-                raise ValueError("saved hidden states do not match the calibration batches")
+            if len(hidden) != streams * n:
+                raise ValueError("saved hidden states do not match the calibration batches (or the run's quality "
+                                 "settings changed since it was saved); start again without --resume")
             for b, h in enumerate(hidden):
                 store.put(b, h.to(device))
             store.advance()
@@ -335,15 +420,18 @@ def calibrate_blocks_(model: nn.Module, batches: list[torch.Tensor], keep: Calla
         modules = quantizable_modules(blocks[i], keep, prefix=name)
         if not modules:
             with torch.no_grad():
-                for b in range(len(inputs)):
+                for b in range(n):
                     store.put(b, call_block(blocks[i], inputs[b]))
+                    if asymmetric:
+                        store.put(n + b, call_block(blocks[i], float_inputs[b]))
         else:
             run_block(blocks[i], name, modules, inputs, solve, true_sequential, dist=dist, sink=store.put,
-                      cache_outputs=cache_outputs)
-            quantized.extend(f"{name}.{n}" for n in modules)
+                      cache_outputs=cache_outputs, float_inputs=float_inputs,
+                      float_sink=(lambda b, t: store.put(n + b, t)) if asymmetric else None, refine=refine)
+            quantized.extend(f"{name}.{m}" for m in modules)
         store.advance()
         if resume is not None:
-            resume.done(i, name, [store.get(b) for b in range(len(inputs))])
+            resume.done(i, name, [store.get(b) for b in range(streams * n)])
         if cb.after_block is not None:
             cb.after_block(i, name)
     store.close()

@@ -66,6 +66,8 @@ class GPTQResult:
         gguf_type: the GGUF block type the codes are on (``hfquant.core.gguf_grids``), or ``None``.
         params: with ``gguf_type``, the stored block parameters (``gguf_blocks.pack_rows``'s ``params``); the
             codes are then in the type's own range (signed for Q8_0) and ``zeros`` is the type's constant zero.
+        pre: float32 ``[rows, cols]`` (original column order): each weight as GPTQ's updates left it just before it
+            was rounded, so ``codes == clamp(round(pre / scale) + zero)``; block reconstruction starts from it.
     """
 
     codes: torch.Tensor
@@ -77,6 +79,7 @@ class GPTQResult:
     retries: int
     gguf_type: str | None = None
     params: dict | None = None
+    pre: torch.Tensor | None = None
 
     @property
     def loss(self) -> float:
@@ -186,8 +189,14 @@ def gptq_solve(
     observer: str = "minmax",
     scale_dtype: torch.dtype | None = None,
     gguf_type: str | None = None,
+    cross: torch.Tensor | None = None,
+    cross_alpha: float = 0.25,
 ) -> GPTQResult:
     """Step 5 above for ``weight`` ``[rows, cols]`` on a prepared Hessian factor.
+
+    ``cross``: GPTAQ's asymmetric calibration (``asymmetric_target``): ``2/n sum (X_float - X)^T X`` ``[cols, cols]``
+    of this input, scaled as the Hessian; the weight is first moved to ``asymmetric_target``'s target, with
+    strength ``cross_alpha``, and the solve (grids included) quantizes that.
 
     ``scale_dtype``: the dtype the scales are stored in (the model's, e.g. bfloat16). Each group's scale is
     rounded to it before its codes are chosen, so the codes, the losses and ``dequantized()`` are those of
@@ -204,19 +213,30 @@ def gptq_solve(
     perm = factor.perm.to(device) if factor.perm is not None else None
     hinv = factor.hinv.to(device)
     w[:, factor.dead.to(device)] = 0
+    if cross is not None:
+        w = asymmetric_target(w, cross, factor, cross_alpha)
 
     if gguf_type is not None:
         if perm is not None and not static_groups:
             raise ValueError(f"GGUF {gguf_type}: act-order needs static_groups (a GGUF block holds consecutive columns)")
         grids = _BlockTypeGrids(w, gguf_type, perm, static_groups)
     else:
+        # The "hessian" observer weighs each column by its GPTQ loss weight 1 / U_jj^2 (processing order).
+        importance = hinv.diagonal().pow(-2) if observer == "hessian" else None
         fit = _GridFit(bits, sym, observer, scale_dtype)
         # Static grids are fitted on the weight in its original column order, before any update.
-        grids = _StaticGroupGrids(w, g, perm, fit) if static_groups else _FittedGroupGrids(rows, cols, g, device, fit)
+        if static_groups:
+            if importance is not None and perm is not None:
+                importance = importance[torch.argsort(perm)]
+            grids = _StaticGroupGrids(w, g, perm, fit, importance)
+        else:
+            grids = _FittedGroupGrids(rows, cols, g, device, fit, importance)
     if perm is not None:
         w = w[:, perm]
-    codes, losses = _quantize_columns(w, hinv, grids, block_size)
+    codes, losses, pre = _quantize_columns(w, hinv, grids, block_size)
     codes, g_idx = _restore_column_order(codes, grids.groups(), perm)
+    if perm is not None:
+        pre = pre[:, torch.argsort(perm)]
     return GPTQResult(
         codes=codes.int(),
         scales=grids.scales,
@@ -227,7 +247,35 @@ def gptq_solve(
         retries=factor.retries,
         gguf_type=gguf_type,
         params=grids.params() if gguf_type is not None else None,
+        pre=pre,
     )
+
+
+def asymmetric_target(w: torch.Tensor, cross: torch.Tensor, factor: HessianFactor, alpha: float) -> torch.Tensor:
+    """The weight GPTQ should quantize to match the *float* model's outputs (asymmetric calibration).
+
+    GPTAQ (Li, Yin, Bhattacharya, Wang, Panda, "GPTAQ: Efficient Finetuning-Free Quantization for Asymmetric
+    Calibration", ICML 2025, arXiv 2504.02692) minimizes ``||X Q^T - X_float W^T||^2``, where the rows of ``X``
+    are the tokens of the layer's input in the quantized model and ``X_float`` the same tokens in the float model.
+    With ``H = X^T X`` and ``C = (X_float - X)^T X`` (both ``[cols, cols]``, scaled alike), setting the gradient to
+    zero gives the unquantized optimum ``W' = W + W C H^-1``, and the objective is ``||X (Q - W')^T||^2`` plus a
+    constant: GPTQ run on ``W'`` with the usual ``H`` is GPTQ on GPTAQ's objective. (The paper folds the same
+    correction into the column loop; moving the target first lets the grids be fitted on the target.)
+    ``alpha`` scales the correction (the paper's code uses 0.25); ``H^-1`` is the dampened one of ``factor``
+    (``U^T U``, ``U = factor.hinv`` in processing order). Dead input columns stay zero.
+    """
+    dead = factor.dead.to(w.device)
+    c = cross.float().to(w.device)
+    hinv = factor.hinv.to(w.device)
+    if factor.perm is not None:
+        perm = factor.perm.to(w.device)
+        adj = ((w[:, perm] @ c[perm][:, perm]) @ hinv.t()) @ hinv
+        adj = adj[:, torch.argsort(perm)]
+    else:
+        adj = ((w @ c) @ hinv.t()) @ hinv
+    out = w + alpha * adj
+    out[:, dead] = 0
+    return out
 
 
 # ---- step 5, in parts: grid policy, lazy-update blocks, column loop, column order ------------------------
@@ -242,8 +290,8 @@ class _GridFit:
     observer: str
     scale_dtype: torch.dtype | None
 
-    def __call__(self, part: torch.Tensor):
-        return fit_grid(part, self.bits, self.sym, self.observer, scale_dtype=self.scale_dtype)
+    def __call__(self, part: torch.Tensor, importance: torch.Tensor | None = None):
+        return fit_grid(part, self.bits, self.sym, self.observer, scale_dtype=self.scale_dtype, importance=importance)
 
 
 class _Block:
@@ -345,11 +393,12 @@ class _StaticGroupGrids(_OriginalGroups):
     """``static_groups``: groups of the original columns, each grid fitted up front on the weight before any
     update."""
 
-    def __init__(self, w: torch.Tensor, g: int, perm: torch.Tensor | None, fit: _GridFit):
+    def __init__(self, w: torch.Tensor, g: int, perm: torch.Tensor | None, fit: _GridFit,
+                 importance: torch.Tensor | None = None):
         rows, cols = w.shape
         super().__init__(rows, cols, g, w.device, fit)
         for k, (a, b) in enumerate(group_bounds(cols, g)):
-            grid = fit(w[:, a:b])
+            grid = fit(w[:, a:b], None if importance is None else importance[a:b])
             self.scales[:, k], self.zeros[:, k] = grid.scale, grid.zero
         self._set_order(perm)
 
@@ -363,13 +412,15 @@ class _FittedGroupGrids(_GroupGrids):
     comes up, on the weights as updated so far, including the columns of the group that spill past the end of
     the current block (``_Block.updated_columns``). The last group may be partial."""
 
-    def __init__(self, rows: int, cols: int, g: int, device, fit: _GridFit):
+    def __init__(self, rows: int, cols: int, g: int, device, fit: _GridFit, importance: torch.Tensor | None = None):
         super().__init__(rows, cols, g, device, fit)
         self.scale = self.zero = None
+        self.importance = importance
 
     def grid(self, j: int, block: _Block) -> tuple[torch.Tensor, torch.Tensor]:
         if j % self.g == 0:
-            grid = self.fit(block.updated_columns(j, min(j + self.g, self.cols)))
+            end = min(j + self.g, self.cols)
+            grid = self.fit(block.updated_columns(j, end), None if self.importance is None else self.importance[j:end])
             self.scale, self.zero = grid.scale, grid.zero
             self.scales[:, j // self.g], self.zeros[:, j // self.g] = self.scale, self.zero
         return self.scale, self.zero
@@ -423,18 +474,22 @@ class _BlockTypeGrids(_OriginalGroups):
 
 def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, grids: _GroupGrids, block_size: int):
     """The column loop: every column of ``w`` (processing order, updated in place) in blocks of ``block_size``,
-    each on the grid ``grids`` gives it. Returns ``(codes [rows, cols] as float, row_losses [rows])``."""
+    each on the grid ``grids`` gives it. Returns ``(codes [rows, cols] as float, row_losses [rows], pre)``, ``pre``
+    the columns' values just before they were rounded (processing order)."""
     rows, cols = w.shape
     codes = torch.zeros(rows, cols, device=w.device)
+    pre = torch.zeros(rows, cols, device=w.device)
     losses = torch.zeros(rows, device=w.device)
     for i1 in range(0, cols, block_size):
         block = _Block(w, hinv, i1, min(i1 + block_size, cols))
         for j in range(block.i1, block.i2):
-            q, loss = block.quantize_column(j, grids.column_grid(j, block))
+            grid = grids.column_grid(j, block)
+            pre[:, j] = block.w1[:, j - block.i1]
+            q, loss = block.quantize_column(j, grid)
             codes[:, j] = q
             losses += loss
         block.lazy_update()
-    return codes, losses
+    return codes, losses, pre
 
 
 def _restore_column_order(codes: torch.Tensor, groups: torch.Tensor, perm: torch.Tensor | None):

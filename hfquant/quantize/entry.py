@@ -153,7 +153,8 @@ def _quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows:
                     damp_percent=config.damp_percent, block_size=config.block_size,
                     true_sequential=config.true_sequential, progress=progress, store=store, hidden=hidden,
                     dist=dist, onload=onload, cache_outputs=activations != "disk", schemes=schemes,
-                    timings=gptq_timings))
+                    timings=gptq_timings, gptaq_alpha=config.gptaq_alpha if config.gptaq else None,
+                    reconstruct_steps=config.reconstruct_steps, seed=config.seed))
             finally:
                 hidden.close()
             # Solve time apart from the rest (forward passes, Hessians, their reduction, loading, swapping).

@@ -20,10 +20,12 @@ from hfquant.calibration.graph import (
     find_blocks,
     float_weight,
     in_out_features,
+    is_conv1d,
     quantizable_modules,
     set_float_weight_,
     set_submodule,
 )
+from hfquant.calibration.reconstruct import reconstruct_block_, RoundedWeight
 from hfquant.calibration.sequential import BlockCallbacks, calibrate_blocks_
 from hfquant.core.gguf_blocks import block_type, dequantize_rows, pack_rows, unpack_rows
 from hfquant.core.gguf_grids import rtn_block_quantize
@@ -98,9 +100,10 @@ def _dequantized(tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, cols: 
 
 
 def share_result(dist: Dist, res: GPTQResult | None, owner: int, module: nn.Module, group_size: int, device,
-                 gguf_type: str | None = None) -> GPTQResult | None:
+                 gguf_type: str | None = None, with_pre: bool = False) -> GPTQResult | None:
     """``owner``'s result of one module's GPTQ solve, on every rank (``None`` everywhere when it failed). A GGUF
-    result travels as its packed blocks (``gguf_type``; ``group_size`` is then not used)."""
+    result travels as its packed blocks (``gguf_type``; ``group_size`` is then not used). ``with_pre``: the
+    pre-rounding weight too (block reconstruction starts from it)."""
     cols, rows = in_out_features(module)
     meta = torch.tensor([res is not None, res.damp if res else 0.0, res.retries if res else 0],
                         dtype=torch.float64, device=device)
@@ -127,8 +130,9 @@ def share_result(dist: Dist, res: GPTQResult | None, owner: int, module: nn.Modu
                          scales=torch.empty(rows, n_groups, device=device),
                          zeros=torch.empty(rows, n_groups, dtype=torch.int32, device=device),
                          g_idx=torch.empty(cols, dtype=torch.int32, device=device),
-                         row_losses=torch.empty(rows, device=device), damp=float(meta[1]), retries=int(meta[2]))
-    for t in (res.codes, res.scales, res.zeros, res.g_idx, res.row_losses):
+                         row_losses=torch.empty(rows, device=device), damp=float(meta[1]), retries=int(meta[2]),
+                         pre=torch.empty(rows, cols, device=device) if with_pre else None)
+    for t in (res.codes, res.scales, res.zeros, res.g_idx, res.row_losses, *((res.pre,) if with_pre else ())):
         dist.broadcast_(t, owner)
     return res
 
@@ -158,7 +162,8 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
                    *, act_order: bool, static_groups: bool, damp_percent: float, block_size: int,
                    true_sequential: bool, progress: bool = True, store=None, hidden=None, dist=None,
                    onload=None, cache_outputs: bool = True, schemes: Schemes | None = None,
-                   timings: dict | None = None) -> list[ModuleReport]:
+                   timings: dict | None = None, gptaq_alpha: float | None = None, reconstruct_steps: int = 0,
+                   seed: int = 0) -> list[ModuleReport]:
     """GPTQ over the model's repeated blocks, block by block; Linears outside the blocks get RTN.
 
     Each block's modules are swapped for quantized ones as soon as the block is done, so its float
@@ -170,13 +175,16 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
     grid and method; ``method: rtn`` modules are rounded to nearest (their rounded weights still feed the
     later modules of the block).
     ``timings`` (a dict) receives ``solve_seconds``, the time spent in the solves (and their broadcasts).
+    ``gptaq_alpha``: asymmetric calibration (GPTAQ) with that strength; ``None``: plain GPTQ.
+    ``reconstruct_steps``: block reconstruction after each block's solves (``hfquant.calibration.reconstruct``),
+    that many steps, batches in an order seeded by ``seed``; 0: none.
 
     Every module is solved on its own (q, k and v one after another on the shared Hessian factor), whether
     one process or several run: a fixed unit of work, so which rank solves it does not change its bits.
     """
     run = _GPTQRun(model, keep, scheme, schemes, act_order=act_order, static_groups=static_groups,
                    damp_percent=damp_percent, block_size=block_size, dist=dist or Dist(), onload=onload,
-                   timings=timings)
+                   timings=timings, gptaq_alpha=gptaq_alpha, reconstruct_steps=reconstruct_steps, seed=seed)
     return run.run(batches, true_sequential, progress=progress, store=store, hidden=hidden,
                    cache_outputs=cache_outputs)
 
@@ -195,8 +203,11 @@ class _GPTQRun:
 
     def __init__(self, model: nn.Module, keep: Callable[[str], bool], scheme: WeightScheme, schemes: Schemes | None,
                  *, act_order: bool, static_groups: bool, damp_percent: float, block_size: int, dist: Dist,
-                 onload=None, timings: dict | None = None):
+                 onload=None, timings: dict | None = None, gptaq_alpha: float | None = None,
+                 reconstruct_steps: int = 0, seed: int = 0):
         self.model, self.keep, self.scheme, self.schemes = model, keep, scheme, schemes
+        self.gptaq_alpha, self.reconstruct_steps, self.seed = gptaq_alpha, reconstruct_steps, seed
+        self.pre: dict[str, torch.Tensor] = {}  # name -> GPTQ's pre-rounding weight in code units (reconstruction)
         self.act_order, self.static_groups = act_order, static_groups
         self.damp_percent, self.block_size = damp_percent, block_size
         self.dist, self.onload, self.timings = dist, onload, timings
@@ -214,7 +225,9 @@ class _GPTQRun:
         resume = _GPTQResume(self, store) if store is not None else None
         calibrate_blocks_(self.model, batches, self.keep, self.solve, true_sequential, progress=progress,
                           resume=resume, store=hidden, dist=self.dist, callbacks=callbacks,
-                          cache_outputs=cache_outputs)
+                          cache_outputs=cache_outputs,
+                          asymmetric=self.gptaq_alpha is not None or self.reconstruct_steps > 0,
+                          refine=self.refine if self.reconstruct_steps > 0 else None)
         if onload is not None:
             onload.load_rest()
         for name, module in quantizable_modules(self.model, self.keep).items():
@@ -251,6 +264,8 @@ class _GPTQRun:
             logger.warning("%s: Hessian needed damping %.4g (%d retries)", name, res.damp, res.retries)
         set_float_weight_(module, res.dequantized())
         self.results[name] = (module, *_stored(res))
+        if self.reconstruct_steps > 0 and res.gguf_type is None:
+            self.pre[name] = res.pre / res.scales[:, res.g_idx.long()]
         self.reports[name] = ModuleReport(name, "gptq", loss=res.loss, damp=res.damp, damp_retries=res.retries,
                                           bits=ws.bits, group_size=ws.group_size)
 
@@ -268,9 +283,10 @@ class _GPTQRun:
 
     # ---- calibrate_blocks_'s callbacks
 
-    def solve(self, block_name: str, group, hessian: torch.Tensor) -> None:
+    def solve(self, block_name: str, group, hessian: torch.Tensor, cross: torch.Tensor | None = None) -> None:
         """One GPTQ solve per module on the shared Hessian (its factor computed once per rank that needs it).
-        With several processes each module has one owner (balanced by cost), which solves and broadcasts."""
+        With several processes each module has one owner (balanced by cost), which solves and broadcasts.
+        ``cross``: the group's asymmetric-calibration term (a GPTAQ run), shared like the Hessian."""
         t0 = time.perf_counter()
         units = []
         for short, module in zip(group.names, group.modules):
@@ -291,12 +307,41 @@ class _GPTQRun:
                 if factor[0] is not None:
                     res = gptq_solve(float_weight(module).float(), factor[0], bits=ws.bits, group_size=ws.group_size,
                                      sym=ws.sym, static_groups=self.static_groups, block_size=self.block_size,
-                                     observer=ws.observer, scale_dtype=storage_dtype(module), gguf_type=ws.gguf_type)
+                                     observer=ws.observer, scale_dtype=storage_dtype(module), gguf_type=ws.gguf_type,
+                                     cross=cross, cross_alpha=self.gptaq_alpha or 0.0)
             if self.dist.active:
-                res = share_result(self.dist, res, owner, module, ws.group_size, hessian.device, ws.gguf_type)
+                res = share_result(self.dist, res, owner, module, ws.group_size, hessian.device, ws.gguf_type,
+                                   with_pre=self.reconstruct_steps > 0)
             self.accept(name, module, res, ws)
         if self.timings is not None:
             self.timings["solve_seconds"] = self.timings.get("solve_seconds", 0.0) + time.perf_counter() - t0
+
+    def refine(self, block_name: str, block: nn.Module, inputs, targets) -> None:
+        """Block reconstruction (``hfquant.calibration.reconstruct``) of the block's GPTQ-solved modules; their
+        stored codes and scales and their weights are replaced when it lowers the block's output error."""
+        names = [n for n in self.pre if n.startswith(block_name + ".")]
+        units = []
+        for name in names:
+            module, codes, scales, zeros, g_idx = self.results[name]
+            g = g_idx.long()
+            units.append(RoundedWeight(name[len(block_name) + 1:], self.pre.pop(name), zeros.float()[:, g], scales.float(),
+                                       g, 2 ** self.scheme_of(name)[0].bits - 1, module.weight.dtype,
+                                       storage_dtype(module), is_conv1d(module)))
+        if not units:
+            return
+        found = reconstruct_block_(block, units, inputs, targets, steps=self.reconstruct_steps, seed=self.seed,
+                                   dist=self.dist)
+        if found is None:
+            logger.info("%s: block reconstruction did not lower the output error; GPTQ's result kept", block_name)
+            return
+        before, after = found["error"]
+        for u in units:
+            name = f"{block_name}.{u.name}"
+            module, _, _, zeros, g_idx = self.results[name]
+            codes, scales, weight = found[u.name]
+            self.results[name] = (module, codes, scales, zeros, g_idx)
+            set_float_weight_(module, weight)
+            self.reports[name].note = f"block reconstruction: output error x{after / before:.3f}"
 
     def swap(self, prefix: str | None) -> None:
         """Swap every pending result (under ``prefix``) for its quantized module and drop the float one."""
