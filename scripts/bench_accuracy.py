@@ -5,7 +5,8 @@ Each row runs in its own subprocess so its peak RSS is its own. Writes ``OUT/acc
 the accuracy markers in ``BENCHMARKS.md``.
 
 PPL-16K: WikiText-2 test.txt tokenized whole, first 32 non-overlapping 512-token windows,
-exp(mean NLL). Calibration: 128 windows x 512 tokens of valid.txt, seed 0.
+exp(mean NLL); "PPL-16K Alice": the same on the second evaluation text (hfquant/data/alice, not WikiText).
+Calibration: 128 windows x 512 tokens of valid.txt, seed 0.
 
 Quantized models are evaluated with the exact float32 reference kernel (``HFQUANT_KERNEL=reference``,
 ``--kernel reference``, the default) so the table measures the quantization itself; ``--kernel auto``
@@ -18,6 +19,7 @@ Usage:
     python scripts/bench_accuracy.py --only gptq-w4-g64   # a subset (substring match on row names; a full row
                                                           # name selects that row alone)
     python scripts/bench_accuracy.py --only head8 --marker accuracy-head8 --out bench/head8 --update-benchmarks
+    python scripts/bench_accuracy.py --merge bench/a/accuracy.json bench/b/accuracy.json --marker m --out bench/m
 """
 
 from __future__ import annotations
@@ -145,19 +147,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
         *table_header(meta),
         f"Model dtype: {meta.get('dtype', 'float32')} (the `fp32` row is the float model in that dtype).",
         "",
-        "| row | PPL-16K | vs float | quantization wall time (s) | peak RSS (MiB) | checkpoint (MiB) | smoothed groups |",
-        "|---|---|---|---|---|---|---|",
+        "| row | PPL-16K | vs float | PPL-16K Alice | vs float | quantization wall time (s) | peak RSS (MiB) | checkpoint (MiB) | smoothed groups |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     base = next((r["ppl16k"] for r in rows if r["row"] == "fp32" and "ppl16k" in r), None)
+    base2 = next((r.get("ppl16k_alice") for r in rows if r["row"] == "fp32" and "ppl16k" in r), None)
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['row']} | skipped: {r['skipped']} | | | | | |")
+            lines.append(f"| {r['row']} | skipped: {r['skipped']} | | | | | | | |")
             continue
         qs = "—" if r.get("quant_seconds") is None else f"{r['quant_seconds']:.1f}"
         rel = f"{r['ppl16k'] / base:.3f}x" if base else ""
         ck = "—" if r.get("checkpoint_mb") is None else f"{r['checkpoint_mb']:.1f}"
         sg = r.get("smoothed_groups", "")
-        lines.append(f"| {r['row']} | {r['ppl16k']:.2f} | {rel} | {qs} | {r['peak_rss_mb']:.0f} | {ck} | {sg} |")
+        alice = r.get("ppl16k_alice")
+        a = "" if alice is None else f"{alice:.2f}"
+        rel2 = f"{alice / base2:.3f}x" if alice is not None and base2 else ""
+        lines.append(f"| {r['row']} | {r['ppl16k']:.2f} | {rel} | {a} | {rel2} | {qs} | {r['peak_rss_mb']:.0f} | {ck} | {sg} |")
     return "\n".join(lines) + "\n"
 
 
@@ -187,6 +193,8 @@ def main(argv=None) -> None:
                         help="BENCHMARKS.md section to replace (a run of some rows with --only: its own marker)")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="dtype the model is loaded in for every row (the fp32 row is then the float baseline in it)")
+    parser.add_argument("--merge", nargs="*", type=Path,
+                        help="no run: one table of the rows of these accuracy.json files (each run's command is listed)")
     parser.add_argument("--row", help=argparse.SUPPRESS)
     parser.add_argument("--row-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -194,6 +202,14 @@ def main(argv=None) -> None:
 
     if args.row:
         Path(args.row_out).write_text(json.dumps(run_row(args.row, args.model, extra, args.windows, args.dtype)))
+        return
+    if args.merge:
+        from scripts.timing import save_table
+
+        runs = [json.loads(Path(f).read_text()) for f in args.merge]
+        meta = dict(runs[0]["meta"], command="` ; `".join(r["meta"]["command"] for r in runs))
+        rows = [row for r in runs for row in r["rows"]]
+        save_table(args.out, args.marker, meta, rows, markdown(rows, meta), args.marker if args.update_benchmarks else None)
         return
 
     if not Path(args.model, "config.json").is_file():

@@ -155,11 +155,13 @@ def test_gptaq_matches_the_float_outputs_better_than_gptq(bits):
 def test_quality_sets_only_what_is_not_given():
     assert HFQuantConfig().observer == "hessian" and HFQuantConfig().gptaq is False
     best = HFQuantConfig(quality="best")
-    assert best.observer == "hessian" and best.gptaq is True
+    assert best.observer == "hessian" and best.gptaq is True and best.reconstruct_steps == 16
     assert HFQuantConfig(quality="best", observer="minmax", gptaq=False).to_dict()["observer"] == "minmax"
     assert HFQuantConfig(quality="best", gptaq=False).gptaq is False
-    assert HFQuantConfig(method="rtn", quality="best").gptaq is False  # asymmetric calibration needs data
-    assert HFQuantConfig(gguf_type="Q4_0", quality="best").observer == "minmax"  # GGUF's own grid fits
+    rtn = HFQuantConfig(method="rtn", quality="best")  # asymmetric calibration and reconstruction need data
+    assert rtn.gptaq is False and rtn.reconstruct_steps == 0 and rtn.observer == "hessian"
+    gguf = HFQuantConfig(gguf_type="Q4_0", quality="best")  # GGUF's own grid fits
+    assert gguf.observer == "minmax" and gguf.gptaq is True and gguf.reconstruct_steps == 0
     assert HFQuantConfig.from_dict(best.to_dict()) == best
 
 
