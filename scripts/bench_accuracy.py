@@ -5,7 +5,8 @@ Each row runs in its own subprocess so its peak RSS is its own. Writes ``OUT/acc
 the accuracy markers in ``BENCHMARKS.md``.
 
 PPL-16K: WikiText-2 test.txt tokenized whole, first 32 non-overlapping 512-token windows,
-exp(mean NLL); "PPL-16K Alice": the same on the second evaluation text (hfquant/data/alice, not WikiText).
+exp(mean NLL); "PPL-16K Alice": the same on the second evaluation text (hfquant/data/alice, not WikiText);
+"PPL valid": the last 8 windows of 512 tokens of WikiText-2 valid.txt, the split choices are made on.
 Calibration: 128 windows x 512 tokens of valid.txt, seed 0.
 
 Quantized models are evaluated with the exact float32 reference kernel (``HFQUANT_KERNEL=reference``,
@@ -96,6 +97,7 @@ def run_row(name: str, model_path: str, extra: dict, windows: int, dtype_name: s
     import hfquant
     from hfquant.calibration.data import BUNDLED_EVALUATION, BUNDLED_EVALUATION_2
     from hfquant.eval import perplexity
+    from hfquant.mixed.budget import valid_ids
 
     torch.manual_seed(0)
     dtype = getattr(torch, dtype_name)
@@ -129,6 +131,8 @@ def run_row(name: str, model_path: str, extra: dict, windows: int, dtype_name: s
     row["ppl16k"] = perplexity(model, tokenizer, text, seq_len=512, max_windows=windows)
     row["eval_seconds"] = time.perf_counter() - t1
     row["ppl16k_alice"] = perplexity(model, tokenizer, BUNDLED_EVALUATION_2.read_text(), seq_len=512, max_windows=windows)
+    # The selection metric (what choices may look at): the last 8 windows of 512 tokens of WikiText-2 valid.
+    row["ppl_valid"] = perplexity(model, tokenizer, valid_ids(tokenizer, 512, 8), seq_len=512)
     with tempfile.TemporaryDirectory() as tmp:
         try:
             model.save_pretrained(tmp)
@@ -147,14 +151,14 @@ def markdown(rows: list[dict], meta: dict) -> str:
         *table_header(meta),
         f"Model dtype: {meta.get('dtype', 'float32')} (the `fp32` row is the float model in that dtype).",
         "",
-        "| row | PPL-16K | vs float | PPL-16K Alice | vs float | quantization wall time (s) | peak RSS (MiB) | checkpoint (MiB) | smoothed groups |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| row | PPL-16K | vs float | PPL-16K Alice | vs float | PPL valid | quantization wall time (s) | peak RSS (MiB) | checkpoint (MiB) | smoothed groups |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     base = next((r["ppl16k"] for r in rows if r["row"] == "fp32" and "ppl16k" in r), None)
     base2 = next((r.get("ppl16k_alice") for r in rows if r["row"] == "fp32" and "ppl16k" in r), None)
     for r in rows:
         if "skipped" in r:
-            lines.append(f"| {r['row']} | skipped: {r['skipped']} | | | | | | | |")
+            lines.append(f"| {r['row']} | skipped: {r['skipped']} | | | | | | | | |")
             continue
         qs = "—" if r.get("quant_seconds") is None else f"{r['quant_seconds']:.1f}"
         rel = f"{r['ppl16k'] / base:.3f}x" if base else ""
@@ -163,7 +167,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         alice = r.get("ppl16k_alice")
         a = "" if alice is None else f"{alice:.2f}"
         rel2 = f"{alice / base2:.3f}x" if alice is not None and base2 else ""
-        lines.append(f"| {r['row']} | {r['ppl16k']:.2f} | {rel} | {a} | {rel2} | {qs} | {r['peak_rss_mb']:.0f} | {ck} | {sg} |")
+        pv = "" if r.get("ppl_valid") is None else f"{r['ppl_valid']:.2f}"
+        lines.append(f"| {r['row']} | {r['ppl16k']:.2f} | {rel} | {a} | {rel2} | {pv} | {qs} | {r['peak_rss_mb']:.0f} | {ck} | {sg} |")
     return "\n".join(lines) + "\n"
 
 

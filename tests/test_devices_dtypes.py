@@ -106,7 +106,8 @@ def test_low_precision_weights_are_calibrated_on_what_is_saved(dtype, name, monk
     calibrated = 0
     for n, q in quantized.items():
         assert q.scales.dtype == dtype, n
-        assert torch.isfinite(q.scales.float()).all() and (q.scales.float() > 0).all(), n
+        # Never zero (a float16 scale must not flush); symmetric grids may be negative (observer "hessian").
+        assert torch.isfinite(q.scales.float()).all() and (q.scales.float() != 0).all(), n
         w = q.dequantize(dtype)
         assert torch.isfinite(w.float()).all(), n
         if id(linears[n]) in written:
