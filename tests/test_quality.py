@@ -180,8 +180,17 @@ def test_quality_errors_are_one_line(kwargs, message):
 def test_recipe_takes_quality(tmp_path):
     from hfquant.app.recipe import validate
 
+    from hfquant.app.recipe import to_config
+
     recipe = validate({"model": "m", "output_dir": str(tmp_path), "quantization": {"method": "gptq", "quality": "best"}})
-    assert recipe["quantization"]["quality"] == "best"
+    q = recipe["quantization"]  # the resolved recipe shows what quality chose, and the config gets it
+    assert (q["quality"], q["observer"], q["gptaq"], q["reconstruct_steps"]) == ("best", "hessian", True, 16)
+    assert to_config(recipe) == HFQuantConfig(quality="best")
+    mine = validate({"model": "m", "output_dir": str(tmp_path),
+                     "quantization": {"method": "gptq", "quality": "best", "reconstruct_steps": 0}})
+    assert to_config(mine).reconstruct_steps == 0 and to_config(mine).gptaq is True
+    gguf = validate({"model": "m", "output_dir": str(tmp_path), "quantization": {"method": "gptq", "gguf_type": "Q4_0"}})
+    assert gguf["quantization"]["observer"] == "minmax"
 
 
 def test_reconstruction_starts_exactly_at_gptq():

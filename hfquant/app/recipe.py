@@ -24,7 +24,7 @@ from typing import Any
 import yaml
 
 from hfquant.calibration.spill import ACTIVATIONS
-from hfquant.config import _is_int, DEFAULTS, HFQuantConfig
+from hfquant.config import _is_int, DEFAULTS, HFQuantConfig, QUALITY
 from hfquant.core.errors import ConfigError
 from hfquant.core.schemes import validate_overrides
 
@@ -200,15 +200,21 @@ def validate(raw) -> dict:
             _check_config_field(f"quantization.{key}", key, value)
 
     q_out = {"method": method}
+    chosen = {k for fields in QUALITY.values() for k in fields}  # what quality (and gguf_type) decide unless given
     for key in METHOD_FIELDS[method]:
         if q.get("gguf_type") and key in ("bits", "group_size", "sym") and key not in q:
             continue  # gguf_type sets them
+        if key in chosen and key not in q:
+            continue
         q_out[key] = copy.deepcopy(q.get(key, DEFAULTS[key]))
     try:
-        HFQuantConfig(**q_out)
+        config = HFQuantConfig(**q_out)
     except ConfigError as exc:
         field, _, rest = str(exc).removeprefix("HFQuantConfig.").partition(": ")
         raise recipe_error(f"quantization.{field}", rest)
+    for key in METHOD_FIELDS[method]:
+        if key in chosen and key not in q_out:
+            q_out[key] = copy.deepcopy(getattr(config, key))  # the resolved recipe shows what the run uses
     out["quantization"] = q_out
 
     # calibration
