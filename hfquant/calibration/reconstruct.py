@@ -32,7 +32,7 @@ from torch.func import functional_call
 
 from hfquant.calibration.distributed import Dist
 from hfquant.calibration.sequential import BlockInputs
-from hfquant.core.grids import stored_scale
+from hfquant.core.grids import dequantize, stored_scale
 
 GAMMA_RANGE = (0.8, 1.2)
 
@@ -69,14 +69,14 @@ class RoundedWeight:
         straight through (inside the code range)."""
         x = self.pre + v
         q = torch.clamp(x + (torch.round(x) - x).detach() + self.zero, 0, self.maxq)
-        return self._oriented((self.scales * gamma)[:, self.g_idx] * (q - self.zero))
+        return self._oriented(dequantize(q, (self.scales * gamma)[:, self.g_idx], self.zero))
 
     def stored(self, v: torch.Tensor, gamma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(codes int32, scales float32 as stored, dequantized weight [out, in] float32)`` for the final ``v`` and
         ``gamma``."""
         codes = self.codes(v)
         scales = stored_scale(self.scales * gamma, self.scale_dtype)
-        return codes.int(), scales, scales[:, self.g_idx] * (codes - self.zero)
+        return codes.int(), scales, dequantize(codes, scales[:, self.g_idx], self.zero)
 
 
 def _owner_of(dist: Dist, total: int) -> list[int]:
@@ -87,13 +87,14 @@ def _owner_of(dist: Dist, total: int) -> list[int]:
     return owners
 
 
-def _block_error(block, params: dict, inputs: Sequence[BlockInputs], targets: Sequence[torch.Tensor], dist: Dist) -> float:
+def _block_error(block, params: dict, inputs: Sequence[BlockInputs], targets: Sequence[torch.Tensor], dist: Dist,
+                 device) -> float:
     """Sum over every calibration batch (all ranks, in batch order) of the block's squared output error."""
     local = []
     with torch.no_grad():
         for inp, tgt in zip(inputs, targets):
             local.append((_call(block, params, inp).float() - tgt.float()).pow(2).sum())
-    t = torch.stack(local) if local else torch.zeros(0)
+    t = torch.stack(local) if local else torch.zeros(0, device=device)
     if dist.active:
         t = dist.gather_rows(t.reshape(-1, 1).double()).reshape(-1)
     return float(t.double().sum())
@@ -122,7 +123,8 @@ def reconstruct_block_(block: torch.nn.Module, units: list[RoundedWeight], input
             return {f"{u.name}.weight": u._oriented(u.stored(v[u.name], gamma[u.name])[2]) for u in units}
         return {f"{u.name}.weight": u.weight(v[u.name], gamma[u.name]) for u in units}
 
-    before = _block_error(block, params(stored=True), inputs, targets, dist)
+    device = units[0].pre.device
+    before = _block_error(block, params(stored=True), inputs, targets, dist, device)
     order = torch.randperm(total, generator=torch.Generator().manual_seed(seed))
     lr0 = 1.0 / steps
     for t in range(steps):
@@ -143,7 +145,7 @@ def reconstruct_block_(block: torch.nn.Module, units: list[RoundedWeight], input
             for k, u in enumerate(units):
                 v[u.name].sub_(lr * signs[2 * k]).clamp_(-0.5, 0.5)
                 gamma[u.name].sub_(lr * signs[2 * k + 1]).clamp_(*GAMMA_RANGE)
-    after = _block_error(block, params(stored=True), inputs, targets, dist)
+    after = _block_error(block, params(stored=True), inputs, targets, dist, device)
     if not after < before:
         return None
     out: dict = {u.name: u.stored(v[u.name].detach(), gamma[u.name].detach()) for u in units}

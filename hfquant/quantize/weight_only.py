@@ -286,7 +286,8 @@ class _GPTQRun:
     def solve(self, block_name: str, group, hessian: torch.Tensor, cross: torch.Tensor | None = None) -> None:
         """One GPTQ solve per module on the shared Hessian (its factor computed once per rank that needs it).
         With several processes each module has one owner (balanced by cost), which solves and broadcasts.
-        ``cross``: the group's asymmetric-calibration term (a GPTAQ run), shared like the Hessian."""
+        ``cross``: the group's asymmetric-calibration term, shared like the Hessian; used in a GPTAQ run only (a
+        run with block reconstruction alone carries the float stream for its targets, not for the solves)."""
         t0 = time.perf_counter()
         units = []
         for short, module in zip(group.names, group.modules):
@@ -308,7 +309,8 @@ class _GPTQRun:
                     res = gptq_solve(float_weight(module).float(), factor[0], bits=ws.bits, group_size=ws.group_size,
                                      sym=ws.sym, static_groups=self.static_groups, block_size=self.block_size,
                                      observer=ws.observer, scale_dtype=storage_dtype(module), gguf_type=ws.gguf_type,
-                                     cross=cross, cross_alpha=self.gptaq_alpha or 0.0)
+                                     cross=cross if self.gptaq_alpha is not None else None,
+                                     cross_alpha=self.gptaq_alpha or 0.0)
             if self.dist.active:
                 res = share_result(self.dist, res, owner, module, ws.group_size, hessian.device, ws.gguf_type,
                                    with_pre=self.reconstruct_steps > 0)
