@@ -35,4 +35,4 @@ def tiny_models(tmp_path_factory):
     from helpers import save_tiny_model
 
     root = tmp_path_factory.mktemp("tiny")
-    return {arch: save_tiny_model(arch, root / arch) for arch in ("llama", "qwen2", "opt", "gpt2", "bert")}
+    return {arch: save_tiny_model(arch, root / arch) for arch in ("llama", "qwen2", "opt", "gpt2", "bert", "gemma3")}

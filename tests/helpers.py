@@ -44,6 +44,10 @@ def tiny_config(arch: str):
                             max_position_embeddings=256, word_embed_proj_dim=64, **common)
     if arch == "gpt2":
         return tf.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=256, **common)
+    if arch == "gemma3":  # the second architecture of the accuracy work: sliding and full attention, q/k norms
+        return tf.Gemma3TextConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=1, head_dim=16, max_position_embeddings=256, sliding_window=32,
+                                   layer_types=["sliding_attention", "full_attention"], **common)
     if arch == "bert":
         return tf.BertConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                              max_position_embeddings=256, **common)
