@@ -146,6 +146,43 @@ def test_batch_ranges_partition_in_order(n, world):
     assert max(map(len, ranges)) - min(map(len, ranges)) <= 1
 
 
+@pytest.mark.parametrize("rows,world,device,expected", [
+    (576, 2, "cpu", [(0, 288), (288, 576)]), (1536, 3, "cpu", [(0, 512), (512, 1024), (1024, 1536)]),
+    (160, 2, "cpu", [(0, 80), (80, 160)]), (136, 2, "cpu", [(0, 64), (64, 136)]), (127, 2, "cpu", [(0, 127)]),
+    (64, 2, "cpu", [(0, 64)]), (200, 4, "cpu", [(0, 64), (64, 128), (128, 200)]), (576, 1, "cpu", [(0, 576)]),
+    (576, 2, "cuda", [(0, 576)]),
+])
+def test_row_slabs(rows, world, device, expected):
+    """Slabs cover the rows in order, one per rank but no more than rows // 64, cut at multiples of 16; whole on CUDA."""
+    assert Dist(0, world).row_slabs(rows, device) == expected
+
+
+@pytest.mark.parametrize("kw", [dict(bits=4, group_size=128, sym=True, observer="hessian"),
+                                dict(bits=3, group_size=64, sym=False, observer="hessian", cross=True),
+                                dict(bits=4, group_size=128, sym=False, observer="minmax", static_groups=False),
+                                dict(bits=8, group_size=-1, sym=True),
+                                dict(gguf_type="Q4_0", bits=4, group_size=32, sym=True)])
+def test_row_slab_solves_join_to_the_whole_solve(kw):
+    """The premise of sharing a solve by rows: GPTQ on row slabs of a weight, joined, is the whole solve bit for
+    bit (act-order, static or fitted groups, Hessian-weighted grids, GPTAQ's cross term, a GGUF grid)."""
+    from hfquant.core.gptq import gptq_solve, join_rows, prepare_hessian
+
+    g = torch.Generator().manual_seed(0)
+    rows, cols = 320, 384
+    x = torch.randn(1024, cols, generator=g) * torch.linspace(0.2, 3, cols)
+    w = torch.randn(rows, cols, generator=g)
+    cross = (torch.randn(1024, cols, generator=g) * 0.1).t() @ x / 512 if kw.pop("cross", False) else None
+    static = kw.pop("static_groups", True)
+    factor = prepare_hessian(x.t() @ x / 512, act_order=True)
+    solve = lambda part: gptq_solve(part, factor, static_groups=static, cross=cross, **kw)  # noqa: E731
+    whole = solve(w)
+    for world in (2, 3):
+        joined = join_rows([solve(w[r0:r1]) for r0, r1 in Dist(0, world).row_slabs(rows, "cpu")])
+        for field in ("codes", "scales", "zeros", "g_idx", "row_losses", "pre"):
+            assert torch.equal(getattr(joined, field), getattr(whole, field)), (world, field)
+        assert torch.equal(joined.dequantized(), whole.dequantized())
+
+
 def test_too_few_batches_for_the_processes():
     from hfquant.core.errors import CalibrationError
 

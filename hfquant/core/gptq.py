@@ -35,7 +35,7 @@ past the block's end, the lazy update of later blocks), the column loop over the
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -249,6 +249,22 @@ def gptq_solve(
         params=grids.params() if gguf_type is not None else None,
         pre=pre,
     )
+
+
+def join_rows(parts: list[GPTQResult | None]) -> GPTQResult | None:
+    """One weight's result from the results of its consecutive row slabs, solved on the same factor (GPTQ treats
+    rows independently, so this is the whole solve's result); ``None`` if a slab has none."""
+    if any(p is None for p in parts):
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+
+    def rows(attr):
+        return torch.cat([getattr(p, attr) for p in parts])
+    return replace(first, codes=rows("codes"), scales=rows("scales"), zeros=rows("zeros"), row_losses=rows("row_losses"),
+                   params=None if first.params is None else {k: torch.cat([p.params[k] for p in parts]) for k in first.params},
+                   pre=rows("pre") if all(p.pre is not None for p in parts) else None)
 
 
 def asymmetric_target(w: torch.Tensor, cross: torch.Tensor, factor: HessianFactor, alpha: float) -> torch.Tensor:

@@ -26,7 +26,7 @@ from hfquant.calibration.smoothing import find_producers, fold_, missing_known_g
 from hfquant.core.gptq import gptq_solve, GPTQResult, HessianFactor, prepare_hessian
 from hfquant.core.smoothquant import column_absmax, QMAX, search_alpha, smoothing_scales
 from hfquant.nn.w8a8 import QuantLinearW8A8
-from hfquant.quantize.weight_only import share_result
+from hfquant.quantize.weight_only import solve_shared
 
 logger = logging.getLogger(__name__)
 SAMPLE_TOKENS = 2048  # tokens kept per group for the alpha search
@@ -245,7 +245,8 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
     del check
 
     # Smoothed float32 weights, and with GPTQ weights each module's solve: every solve of the block is
-    # independent (the statistics are the float block's), so with several processes each has one owner.
+    # independent (the statistics are the float block's), so with several processes they are shared out
+    # (``solve_shared``: row slabs, each with one owner).
     units = []  # (group index, name, module, smoothed float32 weight)
     for k, (g, (s, _, _)) in enumerate(zip(groups, decisions)):
         for name, m in zip(g.names, g.modules):
@@ -254,18 +255,18 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
             units.append((k, name, m, w))
     solved: dict[str, GPTQResult | None] = {}
     if weight_method == "gptq":
-        owners = dist.owners([float(w.numel()) * w.shape[1] for *_, w in units])
         factors: dict[int, HessianFactor | None] = {}
-        for (k, name, m, w), owner in zip(units, owners):
-            res = None
-            if owner == dist.rank:
-                if k not in factors:
-                    factors[k] = prepare_hessian(_smoothed_hessian(stats[k], decisions[k][0]), damp_percent=damp_percent)
-                if factors[k] is not None:
-                    res = gptq_solve(w, factors[k], bits=8, group_size=-1, sym=True, block_size=block_size)
-            if dist.active:
-                res = share_result(dist, res, owner, m, -1, device)
-            solved[name] = res
+
+        def solve_rows(i: int, r0: int, r1: int) -> GPTQResult | None:
+            k, _, _, w = units[i]
+            if k not in factors:
+                factors[k] = prepare_hessian(_smoothed_hessian(stats[k], decisions[k][0]), damp_percent=damp_percent)
+            if factors[k] is None:
+                return None
+            return gptq_solve(w[r0:r1], factors[k], bits=8, group_size=-1, sym=True, block_size=block_size)
+
+        results = solve_shared(dist, [(m, -1, None) for _, _, m, _ in units], solve_rows, device)
+        solved = {name: res for (_, name, _, _), res in zip(units, results)}
 
     reports = []
     for k, name, m, w in units:

@@ -7,7 +7,6 @@ module names to keep float (``keep``) and provides calibration batches.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -29,7 +28,7 @@ from hfquant.calibration.reconstruct import reconstruct_block_, RoundedWeight
 from hfquant.calibration.sequential import BlockCallbacks, calibrate_blocks_
 from hfquant.core.gguf_blocks import block_type, dequantize_rows, pack_rows, unpack_rows
 from hfquant.core.gguf_grids import rtn_block_quantize
-from hfquant.core.gptq import gptq_solve, GPTQResult, prepare_hessian
+from hfquant.core.gptq import gptq_solve, GPTQResult, join_rows, prepare_hessian
 from hfquant.core.grids import dequantize_grouped, group_bounds, rtn_quantize
 from hfquant.nn.gguf import QuantLinearGGUF
 from hfquant.nn.weight_only import QuantLinearWeightOnly, storage_dtype
@@ -100,11 +99,13 @@ def _dequantized(tensors: tuple[torch.Tensor, ...], scheme: WeightScheme, cols: 
 
 
 def share_result(dist: Dist, res: GPTQResult | None, owner: int, module: nn.Module, group_size: int, device,
-                 gguf_type: str | None = None, with_pre: bool = False) -> GPTQResult | None:
+                 gguf_type: str | None = None, with_pre: bool = False, rows: int | None = None) -> GPTQResult | None:
     """``owner``'s result of one module's GPTQ solve, on every rank (``None`` everywhere when it failed). A GGUF
     result travels as its packed blocks (``gguf_type``; ``group_size`` is then not used). ``with_pre``: the
-    pre-rounding weight too (block reconstruction starts from it)."""
-    cols, rows = in_out_features(module)
+    pre-rounding weight too (block reconstruction starts from it). ``rows``: a slab of that many rows of the
+    module's weight (default: all of them)."""
+    cols, all_rows = in_out_features(module)
+    rows = all_rows if rows is None else rows
     meta = torch.tensor([res is not None, res.damp if res else 0.0, res.retries if res else 0],
                         dtype=torch.float64, device=device)
     dist.broadcast_(meta, owner)
@@ -135,6 +136,27 @@ def share_result(dist: Dist, res: GPTQResult | None, owner: int, module: nn.Modu
     for t in (res.codes, res.scales, res.zeros, res.g_idx, res.row_losses, *((res.pre,) if with_pre else ())):
         dist.broadcast_(t, owner)
     return res
+
+
+def solve_shared(dist: Dist, units: list[tuple[nn.Module, int, str | None]], solve_rows, device,
+                 with_pre: bool = False) -> list[GPTQResult | None]:
+    """The GPTQ results of a stage's modules on every rank, the solves shared out among the ranks.
+
+    ``units``: ``(module, group_size, gguf_type)`` per module; ``solve_rows(i, r0, r1)`` solves rows ``r0:r1`` of unit
+    ``i``'s weight (called on their owner only). Each weight is cut into row slabs (``Dist.row_slabs``) owned by the
+    ranks, balanced by cost; every rank first solves all its slabs, then the owners broadcast them in order, so
+    the ranks solve at the same time. One process solves every weight whole, in order."""
+    slabs = [(i, r0, r1) for i, (m, _, _) in enumerate(units) for r0, r1 in dist.row_slabs(in_out_features(m)[1], device)]
+    owners = dist.owners([float(r1 - r0) * in_out_features(units[i][0])[0] ** 2 for i, r0, r1 in slabs])
+    mine = {k: solve_rows(*slab) for k, (slab, owner) in enumerate(zip(slabs, owners)) if owner == dist.rank}
+    parts: list[list] = [[] for _ in units]
+    for k, ((i, r0, r1), owner) in enumerate(zip(slabs, owners)):
+        res = mine.get(k)
+        if dist.active:
+            module, group_size, gguf_type = units[i]
+            res = share_result(dist, res, owner, module, group_size, device, gguf_type, with_pre, rows=r1 - r0)
+        parts[i].append(res)
+    return [join_rows(p) for p in parts]
 
 
 def _swap(model: nn.Module, name: str, module: nn.Module, tensors: tuple[torch.Tensor, ...], scheme: WeightScheme) -> None:
@@ -297,23 +319,22 @@ class _GPTQRun:
                 self.fallback_in_block(name, module, note="method rtn (override)")
             else:
                 units.append((name, module, ws))
-        costs = [float(math.prod(float_weight(m).shape)) * in_out_features(m)[0] for _, m, _ in units]
-        owners = self.dist.owners(costs)
         factor: list = []  # prepared on first use: [HessianFactor or None]
-        for (name, module, ws), owner in zip(units, owners):
-            res = None
-            if owner == self.dist.rank:
-                if not factor:
-                    factor.append(prepare_hessian(hessian, act_order=self.act_order, damp_percent=self.damp_percent))
-                if factor[0] is not None:
-                    res = gptq_solve(float_weight(module).float(), factor[0], bits=ws.bits, group_size=ws.group_size,
-                                     sym=ws.sym, static_groups=self.static_groups, block_size=self.block_size,
-                                     observer=ws.observer, scale_dtype=storage_dtype(module), gguf_type=ws.gguf_type,
-                                     cross=cross if self.gptaq_alpha is not None else None,
-                                     cross_alpha=self.gptaq_alpha or 0.0)
-            if self.dist.active:
-                res = share_result(self.dist, res, owner, module, ws.group_size, hessian.device, ws.gguf_type,
-                                   with_pre=self.reconstruct_steps > 0)
+
+        def solve_rows(i: int, r0: int, r1: int) -> GPTQResult | None:
+            _, module, ws = units[i]
+            if not factor:
+                factor.append(prepare_hessian(hessian, act_order=self.act_order, damp_percent=self.damp_percent))
+            if factor[0] is None:
+                return None
+            return gptq_solve(float_weight(module)[r0:r1].float(), factor[0], bits=ws.bits, group_size=ws.group_size,
+                              sym=ws.sym, static_groups=self.static_groups, block_size=self.block_size,
+                              observer=ws.observer, scale_dtype=storage_dtype(module), gguf_type=ws.gguf_type,
+                              cross=cross if self.gptaq_alpha is not None else None, cross_alpha=self.gptaq_alpha or 0.0)
+
+        results = solve_shared(self.dist, [(m, ws.group_size, ws.gguf_type) for _, m, ws in units], solve_rows,
+                               hessian.device, with_pre=self.reconstruct_steps > 0)
+        for (name, module, ws), res in zip(units, results):
             self.accept(name, module, res, ws)
         if self.timings is not None:
             self.timings["solve_seconds"] = self.timings.get("solve_seconds", 0.0) + time.perf_counter() - t0
