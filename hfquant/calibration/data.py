@@ -95,23 +95,53 @@ def tokenize_text(text: str, tokenizer) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long, device="cpu")  # host token ids; moved to the model's device per batch
 
 
-def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
-    """``num_samples`` windows ``[num_samples, seq_len]`` at seeded uniform random offsets of ``ids``."""
+def leading_bos(tokenizer) -> int | None:
+    """The BOS token id when ``tokenizer`` puts one in front of every text it encodes (Gemma, Llama 3, Mistral), else
+    ``None`` (GPT-2, Qwen2, SmolLM2). Such models always saw BOS at position 0 in training; a window cut from
+    running text without it is out of their distribution (Gemma 3 270M, 4 WikiText-2 windows of 512 tokens: PPL 139
+    without, 55 with), so every calibration and evaluation window of theirs starts with it."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return None
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    return bos if ids and ids[0] == bos else None
+
+
+def with_bos(ids: torch.Tensor, seq_len: int, bos: int | None) -> torch.Tensor:
+    """1-D token ids laid out so that each consecutive window of ``seq_len`` is ``bos`` then the next ``seq_len - 1``
+    tokens of ``ids`` (a last partial window is dropped); ``ids`` unchanged when ``bos`` is ``None``."""
+    if bos is None:
+        return ids
+    body = seq_len - 1
+    n = ids.numel() // body
+    chunks = ids[: n * body].reshape(n, body)
+    return torch.cat([torch.full((n, 1), bos, dtype=ids.dtype, device=ids.device), chunks], dim=1).reshape(-1)
+
+
+def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int, bos: int | None = None) -> torch.Tensor:
+    """``num_samples`` windows ``[num_samples, seq_len]`` at seeded uniform random offsets of ``ids``; with ``bos``,
+    each window is ``bos`` then ``seq_len - 1`` tokens from its offset."""
     n = ids.numel()
     if n < seq_len + 1:
         raise CalibrationError(
             f"calibration text has {n} tokens but seq_len={seq_len} needs at least {seq_len + 1}; give more text or lower seq_len"
         )
+    body = seq_len if bos is None else seq_len - 1
     gen = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, n - seq_len, (num_samples,), generator=gen, device="cpu")
-    return torch.stack([ids[s : s + seq_len] for s in starts.tolist()])
+    starts = torch.randint(0, n - body, (num_samples,), generator=gen, device="cpu")
+    windows = torch.stack([ids[s : s + body] for s in starts.tolist()])
+    if bos is not None:
+        windows = torch.cat([torch.full((num_samples, 1), bos, dtype=ids.dtype), windows], dim=1)
+    return windows
 
 
 def calibration_windows(tokenizer, *, dataset=None, config_name=None, split=None, column=None,
                         num_samples: int = 128, seq_len: int = 512, seed: int = 0) -> torch.Tensor:
-    """Load, tokenize and sample the calibration set in one call."""
+    """Load, tokenize and sample the calibration set in one call (windows start with BOS for tokenizers that put
+    one in front of every text: ``leading_bos``)."""
     texts = load_texts(dataset, config_name=config_name, split=split, column=column)
-    return sample_windows(tokenize_text(join_texts(texts), tokenizer), num_samples, seq_len, seed)
+    return sample_windows(tokenize_text(join_texts(texts), tokenizer), num_samples, seq_len, seed,
+                          bos=leading_bos(tokenizer))
 
 
 def windows_for(config, tokenizer) -> torch.Tensor:

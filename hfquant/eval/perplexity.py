@@ -3,7 +3,9 @@
 PPL-16K, the number hfquant compares everywhere: tokenize all of WikiText-2 ``test.txt`` with the
 model's tokenizer (``tokenizer(text)``, no extra special tokens), take the first 32 non-overlapping
 windows of 512 tokens, perplexity = ``exp(mean token NLL)`` over the predicted tokens of every window.
-That is ``perplexity(model, tokenizer, text, seq_len=512, max_windows=32)``.
+That is ``perplexity(model, tokenizer, text, seq_len=512, max_windows=32)``. For a tokenizer that puts BOS in
+front of every text (Gemma, Llama 3: ``hfquant.calibration.data.leading_bos``) each window is BOS and the next
+511 tokens, all 511 predicted.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from hfquant.calibration.data import leading_bos, with_bos
 from hfquant.core.errors import CalibrationError
 
 
-def _ids(text, tokenizer) -> torch.Tensor:
+def _ids(text, tokenizer, seq_len: int) -> torch.Tensor:
     if isinstance(text, torch.Tensor):
         return text.reshape(-1).long()
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long, device="cpu")
+    return with_bos(torch.tensor(ids, dtype=torch.long, device="cpu"), seq_len, leading_bos(tokenizer))
 
 
 @torch.no_grad()
@@ -50,8 +53,9 @@ def perplexity(model, tokenizer, text, seq_len: int = 512, max_windows: int | No
 
     Args:
         model: a causal LM returning ``.logits``.
-        tokenizer: used to tokenize ``text`` without extra special tokens (ignored for token ids).
-        text: the evaluation text or its token ids.
+        tokenizer: used to tokenize ``text`` without extra special tokens, then BOS at the start of each window
+            where the tokenizer puts one in front of every text (ignored for token ids).
+        text: the evaluation text, or its token ids already laid out in windows (``with_bos``).
         seq_len: window length; windows do not overlap.
         max_windows: use only the first ``max_windows`` windows (``None``: all whole windows).
         progress: show a tqdm bar.
@@ -62,7 +66,7 @@ def perplexity(model, tokenizer, text, seq_len: int = 512, max_windows: int | No
     was_training = model.training
     model.eval()
     try:
-        parts = window_nlls(model, _ids(text, tokenizer), seq_len, max_windows, progress)
+        parts = window_nlls(model, _ids(text, tokenizer, seq_len), seq_len, max_windows, progress)
     finally:
         model.train(was_training)
     nll = sum(p[0] for p in parts)
