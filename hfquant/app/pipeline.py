@@ -38,14 +38,12 @@ from hfquant.app.report import (
 )
 from hfquant.calibration.data import (
     BUNDLED_EVALUATION,
+    evaluation_token_ids,
     fingerprint,
     join_texts,
-    leading_bos,
     load_texts,
     max_positions,
-    tokenize_text,
     windows_for,
-    with_bos,
 )
 from hfquant.calibration.distributed import current
 from hfquant.calibration.graph import find_blocks, in_out_features, quantizable_modules
@@ -103,7 +101,7 @@ def evaluation_ids(ev: dict, tokenizer) -> tuple[torch.Tensor, str]:
         except CalibrationError as exc:
             raise recipe_error("evaluation.dataset", str(exc).replace("calibration dataset", "dataset")) from None
         name = ev["dataset"]
-    ids = with_bos(tokenize_text(text, tokenizer), ev["seq_len"], leading_bos(tokenizer))
+    ids = evaluation_token_ids(text, tokenizer, ev["seq_len"])
     if ids.numel() < ev["seq_len"]:
         raise recipe_error("evaluation.dataset", f"{name} has {ids.numel()} tokens, fewer than one window of "
                                                  f"evaluation.seq_len={ev['seq_len']}; give more text or lower seq_len")

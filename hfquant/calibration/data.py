@@ -118,6 +118,12 @@ def with_bos(ids: torch.Tensor, seq_len: int, bos: int | None) -> torch.Tensor:
     return torch.cat([torch.full((n, 1), bos, dtype=ids.dtype, device=ids.device), chunks], dim=1).reshape(-1)
 
 
+def evaluation_token_ids(text: str, tokenizer, seq_len: int) -> torch.Tensor:
+    """``text``'s token ids laid out for windows of ``seq_len`` (``with_bos`` with the tokenizer's ``leading_bos``):
+    what perplexity cuts into windows."""
+    return with_bos(tokenize_text(text, tokenizer), seq_len, leading_bos(tokenizer))
+
+
 def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int, bos: int | None = None) -> torch.Tensor:
     """``num_samples`` windows ``[num_samples, seq_len]`` at seeded uniform random offsets of ``ids``; with ``bos``,
     each window is ``bos`` then ``seq_len - 1`` tokens from its offset."""
@@ -131,7 +137,7 @@ def sample_windows(ids: torch.Tensor, num_samples: int, seq_len: int, seed: int,
     starts = torch.randint(0, n - body, (num_samples,), generator=gen, device="cpu")
     windows = torch.stack([ids[s : s + body] for s in starts.tolist()])
     if bos is not None:
-        windows = torch.cat([torch.full((num_samples, 1), bos, dtype=ids.dtype), windows], dim=1)
+        windows = torch.cat([torch.full((num_samples, 1), bos, dtype=ids.dtype, device=ids.device), windows], dim=1)
     return windows
 
 

@@ -16,15 +16,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from hfquant.calibration.data import leading_bos, with_bos
+from hfquant.calibration.data import evaluation_token_ids
 from hfquant.core.errors import CalibrationError
 
 
 def _ids(text, tokenizer, seq_len: int) -> torch.Tensor:
     if isinstance(text, torch.Tensor):
         return text.reshape(-1).long()
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return with_bos(torch.tensor(ids, dtype=torch.long, device="cpu"), seq_len, leading_bos(tokenizer))
+    return evaluation_token_ids(text, tokenizer, seq_len)
 
 
 @torch.no_grad()

@@ -22,7 +22,7 @@ import math
 import torch
 from torch import nn
 
-from hfquant.calibration.data import BUNDLED_CALIBRATION, leading_bos, tokenize_text, with_bos
+from hfquant.calibration.data import BUNDLED_CALIBRATION, evaluation_token_ids
 from hfquant.calibration.graph import float_weight, set_float_weight_
 from hfquant.core.errors import ConfigError
 from hfquant.core.grids import dequantize_grouped, rtn_quantize
@@ -148,5 +148,5 @@ def search_ppl(model: nn.Module, table: dict, ids: torch.Tensor, max_increase: f
 def valid_ids(tokenizer, seq_len: int, windows: int) -> torch.Tensor:
     """The last ``windows`` windows of ``seq_len`` tokens of the bundled WikiText-2 valid text (each BOS and the
     next ``seq_len - 1`` tokens where the tokenizer puts BOS in front of every text)."""
-    ids = with_bos(tokenize_text(BUNDLED_CALIBRATION.read_text(encoding="utf-8"), tokenizer), seq_len, leading_bos(tokenizer))
+    ids = evaluation_token_ids(BUNDLED_CALIBRATION.read_text(encoding="utf-8"), tokenizer, seq_len)
     return ids[-windows * seq_len:]
