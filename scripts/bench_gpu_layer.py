@@ -8,7 +8,7 @@ capture, forward passes, Hessians, the seven GPTQ solves (act-order, static grou
 number to compare is seconds per layer against llm-compressor's published 745 s for the whole Llama-3-8B
 (32 layers) on one GPU, 23.3 s per layer.
 
-Writes ``OUT/gpu_layer.json`` and ``OUT/gpu_layer.md``.
+Writes ``OUT/gpu_layer[-minmax].json`` and ``.md``.
 
 Usage (GPU machine): python scripts/bench_gpu_layer.py --out $OUT
 Check on a CPU (tiny shapes): python scripts/bench_gpu_layer.py --device cpu --tiny --out /tmp/gpu_layer
@@ -48,6 +48,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--observer", choices=["hessian", "minmax"], default="hessian",
+                        help="group grids: hessian (hfquant's default) or minmax (llm-compressor's default)")
     parser.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
     parser.add_argument("--out", type=Path, default=Path("bench/gpu"))
     args = parser.parse_args(argv)
@@ -63,6 +65,7 @@ def main(argv=None) -> dict:
     gen = torch.Generator().manual_seed(0)
     windows = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len), generator=gen)
     config = hfquant.HFQuantConfig(bits=4, group_size=128, sym=True, desc_act=True, static_groups=True,
+                                   observer=args.observer,
                                    num_samples=args.samples, seq_len=args.seq_len,
                                    calibration_batch_size=args.batch_size)
     if args.device.startswith("cuda"):
@@ -75,7 +78,7 @@ def main(argv=None) -> dict:
     seconds = time.perf_counter() - t0
     result = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
-        "torch": torch.__version__, "dtype": args.dtype, "tiny": args.tiny,
+        "torch": torch.__version__, "dtype": args.dtype, "observer": args.observer, "tiny": args.tiny,
         "tokens": args.samples * args.seq_len, "batch_size": args.batch_size,
         "seconds_per_layer": seconds, "gptq_seconds": report.get("gptq_seconds"),
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
@@ -92,8 +95,9 @@ def main(argv=None) -> dict:
           f"{result['peak_gpu_gib'] or 0:.1f} GiB. Command: `python scripts/bench_gpu_layer.py "
           f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_layer.json").write_text(json.dumps(result, indent=2))
-    (args.out / "gpu_layer.md").write_text(md)
+    stem = "gpu_layer" if args.observer == "hessian" else f"gpu_layer-{args.observer}"
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
+    (args.out / f"{stem}.md").write_text(md)
     print(md)
     return result
 
