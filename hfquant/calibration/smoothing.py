@@ -1,4 +1,4 @@
-"""Graph side of SmoothQuant: which norm (or Linear) feeds which Linears, folding ``s``, and checking exactness.
+"""Graph side of SmoothQuant: which norm feeds which Linears, folding ``s``, and checking exactness.
 
 Candidates are found generically: a module whose class name contains ``Norm`` and whose output tensor is
 the very tensor a group of Linears reads (q/k/v after ``input_layernorm``, gate/up after
@@ -6,18 +6,11 @@ the very tensor a group of Linears reads (q/k/v after ``input_layernorm``, gate/
 exact (the norm's output feeds *only* those Linears, and the norm is ``weight * normalized (+ bias)``) is
 then checked on real data: the block's output must not change when ``s`` is folded in. Post-norm blocks
 (BERT), where the norm output also feeds the residual branch, fail that check and are reported unsmoothed.
-
-A group that no norm feeds can still be smoothed through a Linear of the block whose output reaches it through
-elementwise products only: in a gated MLP ``down(act(gate(x)) * up(x))`` is unchanged when ``up``'s output rows
-are divided by ``s`` and ``down``'s input columns multiplied by it (llm-compressor's and AWQ's ``up -> down``
-mapping). Candidates are the block's bias-free Linears as wide as the group's input (``producer_candidates``);
-the same output check decides which one really is such a producer (``gate``, behind a non-linear ``act``, is
-not).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,8 +22,7 @@ from hfquant.calibration.graph import is_conv1d
 # Discovery is generic; this table only cross-checks it, so a family whose graph hides a known pair is reported.
 KNOWN_GROUPS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "llama": [("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-              ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-              ("mlp.up_proj", ("mlp.down_proj",))],
+              ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"))],
     "opt": [("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
             ("final_layer_norm", ("fc1",))],
 }
@@ -52,24 +44,12 @@ def is_norm(module: nn.Module) -> bool:
 
 @dataclass
 class SmoothGroup:
-    """Linears reading one tensor, the norm that produced it (if any), and, without a norm, the block's Linears
-    that might produce it through elementwise products (``producer_candidates``)."""
+    """Linears reading one tensor, and the norm that produced it (if any)."""
 
     names: list[str]
     modules: list[nn.Module]
     norm_name: str | None = None
     norm: nn.Module | None = None
-    candidates: list[str] = field(default_factory=list)
-
-
-def producer_candidates(g: SmoothGroup, modules: dict[str, nn.Module]) -> list[str]:
-    """Names in ``modules`` (the block's quantized Linears) that could absorb ``1 / s`` in their output rows for
-    ``g``: plain Linears without bias, as wide as ``g``'s input, not in ``g``. Only the fold check can tell whether
-    one really feeds ``g`` through products alone."""
-    width = g.modules[0].weight.shape[0 if is_conv1d(g.modules[0]) else 1]
-    return [n for n, m in modules.items()
-            if n not in g.names and not is_conv1d(m) and getattr(m, "bias", None) is None
-            and m.weight.dim() == 2 and m.weight.shape[0] == width]
 
 
 def find_producers(block: nn.Module, groups, call) -> list[SmoothGroup]:
@@ -108,17 +88,6 @@ def fold_(norm: nn.Module, linears: list[nn.Module], s: torch.Tensor) -> None:
     norm.weight.div_(s.to(norm.weight.dtype))
     if getattr(norm, "bias", None) is not None:
         norm.bias.div_(s.to(norm.bias.dtype))
-    _scale_input_columns_(linears, s)
-
-
-@torch.no_grad()
-def fold_rows_(producer: nn.Module, linears: list[nn.Module], s: torch.Tensor) -> None:
-    """``producer``'s output rows ``/= s`` (a bias-free Linear), each Linear's input columns ``*= s``."""
-    producer.weight.div_(s.to(producer.weight.dtype)[:, None])
-    _scale_input_columns_(linears, s)
-
-
-def _scale_input_columns_(linears: list[nn.Module], s: torch.Tensor) -> None:
     for lin in linears:
         if is_conv1d(lin):
             lin.weight.mul_(s.to(lin.weight.dtype)[:, None])

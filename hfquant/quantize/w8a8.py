@@ -5,9 +5,7 @@ reading one tensor, the per-channel abs-max of that input (and its Hessian when 
 token sample when alpha is searched); its outputs are the next block's inputs, so the statistics are
 those of the float model, as in the SmoothQuant reference, and the whole run costs one forward pass;
 (2) each group fed by a norm is smoothed, with a fixed alpha or the alpha of ``ALPHA_GRID`` whose W8A8
-output error is smallest, and the fold is kept only if the block's output is unchanged; a group no norm
-feeds (a gated MLP's ``down``) is smoothed the same way through the Linear whose output reaches it through
-products alone (``up``: its rows take ``1 / s``), when the block's output says there is one; (3) weights
+output error is smallest, and the fold is kept only if the block's output is unchanged; (3) weights
 become int8 per channel.
 """
 
@@ -24,14 +22,7 @@ from tqdm.auto import tqdm
 from hfquant.calibration.distributed import Dist
 from hfquant.calibration.graph import find_blocks, float_weight, quantizable_modules, set_submodule
 from hfquant.calibration.sequential import BlockInputs, call_block, capture_block_inputs, discover_groups, HessianStat
-from hfquant.calibration.smoothing import (
-    find_producers,
-    fold_,
-    fold_rows_,
-    missing_known_groups,
-    producer_candidates,
-    relative_change,
-)
+from hfquant.calibration.smoothing import find_producers, fold_, missing_known_groups, relative_change
 from hfquant.core.gptq import gptq_solve, GPTQResult, HessianFactor, prepare_hessian
 from hfquant.core.smoothquant import column_absmax, QMAX, search_alpha, smoothing_scales
 from hfquant.nn.w8a8 import QuantLinearW8A8
@@ -100,34 +91,13 @@ class _FoldCheck:
     def fold(self, g, s: torch.Tensor) -> float:
         """Fold ``s`` into the copy's ``g.norm`` and Linears; return the relative change of the block output."""
         norm = self.block.get_submodule(g.norm_name)
-        linears = self._linears(g)
-        return self._try(lambda: fold_(norm, linears, s), _fold_tensors(norm, linears))
-
-    def producer(self, g, s: torch.Tensor) -> tuple[int, float]:
-        """The first of ``g.candidates`` whose output rows take ``1 / s`` with the block's output unchanged (kept
-        folded in the copy), as (index, change); ``(-1, smallest change)`` when none does."""
-        linears = self._linears(g)
-        smallest = float("inf")
-        for k, name in enumerate(g.candidates):
-            producer = self.block.get_submodule(name)
-            change = self._try(lambda: fold_rows_(producer, linears, s), [producer.weight] + [m.weight for m in linears])
-            if change <= EXACT_TOL:
-                return k, change
-            smallest = min(smallest, change)
-        return -1, smallest
-
-    def _linears(self, g) -> list[nn.Module]:
-        return [self.block.get_submodule(self.names[id(m)]) for m in g.modules]
-
-    def _try(self, apply: Callable[[], None], tensors: list[torch.Tensor]) -> float:
-        """``apply()`` a fold to the copy; keep it if the block output is unchanged, else restore ``tensors``.
-        Returns the relative change of the block output."""
-        saved = [t.detach().clone() for t in tensors]
-        apply()
+        linears = [self.block.get_submodule(self.names[id(m)]) for m in g.modules]
+        saved = [t.detach().clone() for t in _fold_tensors(norm, linears)]
+        fold_(norm, linears, s)
         with torch.no_grad():
             change = relative_change(call_block(self.block, self.inp), self.ref)
         if change > EXACT_TOL:
-            for t, old in zip(tensors, saved):
+            for t, old in zip(_fold_tensors(norm, linears), saved):
                 t.data.copy_(old)
         return change
 
@@ -232,16 +202,11 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
                     dist: Dist, n_total: int):
     groups, _ = discover_groups(block, modules, inputs[0])
     groups = find_producers(block, groups, lambda: call_block(block, inputs[0]))
-    if alpha is not None:
-        for g in groups:
-            if g.norm is None:
-                g.candidates = producer_candidates(g, modules)
     stats = []
     handles = []
     for g in groups:
         cols = float_weight(g.modules[0]).shape[1]
-        st = _GroupStats(cols, weight_method == "gptq", alpha == "auto" and (g.norm is not None or bool(g.candidates)),
-                         n_total, dist)
+        st = _GroupStats(cols, weight_method == "gptq", alpha == "auto" and g.norm is not None, n_total, dist)
         stats.append(st)
         handles.append(g.modules[0].register_forward_pre_hook(lambda _m, a, _st=st: _st.add(a[0])))
     try:
@@ -256,52 +221,37 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
 
     # Decide every group's smoothing first (each fold checked against the float block), then quantize.
     check = _FoldCheck(block, inputs[0]) if dist.is_main and alpha is not None else None
-    decisions = []  # per group: (s, alpha, note, what s was folded into: the norm's or a producer's name)
+    decisions = []
     for g, st in zip(groups, stats):
-        s, chosen, note, by = None, None, "", None
+        s, chosen, note = None, None, ""
         if alpha is None:
             note = "smoothing off"
-        elif g.norm is None and not g.candidates:
-            note = ("input does not come from a norm or a bias-free Linear of its width in this block "
-                    "(attention output, or block input)")
+        elif g.norm is None:
+            note = "input does not come from a norm in this block (attention output, activation, or block input)"
         else:
             weights = [float_weight(m).float() for m in g.modules]
             chosen = search_alpha(torch.cat(st.sample), weights, st.absmax)[0] if alpha == "auto" else float(alpha)
-            s = smoothing_scales(st.absmax, column_absmax(weights), chosen).to(g.modules[0].weight.device)
-            if g.norm is not None:
-                change = check.fold(g, s) if check is not None else 0.0  # batch 0 lives on rank 0
-                if dist.active:
-                    change = dist.from_main(change, device)
-                if change > EXACT_TOL:
-                    note = (f"folding into {g.norm_name} changes the block output ({change:.1e}): "
-                            "its output feeds more than these Linears")
-                    s, chosen = None, None
-                else:
-                    s, by = _fold_norm_(g.norm, s), g.norm_name  # the Linears are quantized from w * s below
+            s = smoothing_scales(st.absmax, column_absmax(weights), chosen).to(g.norm.weight.device)
+            change = check.fold(g, s) if check is not None else 0.0  # batch 0 lives on rank 0
+            if dist.active:
+                change = dist.from_main(change, device)
+            if change > EXACT_TOL:
+                note = (f"folding into {g.norm_name} changes the block output ({change:.1e}): "
+                        "its output feeds more than these Linears")
+                s, chosen = None, None
             else:
-                k, change = check.producer(g, s) if check is not None else (-1, 0.0)
-                if dist.active:
-                    k = int(dist.from_main(float(k), device))
-                if k < 0:
-                    note = (f"no Linear of this block ({', '.join(g.candidates)}) feeds this input through products "
-                            f"alone (folding changes the block output by {change:.1e} or more)")
-                    s, chosen = None, None
-                else:
-                    by = g.candidates[k]  # its rows are quantized from w / s below
-        decisions.append((s, chosen, note, by))
+                s = _fold_norm_(g.norm, s)  # the Linears are quantized from w * s below
+        decisions.append((s, chosen, note))
     del check
-    row_scales = {by: s for (s, _, _, by), g in zip(decisions, groups) if by is not None and g.norm is None}
 
     # Smoothed float32 weights, and with GPTQ weights each module's solve: every solve of the block is
     # independent (the statistics are the float block's), so with several processes they are shared out
     # (``solve_shared``: row slabs, each with one owner).
     units = []  # (group index, name, module, smoothed float32 weight)
-    for k, (g, (s, _, _, _)) in enumerate(zip(groups, decisions)):
+    for k, (g, (s, _, _)) in enumerate(zip(groups, decisions)):
         for name, m in zip(g.names, g.modules):
             # Not rounded to a bf16/fp16 model's dtype before the int8 rounding.
             w = float_weight(m).float() * s.float()[None, :] if s is not None else float_weight(m).float()
-            if name in row_scales:
-                w = w / row_scales[name].float()[:, None]
             units.append((k, name, m, w))
     solved: dict[str, GPTQResult | None] = {}
     if weight_method == "gptq":
@@ -320,13 +270,13 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
 
     reports = []
     for k, name, m, w in units:
-        g, st, (s, chosen, note, by) = groups[k], stats[k], decisions[k]
+        g, st, (s, chosen, note) = groups[k], stats[k], decisions[k]
         smoothed = s is not None
         input_scale = float((st.absmax / s if smoothed else st.absmax).max()) / QMAX if static_activations else None
         res = solved.get(name)
         codes, scales = ((res.codes - 128).to(torch.int8), res.scales[:, 0]) if res is not None else (None, None)
         set_submodule(block, name, QuantLinearW8A8.from_float(m, w, input_scale, codes, scales))
         reports.append({"name": f"{prefix}.{name}", "smoothed": smoothed, "alpha": chosen,
-                        "smoothed_by": by,
+                        "smoothed_by": g.norm_name if smoothed else None,
                         "weights": weight_method if codes is not None else "rtn", "note": note})
     return reports, outputs
