@@ -81,6 +81,20 @@ def small_calibration(**overrides):
     return kw
 
 
+EVAL_SEQ_LEN, EVAL_MAX_TOKENS = 64, 512  # write_recipe's evaluation section
+
+
+def recipe_perplexity(model) -> float:
+    """``model``'s perplexity as a ``write_recipe`` run evaluates it (bundled evaluation text, 8 x 64 tokens), to
+    compare a reloaded checkpoint with the run's report."""
+    from hfquant.calibration.data import BUNDLED_EVALUATION, tokenize_text
+    from hfquant.eval.perplexity import perplexity
+
+    ids = tokenize_text(BUNDLED_EVALUATION.read_text(), tiny_tokenizer())
+    return perplexity(model, None, ids, seq_len=EVAL_SEQ_LEN, max_windows=EVAL_MAX_TOKENS // EVAL_SEQ_LEN,
+                      progress=False)
+
+
 def write_recipe(path: Path, model, output_dir, **sections) -> Path:
     """A small fast recipe for a tiny model (calibration 8 x 64, evaluation 8 x 64); ``sections`` override."""
     import yaml
@@ -90,7 +104,7 @@ def write_recipe(path: Path, model, output_dir, **sections) -> Path:
         "output_dir": str(output_dir),
         "quantization": {"method": "gptq", "group_size": 32},
         "calibration": {"num_samples": 8, "seq_len": 64, "batch_size": 4},
-        "evaluation": {"seq_len": 64, "max_tokens": 512},
+        "evaluation": {"seq_len": EVAL_SEQ_LEN, "max_tokens": EVAL_MAX_TOKENS},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(recipe.get(key), dict):

@@ -185,12 +185,9 @@ def test_recipe_dtype_runs_saves_and_reloads(tiny_models, tmp_path, capsys, dtyp
     import json
 
     import yaml
-    from helpers import run_cli, write_recipe
+    from helpers import recipe_perplexity, run_cli, write_recipe
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
-
-    from hfquant.calibration.data import BUNDLED_EVALUATION, tokenize_text
-    from hfquant.eval.perplexity import perplexity
 
     out = tmp_path / "out"
     recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], out, dtype=dtype, quantization={"method": method})
@@ -208,9 +205,7 @@ def test_recipe_dtype_runs_saves_and_reloads(tiny_models, tmp_path, capsys, dtyp
     floats = {t.dtype for k, t in tensors.items() if t.is_floating_point() and not k.endswith(("weight_scale", "input_scale"))}
     assert floats == {getattr(torch, dtype)}, floats
     model = AutoModelForCausalLM.from_pretrained(out, dtype=getattr(torch, dtype))
-    ids = tokenize_text(BUNDLED_EVALUATION.read_text(), tiny_tokenizer())
-    ppl = perplexity(model, None, ids, seq_len=64, max_windows=512 // 64, progress=False)
-    assert ppl == pytest.approx(report["evaluation"]["after"], rel=1e-6)
+    assert recipe_perplexity(model) == pytest.approx(report["evaluation"]["after"], rel=1e-6)
 
 
 def test_missing_triton_is_one_warning_and_a_fallback(monkeypatch):

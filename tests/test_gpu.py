@@ -7,6 +7,8 @@ neither ``datasets`` nor the Hub (the GPU image has no ``datasets``).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import pytest
 import torch
 from helpers import tiny_config, tiny_tokenizer
@@ -23,6 +25,7 @@ CASES = {
 }
 
 
+@lru_cache(maxsize=1)
 def _windows() -> torch.Tensor:
     from hfquant.calibration.data import BUNDLED_CALIBRATION, sample_windows, tokenize_text
 
@@ -149,11 +152,8 @@ def test_recipe_device_cuda_runs_and_reloads(tiny_models, tmp_path, capsys):
     and the model reloaded on the GPU computes the perplexity the run reported."""
     import json
 
-    from helpers import run_cli, write_recipe
+    from helpers import recipe_perplexity, run_cli, write_recipe
     from transformers import AutoModelForCausalLM
-
-    from hfquant.calibration.data import BUNDLED_EVALUATION, tokenize_text
-    from hfquant.eval.perplexity import perplexity
 
     pytest.importorskip("datasets")
     out = tmp_path / "out"
@@ -163,6 +163,4 @@ def test_recipe_device_cuda_runs_and_reloads(tiny_models, tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["dtype"] == "bfloat16"
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16, device_map="cuda")
-    ids = tokenize_text(BUNDLED_EVALUATION.read_text(), tiny_tokenizer())
-    ppl = perplexity(model, None, ids, seq_len=64, max_windows=512 // 64, progress=False)
-    assert ppl == pytest.approx(report["evaluation"]["after"], rel=1e-3)
+    assert recipe_perplexity(model) == pytest.approx(report["evaluation"]["after"], rel=1e-3)
