@@ -2,9 +2,11 @@
 
 Shapes (in x out): 4096x4096, 4096x11008, 11008x4096, at M = 1, 16, 64, 512 rows. Baseline: float32
 ``F.linear`` on CPU, bfloat16 ``F.linear`` on CUDA. Candidates: ``QuantLinearWeightOnly`` (4-bit, g128,
-through hfquant's dispatch: on CPU hfquant's own kernel for one row (AVX512-VNNI where the CPU has it)
-and torch's int4 kernel for more rows; Triton on CUDA) and ``QuantLinearW8A8`` (per-token int8 activations included: ``torch._int_mm`` on CPU,
-Triton on CUDA). Bandwidth = bytes of weight operands the kernel reads / time, next to the machine's
+through hfquant's dispatch: on CPU hfquant's own kernel for one row, and for more rows the fastest on this CPU of
+the dequantized tiles, torch's int4 kernel and hfquant's int16 GEMM; Triton on CUDA) and ``QuantLinearW8A8``
+(per-token int8 activations included: on CPU hfquant's GEMV for one row, and for more rows ``torch._int_mm``
+with AVX512-VNNI, else the faster of hfquant's int8 GEMM and float32 tiles; Triton on CUDA). On CPU the table
+names the path each cell ran. Bandwidth = bytes of weight operands the kernel reads / time, next to the machine's
 copy bandwidth measured in the same run ((read + write) / time of a large ``copy_``).
 
 CPU timing, three protocols (``--cache``); each measures every candidate the same way in one run:
@@ -210,6 +212,8 @@ def run(device: str, repeats: int, shapes, rows_list, cache: str = "warm") -> tu
                 row[f"{k}_ms"] = v
                 row[f"{k}_gbs"] = nbytes[k.replace("_int_mm", "")] / (v * 1e-3) / 1e9
             row["w4a16_speedup"], row["w8a8_speedup"] = t["fp"] / t["w4a16"], t["fp"] / t["w8a8"]
+            if device == "cpu":
+                row["w4a16_path"], row["w8a8_path"] = cpu_paths(in_f, out_f, m)
             if "w8a8_int_mm" in t:
                 row["w8a8_int_mm_speedup"] = t["fp"] / t["w8a8_int_mm"]
             rows.append(row)
@@ -218,14 +222,37 @@ def run(device: str, repeats: int, shapes, rows_list, cache: str = "warm") -> tu
     return rows, bw
 
 
+def cpu_paths(in_f: int, out_f: int, m: int) -> tuple[str, str]:
+    """Which CPU path hfquant's dispatch ran for W4A16 (g128) and W8A8 at this shape and row count (after the
+    timed calls, so a timed choice is made)."""
+    from hfquant.kernels import w4a16, w8a8
+    from hfquant.kernels.isa import int8_gemm_is_fast
+
+    if m <= w4a16.CPU_GEMV_MAX_ROWS:
+        w4 = "gemv"
+    else:
+        w4 = os.environ.get("HFQUANT_CPU_PREFILL", "auto")
+        w4 = w4a16._PREFILL_CHOICE.get((in_f, out_f, 128, 4, m.bit_length()), "?") if w4 == "auto" else w4
+    if m <= w8a8.CPU_GEMV_MAX_ROWS:
+        w8 = "gemv"
+    elif int8_gemm_is_fast():
+        w8 = "_int_mm"
+    else:
+        w8 = os.environ.get("HFQUANT_CPU_W8A8", "auto")
+        w8 = w8a8._MANY_ROWS_CHOICE.get((in_f, out_f, m.bit_length()), "?") if w8 == "auto" else w8
+    return w4, w8
+
+
 def markdown(rows, meta) -> str:
     base = meta["baseline"]
     int_mm = any("w8a8_int_mm_ms" in r for r in rows)
     extra_head = " W8A8 via _int_mm (ms) | its speedup |" if int_mm else ""
+    paths = any("w4a16_path" in r for r in rows)
+    path_head = " W4A16 path | W8A8 path |" if paths else ""
     out = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['timing']}; "
            f"{meta['date']}. Copy bandwidth measured in the same run: {meta['copy_gbs']:.1f} GB/s.", "",
            f"| shape (in x out) | M | {base} (ms) | W4A16 (ms) | W4A16 speedup | W8A8 (ms) | W8A8 speedup |{extra_head} "
-           f"{base} GB/s | W4A16 GB/s | W8A8 GB/s |", "|---" * (10 + 2 * int_mm) + "|"]
+           f"{base} GB/s | W4A16 GB/s | W8A8 GB/s |{path_head}", "|---" * (10 + 2 * int_mm + 2 * paths) + "|"]
     for r in rows:
         extra = ""
         if int_mm:
@@ -233,7 +260,7 @@ def markdown(rows, meta) -> str:
                      else " - | - |")
         out.append(f"| {r['shape']} | {r['M']} | {r['fp_ms']:.4f} | {r['w4a16_ms']:.4f} | {r['w4a16_speedup']:.2f}x | "
                    f"{r['w8a8_ms']:.4f} | {r['w8a8_speedup']:.2f}x |{extra} {r['fp_gbs']:.0f} | {r['w4a16_gbs']:.0f} | "
-                   f"{r['w8a8_gbs']:.0f} |")
+                   f"{r['w8a8_gbs']:.0f} |" + (f" {r.get('w4a16_path', '')} | {r.get('w8a8_path', '')} |" if paths else ""))
     return "\n".join(out) + "\n"
 
 

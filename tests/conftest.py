@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # CPU prefill path fixed (the default, auto, picks the faster by timing): tests compare exact outputs of one path.
 # tests/test_kernels.py checks the auto choice on its own.
 os.environ.setdefault("HFQUANT_CPU_PREFILL", "tiles")
+os.environ.setdefault("HFQUANT_CPU_W8A8", "int")  # bit-identical to the reference where it is built
 if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors under the interpreter (must be set before triton is imported).
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -61,11 +61,12 @@ def test_batched_3d_input_and_cache_invalidation():
     assert rel_err(w4a16_linear(x, mod), w4a16_reference(x, other)) < 1e-2
 
 
-def test_few_rows_and_bf16_use_the_int4_kernel_and_odd_layouts_the_exact_reference():
+def test_few_rows_and_bf16_use_the_int4_kernel_and_odd_layouts_the_exact_reference(monkeypatch):
     from hfquant.kernels.w4a16 import DEQUANT_MIN_ROWS
 
+    monkeypatch.setenv("HFQUANT_CPU_PREFILL", "int4")
     mod = make_module(256, 64, group=64)
-    x = torch.randn(2, (DEQUANT_MIN_ROWS - 1) // 2, 256)  # more than one row, fewer than the dequantize path takes
+    x = torch.randn(2, (DEQUANT_MIN_ROWS - 1) // 2, 256)  # more than one row: the prefill choice, here int4
     assert torch.equal(w4a16_linear(x, mod), w4a16_cpu_int4(x, mod))
     assert rel_err(w4a16_linear(x, mod), w4a16_reference(x, mod)) < 1e-2
     xb = torch.randn(4, 32, 256, dtype=torch.bfloat16)  # bf16 activations, many rows: torch's kernel too
@@ -183,6 +184,32 @@ def test_cpu_dequant_mm_matches_reference(gemv_kernel, in_f, out_f, group, act_p
         assert torch.equal(w4a16_linear(x, mod), fast)  # dispatched for many float32 rows
 
 
+@pytest.mark.parametrize("in_f,out_f,group,act_perm", [(576, 960, 128, False), (576, 1536, 64, True), (160, 66, -1, False),
+                                                       (96, 40, 32, True), (100, 33, 32, False), (1536, 70, 256, False)])
+def test_cpu_int16_mm_matches_reference(gemv_kernel, in_f, out_f, group, act_perm):
+    """hfquant's int16-activation GEMM for many rows: x rounded to int16 per row and group (15 bits of the group's
+    largest value), exact int32 sums with the codes. Within 3e-4 of the float32 reference with a 1000x outlier
+    channel (its groups keep the fewest bits), within 3e-5 without; NaN/inf never give finite outputs."""
+    from hfquant.kernels.w4a16 import w4a16_cpu_int16_mm
+
+    mod = make_module(in_f, out_f, group=group, act_perm=act_perm)
+    if not hasattr(gemv_kernel, "w4a16_int16_mm"):
+        pytest.skip("this build has no int16 GEMM (no AVX2)")
+    for rows, outlier, tol in ((1, False, 3e-5), (37, False, 3e-5), (74, True, 3e-4)):
+        x = torch.randn(rows, in_f)
+        if outlier:
+            x[:, 7] *= 1000
+        fast, ref = w4a16_cpu_int16_mm(x, mod), w4a16_reference(x, mod)
+        assert fast.shape == ref.shape and rel_err(fast, ref) < tol
+    zero = torch.zeros(5, in_f)
+    assert torch.equal(w4a16_cpu_int16_mm(zero, mod), mod.bias.expand(5, out_f))
+    for bad in (float("nan"), float("inf")):
+        x = torch.randn(4, in_f)
+        x[2, in_f // 2] = bad
+        y = w4a16_cpu_int16_mm(x, mod)
+        assert not torch.isfinite(y[2]).any() and torch.isfinite(y[[0, 1, 3]]).all()
+
+
 @pytest.mark.parametrize("in_f,out_f,group,act_perm", [(576, 960, -1, False), (576, 130, 128, False), (576, 64, 64, True),
                                                        (100, 33, -1, False), (200, 40, 48, True), (1536, 24, 256, False)])
 def test_8bit_codes_take_the_cpu_kernels_and_match_the_reference(gemv_kernel, in_f, out_f, group, act_perm):
@@ -213,7 +240,7 @@ def test_prefill_auto_keeps_the_faster_path_per_shape_class(monkeypatch):
     _gemv_or_skip()
     monkeypatch.setenv("HFQUANT_CPU_PREFILL", "auto")
     monkeypatch.setattr(k, "_PREFILL_CHOICE", {})
-    slow = {"tiles": 0.0, "int4": 0.05}  # make int4 lose the timing
+    slow = {"tiles": 0.0, "int4": 0.05, "int16": 0.05}  # make int4 and int16 lose the timing
     real = k._prefill_paths()
 
     def slowed(name):
@@ -228,7 +255,7 @@ def test_prefill_auto_keeps_the_faster_path_per_shape_class(monkeypatch):
     x = torch.randn(40, 256)
     assert torch.equal(k.w4a16_linear(x, mod), real["tiles"](x, mod))
     assert list(k._PREFILL_CHOICE.values()) == ["tiles"]
-    slow.update(tiles=0.05, int4=0.0)  # the choice is kept: no new timing for this class
+    slow.update(tiles=0.05, int4=0.0, int16=0.1)  # the choice is kept: no new timing for this class
     x2 = torch.randn(50, 256)  # 50 rows: the same class as 40 (32..63)
     assert torch.equal(k.w4a16_linear(x2, mod), real["tiles"](x2, mod))
     assert list(k._PREFILL_CHOICE.values()) == ["tiles"]

@@ -166,6 +166,61 @@ def test_cpu_w8a8_gemv_is_bit_identical_to_reference(static, in_f, out_f, bias, 
             assert not torch.isfinite(w8a8_cpu_gemv(x, m)).any()  # never silently finite
 
 
+@pytest.mark.parametrize("build", ["native", "avx2"])
+def test_cpu_int8_gemm_is_exact(build, monkeypatch):
+    """hfquant's int8 GEMM (the W8A8 path for many rows where ``_int_mm`` is slow) computes ``a @ w^T`` in int32
+    exactly: the extremes -128 x -128 included, and shapes with tails in every dimension (rows not a multiple of
+    the micro-kernel's 3, outputs not a multiple of 4 or of a 64-row block, columns not a multiple of 16 or of a
+    1024-column block)."""
+    from test_kernels import use_build
+
+    ext = use_build(build, monkeypatch)
+    if not hasattr(ext, "w8a8_int_gemm"):
+        pytest.skip("hfquant's CPU extension has no int8 GEMM here (no AVX2)")
+    torch.manual_seed(0)
+    for m, k, n in [(1, 16, 4), (5, 33, 7), (37, 576, 200), (3, 2050, 67), (64, 1000, 130), (2, 7, 3)]:
+        a = torch.randint(-128, 128, (m, k), dtype=torch.int8)
+        w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+        a[0], w[0] = -128, -128
+        c = ext.w8a8_int_gemm(a, w)
+        assert c.dtype == torch.int32 and torch.equal(c.long(), a.long() @ w.long().t()), (m, k, n)
+    assert ext.w8a8_int_gemm(torch.zeros(0, 16, dtype=torch.int8), torch.ones(4, 16, dtype=torch.int8)).shape == (0, 4)
+    with pytest.raises(RuntimeError, match="same number of columns"):
+        ext.w8a8_int_gemm(torch.zeros(2, 16, dtype=torch.int8), torch.zeros(4, 15, dtype=torch.int8))
+
+
+@pytest.mark.parametrize("mode", ["int", "tiles", "auto"])
+def test_many_rows_without_vnni_match_the_reference(mode, monkeypatch):
+    """Without AVX512-VNNI, W8A8 with several rows runs hfquant's int8 GEMM (bit-identical to the reference) or
+    the float32 tiles (float32 sums), as ``HFQUANT_CPU_W8A8`` says; ``auto`` times both once per shape class."""
+    import hfquant.kernels.w8a8 as k
+    from hfquant.kernels.isa import cpu_isa
+
+    monkeypatch.setenv("HFQUANT_ISA", "avx2")
+    monkeypatch.setenv("HFQUANT_CPU_W8A8", mode)
+    monkeypatch.setattr(k, "_MANY_ROWS_CHOICE", {})
+    cpu_isa.cache_clear()
+    try:
+        if cpu_isa() != "avx2":
+            pytest.skip("this CPU cannot run as avx2")
+        torch.manual_seed(0)
+        lin = torch.nn.Linear(600, 70)
+        m = QuantLinearW8A8.from_float(lin, lin.weight.data)
+        x = torch.randn(3, 11, 600) * 3
+        ref = k.w8a8_reference(x, m)
+        y = k.w8a8_linear(x, m)
+        if mode == "int" and k._int_gemm_kernel() is not None:
+            assert torch.equal(y, ref)
+        assert ((y - ref).abs().max() / ref.abs().max()) < 1e-6
+        assert list(k._MANY_ROWS_CHOICE.values()) == ([] if mode != "auto" else [k._MANY_ROWS_CHOICE[(600, 70, 6)]])
+        monkeypatch.setenv("HFQUANT_CPU_W8A8", "fastest")
+        with pytest.raises(ValueError, match="HFQUANT_CPU_W8A8"):
+            k.w8a8_linear(x, m)
+    finally:
+        monkeypatch.delenv("HFQUANT_ISA")
+        cpu_isa.cache_clear()
+
+
 @pytest.mark.parametrize("isa,int_mm", [("avx2", False), ("avx512", False), ("avx512-vnni", True)])
 def test_many_rows_use_int_mm_only_where_it_is_fast(isa, int_mm, monkeypatch):
     """Without AVX512-VNNI torch's ``_int_mm`` is a plain loop (two orders of magnitude slower than float32), so

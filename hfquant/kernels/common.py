@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 import warnings
 from typing import Callable
 
@@ -75,6 +76,38 @@ def grouped_weight(module):
             return module.weight, None
         return pack_codes(module.codes()[:, perm], module.bits), perm
     return cached_operands(module, "grouped", build)
+
+
+def fastest_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str, traced_default: str, *args):
+    """Run the path ``os.environ[env]`` names (``auto``, the default: the fastest of ``paths`` on this CPU for this
+    shape class ``key``, timed once per process on the first call -- each path run twice, the second, warm call
+    timed -- and remembered in ``choices``). A path returning ``None`` does not take the input. While
+    ``torch.compile`` traces, nothing is timed: ``traced_default`` is chosen, and eager calls then agree with the
+    graph. Returns the chosen path's output, or ``None`` when no path takes the input."""
+    mode = os.environ.get(env, "auto")
+    if mode != "auto" and mode not in paths:
+        raise ValueError(f"{env}={mode!r}; expected one of {['auto', *paths]}")
+    if mode != "auto":
+        return paths[mode](*args)
+    choice = choices.get(key)
+    if choice is None and torch.compiler.is_compiling():
+        choice = choices[key] = traced_default
+    if choice is not None:
+        return paths[choice](*args)
+    best = None  # (seconds, name, output)
+    for name, fn in paths.items():
+        y = fn(*args)
+        if y is None:
+            continue
+        t0 = time.perf_counter()
+        y = fn(*args)
+        elapsed = time.perf_counter() - t0
+        if best is None or elapsed < best[0]:
+            best = (elapsed, name, y)
+    if best is None:
+        return None
+    choices[key] = best[1]
+    return best[2]
 
 
 _NO_TRITON_WARNED = False

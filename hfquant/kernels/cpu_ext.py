@@ -1,6 +1,6 @@
 """hfquant's own CPU kernels (``csrc/w4a16_cpu.cpp``), built on first use: the W4A16 decode GEMV described
-below, the W4A16 prefill path (tiles of W dequantized for torch's float32 GEMM) and, with AVX512-VNNI, a W8A8
-decode GEMV (``hfquant.kernels.w8a8``).
+below, the W4A16 prefill path (tiles of W dequantized for torch's float32 GEMM), a W8A8 decode GEMV
+(AVX512-VNNI or AVX2) and an exact int8 GEMM for W8A8 prefill on CPUs without VNNI (``hfquant.kernels.w8a8``).
 
 Why a hand-written kernel: torch's int4 CPU kernel (``_weight_int4pack_mm_for_cpu``) is limited by its
 unpacking on these CPUs (about 16 GB/s of packed weights on an AVX-512 Xeon, under the memory bandwidth)

@@ -9,18 +9,27 @@ Paths (``w4a16_linear`` picks one per call; ``HFQUANT_KERNEL=reference`` forces 
   dot products (AVX512-VNNI) over a three-part int8 split of ``x``, or float32 FMAs without VNNI; float32-level
   accuracy (< 1e-5 relative to the reference in the tests, outlier channels included), bias added in the
   kernel. Its speed against float32 ``F.linear`` is in BENCHMARKS.md (``scripts/bench_kernels.py``).
-* **CPU, at least DEQUANT_MIN_ROWS rows, float32** (prefill), one of two, whichever this CPU runs faster
-  (``HFQUANT_CPU_PREFILL``: ``auto``, the default, times both on the first call of each shape class -- in, out,
-  group, rows rounded to a power of two -- and keeps the faster for the process; ``tiles`` or ``int4`` forces
-  one): hfquant's kernel dequantizes tiles of W (about 16 MB of float32 each) with the reference's float ops
-  and torch's float32 GEMM multiplies each tile (float32 rounding only; the GEMM's time plus a small
-  dequantization), or torch's int4 kernel below (bf16 activations). Measured: on an AVX-512-BF16 EPYC the int4
-  kernel is 1.6-1.8x float32 at 128-512 rows and the tiles 1.0x; with torch's AVX2 code the tiles are 1.02-1.06x
-  and the int4 kernel 0.76-0.88x; on an earlier AVX-512 Xeon the tiles won from 64 rows (BENCHMARKS.md).
+* **CPU, two rows or more, float32** (prefill, batched decode), one of three, whichever this CPU runs fastest
+  (``HFQUANT_CPU_PREFILL``: ``auto``, the default, times each on the first call of each shape class -- in, out,
+  group, rows rounded to a power of two -- and keeps the fastest for the process; ``tiles``, ``int4`` or
+  ``int16`` forces one; under ``torch.compile`` without a timed choice: the tiles from DEQUANT_MIN_ROWS rows,
+  torch's int4 kernel below that):
+
+  - ``tiles``: hfquant's kernel dequantizes tiles of W (about 16 MB of float32 each) with the reference's float
+    ops and torch's float32 GEMM multiplies each tile (float32 rounding only; the GEMM's time plus a small
+    dequantization);
+  - ``int4``: torch's int4 kernel below (bf16 activations);
+  - ``int16``: hfquant's 16-bit integer GEMM (``w4a16_cpu_int16_mm``): ``x`` rounded to int16 codes per row and
+    group (15 bits of the group's largest value), exact int32 sums with the 4-bit codes (``VPMADDWD``, AVX2),
+    per-group scales and zero points in float32 (tests: < 3e-5 relative, < 3e-4 with a 1000x outlier channel).
+
+  Measured (``scripts/bench_kernels.py``, BENCHMARKS.md): on an AVX-512-BF16 EPYC the int4 kernel is fastest
+  (1.6-3.8x float32 at 16-512 rows, the int16 GEMM 1.4-2.6x, the tiles 0.9-1.1x); with torch's AVX2 code the
+  int16 GEMM is (1.3-2.7x, the int4 kernel 0.7-1.7x, the tiles 0.7-1.1x).
 * **CPU, 8-bit codes, float32** (``bits: 8`` modules, e.g. an int8 ``lm_head`` or the 8-bit choices of
   ``bits: auto``): one row through the 4-bit decode kernel, each code byte read as two nibbles against ``x``
   spread to ``(x_k, 16 x_k)`` (``_ext_operands``); more rows through tiles dequantized by torch ops.
-* **CPU** (otherwise: float32 between the two row counts above, bfloat16 activations, or no extension):
+* **CPU** (otherwise: bfloat16 activations, or no extension):
   torch's int4 CPU kernel ``aten._weight_int4pack_mm_for_cpu``. Its fast (AVX-512) path takes bfloat16 activations, so ``x`` is
   cast to bf16 and the result back (about 3e-3 relative error against the float32 reference; the tests
   allow 1e-2). It dequantizes ``w = (q - 8) * s + z`` per group of ``group_size`` consecutive input
@@ -39,8 +48,6 @@ is a second copy of the packed weight in the kernel's own layout (0.5 byte per w
 
 from __future__ import annotations
 
-import os
-import time
 from typing import NamedTuple
 
 import torch
@@ -48,16 +55,16 @@ import torch.nn.functional as F
 
 from hfquant.core.packing import _LITTLE_ENDIAN, unpack_codes
 from hfquant.kernels import cpu_ext
-from hfquant.kernels.common import cached_operands, forced_reference, grouped_weight, triton_kernels
+from hfquant.kernels.common import cached_operands, fastest_path, forced_reference, grouped_weight, triton_kernels
 
 _CPU_GROUPS = (32, 64, 128, 256)
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 # hfquant's AVX-512 GEMV (csrc) reads W once per row of x: it is the fastest path for a single float32 row
 # (decode); from two rows torch's int4 kernel, which reads W once for all rows, takes over.
 CPU_GEMV_MAX_ROWS = 1
-# From this many rows of float32 x, tiles of W are dequantized (hfquant's kernel) for torch's float32 GEMM;
-# between CPU_GEMV_MAX_ROWS and this, torch's int4 kernel. On the 2-core AVX-512 Xeon of BENCHMARKS.md, 4096x4096:
-# at M=16 torch's int4 kernel took 4.1 ms against 6.2 ms, at M=64 16.1 ms against 11.9 ms.
+# Under torch.compile, where no path is timed, this many float32 rows and more take the dequantized tiles, fewer
+# torch's int4 kernel. On the 2-core AVX-512 Xeon of BENCHMARKS.md, 4096x4096: at M=16 torch's int4 kernel took
+# 4.1 ms against 6.2 ms, at M=64 16.1 ms against 11.9 ms.
 DEQUANT_MIN_ROWS = 32
 # Rows of W per dequantized tile: about 16 MB of float32 (4096 columns: 1024 rows).
 DEQUANT_TILE_BYTES = 16 << 20
@@ -206,6 +213,18 @@ def w4a16_cpu_dequant_mm(x: torch.Tensor, module, tile: int | None = None) -> to
                                                    ops.bias, ops.group, tile)
 
 
+def w4a16_cpu_int16_mm(x: torch.Tensor, module) -> torch.Tensor | None:
+    """Many rows of float32 ``x``: hfquant's 16-bit integer GEMM (``x`` rounded to int16 codes per row and group,
+    15 bits of the group's largest value; exact int32 sums with the 4-bit codes, ``VPMADDWD``; per-group scales in
+    float32). ``None`` for 8-bit codes, or where the extension or this kernel is not built."""
+    found = _extension(module)
+    if found is None or found[1].spread or not hasattr(found[0], "w4a16_int16_mm"):
+        return None
+    ext, ops = found
+    return cpu_ext.kernel(ext, "w4a16_int16_mm")(_kernel_input(x, ops), ops.codes, ops.scales, ops.zeros, ops.bias,
+                                                 ops.group)
+
+
 def _byte_codes_mm(x: torch.Tensor, module, ops: ExtOperands, tile: int) -> torch.Tensor:
     """``w4a16_cpu_dequant_mm`` for 8-bit codes: ``(q - z) * s`` per tile of rows (as the reference), then
     ``F.linear``."""
@@ -225,45 +244,21 @@ def _byte_codes_mm(x: torch.Tensor, module, ops: ExtOperands, tile: int) -> torc
     return _finish(y, x, module)
 
 
-PREFILL_MODES = ("auto", "tiles", "int4")
-_PREFILL_CHOICE: dict[tuple, str] = {}  # shape class -> "tiles" or "int4", decided once per process
+_PREFILL_CHOICE: dict[tuple, str] = {}  # shape class -> "tiles", "int4" or "int16", decided once per process
 
 
 def _prefill_paths():
-    return {"tiles": w4a16_cpu_dequant_mm, "int4": w4a16_cpu_int4}
+    return {"tiles": w4a16_cpu_dequant_mm, "int4": w4a16_cpu_int4, "int16": w4a16_cpu_int16_mm}
 
 
 def w4a16_cpu_prefill(x: torch.Tensor, module) -> torch.Tensor | None:
-    """Many float32 rows: the dequantized tiles or torch's int4 kernel, whichever ``HFQUANT_CPU_PREFILL`` says
-    (``auto``: the faster on this CPU, timed on the first call of the shape class); ``None`` when neither takes
-    the module."""
-    mode = os.environ.get("HFQUANT_CPU_PREFILL", "auto")
-    if mode not in PREFILL_MODES:
-        raise ValueError(f"HFQUANT_CPU_PREFILL={mode!r}; expected one of {list(PREFILL_MODES)}")
-    paths = _prefill_paths()
-    if mode != "auto":
-        return paths[mode](x, module)
+    """Many float32 rows: the dequantized tiles, torch's int4 kernel or hfquant's int16 GEMM, whichever
+    ``HFQUANT_CPU_PREFILL`` says (``auto``: the fastest on this CPU, timed on the first call of the shape class);
+    ``None`` when none takes the module."""
     rows = x.numel() // max(1, x.shape[-1])
     key = (module.in_features, module.out_features, module.group_size, module.bits, rows.bit_length())
-    choice = _PREFILL_CHOICE.get(key)
-    if choice is None and torch.compiler.is_compiling():
-        choice = _PREFILL_CHOICE[key] = "tiles"  # no timing while tracing; eager calls then agree with the graph
-    if choice is not None:
-        return paths[choice](x, module)
-    best = None  # (seconds, name, output): each path run twice, the second (warm) call timed
-    for name, fn in paths.items():
-        y = fn(x, module)
-        if y is None:
-            continue
-        t0 = time.perf_counter()
-        y = fn(x, module)
-        elapsed = time.perf_counter() - t0
-        if best is None or elapsed < best[0]:
-            best = (elapsed, name, y)
-    if best is None:
-        return None
-    _PREFILL_CHOICE[key] = best[1]
-    return best[2]
+    traced = "tiles" if rows >= DEQUANT_MIN_ROWS else "int4"  # what compiled graphs run without a timed choice
+    return fastest_path(_PREFILL_CHOICE, key, _prefill_paths(), "HFQUANT_CPU_PREFILL", traced, x, module)
 
 
 def prepare_module(module) -> None:
@@ -289,7 +284,7 @@ def w4a16_linear(x: torch.Tensor, module) -> torch.Tensor:
             y = w4a16_cpu_gemv(x, module)
             if y is not None:
                 return y
-        elif x.dtype is torch.float32 and (rows >= DEQUANT_MIN_ROWS or module.bits == 8):
+        elif x.dtype is torch.float32:
             y = w4a16_cpu_prefill(x, module)
             if y is not None:
                 return y

@@ -10,10 +10,16 @@ On a CPU with AVX512-VNNI (or AVX2), one float32 row (decode) runs hfquant's own
 ``VPMADDWD`` on AVX2) and the same float32 epilogue in one C++ call, bit-identical for finite ``x`` (a NaN in
 ``x`` makes its row's outputs NaN).
 
-More rows on a CPU without AVX512-VNNI, where ``torch._int_mm`` is a plain loop (``hfquant.kernels.isa``): the
-int8 codes of ``x`` times tiles of the int8 weight converted to float32, by torch's float32 GEMM
-(``w8a8_float_tiles``): the speed of a float32 Linear, the integer products exact and their sums rounded as
-float32 sums are (relative error about 1e-7 against the reference).
+More rows on a CPU without AVX512-VNNI, where ``torch._int_mm`` is a plain loop (``hfquant.kernels.isa``), one of
+two, whichever this CPU runs faster for the shape class (``HFQUANT_CPU_W8A8``: ``auto``, the default, times both
+on the first call of each shape class -- in, out, rows rounded to a power of two -- and keeps the faster for
+the process; ``int`` or ``tiles`` forces one):
+
+* ``int``: hfquant's exact int8 GEMM for AVX2 (``w8a8_cpu_int_gemm``; 16-bit multiply-adds, ``VPMADDWD``), the
+  same int32 accumulator as ``_int_mm`` and so bit-identical to the reference;
+* ``tiles``: the int8 codes of ``x`` times tiles of the int8 weight converted to float32, by torch's float32
+  GEMM (``w8a8_float_tiles``): the speed of a float32 Linear, the integer products exact and their sums
+  rounded as float32 sums are (relative error about 1e-7 against the reference).
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 
 from hfquant.core.smoothquant import quantize_activation_int8
 from hfquant.kernels import cpu_ext
-from hfquant.kernels.common import cached_operands, forced_reference, triton_kernels
+from hfquant.kernels.common import cached_operands, fastest_path, forced_reference, triton_kernels
 from hfquant.kernels.isa import int8_gemm_is_fast
 
 # hfquant's VNNI GEMV (csrc) quantizes and multiplies one float32 row per call (decode); more rows go to
@@ -80,6 +86,39 @@ def w8a8_float_tiles(x: torch.Tensor, module, tile: int | None = None) -> torch.
     return _finish(acc, sx, x, module)
 
 
+def _int_gemm_kernel():
+    """The compiled extension when it has the AVX2 int8 GEMM, else ``None``."""
+    ext = cpu_ext.extension()
+    return ext if ext is not None and hasattr(ext, "w8a8_int_gemm") else None
+
+
+def w8a8_cpu_int_gemm(x: torch.Tensor, module) -> torch.Tensor | None:
+    """hfquant's exact int8 GEMM (AVX2), the ``_int_mm`` contract; ``None`` where it is not built."""
+    ext = _int_gemm_kernel()
+    if ext is None:
+        return None
+    qx, sx = _quantize_input(x, module)
+    w = module.weight.reshape(module.out_features, module.in_features)
+    acc = cpu_ext.kernel(ext, "w8a8_int_gemm")(qx.contiguous(), w).float()
+    return _finish(acc, sx, x, module)
+
+
+_MANY_ROWS_CHOICE: dict[tuple, str] = {}  # shape class -> "int" or "tiles", decided once per process
+
+
+def _many_rows_paths():
+    return {"int": w8a8_cpu_int_gemm, "tiles": w8a8_float_tiles}
+
+
+def w8a8_cpu_many_rows(x: torch.Tensor, module) -> torch.Tensor:
+    """Several rows on a CPU without a fast ``_int_mm``: hfquant's int8 GEMM or the float32 tiles, whichever
+    ``HFQUANT_CPU_W8A8`` says (``auto``: the faster on this CPU, timed on the first call of the shape class)."""
+    rows = x.numel() // max(1, x.shape[-1])
+    key = (module.in_features, module.out_features, rows.bit_length())
+    y = fastest_path(_MANY_ROWS_CHOICE, key, _many_rows_paths(), "HFQUANT_CPU_W8A8", "int", x, module)
+    return y if y is not None else w8a8_float_tiles(x, module)  # the int GEMM is not built here
+
+
 def _gemv_operands(module):
     """(int8 weight [out, in], float32 weight scales, int32 row sums of the weight, float32 bias or None, the
     static input scale or 0 for per-token scales), built once per module."""
@@ -114,7 +153,8 @@ def w8a8_cpu_gemv(x: torch.Tensor, module) -> torch.Tensor | None:
 
 def w8a8_linear(x: torch.Tensor, module) -> torch.Tensor:
     """Dispatch: Triton on CUDA (fused activation quantization and epilogue); on CPU hfquant's GEMV for one
-    float32 row where it is built, else ``_int_mm`` where it is fast (AVX512-VNNI), else float32 tiles."""
+    float32 row where it is built, else ``_int_mm`` where it is fast (AVX512-VNNI), else the faster of hfquant's
+    int8 GEMM and the float32 tiles."""
     if forced_reference():
         return w8a8_reference(x, module)
     if x.device.type == "cuda":
@@ -125,5 +165,5 @@ def w8a8_linear(x: torch.Tensor, module) -> torch.Tensor:
             y = w8a8_cpu_gemv(x, module)
             if y is not None:
                 return y
-        return w8a8_int_mm(x, module) if int8_gemm_is_fast() else w8a8_float_tiles(x, module)
+        return w8a8_int_mm(x, module) if int8_gemm_is_fast() else w8a8_cpu_many_rows(x, module)
     return w8a8_reference(x, module)

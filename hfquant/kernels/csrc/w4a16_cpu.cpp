@@ -1,6 +1,7 @@
 // hfquant CPU kernels: W4A16 for few rows (decode), y = x @ dequant(W)^T + b, float32 in and out (w4a16_gemv);
 // W4A16 for many rows (prefill): dequantized tiles and torch's GEMM (w4a16_dequant_mm); W8A8 for few rows with
-// AVX512-VNNI (w8a8_gemv, further down).
+// AVX512-VNNI or AVX2 (w8a8_gemv, further down); an exact int8 GEMM for W8A8 with many rows on CPUs whose
+// torch has no fast int8 GEMM (w8a8_int_gemm, AVX2 and later).
 //
 // Weights are read in hfquant's own packed layout (hfquant/core/packing.py) viewed as bytes: byte b of a row
 // holds the 4-bit codes of columns 2b (low nibble) and 2b+1 (high nibble). Per quantization group g of a
@@ -33,6 +34,11 @@
 // The 256-bit loops: AVX2 and FMA, no AVX-512.
 #if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
 #define HFQUANT_AVX2 1
+#endif
+// The 16-bit integer GEMMs (W8A8, and W4A16 with int16 activations, for many rows) are built wherever AVX2 and
+// FMA are.
+#if defined(__AVX2__) && defined(__FMA__)
+#define HFQUANT_INT_GEMM 1
 static inline float hsum256(__m256 v) {
   __m128 r = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   r = _mm_add_ps(r, _mm_movehl_ps(r, r));
@@ -680,6 +686,291 @@ torch::Tensor w8a8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor w_scale,
 }
 #endif
 
+#ifdef HFQUANT_INT_GEMM
+// int8 x int8 -> int32 GEMM for W8A8 with many rows on CPUs without AVX512-VNNI, where torch's _int_mm is a
+// plain loop: c[m, n] = sum_k a[m, k] * w[n, k], the same contract as torch._int_mm(a, w.t()), exact.
+// VPMADDWD multiplies 16-bit lanes pairwise and adds each pair into an int32 lane: no saturation for int8
+// inputs (|a w| + |a w| <= 2 * 128^2), unlike VPMADDUBSW. So a is widened to int16 once per call, and each
+// block of W (GEMM_NB rows x GEMM_KC columns) is widened once into a per-thread buffer, in the order the
+// micro-kernel reads it; the micro-kernel keeps GEMM_MR x GEMM_NR int32 vector accumulators (one per output,
+// 16 columns a step; their lanes are summed once per block of columns) and reads each vector of a and of the
+// block once per step for several outputs. Threads take blocks of W's rows. Columns past the last multiple
+// of 16 go through a scalar loop.
+constexpr int GEMM_MR = 3, GEMM_NR = 4;
+constexpr int64_t GEMM_KC = 1024, GEMM_NB = 64;
+
+template <int MR, int NR>
+static inline void int_gemm_micro(const int16_t* a, int64_t lda, const int16_t* b, int64_t kv, int32_t* c,
+                                  int64_t ldc) {
+  __m256i acc[MR][NR];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+  for (int64_t k = 0; k < kv; k += 16, b += 16 * NR) {
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i * lda + k));
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) {
+        const __m256i bv = _mm256_load_si256(reinterpret_cast<const __m256i*>(b + 16 * j));
+        acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_madd_epi16(av, bv));
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) c[i * ldc + j] += hsum256_epi32(acc[i][j]);
+}
+
+// The micro-kernel for the tile's real size (the last rows of a or of a block may be fewer).
+template <int MR>
+static inline void int_gemm_tile_n(int nr, const int16_t* a, int64_t lda, const int16_t* b, int64_t kv, int32_t* c,
+                                   int64_t ldc) {
+  switch (nr) {
+    case 4: int_gemm_micro<MR, 4>(a, lda, b, kv, c, ldc); break;
+    case 3: int_gemm_micro<MR, 3>(a, lda, b, kv, c, ldc); break;
+    case 2: int_gemm_micro<MR, 2>(a, lda, b, kv, c, ldc); break;
+    default: int_gemm_micro<MR, 1>(a, lda, b, kv, c, ldc); break;
+  }
+}
+
+static inline void int_gemm_tile(int mr, int nr, const int16_t* a, int64_t lda, const int16_t* b, int64_t kv,
+                                 int32_t* c, int64_t ldc) {
+  static_assert(GEMM_MR == 3 && GEMM_NR == 4, "the switches below cover GEMM_MR x GEMM_NR");
+  switch (mr) {
+    case 3: int_gemm_tile_n<3>(nr, a, lda, b, kv, c, ldc); break;
+    case 2: int_gemm_tile_n<2>(nr, a, lda, b, kv, c, ldc); break;
+    default: int_gemm_tile_n<1>(nr, a, lda, b, kv, c, ldc); break;
+  }
+}
+
+torch::Tensor w8a8_int_gemm(torch::Tensor a, torch::Tensor w) {
+  TORCH_CHECK(a.dtype() == torch::kInt8 && a.dim() == 2 && a.is_contiguous(), "a: contiguous int8 [M, K]");
+  TORCH_CHECK(w.dtype() == torch::kInt8 && w.dim() == 2 && w.is_contiguous(), "w: contiguous int8 [N, K]");
+  TORCH_CHECK(w.size(1) == a.size(1), "a and w must have the same number of columns");
+  const int64_t M = a.size(0), K = a.size(1), N = w.size(0);
+  auto c = torch::zeros({M, N}, a.options().dtype(torch::kInt32));
+  if (M == 0 || N == 0 || K == 0) return c;
+  const auto a16 = a.to(torch::kInt16);
+  const int16_t* ap = a16.data_ptr<int16_t>();
+  const int8_t* wp = w.data_ptr<int8_t>();
+  int32_t* cp = c.data_ptr<int32_t>();
+  const int64_t blocks = (N + GEMM_NB - 1) / GEMM_NB;
+  at::parallel_for(0, blocks, 1, [&](int64_t blk0, int64_t blk1) {
+    // The widened block: per group of GEMM_NR rows, [k / 16][row][16] int16 (32-byte aligned vectors).
+    std::vector<__m256i> buf_vectors(GEMM_NB * GEMM_KC / 16);
+    int16_t* buf = reinterpret_cast<int16_t*>(buf_vectors.data());
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t n0 = blk * GEMM_NB, n1 = std::min(N, n0 + GEMM_NB);
+      for (int64_t k0 = 0; k0 < K; k0 += GEMM_KC) {
+        const int64_t k1 = std::min(K, k0 + GEMM_KC), kv = (k1 - k0) / 16 * 16;
+        for (int64_t n = n0; n < n1; n += GEMM_NR) {
+          const int nr = static_cast<int>(std::min<int64_t>(GEMM_NR, n1 - n));
+          int16_t* dst = buf + (n - n0) * kv;
+          for (int64_t k = 0; k < kv; k += 16) {
+            for (int j = 0; j < nr; ++j, dst += 16) {
+              const auto* src = reinterpret_cast<const __m128i*>(wp + (n + j) * K + k0 + k);
+              _mm256_store_si256(reinterpret_cast<__m256i*>(dst), _mm256_cvtepi8_epi16(_mm_loadu_si128(src)));
+            }
+          }
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR) {
+          const int mr = static_cast<int>(std::min<int64_t>(GEMM_MR, M - m0));
+          for (int64_t n = n0; n < n1; n += GEMM_NR) {
+            const int nr = static_cast<int>(std::min<int64_t>(GEMM_NR, n1 - n));
+            int_gemm_tile(mr, nr, ap + m0 * K + k0, K, buf + (n - n0) * kv, kv, cp + m0 * N + n, N);
+            for (int i = 0; i < mr && kv < k1 - k0; ++i) {
+              for (int j = 0; j < nr; ++j) {
+                int32_t s = 0;
+                for (int64_t k = k0 + kv; k < k1; ++k) s += static_cast<int32_t>(ap[(m0 + i) * K + k]) * wp[(n + j) * K + k];
+                cp[(m0 + i) * N + n + j] += s;
+              }
+            }
+          }
+        }
+      }
+    }
+  });
+  return c;
+}
+
+// W4A16 for many rows with 16-bit integer activations (the int8 GEMM's micro-kernel shape on 4-bit codes):
+// x is rounded per row and quantization group to int16 codes, sx = max|x_g| / 32767 (15 bits relative to the
+// group's largest value; bf16 keeps 8 bits), and sum_k q_k x_k of each group is an exact int32 VPMADDWD sum of
+// the codes (0..15, widened from their nibbles once per block of W) with those int16 codes. Per group:
+//   y += s_g * sx_g * (sum_k q_k xq_k)  -  s_g * z_g * sx_g * (sum_k xq_k),
+// the first term in the micro-kernel (float32 vector accumulators, one FMA per group and output), the second,
+// for all groups at once, as one small float32 GEMM ([M, G] x [G, N]) after it. The activation codes are
+// stored per 32 columns as the 16 even columns, then the 16 odd ones: the order of the low and high nibbles
+// of 16 packed bytes, so a block of W widens with one AND and one shift per 32 codes.
+constexpr int64_t W4I_NB = 64, W4I_KC = 1024;
+
+template <int MR, int NR>
+static inline void w4i_micro(const int16_t* a, int64_t lda, const int16_t* b, int64_t chunks_in_group,
+                             int64_t groups, int64_t group_chunks, const float* sx, int64_t ldsx,
+                             const float* s, int64_t lds, float* c, int64_t ldc) {
+  __m256 facc[MR][NR];
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) facc[i][j] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < groups; ++g) {
+    __m256i acc[MR][NR];
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_si256();
+    const int64_t nch = std::min(group_chunks, chunks_in_group - g * group_chunks);
+    for (int64_t ch = 0; ch < nch; ++ch, b += 32 * NR) {
+      const int64_t k = (g * group_chunks + ch) * 32;
+#pragma GCC unroll 4
+      for (int i = 0; i < MR; ++i) {
+        const __m256i a_even = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i * lda + k));
+        const __m256i a_odd = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i * lda + k + 16));
+#pragma GCC unroll 4
+        for (int j = 0; j < NR; ++j) {
+          const __m256i lo = _mm256_load_si256(reinterpret_cast<const __m256i*>(b + 32 * j));
+          const __m256i hi = _mm256_load_si256(reinterpret_cast<const __m256i*>(b + 32 * j + 16));
+          acc[i][j] = _mm256_add_epi32(acc[i][j], _mm256_add_epi32(_mm256_madd_epi16(a_even, lo),
+                                                                   _mm256_madd_epi16(a_odd, hi)));
+        }
+      }
+    }
+    __m256 sv[NR];
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) sv[j] = _mm256_set1_ps(s[j * lds + g]);
+#pragma GCC unroll 4
+    for (int i = 0; i < MR; ++i) {
+      const __m256 xs = _mm256_set1_ps(sx[i * ldsx + g]);
+#pragma GCC unroll 4
+      for (int j = 0; j < NR; ++j) {
+        facc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][j]), _mm256_mul_ps(xs, sv[j]), facc[i][j]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int j = 0; j < NR; ++j) c[i * ldc + j] += hsum256(facc[i][j]);
+}
+
+template <int MR>
+static inline void w4i_tile_n(int nr, const int16_t* a, int64_t lda, const int16_t* b, int64_t chunks, int64_t groups,
+                              int64_t gch, const float* sx, int64_t ldsx, const float* s, int64_t lds, float* c,
+                              int64_t ldc) {
+  switch (nr) {
+    case 4: w4i_micro<MR, 4>(a, lda, b, chunks, groups, gch, sx, ldsx, s, lds, c, ldc); break;
+    case 3: w4i_micro<MR, 3>(a, lda, b, chunks, groups, gch, sx, ldsx, s, lds, c, ldc); break;
+    case 2: w4i_micro<MR, 2>(a, lda, b, chunks, groups, gch, sx, ldsx, s, lds, c, ldc); break;
+    default: w4i_micro<MR, 1>(a, lda, b, chunks, groups, gch, sx, ldsx, s, lds, c, ldc); break;
+  }
+}
+
+torch::Tensor w4a16_int16_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zeros,
+                             c10::optional<torch::Tensor> bias, int64_t group) {
+  const W4Dims d = check_w4(x, w, scales, zeros, group);
+  const int64_t K = d.K, M = d.M, N = d.N, KB = d.KB, G = d.G;
+  TORCH_CHECK(group % 32 == 0, "group must be a multiple of 32");
+  const int64_t K32 = (K + 31) / 32 * 32, gch = group / 32;
+  auto y = torch::zeros({M, N}, x.options());
+  if (M == 0 || N == 0) return y.view(shape_for(x, N));
+  // x -> int16 codes per row and group, in the nibbles' column order; sx and the codes' sums per row and group.
+  auto a16 = torch::zeros({M, K32}, x.options().dtype(torch::kInt16));
+  auto sx_t = torch::empty({M, G}, x.options());
+  auto xsum_t = torch::empty({M, G}, x.options());
+  const float* xp = x.data_ptr<float>();
+  int16_t* ap = a16.data_ptr<int16_t>();
+  float* sxp = sx_t.data_ptr<float>();
+  float* xsp = xsum_t.data_ptr<float>();
+  at::parallel_for(0, M, 1, [&](int64_t m0, int64_t m1) {
+    for (int64_t m = m0; m < m1; ++m) {
+      for (int64_t g = 0; g < G; ++g) {
+        const int64_t k0 = g * group, k1 = std::min(K, k0 + group);
+        float amax = 0.f;
+        bool finite = true;
+        for (int64_t k = k0; k < k1; ++k) {
+          const float v = xp[m * K + k];
+          finite &= std::isfinite(v);
+          amax = std::max(amax, std::fabs(v));
+        }
+        // A NaN or inf makes the group's scale NaN, so every output it reaches is NaN (never silently finite).
+        const float scale = !finite ? std::numeric_limits<float>::quiet_NaN() : amax / 32767.f;
+        sxp[m * G + g] = scale;
+        int64_t total = 0;
+        for (int64_t k = k0; k < k1 && scale > 0.f; ++k) {
+          const float r = std::nearbyint(xp[m * K + k] / scale);
+          const int16_t q = static_cast<int16_t>(std::min(32767.f, std::max(-32767.f, r)));
+          const int64_t chunk = k / 32, col = k % 32;
+          ap[m * K32 + chunk * 32 + (col % 2) * 16 + col / 2] = q;
+          total += q;
+        }
+        xsp[m * G + g] = static_cast<float>(total);
+      }
+    }
+  });
+  const uint8_t* wp = w.data_ptr<uint8_t>();
+  const float* sp = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  const int64_t groups_per_block = std::max<int64_t>(1, W4I_KC / group);
+  const int64_t blocks = (N + W4I_NB - 1) / W4I_NB;
+  at::parallel_for(0, blocks, 1, [&](int64_t blk0, int64_t blk1) {
+    // The widened block: per group of GEMM_NR rows and chunk of 32 columns, per row the 16 even then the 16 odd
+    // columns' codes as int16.
+    std::vector<__m256i> buf_vectors(W4I_NB * groups_per_block * group / 16);
+    int16_t* buf = reinterpret_cast<int16_t*>(buf_vectors.data());
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t n0 = blk * W4I_NB, n1 = std::min(N, n0 + W4I_NB);
+      for (int64_t g0 = 0; g0 < G; g0 += groups_per_block) {
+        const int64_t g1 = std::min(G, g0 + groups_per_block);
+        const int64_t c0 = g0 * gch, c1 = std::min((K32 / 32), g1 * gch), chunks = c1 - c0;
+        for (int64_t n = n0; n < n1; n += GEMM_NR) {
+          const int nr = static_cast<int>(std::min<int64_t>(GEMM_NR, n1 - n));
+          int16_t* dst = buf + (n - n0) * chunks * 32;
+          for (int64_t ch = c0; ch < c1; ++ch) {
+            for (int j = 0; j < nr; ++j, dst += 32) {
+              const uint8_t* row = wp + (n + j) * KB;
+              __m128i bytes;
+              if (ch * 16 + 16 <= KB) {
+                bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + ch * 16));
+              } else {  // the row's last bytes: copy what exists, zeros after (x's codes are zero there too)
+                alignas(16) uint8_t tmp[16] = {0};
+                std::copy(row + ch * 16, row + KB, tmp);
+                bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+              }
+              const __m256i v = _mm256_cvtepu8_epi16(bytes);
+              _mm256_store_si256(reinterpret_cast<__m256i*>(dst), _mm256_and_si256(v, _mm256_set1_epi16(15)));
+              _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16), _mm256_srli_epi16(v, 4));
+            }
+          }
+        }
+        for (int64_t m0 = 0; m0 < M; m0 += GEMM_MR) {
+          const int mr = static_cast<int>(std::min<int64_t>(GEMM_MR, M - m0));
+          for (int64_t n = n0; n < n1; n += GEMM_NR) {
+            const int nr = static_cast<int>(std::min<int64_t>(GEMM_NR, n1 - n));
+            const int16_t* a = ap + m0 * K32 + c0 * 32;
+            const int16_t* b = buf + (n - n0) * chunks * 32;
+            const float* sxb = sxp + m0 * G + g0;
+            const float* sb = sp + n * G + g0;
+            float* c = yp + m0 * N + n;
+            switch (mr) {
+              case 3: w4i_tile_n<3>(nr, a, K32, b, chunks, g1 - g0, gch, sxb, G, sb, G, c, N); break;
+              case 2: w4i_tile_n<2>(nr, a, K32, b, chunks, g1 - g0, gch, sxb, G, sb, G, c, N); break;
+              default: w4i_tile_n<1>(nr, a, K32, b, chunks, g1 - g0, gch, sxb, G, sb, G, c, N); break;
+            }
+          }
+        }
+      }
+    }
+  });
+  // The zero points: y -= (sx * sum xq) [M, G] @ (s * z)^T [G, N].
+  y.sub_(at::mm(sx_t * xsum_t, (scales * zeros).t()));
+  if (bias_ptr(bias, N) != nullptr) y.add_(*bias);
+  return y.view(shape_for(x, N));
+}
+#endif
+
 std::string path() {
 #ifdef HFQUANT_VNNI
   return "avx512-vnni";
@@ -710,6 +1001,11 @@ static torch::Tensor w8a8_meta(torch::Tensor x, torch::Tensor w, torch::Tensor, 
   return output_for(x, w.size(0));
 }
 #endif
+#ifdef HFQUANT_INT_GEMM
+static torch::Tensor int_gemm_meta(torch::Tensor a, torch::Tensor w) {
+  return torch::empty({a.size(0), w.size(0)}, a.options().dtype(torch::kInt32));
+}
+#endif
 
 // The same functions as torch operators (torch.ops.<extension name>.*), so torch.compile can put them in a
 // graph: the Python bindings below are for eager calls (less dispatch overhead), the operators for compiled
@@ -722,6 +1018,10 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("w8a8_gemv(Tensor x, Tensor w, Tensor w_scale, Tensor w_rowsum, Tensor? bias, float static_scale) "
         "-> Tensor");
 #endif
+#ifdef HFQUANT_INT_GEMM
+  m.def("w8a8_int_gemm(Tensor a, Tensor w) -> Tensor");
+  m.def("w4a16_int16_mm(Tensor x, Tensor w, Tensor scales, Tensor zeros, Tensor? bias, int group) -> Tensor");
+#endif
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
@@ -729,6 +1029,10 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
   m.impl("w4a16_dequant_mm", &w4a16_dequant_mm);
 #ifdef HFQUANT_W8A8_GEMV
   m.impl("w8a8_gemv", &w8a8_gemv);
+#endif
+#ifdef HFQUANT_INT_GEMM
+  m.impl("w8a8_int_gemm", &w8a8_int_gemm);
+  m.impl("w4a16_int16_mm", &w4a16_int16_mm);
 #endif
 }
 
@@ -738,6 +1042,10 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, Meta, m) {
 #ifdef HFQUANT_W8A8_GEMV
   m.impl("w8a8_gemv", &w8a8_meta);
 #endif
+#ifdef HFQUANT_INT_GEMM
+  m.impl("w8a8_int_gemm", &int_gemm_meta);
+  m.impl("w4a16_int16_mm", &w4a16_meta);
+#endif
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -745,6 +1053,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_dequant_mm", &w4a16_dequant_mm, "hfquant W4A16 float32 matmul for many rows: tiles of W dequantized, torch GEMM");
 #ifdef HFQUANT_W8A8_GEMV
   m.def("w8a8_gemv", &w8a8_gemv, "hfquant W8A8 GEMV (few rows), numerics of hfquant.kernels.w8a8");
+#endif
+#ifdef HFQUANT_INT_GEMM
+  m.def("w8a8_int_gemm", &w8a8_int_gemm, "exact int8 x int8 -> int32 GEMM a @ w^T (VPMADDWD), for CPUs without VNNI");
+  m.def("w4a16_int16_mm", &w4a16_int16_mm, "W4A16 for many rows: x as int16 codes per group, VPMADDWD with the 4-bit codes");
 #endif
   m.def("path", &path, "which inner loop was compiled in: avx512-vnni, avx512, avx2 or scalar");
 }
