@@ -267,6 +267,46 @@ def test_prefill_auto_keeps_the_faster_path_per_shape_class(monkeypatch):
         k.w4a16_linear(x, mod)
 
 
+def test_a_timed_choice_slower_than_float32_warns_once(monkeypatch):
+    """Where even the fastest quantized path is slower than float32 ``F.linear`` (timed in the same first call of
+    the shape class; e.g. a CPU without AVX2), one warning says so; a path faster than float32, or a layer so
+    small that float32 takes under ``SLOWER_THAN_FLOAT_MIN_SECONDS``, warns nothing."""
+    import warnings
+
+    import hfquant.kernels.common as common
+    import hfquant.kernels.w4a16 as k
+
+    monkeypatch.setenv("HFQUANT_CPU_PREFILL", "auto")
+    monkeypatch.setattr(k, "_PREFILL_CHOICE", {})
+    monkeypatch.setattr(common, "_SLOWER_THAN_FLOAT_WARNED", set())
+    monkeypatch.setattr(common, "SLOWER_THAN_FLOAT_MIN_SECONDS", 0.0)  # the tiny layer's float32 time counts here
+    real = k._prefill_paths()
+
+    def slowed(x, module):
+        import time
+
+        time.sleep(0.2)  # far slower than a 40 x 256 x 64 float32 product
+        return real["int4"](x, module)
+    monkeypatch.setattr(k, "_prefill_paths", lambda: {"int4": slowed})
+    mod = make_module(256, 64, group=128)
+    x = torch.randn(40, 256)
+    with pytest.warns(RuntimeWarning, match=r"W4A16 256x64 Linear at 40 rows \(int4\) ran at 0\.\d\dx the speed of float32"):
+        y = k.w4a16_linear(x, mod)
+    assert torch.equal(y, real["int4"](x, mod))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        k.w4a16_linear(torch.randn(50, 256), mod)  # the same shape class: chosen before, not timed again
+        instant = torch.zeros(3, 64)
+        monkeypatch.setattr(k, "_prefill_paths", lambda: {"int4": lambda x, module: instant})
+        assert k.w4a16_linear(torch.randn(3, 256), mod) is instant  # a new class, a path faster than float32: no warning
+    monkeypatch.setattr(common, "_SLOWER_THAN_FLOAT_WARNED", set())
+    monkeypatch.setattr(k, "_prefill_paths", lambda: {"int4": slowed})
+    monkeypatch.setattr(common, "SLOWER_THAN_FLOAT_MIN_SECONDS", 1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        k.w4a16_linear(torch.randn(5, 256), mod)  # slower, but float32 takes under the threshold: Python's overhead
+
+
 def test_8bit_group_the_kernel_cannot_take_falls_back_to_the_reference():
     _gemv_or_skip()
     mod = make_module(120, 16, bits=8, group=40)  # 40 columns: not a multiple of 16

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from hfquant.core.packing import pack_codes
+from hfquant.kernels.isa import cpu_isa
 
 
 def cached_operands(module, name: str, build: Callable, extra=()):
@@ -78,12 +79,24 @@ def grouped_weight(module):
     return cached_operands(module, "grouped", build)
 
 
-def fastest_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str, traced_default: str, *args):
+SLOWER_THAN_FLOAT_MARGIN = 1.1  # warn when the fastest quantized path takes more than this times float32's time
+# ... and float32 takes at least this long (below it, Python's dispatch decides, not the kernels)
+SLOWER_THAN_FLOAT_MIN_SECONDS = 5e-4
+_SLOWER_THAN_FLOAT_WARNED: set[str] = set()  # one warning per process and ``env`` (kernel family)
+
+
+def fastest_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str, traced_default: str, args: tuple,
+                 baseline: Callable | None = None, what: str = ""):
     """Run the path ``os.environ[env]`` names (``auto``, the default: the fastest of ``paths`` on this CPU for this
     shape class ``key``, timed once per process on the first call -- each path run twice, the second, warm call
     timed -- and remembered in ``choices``). A path returning ``None`` does not take the input. While
     ``torch.compile`` traces, nothing is timed: ``traced_default`` is chosen, and eager calls then agree with the
-    graph. Returns the chosen path's output, or ``None`` when no path takes the input."""
+    graph. Returns the chosen path's output, or ``None`` when no path takes the input.
+
+    ``baseline`` (called with ``args``, timed the same way): the float32 computation the quantized paths replace.
+    When even the fastest path is more than ``SLOWER_THAN_FLOAT_MARGIN`` times slower (and float32 takes at least
+    ``SLOWER_THAN_FLOAT_MIN_SECONDS``), one warning per process and kernel family says so, naming the first such
+    layer (``what``): on such a CPU the quantized model saves memory, not time."""
     mode = os.environ.get(env, "auto")
     if mode != "auto" and mode not in paths:
         raise ValueError(f"{env}={mode!r}; expected one of {['auto', *paths]}")
@@ -94,20 +107,51 @@ def fastest_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str
         choice = choices[key] = traced_default
     if choice is not None:
         return paths[choice](*args)
-    best = None  # (seconds, name, output)
-    for name, fn in paths.items():
-        y = fn(*args)
-        if y is None:
-            continue
-        t0 = time.perf_counter()
-        y = fn(*args)
-        elapsed = time.perf_counter() - t0
-        if best is None or elapsed < best[0]:
-            best = (elapsed, name, y)
-    if best is None:
+    timed = {name: _time_twice(fn, args) for name, fn in paths.items()}
+    taken = {name: t for name, t in timed.items() if t[1] is not None}
+    if not taken:
         return None
-    choices[key] = best[1]
-    return best[2]
+    best = min(taken, key=lambda name: taken[name][0])
+    choices[key] = best
+    if baseline is not None and env not in _SLOWER_THAN_FLOAT_WARNED:
+        float_seconds = _time_twice(baseline, args)[0]
+        ratio = float_seconds / max(taken[best][0], 1e-12)
+        if ratio * SLOWER_THAN_FLOAT_MARGIN < 1.0 and float_seconds >= SLOWER_THAN_FLOAT_MIN_SECONDS:
+            _SLOWER_THAN_FLOAT_WARNED.add(env)
+            warnings.warn(f"hfquant: on this CPU ({cpu_isa()}, torch {torch.backends.cpu.get_cpu_capability()}) the "
+                          f"fastest quantized path for {what} ({best}) ran at {ratio:.2f}x the speed of float32 (timed "
+                          "once; other layers are not reported); the quantized model saves memory here, not time",
+                          RuntimeWarning, stacklevel=3)
+    return taken[best][1]
+
+
+FLOAT_BASELINE_ROWS = 2048  # output rows of W dequantized for the float32 timing (bounded memory)
+
+
+def float_baseline(module) -> Callable:
+    """``baseline`` for ``fastest_path``: ``F.linear`` of ``x`` with the module's weight dequantized to float32 (on
+    the untimed first call; it exists only while the shape class is timed). Wide layers are timed on their first
+    ``FLOAT_BASELINE_ROWS`` outputs, the float output of the whole layer is that many times larger, so the timed
+    call repeats the slice as often as the layer holds it (the last slice whole: a slight overestimate)."""
+    weight: list[torch.Tensor] = []
+
+    def run(x: torch.Tensor, _module) -> torch.Tensor:
+        if not weight:
+            weight.append(module.dequantize().float()[:FLOAT_BASELINE_ROWS].contiguous())
+        w = weight[0]
+        slices = -(-module.out_features // w.shape[0])
+        return torch.cat([torch.nn.functional.linear(x, w) for _ in range(slices)], dim=-1)
+    return run
+
+
+def _time_twice(fn: Callable, args: tuple) -> tuple[float, object]:
+    """``(seconds of the second call, its output)``: the first call warms caches and builds operands."""
+    y = fn(*args)
+    if y is None:
+        return float("inf"), None
+    t0 = time.perf_counter()
+    y = fn(*args)
+    return time.perf_counter() - t0, y
 
 
 _NO_TRITON_WARNED = False

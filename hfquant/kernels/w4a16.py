@@ -55,7 +55,8 @@ import torch.nn.functional as F
 
 from hfquant.core.packing import _LITTLE_ENDIAN, unpack_codes
 from hfquant.kernels import cpu_ext
-from hfquant.kernels.common import cached_operands, fastest_path, forced_reference, grouped_weight, triton_kernels
+from hfquant.kernels.common import (cached_operands, fastest_path, float_baseline, forced_reference, grouped_weight,
+                                    triton_kernels)
 
 _CPU_GROUPS = (32, 64, 128, 256)
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
@@ -258,7 +259,9 @@ def w4a16_cpu_prefill(x: torch.Tensor, module) -> torch.Tensor | None:
     rows = x.numel() // max(1, x.shape[-1])
     key = (module.in_features, module.out_features, module.group_size, module.bits, rows.bit_length())
     traced = "tiles" if rows >= DEQUANT_MIN_ROWS else "int4"  # what compiled graphs run without a timed choice
-    return fastest_path(_PREFILL_CHOICE, key, _prefill_paths(), "HFQUANT_CPU_PREFILL", traced, x, module)
+    return fastest_path(_PREFILL_CHOICE, key, _prefill_paths(), "HFQUANT_CPU_PREFILL", traced, (x, module),
+                        float_baseline(module), f"a W{module.bits}A16 {module.in_features}x{module.out_features} "
+                                                f"Linear at {rows} rows")
 
 
 def prepare_module(module) -> None:
@@ -280,12 +283,10 @@ def w4a16_linear(x: torch.Tensor, module) -> torch.Tensor:
         return y if y is not None else w4a16_reference(x, module)
     if device == "cpu" and x.dtype in _CPU_DTYPES and module.weight.device.type == "cpu":
         rows = x.numel() // max(1, x.shape[-1])
-        if x.dtype is torch.float32 and rows <= CPU_GEMV_MAX_ROWS:
-            y = w4a16_cpu_gemv(x, module)
-            if y is not None:
-                return y
-        elif x.dtype is torch.float32:
-            y = w4a16_cpu_prefill(x, module)
+        if x.dtype is torch.float32:
+            y = w4a16_cpu_gemv(x, module) if rows <= CPU_GEMV_MAX_ROWS else None
+            if y is None:  # more rows, or no GEMV here (no extension: then the timed choice is torch's int4 kernel)
+                y = w4a16_cpu_prefill(x, module)
             if y is not None:
                 return y
         y = w4a16_cpu_int4(x, module)

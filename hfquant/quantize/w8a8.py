@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from collections.abc import Callable
 
 import torch
@@ -24,7 +25,8 @@ from hfquant.calibration.graph import find_blocks, float_weight, quantizable_mod
 from hfquant.calibration.sequential import BlockInputs, call_block, capture_block_inputs, discover_groups, HessianStat
 from hfquant.calibration.smoothing import find_producers, fold_, missing_known_groups, relative_change
 from hfquant.core.gptq import gptq_solve, GPTQResult, HessianFactor, prepare_hessian
-from hfquant.core.smoothquant import column_absmax, QMAX, search_alpha, smoothing_scales
+from hfquant.core.smoothquant import (ALPHA_GRID, column_absmax, QMAX, quantize_activation_int8, quantize_weight_int8,
+                                      search_alpha, smoothing_scales)
 from hfquant.nn.w8a8 import QuantLinearW8A8
 from hfquant.quantize.weight_only import solve_shared
 
@@ -100,6 +102,32 @@ class _FoldCheck:
             for t, old in zip(_fold_tensors(norm, linears), saved):
                 t.data.copy_(old)
         return change
+
+
+    def quantized_error(self, g, s: torch.Tensor) -> float:
+        """The relative change of the block output when ``s`` is folded and ``g``'s Linears run W8A8 (int8 weights
+        per channel, int8 activations per token, simulated in float32); the copy is restored after."""
+        norm = self.block.get_submodule(g.norm_name)
+        linears = [self.block.get_submodule(self.names[id(m)]) for m in g.modules]
+        saved = [t.detach().clone() for t in _fold_tensors(norm, linears)]
+        fold_(norm, linears, s)
+        for m in linears:
+            q, scale = quantize_weight_int8(m.weight.data)
+            m.weight.data.copy_(q.float() * scale[:, None])
+        hooks = [m.register_forward_pre_hook(_fake_quant_input) for m in linears]
+        try:
+            with torch.no_grad():
+                return relative_change(call_block(self.block, self.inp), self.ref)
+        finally:
+            for h in hooks:
+                h.remove()
+            for t, old in zip(_fold_tensors(norm, linears), saved):
+                t.data.copy_(old)
+
+
+def _fake_quant_input(_module, args):
+    q, scale = quantize_activation_int8(args[0])
+    return ((q.float() * scale).to(args[0].dtype), *args[1:])
 
 
 def _smoothed_hessian(st: _GroupStats, s: torch.Tensor | None) -> torch.Tensor:
@@ -230,7 +258,19 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
             note = "input does not come from a norm in this block (attention output, activation, or block input)"
         else:
             weights = [float_weight(m).float() for m in g.modules]
-            chosen = search_alpha(torch.cat(st.sample), weights, st.absmax)[0] if alpha == "auto" else float(alpha)
+            if alpha != "auto":
+                chosen = float(alpha)
+            elif os.environ.get("HFQUANT_SQ_SEARCH") == "block":
+                chosen = -1.0
+                if check is not None:
+                    w_max = column_absmax(weights)
+                    errs = {a: check.quantized_error(g, smoothing_scales(st.absmax, w_max, a).to(g.norm.weight.device))
+                            for a in ALPHA_GRID}
+                    chosen = min(errs, key=errs.get)
+                if dist.active:
+                    chosen = dist.from_main(chosen, device)
+            else:
+                chosen = search_alpha(torch.cat(st.sample), weights, st.absmax)[0]
             s = smoothing_scales(st.absmax, column_absmax(weights), chosen).to(g.norm.weight.device)
             change = check.fold(g, s) if check is not None else 0.0  # batch 0 lives on rank 0
             if dist.active:
