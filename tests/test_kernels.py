@@ -325,3 +325,34 @@ def test_dispatch_without_the_extension_and_for_odd_shapes(monkeypatch):
     mod = make_module(256, 64, group=64)
     x = torch.randn(1, 256)
     assert torch.equal(w4a16_linear(x, mod), w4a16_cpu_int4(x, mod))
+
+
+def test_portable_paths_on_a_cpu_without_hfquants_kernels(monkeypatch):
+    """A CPU below AVX2 (ARM, or ``HFQUANT_ISA=other``): no C++ extension; W4A16 takes the timed choice (torch's
+    int4 kernel is the only path left) from one row on, W8A8 the float32 tiles; both against the reference."""
+    import hfquant.kernels.w4a16 as k4
+    import hfquant.kernels.w8a8 as k8
+    from hfquant.kernels import cpu_ext
+    from hfquant.kernels.isa import cpu_isa
+    from hfquant.nn.w8a8 import QuantLinearW8A8
+
+    monkeypatch.setenv("HFQUANT_ISA", "other")
+    monkeypatch.setenv("HFQUANT_CPU_PREFILL", "auto")
+    monkeypatch.setenv("HFQUANT_CPU_W8A8", "auto")
+    monkeypatch.setattr(cpu_ext, "_STATE", {})
+    monkeypatch.setattr(k4, "_PREFILL_CHOICE", {})
+    monkeypatch.setattr(k8, "_MANY_ROWS_CHOICE", {})
+    cpu_isa.cache_clear()
+    try:
+        assert cpu_isa() == "other" and cpu_ext.extension() is None
+        mod = make_module(256, 64, group=128)
+        lin = torch.nn.Linear(256, 48)
+        w8 = QuantLinearW8A8.from_float(lin, lin.weight.data)
+        for rows in (1, 40):
+            x = torch.randn(rows, 256)
+            assert rel_err(w4a16_linear(x, mod), w4a16_reference(x, mod)) < 1e-2
+            assert rel_err(k8.w8a8_linear(x, w8), k8.w8a8_reference(x, w8)) < 1e-6
+        assert set(k4._PREFILL_CHOICE.values()) == {"int4"} and set(k8._MANY_ROWS_CHOICE.values()) == {"tiles"}
+    finally:
+        monkeypatch.delenv("HFQUANT_ISA")
+        cpu_isa.cache_clear()
