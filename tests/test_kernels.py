@@ -215,7 +215,7 @@ def test_cpu_int16_mm_matches_reference(gemv_kernel, in_f, out_f, group, act_per
 def test_8bit_codes_take_the_cpu_kernels_and_match_the_reference(gemv_kernel, in_f, out_f, group, act_perm):
     """8-bit codes (an int8 lm_head, ``bits: auto``'s 8-bit modules): one row through the 4-bit GEMV with x
     spread to (x, 16x), more rows through dequantized tiles; both against the reference."""
-    from hfquant.kernels.w4a16 import w4a16_cpu_dequant_mm, w4a16_cpu_gemv
+    from hfquant.kernels.w4a16 import w4a16_cpu_dequant_mm, w4a16_cpu_gemv, w4a16_cpu_int16_mm
 
     mod = make_module(in_f, out_f, bits=8, group=group, act_perm=act_perm)
     x = torch.randn(1, 1, in_f)
@@ -230,6 +230,11 @@ def test_8bit_codes_take_the_cpu_kernels_and_match_the_reference(gemv_kernel, in
         tiles = w4a16_cpu_dequant_mm(x, mod, 16)  # several tiles, a partial last one
         assert tiles.shape == ref.shape and rel_err(tiles, ref) < 1e-6
         assert rel_err(w4a16_linear(x, mod), ref) < 1e-6
+        int16 = w4a16_cpu_int16_mm(x, mod)  # kernel groups of <= 256 columns: all but the 48-column groups
+        if hasattr(gemv_kernel, "w4a16_int16_mm") and group != 48:
+            assert int16.shape == ref.shape and rel_err(int16, ref) < 1e-4  # x: 15 bits per kernel group
+        else:
+            assert int16 is None
 
 
 def test_prefill_auto_keeps_the_faster_path_per_shape_class(monkeypatch):

@@ -28,7 +28,8 @@ Paths (``w4a16_linear`` picks one per call; ``HFQUANT_KERNEL=reference`` forces 
   int16 GEMM is (1.3-2.7x, the int4 kernel 0.7-1.7x, the tiles 0.7-1.1x).
 * **CPU, 8-bit codes, float32** (``bits: 8`` modules, e.g. an int8 ``lm_head`` or the 8-bit choices of
   ``bits: auto``): one row through the 4-bit decode kernel, each code byte read as two nibbles against ``x``
-  spread to ``(x_k, 16 x_k)`` (``_ext_operands``); more rows through tiles dequantized by torch ops.
+  spread to ``(x_k, 16 x_k)`` (``_ext_operands``); more rows through the timed choice of tiles dequantized by torch
+  ops and the int16 GEMM (codes one a byte, kernel groups of at most 256 columns: ``_int16_byte_operands``).
 * **CPU** (otherwise: bfloat16 activations, or no extension):
   torch's int4 CPU kernel ``aten._weight_int4pack_mm_for_cpu``. Its fast (AVX-512) path takes bfloat16 activations, so ``x`` is
   cast to bf16 and the result back (about 3e-3 relative error against the float32 reference; the tests
@@ -216,14 +217,42 @@ def w4a16_cpu_dequant_mm(x: torch.Tensor, module, tile: int | None = None) -> to
 
 def w4a16_cpu_int16_mm(x: torch.Tensor, module) -> torch.Tensor | None:
     """Many rows of float32 ``x``: hfquant's 16-bit integer GEMM (``x`` rounded to int16 codes per row and group,
-    15 bits of the group's largest value; exact int32 sums with the 4-bit codes, ``VPMADDWD``; per-group scales in
-    float32). ``None`` for 8-bit codes, or where the extension or this kernel is not built."""
+    15 bits of the group's largest value; exact int32 sums with the 4-bit or 8-bit codes, ``VPMADDWD``; per-group
+    scales in float32). ``None`` where the extension or this kernel is not built or the layout does not allow it."""
     found = _extension(module)
-    if found is None or found[1].spread or not hasattr(found[0], "w4a16_int16_mm"):
+    if found is None or not hasattr(found[0], "w4a16_int16_mm"):
         return None
     ext, ops = found
-    return cpu_ext.kernel(ext, "w4a16_int16_mm")(_kernel_input(x, ops), ops.codes, ops.scales, ops.zeros, ops.bias,
-                                                 ops.group)
+    if not ops.spread:
+        return cpu_ext.kernel(ext, "w4a16_int16_mm")(_kernel_input(x, ops), ops.codes, ops.scales, ops.zeros,
+                                                     ops.bias, ops.group, 4)
+    byte_ops = _int16_byte_operands(module)
+    if byte_ops is None:
+        return None
+    scales, zeros, group = byte_ops
+    return cpu_ext.kernel(ext, "w4a16_int16_mm")(_rows(x, ops.perm).contiguous(), ops.codes, scales, zeros, ops.bias,
+                                                 group, 8).view(*x.shape[:-1], module.out_features)
+
+
+def _int16_byte_operands(module):
+    """8-bit codes for ``w4a16_int16_mm``: (float32 scales and zeros per kernel group, kernel group), or None. The
+    kernel's groups are at most 256 columns (its int32 sums stay exact, and ``x`` gets a scale per kernel group):
+    a quantization group is split into equal kernel groups sharing its scale and zero (per-channel ``-1``: groups
+    of 128, the last partial)."""
+    def build():
+        k = module.in_features
+        if module.group_size == -1:
+            kg = 128
+        else:
+            kg = next((g for g in range(256, 0, -32) if module.group_size % g == 0), None)
+            if kg is None:
+                return None
+        per = 1 if module.group_size == -1 else module.group_size // kg
+        n_groups = -(-k // kg)
+        expand = (lambda t: t.float().expand(-1, n_groups)) if module.group_size == -1 else (
+            lambda t: t.float().repeat_interleave(per, dim=1)[:, :n_groups])
+        return expand(module.scales).contiguous(), expand(module.zeros).contiguous(), kg
+    return cached_operands(module, "cpu_int16_bytes", build)
 
 
 def _byte_codes_mm(x: torch.Tensor, module, ops: ExtOperands, tile: int) -> torch.Tensor:

@@ -796,7 +796,8 @@ torch::Tensor w8a8_int_gemm(torch::Tensor a, torch::Tensor w) {
   return c;
 }
 
-// W4A16 for many rows with 16-bit integer activations (the int8 GEMM's micro-kernel shape on 4-bit codes):
+// W4A16 (and 8-bit codes, bits == 8) for many rows with 16-bit integer activations (the int8 GEMM's micro-kernel
+// shape on 4-bit codes):
 // x is rounded per row and quantization group to int16 codes, sx = max|x_g| / 32767 (15 bits relative to the
 // group's largest value; bf16 keeps 8 bits), and sum_k q_k x_k of each group is an exact int32 VPMADDWD sum of
 // the codes (0..15, widened from their nibbles once per block of W) with those int16 codes. Per group:
@@ -804,7 +805,8 @@ torch::Tensor w8a8_int_gemm(torch::Tensor a, torch::Tensor w) {
 // the first term in the micro-kernel (float32 vector accumulators, one FMA per group and output), the second,
 // for all groups at once, as one small float32 GEMM ([M, G] x [G, N]) after it. The activation codes are
 // stored per 32 columns as the 16 even columns, then the 16 odd ones: the order of the low and high nibbles
-// of 16 packed bytes, so a block of W widens with one AND and one shift per 32 codes.
+// of 16 packed bytes, so a block of W widens with one AND and one shift per 32 codes. 8-bit codes (one a byte)
+// keep the columns in order.
 constexpr int64_t W4I_NB = 64, W4I_KC = 1024;
 
 template <int MR, int NR>
@@ -869,10 +871,12 @@ static inline void w4i_tile_n(int nr, const int16_t* a, int64_t lda, const int16
 }
 
 torch::Tensor w4a16_int16_mm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor zeros,
-                             c10::optional<torch::Tensor> bias, int64_t group) {
+                             c10::optional<torch::Tensor> bias, int64_t group, int64_t bits) {
   const W4Dims d = check_w4(x, w, scales, zeros, group);
   const int64_t K = d.K, M = d.M, N = d.N, KB = d.KB, G = d.G;
-  TORCH_CHECK(group % 32 == 0, "group must be a multiple of 32");
+  TORCH_CHECK(bits == 4 || (bits == 8 && KB >= K), "bits must be 4 (two codes a byte) or 8 (w [N, >= K])");
+  // 8-bit codes: one per byte in column order; a group's int32 lanes stay exact up to 2048 columns.
+  TORCH_CHECK(bits == 4 || group <= 2048, "8-bit codes: groups of at most 2048 columns");
   const int64_t K32 = (K + 31) / 32 * 32, gch = group / 32;
   auto y = torch::zeros({M, N}, x.options());
   if (M == 0 || N == 0) return y.view(shape_for(x, N));
@@ -903,7 +907,7 @@ torch::Tensor w4a16_int16_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sca
           const float r = std::nearbyint(xp[m * K + k] / scale);
           const int16_t q = static_cast<int16_t>(std::min(32767.f, std::max(-32767.f, r)));
           const int64_t chunk = k / 32, col = k % 32;
-          ap[m * K32 + chunk * 32 + (col % 2) * 16 + col / 2] = q;
+          ap[m * K32 + (bits == 8 ? k : chunk * 32 + (col % 2) * 16 + col / 2)] = q;
           total += q;
         }
         xsp[m * G + g] = static_cast<float>(total);
@@ -931,17 +935,22 @@ torch::Tensor w4a16_int16_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sca
           for (int64_t ch = c0; ch < c1; ++ch) {
             for (int j = 0; j < nr; ++j, dst += 32) {
               const uint8_t* row = wp + (n + j) * KB;
-              __m128i bytes;
-              if (ch * 16 + 16 <= KB) {
-                bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + ch * 16));
-              } else {  // the row's last bytes: copy what exists, zeros after (x's codes are zero there too)
-                alignas(16) uint8_t tmp[16] = {0};
-                std::copy(row + ch * 16, row + KB, tmp);
-                bytes = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+              const int64_t chunk_bytes = bits == 8 ? 32 : 16, b0 = ch * chunk_bytes;
+              alignas(32) uint8_t tmp[32] = {0};
+              const uint8_t* src = row + b0;
+              if (b0 + chunk_bytes > KB) {  // the row's last bytes: copy what exists, zeros after (x's codes are 0 too)
+                std::copy(row + b0, row + KB, tmp);
+                src = tmp;
               }
-              const __m256i v = _mm256_cvtepu8_epi16(bytes);
-              _mm256_store_si256(reinterpret_cast<__m256i*>(dst), _mm256_and_si256(v, _mm256_set1_epi16(15)));
-              _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16), _mm256_srli_epi16(v, 4));
+              const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+              if (bits == 8) {  // columns in order: the chunk's first 16 codes, then the next 16
+                _mm256_store_si256(reinterpret_cast<__m256i*>(dst), v);
+                _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16),
+                                   _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16))));
+              } else {  // low nibbles (even columns), then high nibbles (odd columns)
+                _mm256_store_si256(reinterpret_cast<__m256i*>(dst), _mm256_and_si256(v, _mm256_set1_epi16(15)));
+                _mm256_store_si256(reinterpret_cast<__m256i*>(dst + 16), _mm256_srli_epi16(v, 4));
+              }
             }
           }
         }
@@ -1020,7 +1029,8 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
 #endif
 #ifdef HFQUANT_INT_GEMM
   m.def("w8a8_int_gemm(Tensor a, Tensor w) -> Tensor");
-  m.def("w4a16_int16_mm(Tensor x, Tensor w, Tensor scales, Tensor zeros, Tensor? bias, int group) -> Tensor");
+  m.def("w4a16_int16_mm(Tensor x, Tensor w, Tensor scales, Tensor zeros, Tensor? bias, int group, int bits) "
+        "-> Tensor");
 #endif
 }
 
@@ -1044,7 +1054,7 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, Meta, m) {
 #endif
 #ifdef HFQUANT_INT_GEMM
   m.impl("w8a8_int_gemm", &int_gemm_meta);
-  m.impl("w4a16_int16_mm", &w4a16_meta);
+  m.impl("w4a16_int16_mm", &w4a16_mm_meta);
 #endif
 }
 
@@ -1056,7 +1066,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
 #ifdef HFQUANT_INT_GEMM
   m.def("w8a8_int_gemm", &w8a8_int_gemm, "exact int8 x int8 -> int32 GEMM a @ w^T (VPMADDWD), for CPUs without VNNI");
-  m.def("w4a16_int16_mm", &w4a16_int16_mm, "W4A16 for many rows: x as int16 codes per group, VPMADDWD with the 4-bit codes");
+  m.def("w4a16_int16_mm", &w4a16_int16_mm, "W4A16/W8A16 for many rows: x as int16 codes per group, VPMADDWD with the codes");
 #endif
   m.def("path", &path, "which inner loop was compiled in: avx512-vnni, avx512, avx2 or scalar");
 }
