@@ -4,10 +4,8 @@ import torch
 from hfquant.core.smoothquant import (
     ALPHA_GRID,
     column_absmax,
-    fake_w8a8,
     quantize_activation_int8,
     quantize_weight_int8,
-    search_alpha,
     smoothing_scales,
 )
 from hfquant.calibration.smoothing import fold_
@@ -48,11 +46,12 @@ def test_smoothing_leaves_fp32_outputs_unchanged(tiny_models, arch, pairs):
 def test_smoothing_reduces_w8a8_error_on_outlier_channels():
     x = outlier_inputs()
     w = torch.randn(32, 64)
-    ref = x @ w.t()
-    plain = float(((fake_w8a8(x, w) - ref) ** 2).sum())
-    s = smoothing_scales(x.abs().amax(0), column_absmax([w]), 0.5)
-    smoothed = float(((fake_w8a8(x / s, w * s) - ref) ** 2).sum())
-    assert smoothed < plain / 2
+    act = x.abs().amax(0)
+    assert plain_w8a8_error(x, [w], act, 0.5) < plain_w8a8_error(x, [w], act, None) / 2
+    # smoothing_scales is the formula the plain version writes out
+    s = smoothing_scales(act, column_absmax([w]), 0.5)
+    w_max = w.double().abs().amax(dim=0)
+    torch.testing.assert_close(s.double(), (act.double() ** 0.5 / w_max ** 0.5).clamp(min=1e-5), rtol=1e-5, atol=0)
 
 
 def plain_w8a8_error(x, weights, act_absmax, alpha):
@@ -78,37 +77,91 @@ def plain_w8a8_error(x, weights, act_absmax, alpha):
     return total
 
 
-def test_alpha_search_errors_and_choice_match_a_plain_reimplementation():
-    x = outlier_inputs()
-    gen = torch.Generator().manual_seed(5)
-    ws = [torch.randn(16, 64, generator=gen), torch.randn(8, 64, generator=gen)]
-    act = x.abs().amax(0)
-    best, errors = search_alpha(x, ws, act)
-    assert list(errors) == list(ALPHA_GRID)
-    want = {a: plain_w8a8_error(x, ws, act, a) for a in ALPHA_GRID}
-    assert errors == pytest.approx(want, rel=1e-4)
-    assert best == min(want, key=want.get) == 0.5
-    ordered = sorted(want.values())
-    assert ordered[0] < 0.9 * ordered[1]  # a clear minimum: the argmin is not decided by float noise
-    # the ends of the range too, on a grid of the caller's
-    best, errors = search_alpha(x, ws, act, grid=(0.0, 0.5, 1.0))
-    assert best == 0.5
-    assert errors == pytest.approx({a: plain_w8a8_error(x, ws, act, a) for a in (0.0, 0.5, 1.0)}, rel=1e-4)
+def _llama_block_check(tiny_models, outlier_channel=None):
+    """Block 0 of the tiny Llama with its first calibration batch, its q/k/v group and that input's abs-max: what
+    the alpha search sees. ``outlier_channel``: scale that channel of ``input_layernorm`` by 50 first."""
+    from transformers import AutoModelForCausalLM
+
+    from hfquant.calibration.graph import find_blocks, quantizable_modules
+    from hfquant.calibration.sequential import call_block, capture_block_inputs, discover_groups
+    from hfquant.calibration.smoothing import find_producers
+    from hfquant.quantize.w8a8 import _BlockCheck
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    _, blocks = find_blocks(model)
+    block = blocks[0]
+    if outlier_channel is not None:
+        block.input_layernorm.weight.data[outlier_channel] *= 50
+    gen = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, model.config.vocab_size, (2, 16), generator=gen)]
+    inputs = capture_block_inputs(model, block, batches)
+    modules = quantizable_modules(block, lambda _n: True, prefix="model.layers.0")
+    groups, _ = discover_groups(block, modules, inputs[0])
+    groups = find_producers(block, groups, lambda: call_block(block, inputs[0]))
+    g = next(g for g in groups if g.norm_name == "input_layernorm")
+    seen = []
+    h = g.modules[0].register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).abs().amax(0)))
+    with torch.no_grad():
+        call_block(block, inputs[0])
+    h.remove()
+    return block, inputs[0], g, seen[0], _BlockCheck(block, inputs[0])
 
 
-def test_chosen_alpha_beats_no_migration_on_an_activation_outlier_channel():
-    """One channel 100x the others: without smoothing (or with alpha=0, which only rescales by the weights)
-    the per-token activation grid is set by the outlier and the other channels lose their bits."""
-    gen = torch.Generator().manual_seed(7)
-    x = torch.randn(256, 64, generator=gen)
-    x[:, 11] *= 100
-    ws = [torch.randn(32, 64, generator=gen)]
-    act = x.abs().amax(0)
-    best, errors = search_alpha(x, ws, act)
-    assert errors[best] < plain_w8a8_error(x, ws, act, 0.0) / 20
-    assert errors[best] < plain_w8a8_error(x, ws, act, None) / 20
-    plain = float(((fake_w8a8(x, ws[0]) - x @ ws[0].t()) ** 2).sum())  # hfquant's own unsmoothed W8A8
-    assert plain == pytest.approx(plain_w8a8_error(x, ws, act, None), rel=1e-4)
+def _plain_block_w8a8_error(block, inp, g, s):
+    """``_BlockCheck.w8a8_error`` written out: a float32 copy with ``s`` folded by hand, the group's weights rounded
+    to int8 per output channel and its inputs to int8 per token, the block output's relative change."""
+    import copy
+
+    from hfquant.calibration.sequential import call_block
+
+    blk = copy.deepcopy(block).float()
+    ref = call_block(blk, inp)
+    names = {id(m): n for n, m in block.named_modules()}
+    linears = [blk.get_submodule(names[id(m)]) for m in g.modules]
+    blk.get_submodule(g.norm_name).weight.data /= s
+    for lin in linears:
+        w = lin.weight.data * s[None, :]
+        step = (w.abs().amax(dim=1, keepdim=True) / 127).clamp(min=1e-8)
+        lin.weight.data = torch.clamp(torch.round(w / step), -127, 127) * step
+
+    def per_token(_m, args):
+        x = args[0]
+        step = (x.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=1e-8)
+        return (torch.clamp(torch.round(x / step), -127, 127) * step, *args[1:])
+    hooks = [lin.register_forward_pre_hook(per_token) for lin in linears]
+    with torch.no_grad():
+        out = call_block(blk, inp)
+    for h in hooks:
+        h.remove()
+    return float((out - ref).norm() / ref.norm())
+
+
+def test_block_w8a8_error_matches_a_plain_reimplementation_and_restores_the_copy(tiny_models):
+    block, inp, g, act, check = _llama_block_check(tiny_models)
+    before = {k: v.clone() for k, v in check.block.state_dict().items()}
+    w_max = column_absmax([m.weight for m in g.modules])
+    for alpha in (0.3, 0.8):
+        s = smoothing_scales(act, w_max, alpha)
+        assert check.w8a8_error(g, s) == pytest.approx(_plain_block_w8a8_error(block, inp, g, s), rel=1e-4)
+    after = check.block.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)  # nothing of the search stays in the copy
+    assert len(check.block._forward_pre_hooks) == 0 and all(
+        not m._forward_pre_hooks for m in check.block.modules())
+
+
+def test_searched_alpha_beats_no_smoothing_on_an_outlier_channel(tiny_models):
+    """One input channel of q/k/v 50x the others: the alpha the search picks changes the block output far less
+    under W8A8 than no smoothing (s = 1) does, and it is the grid's argmin of the block error."""
+    from hfquant.calibration.distributed import Dist
+    from hfquant.quantize.w8a8 import _search_alpha
+
+    block, inp, g, act, check = _llama_block_check(tiny_models, outlier_channel=5)
+    weights = [m.weight.detach().float() for m in g.modules]
+    chosen = _search_alpha(check, g, act, weights, Dist(), torch.device("cpu"))
+    w_max = column_absmax(weights)
+    errors = {a: check.w8a8_error(g, smoothing_scales(act, w_max, a)) for a in ALPHA_GRID}
+    assert chosen in ALPHA_GRID and errors[chosen] == min(errors.values())
+    assert errors[chosen] < check.w8a8_error(g, torch.ones_like(act)) / 3
 
 
 def test_int8_grids():

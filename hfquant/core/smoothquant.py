@@ -54,29 +54,3 @@ def quantize_activation_int8(x: torch.Tensor, static_scale: torch.Tensor | None 
         scale = static_scale.float().reshape(1).expand(*x.shape[:-1], 1)
     q = torch.clamp(torch.round(xf / scale), -QMAX, QMAX).to(torch.int8)
     return q, scale
-
-
-def fake_w8a8(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``quant(x) @ quant(w)^T`` in float (per-token activations, per-channel weights)."""
-    qx, sx = quantize_activation_int8(x)
-    qw, sw = quantize_weight_int8(w)
-    return (qx.float() * sx) @ (qw.float() * sw[:, None]).t()
-
-
-def search_alpha(x: torch.Tensor, weights: list[torch.Tensor], act_absmax: torch.Tensor,
-                 grid=ALPHA_GRID) -> tuple[float, dict[float, float]]:
-    """Pick the alpha whose smoothed W8A8 output is closest to the float output on sample inputs ``x``.
-
-    ``x`` is ``[tokens, in]``; the error is ``sum ||x W^T - fakeW8A8(x / s, W * s)||^2`` over the Linears.
-    Returns ``(best_alpha, {alpha: error})``.
-    """
-    x = x.float()
-    w_max = column_absmax(weights)
-    refs = [x @ w.float().t() for w in weights]
-    errors = {}
-    for alpha in grid:
-        s = smoothing_scales(act_absmax, w_max, alpha)
-        xs = x / s
-        errors[alpha] = float(sum(((fake_w8a8(xs, w.float() * s) - r) ** 2).sum() for w, r in zip(weights, refs)))
-    best = min(errors, key=errors.get)
-    return best, errors

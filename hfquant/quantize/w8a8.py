@@ -5,15 +5,15 @@ reading one tensor, the per-channel abs-max of that input (and its Hessian when 
 token sample when alpha is searched); its outputs are the next block's inputs, so the statistics are
 those of the float model, as in the SmoothQuant reference, and the whole run costs one forward pass;
 (2) each group fed by a norm is smoothed, with a fixed alpha or the alpha of ``ALPHA_GRID`` whose W8A8
-output error is smallest, and the fold is kept only if the block's output is unchanged; (3) weights
-become int8 per channel.
+error at the block's output is smallest (``_BlockCheck.w8a8_error``: the block in float32 on the first
+calibration batch, that group's Linears simulated in W8A8), and the fold is kept only if the block's output is
+unchanged; (3) weights become int8 per channel.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
 from collections.abc import Callable
 
 import torch
@@ -26,25 +26,22 @@ from hfquant.calibration.sequential import BlockInputs, call_block, capture_bloc
 from hfquant.calibration.smoothing import find_producers, fold_, missing_known_groups, relative_change
 from hfquant.core.gptq import gptq_solve, GPTQResult, HessianFactor, prepare_hessian
 from hfquant.core.smoothquant import (ALPHA_GRID, column_absmax, QMAX, quantize_activation_int8, quantize_weight_int8,
-                                      search_alpha, smoothing_scales)
+                                      smoothing_scales)
 from hfquant.nn.w8a8 import QuantLinearW8A8
 from hfquant.quantize.weight_only import solve_shared
 
 logger = logging.getLogger(__name__)
-SAMPLE_TOKENS = 2048  # tokens kept per group for the alpha search
 EXACT_TOL = 1e-4      # relative change of the block output that still counts as "unchanged"
 
 
 class _GroupStats:
-    """Per-channel abs-max (and Hessian, alpha-search sample) of one group's input, in float32 on the
-    input's device (created at the first batch, so they follow wherever the block runs)."""
+    """Per-channel abs-max (and Hessian) of one group's input, in float32 on the input's device (created at the
+    first batch, so they follow wherever the block runs)."""
 
-    def __init__(self, cols: int, hessian: bool, sample: bool, n_batches: int, dist: Dist):
+    def __init__(self, cols: int, hessian: bool, dist: Dist):
         self.cols, self.dist, self.want_hessian = cols, dist, hessian
         self.absmax: torch.Tensor | None = None
         self.hessian: HessianStat | None = None
-        self.sample = [] if sample else None
-        self.per_batch = max(1, SAMPLE_TOKENS // max(n_batches, 1))
 
     def add(self, x: torch.Tensor) -> None:
         x2 = x.detach().reshape(-1, x.shape[-1]).float()
@@ -55,12 +52,9 @@ class _GroupStats:
         self.absmax = torch.maximum(self.absmax, x2.abs().amax(dim=0))
         if self.hessian is not None:
             self.hessian.add(x2)
-        if self.sample is not None:
-            step = max(1, x2.shape[0] // self.per_batch)
-            self.sample.append(x2[::step][: self.per_batch].clone())
 
     def reduce(self, dist: Dist, device) -> None:
-        """Totals over the calibration processes: max of maxima, the Hessian chain, samples in batch order."""
+        """Totals over the calibration processes: max of maxima, the Hessian chain."""
         if self.absmax is None:  # no batch reached this group (cannot happen with a non-empty share)
             self.absmax = torch.zeros(self.cols, device=device)
             if self.want_hessian:
@@ -70,17 +64,18 @@ class _GroupStats:
         self.absmax = dist.max(self.absmax, device)
         if self.hessian is not None:
             self.hessian.reduce()
-        if self.sample is not None:
-            self.sample = [dist.gather_rows(torch.cat(self.sample).to(device))]
 
 
-class _FoldCheck:
-    """Whether folding ``s`` into a norm leaves the block's output unchanged, judged in float32 on a copy.
+class _BlockCheck:
+    """A float32 copy of a block and its output on the first calibration batch: what the alpha search and the
+    fold check measure against.
 
-    The copy is float32 whatever the model's dtype, so the tolerance (``EXACT_TOL``) measures whether the norm
-    feeds only these Linears, not a bf16/fp16 model's rounding of the folded weights. Accepted folds stay in
-    the copy (each group is checked on top of the earlier ones); a rejected one is restored exactly. The
-    model's own block is not touched here.
+    ``w8a8_error``: the block output's relative change when ``s`` is folded and one group's Linears run W8A8 (the
+    alpha search). ``fold``: whether folding ``s`` into a norm leaves the block's output unchanged. The copy is
+    float32 whatever the model's dtype, so the tolerance (``EXACT_TOL``) measures whether the norm feeds only
+    these Linears, not a bf16/fp16 model's rounding of the folded weights. Accepted folds stay in the copy (each
+    group is searched and checked on top of the earlier ones); everything else is restored exactly. The model's
+    own block is not touched here.
     """
 
     def __init__(self, block: nn.Module, inp: BlockInputs):
@@ -104,9 +99,11 @@ class _FoldCheck:
         return change
 
 
-    def quantized_error(self, g, s: torch.Tensor) -> float:
+    def w8a8_error(self, g, s: torch.Tensor) -> float:
         """The relative change of the block output when ``s`` is folded and ``g``'s Linears run W8A8 (int8 weights
-        per channel, int8 activations per token, simulated in float32); the copy is restored after."""
+        per channel by round-to-nearest, int8 activations per token, simulated in float32); the copy is restored
+        after. The other Linears stay float: each group's alpha is chosen for its own error, as it reaches the
+        block's output (through attention's softmax, the MLP's gate, the residual)."""
         norm = self.block.get_submodule(g.norm_name)
         linears = [self.block.get_submodule(self.names[id(m)]) for m in g.modules]
         saved = [t.detach().clone() for t in _fold_tensors(norm, linears)]
@@ -125,7 +122,21 @@ class _FoldCheck:
                 t.data.copy_(old)
 
 
+def _search_alpha(check: _BlockCheck | None, g, act_absmax: torch.Tensor, weights: list[torch.Tensor], dist: Dist,
+                  device) -> float:
+    """The alpha of ``ALPHA_GRID`` whose smoothed W8A8 group changes the block output least (``w8a8_error``), on
+    rank 0 (which holds the first batch), broadcast to the other ranks."""
+    chosen = -1.0
+    if check is not None:
+        w_max = column_absmax(weights)
+        errors = {a: check.w8a8_error(g, smoothing_scales(act_absmax, w_max, a).to(g.norm.weight.device))
+                  for a in ALPHA_GRID}
+        chosen = min(errors, key=errors.get)
+    return dist.from_main(chosen, device) if dist.active else chosen
+
+
 def _fake_quant_input(_module, args):
+    """Forward pre-hook: the Linear's input rounded to per-token int8, as a W8A8 module does at run time."""
     q, scale = quantize_activation_int8(args[0])
     return ((q.float() * scale).to(args[0].dtype), *args[1:])
 
@@ -177,14 +188,12 @@ def quantize_w8a8_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
     """Smooth and quantize every selected Linear to W8A8 in place. Returns one report dict per Linear.
 
     ``dist``: ``batches`` are this process's share; statistics are reduced exactly over the processes
-    (maxima, the Hessian chain, alpha-search samples gathered in batch order, fold checks on rank 0's first
-    batch, which is batch 0). ``onload`` (``hfquant.calibration.onload.LayerLoader``): load each block when its turn comes.
+    (maxima, the Hessian chain); the alpha search and the fold checks run on rank 0's first batch, which is
+    batch 0, and rank 0's choices are broadcast. ``onload`` (``hfquant.calibration.onload.LayerLoader``): load each block when its turn comes.
     """
     dist = dist or Dist()
     blocks_name, blocks = find_blocks(model)
-    device = next(model.parameters()).device
     inputs = capture_block_inputs(model, blocks[0], batches)
-    n_total = dist.sum_int(len(inputs), device) if dist.active else len(inputs)
     if onload is not None:
         onload.capture_done()
     reports: list[dict] = []
@@ -198,7 +207,7 @@ def quantize_w8a8_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
         modules = quantizable_modules(block, keep, prefix=prefix)
         if modules:
             block_reports, outputs = _quantize_block(block, prefix, modules, inputs, alpha, weight_method,
-                                                     static_activations, damp_percent, block_size, dist, n_total)
+                                                     static_activations, damp_percent, block_size, dist)
             reports.extend(block_reports)
             if alpha is not None:
                 _check_known_groups(getattr(getattr(model, "config", None), "model_type", None), prefix, block_reports)
@@ -227,14 +236,14 @@ def _check_known_groups(model_type, prefix: str, block_reports: list[dict]) -> N
 
 
 def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static_activations, damp_percent, block_size,
-                    dist: Dist, n_total: int):
+                    dist: Dist):
     groups, _ = discover_groups(block, modules, inputs[0])
     groups = find_producers(block, groups, lambda: call_block(block, inputs[0]))
     stats = []
     handles = []
     for g in groups:
         cols = float_weight(g.modules[0]).shape[1]
-        st = _GroupStats(cols, weight_method == "gptq", alpha == "auto" and g.norm is not None, n_total, dist)
+        st = _GroupStats(cols, weight_method == "gptq", dist)
         stats.append(st)
         handles.append(g.modules[0].register_forward_pre_hook(lambda _m, a, _st=st: _st.add(a[0])))
     try:
@@ -248,7 +257,7 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
         st.reduce(dist, device)
 
     # Decide every group's smoothing first (each fold checked against the float block), then quantize.
-    check = _FoldCheck(block, inputs[0]) if dist.is_main and alpha is not None else None
+    check = _BlockCheck(block, inputs[0]) if dist.is_main and alpha is not None else None
     decisions = []
     for g, st in zip(groups, stats):
         s, chosen, note = None, None, ""
@@ -258,19 +267,7 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
             note = "input does not come from a norm in this block (attention output, activation, or block input)"
         else:
             weights = [float_weight(m).float() for m in g.modules]
-            if alpha != "auto":
-                chosen = float(alpha)
-            elif os.environ.get("HFQUANT_SQ_SEARCH") == "block":
-                chosen = -1.0
-                if check is not None:
-                    w_max = column_absmax(weights)
-                    errs = {a: check.quantized_error(g, smoothing_scales(st.absmax, w_max, a).to(g.norm.weight.device))
-                            for a in ALPHA_GRID}
-                    chosen = min(errs, key=errs.get)
-                if dist.active:
-                    chosen = dist.from_main(chosen, device)
-            else:
-                chosen = search_alpha(torch.cat(st.sample), weights, st.absmax)[0]
+            chosen = float(alpha) if alpha != "auto" else _search_alpha(check, g, st.absmax, weights, dist, device)
             s = smoothing_scales(st.absmax, column_absmax(weights), chosen).to(g.norm.weight.device)
             change = check.fold(g, s) if check is not None else 0.0  # batch 0 lives on rank 0
             if dist.active:
