@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 from functools import lru_cache
 from pathlib import Path
 
+import pytest
 import torch
 
 from hfquant.calibration.data import BUNDLED_CALIBRATION
@@ -26,6 +28,23 @@ def tiny_tokenizer():
     text = BUNDLED_CALIBRATION.read_text()[:60000]
     tok.train_from_iterator([text], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@contextlib.contextmanager
+def running_as(isa: str, monkeypatch):
+    """Run the block as a CPU of level ``isa`` (``HFQUANT_ISA``; ``hfquant.kernels.isa``); skip where this CPU
+    cannot (it is below ``isa``). The level is recomputed on entry and on exit."""
+    from hfquant.kernels.isa import cpu_isa
+
+    monkeypatch.setenv("HFQUANT_ISA", isa)
+    cpu_isa.cache_clear()
+    try:
+        if cpu_isa() != isa:
+            pytest.skip(f"this CPU cannot run as {isa}")
+        yield
+    finally:
+        monkeypatch.delenv("HFQUANT_ISA")
+        cpu_isa.cache_clear()
 
 
 def tiny_config(arch: str):

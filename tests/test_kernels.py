@@ -338,18 +338,16 @@ def test_portable_paths_on_a_cpu_without_hfquants_kernels(monkeypatch):
     import hfquant.kernels.w4a16 as k4
     import hfquant.kernels.w8a8 as k8
     from hfquant.kernels import cpu_ext
-    from hfquant.kernels.isa import cpu_isa
+    from helpers import running_as
     from hfquant.nn.w8a8 import QuantLinearW8A8
 
-    monkeypatch.setenv("HFQUANT_ISA", "other")
     monkeypatch.setenv("HFQUANT_CPU_PREFILL", "auto")
     monkeypatch.setenv("HFQUANT_CPU_W8A8", "auto")
     monkeypatch.setattr(cpu_ext, "_STATE", {})
     monkeypatch.setattr(k4, "_PREFILL_CHOICE", {})
     monkeypatch.setattr(k8, "_MANY_ROWS_CHOICE", {})
-    cpu_isa.cache_clear()
-    try:
-        assert cpu_isa() == "other" and cpu_ext.extension() is None
+    with running_as("other", monkeypatch):
+        assert cpu_ext.extension() is None
         mod = make_module(256, 64, group=128)
         lin = torch.nn.Linear(256, 48)
         w8 = QuantLinearW8A8.from_float(lin, lin.weight.data)
@@ -358,6 +356,3 @@ def test_portable_paths_on_a_cpu_without_hfquants_kernels(monkeypatch):
             assert rel_err(w4a16_linear(x, mod), w4a16_reference(x, mod)) < 1e-2
             assert rel_err(k8.w8a8_linear(x, w8), k8.w8a8_reference(x, w8)) < 1e-6
         assert set(k4._PREFILL_CHOICE.values()) == {"int4"} and set(k8._MANY_ROWS_CHOICE.values()) == {"tiles"}
-    finally:
-        monkeypatch.delenv("HFQUANT_ISA")
-        cpu_isa.cache_clear()

@@ -8,6 +8,7 @@ from hfquant.core.smoothquant import (
     quantize_weight_int8,
     smoothing_scales,
 )
+from helpers import running_as
 from hfquant.calibration.smoothing import fold_
 from hfquant.kernels.w8a8 import w8a8_int_mm, w8a8_linear, w8a8_reference
 from hfquant.nn.w8a8 import QuantLinearW8A8
@@ -247,15 +248,9 @@ def test_many_rows_without_vnni_match_the_reference(mode, monkeypatch):
     """Without AVX512-VNNI, W8A8 with several rows runs hfquant's int8 GEMM (bit-identical to the reference) or
     the float32 tiles (float32 sums), as ``HFQUANT_CPU_W8A8`` says; ``auto`` times both once per shape class."""
     import hfquant.kernels.w8a8 as k
-    from hfquant.kernels.isa import cpu_isa
-
-    monkeypatch.setenv("HFQUANT_ISA", "avx2")
     monkeypatch.setenv("HFQUANT_CPU_W8A8", mode)
     monkeypatch.setattr(k, "_MANY_ROWS_CHOICE", {})
-    cpu_isa.cache_clear()
-    try:
-        if cpu_isa() != "avx2":
-            pytest.skip("this CPU cannot run as avx2")
+    with running_as("avx2", monkeypatch):
         torch.manual_seed(0)
         lin = torch.nn.Linear(600, 70)
         m = QuantLinearW8A8.from_float(lin, lin.weight.data)
@@ -269,9 +264,6 @@ def test_many_rows_without_vnni_match_the_reference(mode, monkeypatch):
         monkeypatch.setenv("HFQUANT_CPU_W8A8", "fastest")
         with pytest.raises(ValueError, match="HFQUANT_CPU_W8A8"):
             k.w8a8_linear(x, m)
-    finally:
-        monkeypatch.delenv("HFQUANT_ISA")
-        cpu_isa.cache_clear()
 
 
 @pytest.mark.parametrize("isa,int_mm", [("avx2", False), ("avx512", False), ("avx512-vnni", True)])
@@ -279,13 +271,8 @@ def test_many_rows_use_int_mm_only_where_it_is_fast(isa, int_mm, monkeypatch):
     """Without AVX512-VNNI torch's ``_int_mm`` is a plain loop (two orders of magnitude slower than float32), so
     W8A8 prefill multiplies the codes in float32 tiles there; both match the exact reference."""
     import hfquant.kernels.w8a8 as k
-    from hfquant.kernels.isa import cpu_isa
 
-    monkeypatch.setenv("HFQUANT_ISA", isa)
-    cpu_isa.cache_clear()
-    try:
-        if cpu_isa() != isa:
-            pytest.skip(f"this CPU cannot run as {isa}")
+    with running_as(isa, monkeypatch):
         calls = []
         real = torch._int_mm
         monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(1) or real(a, b))
@@ -299,9 +286,6 @@ def test_many_rows_use_int_mm_only_where_it_is_fast(isa, int_mm, monkeypatch):
         assert ((y - ref).abs().max() / ref.abs().max()) < 1e-6
         tiles = k.w8a8_float_tiles(x, m, tile=48)  # several tiles, a partial last one
         assert ((tiles - ref).abs().max() / ref.abs().max()) < 1e-6
-    finally:
-        monkeypatch.delenv("HFQUANT_ISA")
-        cpu_isa.cache_clear()
 
 
 def test_bert_post_norm_is_reported_not_smoothed(tiny_models):
