@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hfquant.calibration.distributed import Dist
-from hfquant.calibration.graph import find_blocks, float_weight, quantizable_modules, set_submodule
+from hfquant.calibration.graph import find_blocks, float_weight, quantizable_modules, set_float_weight_, set_submodule
 from hfquant.calibration.sequential import BlockInputs, call_block, capture_block_inputs, discover_groups, HessianStat
 from hfquant.calibration.smoothing import find_producers, fold_, missing_known_groups, relative_change
 from hfquant.core.gptq import gptq_solve, GPTQResult, HessianFactor, prepare_hessian
@@ -85,32 +85,32 @@ class _BlockCheck:
             self.ref = call_block(self.block, self.inp)
         self.names = {id(m): n for n, m in block.named_modules()}
 
-    def fold(self, g, s: torch.Tensor) -> float:
-        """Fold ``s`` into the copy's ``g.norm`` and Linears; return the relative change of the block output."""
+    def _folded(self, g, s: torch.Tensor):
+        """Fold ``s`` into the copy's ``g.norm`` and Linears; return (norm, Linears, their tensors before)."""
         norm = self.block.get_submodule(g.norm_name)
         linears = [self.block.get_submodule(self.names[id(m)]) for m in g.modules]
         saved = [t.detach().clone() for t in _fold_tensors(norm, linears)]
         fold_(norm, linears, s)
+        return norm, linears, saved
+
+    def fold(self, g, s: torch.Tensor) -> float:
+        """Fold ``s`` into the copy's ``g.norm`` and Linears; return the relative change of the block output."""
+        norm, linears, saved = self._folded(g, s)
         with torch.no_grad():
             change = relative_change(call_block(self.block, self.inp), self.ref)
         if change > EXACT_TOL:
-            for t, old in zip(_fold_tensors(norm, linears), saved):
-                t.data.copy_(old)
+            _restore(norm, linears, saved)
         return change
-
 
     def w8a8_error(self, g, s: torch.Tensor) -> float:
         """The relative change of the block output when ``s`` is folded and ``g``'s Linears run W8A8 (int8 weights
         per channel by round-to-nearest, int8 activations per token, simulated in float32); the copy is restored
         after. The other Linears stay float: each group's alpha is chosen for its own error, as it reaches the
         block's output (through attention's softmax, the MLP's gate, the residual)."""
-        norm = self.block.get_submodule(g.norm_name)
-        linears = [self.block.get_submodule(self.names[id(m)]) for m in g.modules]
-        saved = [t.detach().clone() for t in _fold_tensors(norm, linears)]
-        fold_(norm, linears, s)
-        for m in linears:
-            q, scale = quantize_weight_int8(m.weight.data)
-            m.weight.data.copy_(q.float() * scale[:, None])
+        norm, linears, saved = self._folded(g, s)
+        for m in linears:  # [out, in] orientation, also for GPT-2's Conv1D
+            q, scale = quantize_weight_int8(float_weight(m))
+            set_float_weight_(m, q.float() * scale[:, None])
         hooks = [m.register_forward_pre_hook(_fake_quant_input) for m in linears]
         try:
             with torch.no_grad():
@@ -118,8 +118,12 @@ class _BlockCheck:
         finally:
             for h in hooks:
                 h.remove()
-            for t, old in zip(_fold_tensors(norm, linears), saved):
-                t.data.copy_(old)
+            _restore(norm, linears, saved)
+
+
+def _restore(norm: nn.Module, linears: list[nn.Module], saved: list[torch.Tensor]) -> None:
+    for t, old in zip(_fold_tensors(norm, linears), saved):
+        t.data.copy_(old)
 
 
 def _search_alpha(check: _BlockCheck | None, g, act_absmax: torch.Tensor, weights: list[torch.Tensor], dist: Dist,
