@@ -243,6 +243,15 @@ def test_cpu_int8_gemm_is_exact(build, monkeypatch):
         ext.w8a8_int_gemm(torch.zeros(2, 16, dtype=torch.int8), torch.zeros(4, 15, dtype=torch.int8))
 
 
+def _w8a8_case(in_f: int, out_f: int, x_shape: tuple):
+    """(a W8A8 module from a seeded random Linear, an input, the exact reference output)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(in_f, out_f)
+    m = QuantLinearW8A8.from_float(lin, lin.weight.data)
+    x = torch.randn(*x_shape) * 3
+    return m, x, w8a8_reference(x, m)
+
+
 @pytest.mark.parametrize("mode", ["int", "tiles", "auto"])
 def test_many_rows_without_vnni_match_the_reference(mode, monkeypatch):
     """Without AVX512-VNNI, W8A8 with several rows runs hfquant's int8 GEMM (bit-identical to the reference) or
@@ -251,11 +260,7 @@ def test_many_rows_without_vnni_match_the_reference(mode, monkeypatch):
     monkeypatch.setenv("HFQUANT_CPU_W8A8", mode)
     monkeypatch.setattr(k, "_MANY_ROWS_CHOICE", {})
     with running_as("avx2", monkeypatch):
-        torch.manual_seed(0)
-        lin = torch.nn.Linear(600, 70)
-        m = QuantLinearW8A8.from_float(lin, lin.weight.data)
-        x = torch.randn(3, 11, 600) * 3
-        ref = k.w8a8_reference(x, m)
+        m, x, ref = _w8a8_case(600, 70, (3, 11, 600))
         y = k.w8a8_linear(x, m)
         if mode == "int" and k._int_gemm_kernel() is not None:
             assert torch.equal(y, ref)
@@ -269,18 +274,14 @@ def test_many_rows_without_vnni_match_the_reference(mode, monkeypatch):
 @pytest.mark.parametrize("isa,int_mm", [("avx2", False), ("avx512", False), ("avx512-vnni", True)])
 def test_many_rows_use_int_mm_only_where_it_is_fast(isa, int_mm, monkeypatch):
     """Without AVX512-VNNI torch's ``_int_mm`` is a plain loop (two orders of magnitude slower than float32), so
-    W8A8 prefill multiplies the codes in float32 tiles there; both match the exact reference."""
+    W8A8 prefill runs hfquant's int8 GEMM or float32 tiles there; all match the exact reference."""
     import hfquant.kernels.w8a8 as k
 
     with running_as(isa, monkeypatch):
         calls = []
         real = torch._int_mm
         monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(1) or real(a, b))
-        torch.manual_seed(0)
-        lin = torch.nn.Linear(576, 200)
-        m = QuantLinearW8A8.from_float(lin, lin.weight.data)
-        x = torch.randn(2, 37, 576) * 3
-        ref = k.w8a8_reference(x, m)
+        m, x, ref = _w8a8_case(576, 200, (2, 37, 576))
         y = k.w8a8_linear(x, m)
         assert bool(calls) == int_mm
         assert ((y - ref).abs().max() / ref.abs().max()) < 1e-6
