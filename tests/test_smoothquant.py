@@ -116,7 +116,8 @@ def _plain_block_w8a8_error(block, inp, g, s):
     from hfquant.calibration.sequential import call_block
 
     blk = copy.deepcopy(block).float()
-    ref = call_block(blk, inp)
+    with torch.no_grad():
+        ref = call_block(blk, inp)
     names = {id(m): n for n, m in block.named_modules()}
     linears = [blk.get_submodule(names[id(m)]) for m in g.modules]
     blk.get_submodule(g.norm_name).weight.data /= s
