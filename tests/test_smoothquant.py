@@ -78,9 +78,10 @@ def plain_w8a8_error(x, weights, act_absmax, alpha):
     return total
 
 
-def _llama_block_check(tiny_models, outlier_channel=None):
-    """Block 0 of the tiny Llama with its first calibration batch, its q/k/v group and that input's abs-max: what
-    the alpha search sees. ``outlier_channel``: scale that channel of ``input_layernorm`` by 50 first."""
+def _llama_block_check(tiny_models, outlier_channel=None, arch="llama", norm_name="input_layernorm"):
+    """Block 0 of a tiny model (Llama by default) with its first calibration batch, the group fed by ``norm_name``
+    and that input's abs-max: what the alpha search sees. ``outlier_channel``: scale that channel of the norm by
+    50 first."""
     from transformers import AutoModelForCausalLM
 
     from hfquant.calibration.graph import find_blocks, quantizable_modules
@@ -88,18 +89,18 @@ def _llama_block_check(tiny_models, outlier_channel=None):
     from hfquant.calibration.smoothing import find_producers
     from hfquant.quantize.w8a8 import _BlockCheck
 
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_models[arch]).eval()
     _, blocks = find_blocks(model)
     block = blocks[0]
     if outlier_channel is not None:
-        block.input_layernorm.weight.data[outlier_channel] *= 50
+        block.get_submodule(norm_name).weight.data[outlier_channel] *= 50
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, model.config.vocab_size, (2, 16), generator=gen)]
     inputs = capture_block_inputs(model, block, batches)
-    modules = quantizable_modules(block, lambda _n: True, prefix="model.layers.0")
+    modules = quantizable_modules(block, lambda _n: True, prefix="block")
     groups, _ = discover_groups(block, modules, inputs[0])
     groups = find_producers(block, groups, lambda: call_block(block, inputs[0]))
-    g = next(g for g in groups if g.norm_name == "input_layernorm")
+    g = next(g for g in groups if g.norm_name == norm_name)
     seen = []
     h = g.modules[0].register_forward_pre_hook(lambda _m, a: seen.append(a[0].reshape(-1, a[0].shape[-1]).abs().amax(0)))
     with torch.no_grad():
@@ -149,6 +150,29 @@ def test_block_w8a8_error_matches_a_plain_reimplementation_and_restores_the_copy
     assert all(torch.equal(before[k], after[k]) for k in before)  # nothing of the search stays in the copy
     assert len(check.block._forward_pre_hooks) == 0 and all(
         not m._forward_pre_hooks for m in check.block.modules())
+
+
+def test_block_w8a8_error_of_a_conv1d_group_matches_w8a8_modules(tiny_models):
+    """GPT-2's ``Conv1D`` stores ``[in, out]``: the search rounds its weights per output channel like the W8A8 module
+    it becomes. Unsmoothed (s = 1), the simulated error equals the block's change with ``c_attn`` swapped for a
+    ``QuantLinearW8A8`` run on the exact reference kernel."""
+    import copy
+
+    from hfquant.calibration.graph import float_weight
+    from hfquant.calibration.sequential import call_block
+    from hfquant.kernels import reference_kernels
+
+    block, inp, g, act, check = _llama_block_check(tiny_models, arch="gpt2", norm_name="ln_1")
+    assert [type(m).__name__ for m in g.modules] == ["Conv1D"]
+    simulated = check.w8a8_error(g, torch.ones_like(act))
+    blk = copy.deepcopy(block).float()
+    with torch.no_grad():
+        ref = call_block(blk, inp)
+        blk.attn.c_attn = QuantLinearW8A8.from_float(blk.attn.c_attn, float_weight(blk.attn.c_attn).float())
+        with reference_kernels():
+            out = call_block(blk, inp)
+    assert simulated == pytest.approx(float((out - ref).norm() / ref.norm()), rel=1e-3)
+    assert simulated > 0
 
 
 def test_searched_alpha_beats_no_smoothing_on_an_outlier_channel(tiny_models):
