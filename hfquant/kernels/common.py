@@ -88,8 +88,8 @@ _SLOWER_THAN_FLOAT_WARNED: set[str] = set()  # one warning per process and ``env
 def fastest_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str, traced_default: str, args: tuple,
                  baseline: Callable | None = None, what: str = ""):
     """Run the path ``os.environ[env]`` names (``auto``, the default: the fastest of ``paths`` on this CPU for this
-    shape class ``key``, timed once per process on the first call -- each path run twice, the second, warm call
-    timed -- and remembered in ``choices``). A path returning ``None`` does not take the input. While
+    shape class ``key``, timed once per process on the first call -- each path run once to warm up, then the
+    fastest of ``TIMED_CALLS`` calls counts -- and remembered in ``choices``). A path returning ``None`` does not take the input. While
     ``torch.compile`` traces, nothing is timed: ``traced_default`` is chosen, and eager calls then agree with the
     graph. Returns the chosen path's output, or ``None`` when no path takes the input.
 
@@ -107,14 +107,14 @@ def fastest_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str
         choice = choices[key] = traced_default
     if choice is not None:
         return paths[choice](*args)
-    timed = {name: _time_twice(fn, args) for name, fn in paths.items()}
+    timed = {name: _time_path(fn, args) for name, fn in paths.items()}
     taken = {name: t for name, t in timed.items() if t[1] is not None}
     if not taken:
         return None
     best = min(taken, key=lambda name: taken[name][0])
     choices[key] = best
     if baseline is not None and env not in _SLOWER_THAN_FLOAT_WARNED:
-        float_seconds = _time_twice(baseline, args)[0]
+        float_seconds = _time_path(baseline, args)[0]
         ratio = float_seconds / max(taken[best][0], 1e-12)
         if ratio * SLOWER_THAN_FLOAT_MARGIN < 1.0 and float_seconds >= SLOWER_THAN_FLOAT_MIN_SECONDS:
             _SLOWER_THAN_FLOAT_WARNED.add(env)
@@ -144,14 +144,21 @@ def float_baseline(module) -> Callable:
     return run
 
 
-def _time_twice(fn: Callable, args: tuple) -> tuple[float, object]:
-    """``(seconds of the second call, its output)``: the first call warms caches and builds operands."""
+TIMED_CALLS = 2  # timed calls per path after the warm-up call; the fastest counts (one call alone was noisy)
+
+
+def _time_path(fn: Callable, args: tuple) -> tuple[float, object]:
+    """``(seconds of the fastest of TIMED_CALLS calls, an output)``: an untimed first call warms caches and builds
+    operands."""
     y = fn(*args)
     if y is None:
         return float("inf"), None
-    t0 = time.perf_counter()
-    y = fn(*args)
-    return time.perf_counter() - t0, y
+    best = float("inf")
+    for _ in range(TIMED_CALLS):
+        t0 = time.perf_counter()
+        y = fn(*args)
+        best = min(best, time.perf_counter() - t0)
+    return best, y
 
 
 _NO_TRITON_WARNED = False
