@@ -182,9 +182,8 @@ def test_searched_alpha_beats_no_smoothing_on_an_outlier_channel(tiny_models):
     from hfquant.quantize.w8a8 import _search_alpha
 
     block, inp, g, act, check = _llama_block_check(tiny_models, outlier_channel=5)
-    weights = [m.weight.detach().float() for m in g.modules]
-    chosen = _search_alpha(check, g, act, weights, Dist(), torch.device("cpu"))
-    w_max = column_absmax(weights)
+    w_max = column_absmax([m.weight.detach().float() for m in g.modules])
+    chosen = _search_alpha(check, g, act, w_max, Dist(), torch.device("cpu"))
     errors = {a: check.w8a8_error(g, smoothing_scales(act, w_max, a)) for a in ALPHA_GRID}
     assert chosen in ALPHA_GRID and errors[chosen] == min(errors.values())
     assert errors[chosen] < check.w8a8_error(g, torch.ones_like(act)) / 3

@@ -85,39 +85,43 @@ SLOWER_THAN_FLOAT_MIN_SECONDS = 5e-4
 _SLOWER_THAN_FLOAT_WARNED: set[str] = set()  # one warning per process and ``env`` (kernel family)
 
 
-def fastest_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str, traced_default: str, args: tuple,
-                 baseline: Callable | None = None, what: str = ""):
-    """Run the path ``os.environ[env]`` names (``auto``, the default: the fastest of ``paths`` on this CPU for this
-    shape class ``key``, timed once per process on the first call -- each path run once to warm up, then the
-    fastest of ``TIMED_CALLS`` calls counts -- and remembered in ``choices``). A path returning ``None`` does not take the input. While
-    ``torch.compile`` traces, nothing is timed: ``traced_default`` is chosen, and eager calls then agree with the
-    graph. Returns the chosen path's output, or ``None`` when no path takes the input.
+def fastest_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str, traced_default: str,
+                 x: torch.Tensor, module, warn_as: str | None = None):
+    """Run ``paths[name](x, module)`` for the path ``os.environ[env]`` names, or with ``auto`` (the default) for
+    the fastest of ``paths`` on this CPU for the shape class ``key``: timed once per process on the class's first
+    call (each path run once to warm up, then the fastest of ``TIMED_CALLS`` calls counts) and remembered in
+    ``choices``. A path returning ``None`` does not take the input. While ``torch.compile`` traces, nothing is
+    timed: ``traced_default`` is chosen, and eager calls then agree with the graph. Returns the chosen path's
+    output, or ``None`` when no path takes the input.
 
-    ``baseline`` (called with ``args``, timed the same way): the float32 computation the quantized paths replace.
-    When even the fastest path is more than ``SLOWER_THAN_FLOAT_MARGIN`` times slower (and float32 takes at least
-    ``SLOWER_THAN_FLOAT_MIN_SECONDS``), one warning per process and kernel family says so, naming the first such
-    layer (``what``): on such a CPU the quantized model saves memory, not time."""
+    ``warn_as`` (a description of the layer, formatted with ``bits``, ``in_f``, ``out_f`` and ``rows`` only when a
+    warning is due): the timing also times float32 ``F.linear`` (``float_baseline``), and when even the fastest
+    path is more than ``SLOWER_THAN_FLOAT_MARGIN`` times slower (and float32 takes at least
+    ``SLOWER_THAN_FLOAT_MIN_SECONDS``), one warning per process and kernel family (``env``) says so, naming the
+    first such layer: on such a CPU the quantized model saves memory, not time."""
     mode = os.environ.get(env, "auto")
     if mode != "auto" and mode not in paths:
         raise ValueError(f"{env}={mode!r}; expected one of {['auto', *paths]}")
     if mode != "auto":
-        return paths[mode](*args)
+        return paths[mode](x, module)
     choice = choices.get(key)
     if choice is None and torch.compiler.is_compiling():
         choice = choices[key] = traced_default
     if choice is not None:
-        return paths[choice](*args)
-    timed = {name: _time_path(fn, args) for name, fn in paths.items()}
+        return paths[choice](x, module)
+    timed = {name: _time_path(fn, x, module) for name, fn in paths.items()}
     taken = {name: t for name, t in timed.items() if t[1] is not None}
     if not taken:
         return None
     best = min(taken, key=lambda name: taken[name][0])
     choices[key] = best
-    if baseline is not None and env not in _SLOWER_THAN_FLOAT_WARNED:
-        float_seconds = _time_path(baseline, args)[0]
+    if warn_as is not None and env not in _SLOWER_THAN_FLOAT_WARNED:
+        float_seconds = _time_path(float_baseline(module), x, module)[0]
         ratio = float_seconds / max(taken[best][0], 1e-12)
         if ratio * SLOWER_THAN_FLOAT_MARGIN < 1.0 and float_seconds >= SLOWER_THAN_FLOAT_MIN_SECONDS:
             _SLOWER_THAN_FLOAT_WARNED.add(env)
+            what = warn_as.format(bits=getattr(module, "bits", 8), in_f=module.in_features, out_f=module.out_features,
+                                  rows=x.numel() // max(1, x.shape[-1]))
             warnings.warn(f"hfquant: on this CPU ({cpu_isa()}, torch {torch.backends.cpu.get_cpu_capability()}) the "
                           f"fastest quantized path for {what} ({best}) ran at {ratio:.2f}x the speed of float32 (timed "
                           "once; other layers are not reported); the quantized model saves memory here, not time",
@@ -129,10 +133,10 @@ FLOAT_BASELINE_ROWS = 2048  # output rows of W dequantized for the float32 timin
 
 
 def float_baseline(module) -> Callable:
-    """``baseline`` for ``fastest_path``: ``F.linear`` of ``x`` with the module's weight dequantized to float32 (on
-    the untimed first call; it exists only while the shape class is timed). Wide layers are timed on their first
-    ``FLOAT_BASELINE_ROWS`` outputs, the float output of the whole layer is that many times larger, so the timed
-    call repeats the slice as often as the layer holds it (the last slice whole: a slight overestimate)."""
+    """The float32 computation a quantized Linear replaces, for ``fastest_path``'s timing: ``F.linear`` of ``x``
+    with the weight dequantized to float32 on the first (untimed) call. A wide layer is dequantized only on its first
+    ``FLOAT_BASELINE_ROWS`` output rows, and that slice is multiplied as many times as the layer has slices (the
+    last one whole: a slight overestimate of float32's time)."""
     weight: list[torch.Tensor] = []
 
     def run(x: torch.Tensor, _module) -> torch.Tensor:
@@ -147,16 +151,16 @@ def float_baseline(module) -> Callable:
 TIMED_CALLS = 2  # timed calls per path after the warm-up call; the fastest counts (one call alone was noisy)
 
 
-def _time_path(fn: Callable, args: tuple) -> tuple[float, object]:
+def _time_path(fn: Callable, x: torch.Tensor, module) -> tuple[float, object]:
     """``(seconds of the fastest of TIMED_CALLS calls, an output)``: an untimed first call warms caches and builds
     operands."""
-    y = fn(*args)
+    y = fn(x, module)
     if y is None:
         return float("inf"), None
     best = float("inf")
     for _ in range(TIMED_CALLS):
         t0 = time.perf_counter()
-        y = fn(*args)
+        y = fn(x, module)
         best = min(best, time.perf_counter() - t0)
     return best, y
 

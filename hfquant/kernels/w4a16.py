@@ -25,7 +25,7 @@ Paths (``w4a16_linear`` picks one per call; ``HFQUANT_KERNEL=reference`` forces 
 
   Measured (``scripts/bench_kernels.py``, BENCHMARKS.md): on an AVX-512-BF16 EPYC the int4 kernel is fastest
   (1.6-3.8x float32 at 16-512 rows, the int16 GEMM 1.4-2.6x, the tiles 0.9-1.1x); with torch's AVX2 code the
-  int16 GEMM is (1.3-2.7x, the int4 kernel 0.7-1.7x, the tiles 0.7-1.1x).
+  int16 GEMM is fastest (1.3-2.7x, the int4 kernel 0.7-1.7x, the tiles 0.7-1.1x).
 * **CPU, 8-bit codes, float32** (``bits: 8`` modules, e.g. an int8 ``lm_head`` or the 8-bit choices of
   ``bits: auto``): one row through the 4-bit decode kernel, each code byte read as two nibbles against ``x``
   spread to ``(x_k, 16 x_k)`` (``_ext_operands``); more rows through the timed choice of tiles dequantized by torch
@@ -56,8 +56,7 @@ import torch.nn.functional as F
 
 from hfquant.core.packing import _LITTLE_ENDIAN, unpack_codes
 from hfquant.kernels import cpu_ext
-from hfquant.kernels.common import (cached_operands, fastest_path, float_baseline, forced_reference, grouped_weight,
-                                    triton_kernels)
+from hfquant.kernels.common import cached_operands, fastest_path, forced_reference, grouped_weight, triton_kernels
 
 _CPU_GROUPS = (32, 64, 128, 256)
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
@@ -288,9 +287,8 @@ def w4a16_cpu_prefill(x: torch.Tensor, module) -> torch.Tensor | None:
     rows = x.numel() // max(1, x.shape[-1])
     key = (module.in_features, module.out_features, module.group_size, module.bits, rows.bit_length())
     traced = "tiles" if rows >= DEQUANT_MIN_ROWS else "int4"  # what compiled graphs run without a timed choice
-    return fastest_path(_PREFILL_CHOICE, key, _prefill_paths(), "HFQUANT_CPU_PREFILL", traced, (x, module),
-                        float_baseline(module), f"a W{module.bits}A16 {module.in_features}x{module.out_features} "
-                                                f"Linear at {rows} rows")
+    return fastest_path(_PREFILL_CHOICE, key, _prefill_paths(), "HFQUANT_CPU_PREFILL", traced, x, module,
+                        "a W{bits}A16 {in_f}x{out_f} Linear at {rows} rows")
 
 
 def prepare_module(module) -> None:

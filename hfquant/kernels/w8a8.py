@@ -28,7 +28,7 @@ import torch
 
 from hfquant.core.smoothquant import quantize_activation_int8
 from hfquant.kernels import cpu_ext
-from hfquant.kernels.common import cached_operands, fastest_path, float_baseline, forced_reference, triton_kernels
+from hfquant.kernels.common import cached_operands, fastest_path, forced_reference, triton_kernels
 from hfquant.kernels.isa import int8_gemm_is_fast
 
 # hfquant's VNNI GEMV (csrc) quantizes and multiplies one float32 row per call (decode); more rows go to
@@ -115,8 +115,8 @@ def w8a8_cpu_many_rows(x: torch.Tensor, module) -> torch.Tensor:
     ``HFQUANT_CPU_W8A8`` says (``auto``: the faster on this CPU, timed on the first call of the shape class)."""
     rows = x.numel() // max(1, x.shape[-1])
     key = (module.in_features, module.out_features, rows.bit_length())
-    y = fastest_path(_MANY_ROWS_CHOICE, key, _many_rows_paths(), "HFQUANT_CPU_W8A8", "int", (x, module),
-                     float_baseline(module), f"a W8A8 {module.in_features}x{module.out_features} Linear at {rows} rows")
+    y = fastest_path(_MANY_ROWS_CHOICE, key, _many_rows_paths(), "HFQUANT_CPU_W8A8", "int", x, module,
+                     "a W8A8 {in_f}x{out_f} Linear at {rows} rows")
     return y if y is not None else w8a8_float_tiles(x, module)  # the int GEMM is not built here
 
 

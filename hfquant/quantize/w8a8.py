@@ -1,8 +1,7 @@
 """Model-level W8A8: SmoothQuant smoothing, int8 weights (RTN or GPTQ), block by block.
 
 Per block: (1) one float forward over the calibration batches collects, for every group of Linears
-reading one tensor, the per-channel abs-max of that input (and its Hessian when weights use GPTQ, and a
-token sample when alpha is searched); its outputs are the next block's inputs, so the statistics are
+reading one tensor, the per-channel abs-max of that input (and its Hessian when weights use GPTQ); its outputs are the next block's inputs, so the statistics are
 those of the float model, as in the SmoothQuant reference, and the whole run costs one forward pass;
 (2) each group fed by a norm is smoothed, with a fixed alpha or the alpha of ``ALPHA_GRID`` whose W8A8
 error at the block's output is smallest (``_BlockCheck.w8a8_error``: the block in float32 on the first
@@ -126,13 +125,12 @@ def _restore(norm: nn.Module, linears: list[nn.Module], saved: list[torch.Tensor
         t.data.copy_(old)
 
 
-def _search_alpha(check: _BlockCheck | None, g, act_absmax: torch.Tensor, weights: list[torch.Tensor], dist: Dist,
+def _search_alpha(check: _BlockCheck | None, g, act_absmax: torch.Tensor, w_max: torch.Tensor, dist: Dist,
                   device) -> float:
     """The alpha of ``ALPHA_GRID`` whose smoothed W8A8 group changes the block output least (``w8a8_error``), on
-    rank 0 (which holds the first batch), broadcast to the other ranks."""
+    rank 0 (which holds the first batch), broadcast to the other ranks. ``w_max``: the group's column abs-max."""
     chosen = -1.0
     if check is not None:
-        w_max = column_absmax(weights)
         errors = {a: check.w8a8_error(g, smoothing_scales(act_absmax, w_max, a).to(g.norm.weight.device))
                   for a in ALPHA_GRID}
         chosen = min(errors, key=errors.get)
@@ -270,9 +268,9 @@ def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static
         elif g.norm is None:
             note = "input does not come from a norm in this block (attention output, activation, or block input)"
         else:
-            weights = [float_weight(m).float() for m in g.modules]
-            chosen = float(alpha) if alpha != "auto" else _search_alpha(check, g, st.absmax, weights, dist, device)
-            s = smoothing_scales(st.absmax, column_absmax(weights), chosen).to(g.norm.weight.device)
+            w_max = column_absmax([float_weight(m).float() for m in g.modules])
+            chosen = float(alpha) if alpha != "auto" else _search_alpha(check, g, st.absmax, w_max, dist, device)
+            s = smoothing_scales(st.absmax, w_max, chosen).to(g.norm.weight.device)
             change = check.fold(g, s) if check is not None else 0.0  # batch 0 lives on rank 0
             if dist.active:
                 change = dist.from_main(change, device)
