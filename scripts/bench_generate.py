@@ -19,7 +19,10 @@ Models: the fp32 reference; W4A16 = RTN 4-bit g128 sym (the same kernel path and
 g128 checkpoint: speed does not depend on how the codes were chosen); W4A16 + int8 head = the same with
 ``lm_head_bits: 8`` (the tied ``lm_head`` untied and rounded to 8-bit codes per channel; opt-in); W8A8 = int8
 weights per channel, dynamic per-token int8 activations (SmoothQuant without smoothing; smoothing does not
-change speed). The embedding stays float32 in every model, and so does ``lm_head`` except in the int8-head row.
+change speed). The embedding stays float32 in every model. ``lm_head`` (column "lm_head stored as") stays float32,
+except in the int8-head row and where its float32 values are exactly bf16 (``--synthetic``'s default weights, as in a
+model loaded from a bf16 checkpoint): the quantized models then hold it in bf16 (``HalfStoredLinear``: the same values,
+float32 arithmetic), and a "w4a16, float32 head" row (``HFQUANT_HEAD_16BIT=0``) shows the W4A16 model without that.
 
 Writes ``OUT/generate.json`` and ``.md``; ``--update-benchmarks`` puts the table in BENCHMARKS.md.
 
@@ -57,8 +60,9 @@ SYNTHETIC = {"llama7b-2layers": dict(hidden_size=4096, intermediate_size=11008, 
                                      max_position_embeddings=4096, tie_word_embeddings=False)}
 
 
-def synthetic_model(name: str, tokenizer_from: str) -> str:
-    """Build ``SYNTHETIC[name]`` (float32, seed 0) and save it with ``tokenizer_from``'s tokenizer to a temporary
+def synthetic_model(name: str, tokenizer_from: str, bf16_values: bool) -> str:
+    """Build ``SYNTHETIC[name]`` (float32, seed 0; with ``bf16_values`` every weight rounded to bf16 once, as in a
+    float32 model loaded from a bf16 checkpoint) and save it with ``tokenizer_from``'s tokenizer to a temporary
     folder; returns the folder."""
     import tempfile
 
@@ -66,6 +70,8 @@ def synthetic_model(name: str, tokenizer_from: str) -> str:
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(LlamaConfig(**SYNTHETIC[name]))
+    if bf16_values:
+        model = model.to(torch.bfloat16).float()  # as a float32 model loaded from a bf16 checkpoint
     folder = tempfile.mkdtemp(prefix=f"hfquant-{name}-")
     model.save_pretrained(folder)
     AutoTokenizer.from_pretrained(tokenizer_from).save_pretrained(folder)
@@ -73,19 +79,42 @@ def synthetic_model(name: str, tokenizer_from: str) -> str:
 
 
 def load_models(path: str) -> dict:
+    """The models of the table. Where the W4A16 model's float32 head is exactly 16-bit (a model from a bf16
+    checkpoint: hfquant then stores it in 16 bits, ``HalfStoredLinear``), a second W4A16 model keeps the float32
+    head (``HFQUANT_HEAD_16BIT=0``), so the table shows both."""
+    import os
+
     from transformers import AutoModelForCausalLM
 
     from hfquant import HFQuantConfig
+    from hfquant.nn import HalfStoredLinear
 
     small = dict(num_samples=8, seq_len=128)  # calibration size does not change the kernels' speed
-    return {
+    w4a16 = HFQuantConfig(method="rtn", group_size=128)
+    models = {
         "fp32": AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
-        "w4a16": AutoModelForCausalLM.from_pretrained(path, quantization_config=HFQuantConfig(method="rtn", group_size=128)),
-        "w4a16 + int8 head": AutoModelForCausalLM.from_pretrained(path, quantization_config=HFQuantConfig(
-            method="rtn", group_size=128, lm_head_bits=8)),
-        "w8a8": AutoModelForCausalLM.from_pretrained(path, quantization_config=HFQuantConfig(
-            method="smoothquant", alpha=None, **small)),
+        "w4a16": AutoModelForCausalLM.from_pretrained(path, quantization_config=w4a16),
     }
+    if isinstance(models["w4a16"].lm_head, HalfStoredLinear):
+        os.environ["HFQUANT_HEAD_16BIT"] = "0"
+        try:
+            models["w4a16, float32 head"] = AutoModelForCausalLM.from_pretrained(path, quantization_config=w4a16)
+        finally:
+            del os.environ["HFQUANT_HEAD_16BIT"]
+    models["w4a16 + int8 head"] = AutoModelForCausalLM.from_pretrained(path, quantization_config=HFQuantConfig(
+        method="rtn", group_size=128, lm_head_bits=8))
+    models["w8a8"] = AutoModelForCausalLM.from_pretrained(path, quantization_config=HFQuantConfig(
+        method="smoothquant", alpha=None, **small))
+    return models
+
+
+def head_storage(model) -> str:
+    """How the model's output head holds its weight: float32, bf16/fp16 (exact, ``HalfStoredLinear``) or int8."""
+    head = model.lm_head
+    if hasattr(head, "bits"):
+        return f"int{head.bits}"
+    dtype = str(head.weight.dtype).removeprefix("torch.")
+    return {"bfloat16": "bf16 (exact)", "float16": "fp16 (exact)", "float32": "fp32"}.get(dtype, dtype)
 
 
 def decode_breakdown(model, prompt, n: int, repeats: int) -> dict:
@@ -176,6 +205,9 @@ def main(argv=None) -> None:
     parser.add_argument("--synthetic", choices=list(SYNTHETIC),
                         help="instead of --model: a randomly initialised model built from a config (e.g. two Llama-2-7B "
                              "layers), saved to a temporary folder")
+    parser.add_argument("--synthetic-values", choices=["bf16", "float32"], default="bf16",
+                        help="--synthetic's weights: bf16 values in float32 (as loaded from a bf16 checkpoint, how Llama "
+                             "checkpoints ship; the default) or plain float32 random values")
     parser.add_argument("--isa", choices=["native", "avx2"], default="native",
                         help="avx2: run as on an AVX2-only CPU (torch's AVX2 code, hfquant's AVX2 build; emulated)")
     args = parser.parse_args(argv)
@@ -185,8 +217,8 @@ def main(argv=None) -> None:
     if not Path(args.model, "config.json").is_file():
         sys.exit(f"error: no model at {args.model}; run `python scripts/prepare_reference_model.py --out models` first")
     if args.synthetic:
-        args.model = synthetic_model(args.synthetic, args.model)
-        suffix = f"-{args.synthetic}{suffix}"
+        args.model = synthetic_model(args.synthetic, args.model, args.synthetic_values == "bf16")
+        suffix = f"-{args.synthetic}{'' if args.synthetic_values == 'bf16' else '-float32-values'}{suffix}"
     models = load_models(args.model)
     gen = torch.Generator().manual_seed(0)
     vocab = next(iter(models.values())).config.vocab_size
@@ -204,7 +236,7 @@ def main(argv=None) -> None:
     for name, model in models.items():
         decode_s, prefill_s = decode[name], prefill[name]
         split = decode_breakdown(model, prompt, n, args.repeats)
-        rows.append({"model": name, "decode_tok_s": n / decode_s, "prefill_tok_s": 512 / prefill_s,
+        rows.append({"model": name, "head": head_storage(model), "decode_tok_s": n / decode_s, "prefill_tok_s": 512 / prefill_s,
                      "decode_ms_per_token": decode_s / n * 1e3, **{f"{k}_ms_per_token": v for k, v in split.items()}})
         print(f"{name}: decode {n / decode_s:.1f} tok/s, prefill {512 / prefill_s:.1f} tok/s", flush=True)
     base = rows[0]
@@ -217,9 +249,9 @@ def main(argv=None) -> None:
                   f"decoded token's time: medians of {args.repeats} more decode runs with a clock around each decoder "
                   "Linear and lm_head (so they add up to a little more than decode ms/token); rest = embedding, norms, "
                   "attention, cache and generate's loop.",
-                  ["model", "decode tok/s", "decode speedup", "prefill tok/s", "prefill speedup", "decode ms/token",
+                  ["model", "lm_head stored as", "decode tok/s", "decode speedup", "prefill tok/s", "prefill speedup", "decode ms/token",
                    "of which: layers' Linears", "lm_head", "rest"],
-                  [[r["model"], f"{r['decode_tok_s']:.1f}", f"{r['decode_speedup']:.2f}x", f"{r['prefill_tok_s']:.1f}",
+                  [[r["model"], r["head"], f"{r['decode_tok_s']:.1f}", f"{r['decode_speedup']:.2f}x", f"{r['prefill_tok_s']:.1f}",
                     f"{r['prefill_speedup']:.2f}x", f"{r['decode_ms_per_token']:.1f}", f"{r['linears_ms_per_token']:.1f}",
                     f"{r['lm_head_ms_per_token']:.1f}", f"{r['rest_ms_per_token']:.1f}"] for r in rows])
     save_table(args.out, "generate" + suffix, meta, rows, md, "generate" + suffix if args.update_benchmarks else None)

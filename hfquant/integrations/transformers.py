@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import copyreg
 import logging
+import os
 import time
 from collections.abc import Callable
 
@@ -33,7 +34,9 @@ from hfquant.config import HFQuantConfig, QUANT_METHOD
 from hfquant.core.errors import ConfigError
 from hfquant.formats.export import save_pretrained_as
 from hfquant.formats.gptq import checkpoint_keys, GPTQImportLinear
+from hfquant.kernels import half as half_kernels
 from hfquant.nn import prepare_model
+from hfquant.nn.half import HalfStoredLinear
 from hfquant.nn.gguf import QuantLinearGGUF
 from hfquant.nn.w8a8 import QuantLinearW8A8
 from hfquant.nn.weight_only import QuantLinearWeightOnly
@@ -259,12 +262,44 @@ def _install_save_format_hook(model) -> None:
 
 
 def _freeze(model) -> None:
-    """Freeze the quantized tensors and convert them to their kernels' layouts once, at load time."""
+    """Freeze the quantized tensors and convert them to their kernels' layouts once, at load time; store a float
+    output head in 16 bits where that is exact (``_store_head_in_16_bits``)."""
     for m in model.modules():
         if isinstance(m, (QuantLinearWeightOnly, QuantLinearW8A8)):
             for p in m.parameters(recurse=False):
                 p.requires_grad_(False)
     prepare_model(model)
+    _store_head_in_16_bits(model)
+
+
+def _store_head_in_16_bits(model) -> str | None:
+    """Replace a float32 output head on the CPU by ``HalfStoredLinear`` when every weight is exactly bfloat16 (or
+    float16), as in a float32 model loaded from a 16-bit checkpoint: the same values in half the bytes, and with
+    hfquant's 16-bit GEMV, decode reads half as much for the head. Not for tied heads (the embedding shares the
+    tensor), other devices and dtypes, a CPU without the kernel, or with ``HFQUANT_HEAD_16BIT=0``. Returns the
+    stored dtype's name, or ``None``."""
+    if os.environ.get("HFQUANT_HEAD_16BIT", "1") == "0":
+        return None
+    name = output_head_name(model)
+    head = model.get_submodule(name) if name else None
+    if type(head) is not torch.nn.Linear or head.weight.device.type != "cpu" or head.weight.dtype is not torch.float32:
+        return None
+    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    shared = any(p.data_ptr() == head.weight.data_ptr() for n, p in model.named_parameters(remove_duplicate=False)
+                 if not n.startswith(f"{name}."))
+    tied = (getattr(text_config, "tie_word_embeddings", False) or shared or name in {
+        k.rsplit(".", 1)[0] for k in getattr(model, "all_tied_weights_keys", None) or {}}
+        or (embeddings is not None and getattr(embeddings, "weight", None) is head.weight))
+    if tied or not half_kernels.cpu_gemv_available():
+        return None
+    half = HalfStoredLinear.from_linear(head)
+    if half is None:
+        return None
+    set_submodule(model, name, half)
+    logger.info("hfquant: %s stored in %s (its float32 values are exactly 16-bit; decode reads half the bytes)", name,
+                half.weight.dtype)
+    return str(half.weight.dtype).removeprefix("torch.")
 
 
 def quantize_(model, config, **options) -> dict:

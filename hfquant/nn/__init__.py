@@ -1,11 +1,13 @@
-"""Quantized modules (plain ``nn.Module``s with named tensors and a ``from_float`` constructor), and
-``prepare_model``, which builds their kernels' operands once at load time."""
+"""Quantized modules (plain ``nn.Module``s with named tensors and a ``from_float`` constructor), ``HalfStoredLinear``
+(a float32 Linear held exactly in 16 bits), and ``prepare_model``, which builds the quantized modules' kernel
+operands once at load time."""
 
 from __future__ import annotations
 
 from hfquant.kernels import w4a16 as w4a16_kernels
 from hfquant.kernels import w8a8 as w8a8_kernels
 from hfquant.nn.gguf import QuantLinearGGUF
+from hfquant.nn.half import HalfStoredLinear
 from hfquant.nn.w8a8 import QuantLinearW8A8
 from hfquant.nn.weight_only import QuantLinearWeightOnly
 
@@ -28,4 +30,4 @@ def prepare_model(model) -> int:
     return n
 
 
-__all__ = ["QuantLinearGGUF", "QuantLinearW8A8", "QuantLinearWeightOnly", "prepare_model"]
+__all__ = ["HalfStoredLinear", "QuantLinearGGUF", "QuantLinearW8A8", "QuantLinearWeightOnly", "prepare_model"]

@@ -1,7 +1,8 @@
 // hfquant CPU kernels: W4A16 for few rows (decode), y = x @ dequant(W)^T + b, float32 in and out (w4a16_gemv);
 // W4A16 for many rows (prefill): dequantized tiles and torch's GEMM (w4a16_dequant_mm); W8A8 for few rows with
 // AVX512-VNNI or AVX2 (w8a8_gemv, further down); an exact int8 GEMM for W8A8 with many rows on CPUs whose
-// torch has no fast int8 GEMM (w8a8_int_gemm, AVX2 and later).
+// torch has no fast int8 GEMM (w8a8_int_gemm, AVX2 and later); a float32 Linear whose weight is stored in 16 bits,
+// exactly, for few rows (half_gemv, AVX2 + F16C and later).
 //
 // Weights are read in hfquant's own packed layout (hfquant/core/packing.py) viewed as bytes: byte b of a row
 // holds the 4-bit codes of columns 2b (low nibble) and 2b+1 (high nibble). Per quantization group g of a
@@ -20,6 +21,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -980,6 +982,120 @@ torch::Tensor w4a16_int16_mm(torch::Tensor x, torch::Tensor w, torch::Tensor sca
 }
 #endif
 
+// A float32 Linear whose weight is stored in 16 bits (bfloat16 or float16 bit patterns, int16 [N, K]) because its
+// values are exactly 16-bit ones (a float32 model loaded from a bf16/fp16 checkpoint): y = x @ W^T + b in float32,
+// each weight widened to float32 in registers (bf16: a 16-bit shift; fp16: F16C's VCVTPH2PS), FMA accumulation.
+// For few rows of x (decode): the weight is read once per call, half the bytes of a float32 GEMV. Blocks of R
+// rows of W, each multiplied with every row of x while it is in cache; 2 vectors of K per step (2R independent
+// FMA chains).
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__) && defined(__F16C__))
+#define HFQUANT_HALF_GEMV 1
+#ifdef __AVX512F__
+using hvec = __m512;
+constexpr int64_t kHalfLanes = 16;
+static inline hvec hv_zero() { return _mm512_setzero_ps(); }
+static inline hvec hv_loadx(const float* p) { return _mm512_loadu_ps(p); }
+static inline hvec hv_fma(hvec a, hvec b, hvec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float hv_sum(hvec v) { return _mm512_reduce_add_ps(v); }
+template <bool BF16>
+static inline hvec hv_loadw(const uint16_t* p) {
+  const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  if constexpr (BF16) return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+  return _mm512_cvtph_ps(v);
+}
+#else
+using hvec = __m256;
+constexpr int64_t kHalfLanes = 8;
+static inline hvec hv_zero() { return _mm256_setzero_ps(); }
+static inline hvec hv_loadx(const float* p) { return _mm256_loadu_ps(p); }
+static inline hvec hv_fma(hvec a, hvec b, hvec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float hv_sum(hvec v) { return hsum256(v); }
+template <bool BF16>
+static inline hvec hv_loadw(const uint16_t* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+  return _mm256_cvtph_ps(v);
+}
+#endif
+
+template <bool BF16>
+static inline float half_to_float(uint16_t h) {
+  if constexpr (BF16) {
+    const uint32_t u = static_cast<uint32_t>(h) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof f);
+    return f;
+  }
+  return static_cast<float>(c10::Half(h, c10::Half::from_bits()));
+}
+
+template <bool BF16>
+static void half_gemv_impl(const float* xp, const uint16_t* wp, const float* bp, float* yp, int64_t M, int64_t N,
+                           int64_t K) {
+  constexpr int R = 4;
+  constexpr int64_t step = 2 * kHalfLanes;
+  const int64_t Kv = K / step * step;
+  const int64_t blocks = (N + R - 1) / R;
+  at::parallel_for(0, blocks, 16, [&](int64_t blk0, int64_t blk1) {
+    for (int64_t blk = blk0; blk < blk1; ++blk) {
+      const int64_t n0 = blk * R, count = std::min<int64_t>(R, N - n0);
+      for (int64_t m = 0; m < M; ++m) {
+        const float* xr = xp + m * K;
+        float out[R];
+        if (count == R) {
+          hvec a0[R], a1[R];
+          for (int r = 0; r < R; ++r) a0[r] = a1[r] = hv_zero();
+          for (int64_t k = 0; k < Kv; k += step) {
+            const hvec x0 = hv_loadx(xr + k), x1 = hv_loadx(xr + k + kHalfLanes);
+#pragma GCC unroll 4
+            for (int r = 0; r < R; ++r) {
+              const uint16_t* row = wp + (n0 + r) * K + k;
+              a0[r] = hv_fma(hv_loadw<BF16>(row), x0, a0[r]);
+              a1[r] = hv_fma(hv_loadw<BF16>(row + kHalfLanes), x1, a1[r]);
+            }
+          }
+          for (int r = 0; r < R; ++r) out[r] = hv_sum(a0[r]) + hv_sum(a1[r]);
+        } else {
+          for (int64_t r = 0; r < count; ++r) {
+            hvec a0 = hv_zero(), a1 = hv_zero();
+            const uint16_t* row = wp + (n0 + r) * K;
+            for (int64_t k = 0; k < Kv; k += step) {
+              a0 = hv_fma(hv_loadw<BF16>(row + k), hv_loadx(xr + k), a0);
+              a1 = hv_fma(hv_loadw<BF16>(row + k + kHalfLanes), hv_loadx(xr + k + kHalfLanes), a1);
+            }
+            out[r] = hv_sum(a0) + hv_sum(a1);
+          }
+        }
+        for (int64_t r = 0; r < count; ++r) {
+          const uint16_t* row = wp + (n0 + r) * K;
+          float tail = 0.f;
+          for (int64_t k = Kv; k < K; ++k) tail += half_to_float<BF16>(row[k]) * xr[k];
+          const float v = out[r] + tail;
+          yp[m * N + n0 + r] = bp != nullptr ? v + bp[n0 + r] : v;
+        }
+      }
+    }
+  });
+}
+
+// x [..., K] float32, w [N, K] int16 holding bfloat16 (bf16 true) or float16 bit patterns, bias float32 [N] or none.
+torch::Tensor half_gemv(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor> bias, bool bf16) {
+  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() >= 1 && x.is_contiguous(), "x: contiguous float32 [..., K]");
+  TORCH_CHECK(w.dtype() == torch::kInt16 && w.dim() == 2 && w.is_contiguous(), "w: contiguous int16 [N, K]");
+  const int64_t K = x.size(-1), M = K > 0 ? x.numel() / K : 0, N = w.size(0);
+  TORCH_CHECK(w.size(1) == K, "w: [N, K] with x's K");
+  const float* bp = bias_ptr(bias, N);
+  auto y = output_for(x, N);
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<int16_t>());
+  if (bf16) {
+    half_gemv_impl<true>(x.data_ptr<float>(), wp, bp, y.data_ptr<float>(), M, N, K);
+  } else {
+    half_gemv_impl<false>(x.data_ptr<float>(), wp, bp, y.data_ptr<float>(), M, N, K);
+  }
+  return y;
+}
+#endif
+
 std::string path() {
 #ifdef HFQUANT_VNNI
   return "avx512-vnni";
@@ -1010,6 +1126,11 @@ static torch::Tensor w8a8_meta(torch::Tensor x, torch::Tensor w, torch::Tensor, 
   return output_for(x, w.size(0));
 }
 #endif
+#ifdef HFQUANT_HALF_GEMV
+static torch::Tensor half_gemv_meta(torch::Tensor x, torch::Tensor w, c10::optional<torch::Tensor>, bool) {
+  return output_for(x, w.size(0));
+}
+#endif
 #ifdef HFQUANT_INT_GEMM
 static torch::Tensor int_gemm_meta(torch::Tensor a, torch::Tensor w) {
   return torch::empty({a.size(0), w.size(0)}, a.options().dtype(torch::kInt32));
@@ -1032,6 +1153,9 @@ TORCH_LIBRARY(TORCH_EXTENSION_NAME, m) {
   m.def("w4a16_int16_mm(Tensor x, Tensor w, Tensor scales, Tensor zeros, Tensor? bias, int group, int bits) "
         "-> Tensor");
 #endif
+#ifdef HFQUANT_HALF_GEMV
+  m.def("half_gemv(Tensor x, Tensor w, Tensor? bias, bool bf16) -> Tensor");
+#endif
 }
 
 TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
@@ -1043,6 +1167,9 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, CPU, m) {
 #ifdef HFQUANT_INT_GEMM
   m.impl("w8a8_int_gemm", &w8a8_int_gemm);
   m.impl("w4a16_int16_mm", &w4a16_int16_mm);
+#endif
+#ifdef HFQUANT_HALF_GEMV
+  m.impl("half_gemv", &half_gemv);
 #endif
 }
 
@@ -1056,6 +1183,9 @@ TORCH_LIBRARY_IMPL(TORCH_EXTENSION_NAME, Meta, m) {
   m.impl("w8a8_int_gemm", &int_gemm_meta);
   m.impl("w4a16_int16_mm", &w4a16_mm_meta);
 #endif
+#ifdef HFQUANT_HALF_GEMV
+  m.impl("half_gemv", &half_gemv_meta);
+#endif
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1067,6 +1197,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef HFQUANT_INT_GEMM
   m.def("w8a8_int_gemm", &w8a8_int_gemm, "exact int8 x int8 -> int32 GEMM a @ w^T (VPMADDWD), for CPUs without VNNI");
   m.def("w4a16_int16_mm", &w4a16_int16_mm, "W4A16/W8A16 for many rows: x as int16 codes per group, VPMADDWD with the codes");
+#endif
+#ifdef HFQUANT_HALF_GEMV
+  m.def("half_gemv", &half_gemv, "float32 Linear with a 16-bit (bf16 or fp16) stored weight, few rows");
 #endif
   m.def("path", &path, "which inner loop was compiled in: avx512-vnni, avx512, avx2 or scalar");
 }
