@@ -72,7 +72,7 @@ def test_tiles_match_float32_across_tiles(bias, monkeypatch):
     assert rel_err(y, _reference(x, lin)) < 1e-6
 
 
-@pytest.mark.parametrize("path", ["auto", "gemv", "tiles"])
+@pytest.mark.parametrize("path", ["auto", "gemv", "tiles", "big_tiles"])
 def test_dispatch_float32_and_other_dtypes(path, monkeypatch):
     monkeypatch.setenv("HFQUANT_CPU_HALF", path)
     lin = _linear(128, 200, torch.float16, bias=True)

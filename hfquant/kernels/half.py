@@ -8,9 +8,10 @@ value (``hfquant.nn.HalfStoredLinear``). The result is float32 arithmetic on flo
 * **CPU, float32 ``x``, up to ``GEMV_MAX_ROWS`` rows** (decode): hfquant's C++ kernel ``half_gemv`` (AVX2 + F16C
   or AVX-512) widens each 16-bit weight to float32 in registers and accumulates with FMAs. It reads half the bytes of
   a float32 GEMV; its sums differ from ``F.linear``'s only in order (about 1e-6 relative).
-* **CPU, float32, more rows** (prefill): tiles of W converted to float32 (about 16 MB each) and torch's float32 GEMM.
-* Which of the two runs for a shape class is timed once per process (``fastest_path``; ``HFQUANT_CPU_HALF``:
-  ``auto``, ``gemv`` or ``tiles``).
+* **CPU, float32, more rows** (prefill): tiles of W converted to float32 (4 MB, or 16 MB: ``big_tiles``) and
+  torch's float32 GEMM, about float32's speed (the conversion against fewer bytes read).
+* Which path runs for a shape class is timed once per process (``fastest_path``; ``HFQUANT_CPU_HALF``: ``auto``,
+  ``gemv``, ``tiles`` or ``big_tiles``).
 * Anything else (bf16/fp16 ``x``, CUDA): ``F.linear`` with the weight cast to ``x``'s dtype.
 """
 
@@ -23,7 +24,10 @@ from hfquant.kernels import cpu_ext
 from hfquant.kernels.common import fastest_path
 
 GEMV_MAX_ROWS = 16  # the GEMV re-reads a cached block of W per row of x: from here on the tiles always win
-TILE_BYTES = 16 << 20  # float32 bytes of W per converted tile
+# Float32 bytes of W per converted tile, two sizes timed against each other: on a 2-core EPYC (AVX2 code) 4 MB tiles
+# were 1.4-3.0x float32 at 4-128 rows and 0.77-1.17x at 256-512, 16 MB tiles 0.98-1.19x at 256-512 rows.
+TILE_BYTES = 4 << 20
+BIG_TILE_BYTES = 16 << 20
 
 
 def cpu_gemv_available() -> bool:
@@ -47,22 +51,33 @@ def half_cpu_gemv(x: torch.Tensor, module) -> torch.Tensor | None:
                                                             w.dtype is torch.bfloat16)
 
 
-def half_cpu_tiles(x: torch.Tensor, module) -> torch.Tensor:
-    """Float32 rows: W converted to float32 a tile of rows at a time, each tile multiplied by torch's GEMM."""
+def half_cpu_tiles(x: torch.Tensor, module, tile_bytes: int | None = None) -> torch.Tensor:
+    """Float32 rows: W converted to float32 a tile of rows (``tile_bytes``, default ``TILE_BYTES``) at a time into one
+    reused buffer (a fresh tensor per tile costs page faults), each tile multiplied by torch's GEMM straight into
+    ``y^T`` (``W_tile @ x^T``: faster than ``x @ W_tile^T`` into column slices of ``y``)."""
     w = module.weight
     n, k = w.shape
     x2 = x.reshape(-1, k)
-    tile = max(64, TILE_BYTES // (4 * k))
-    if tile >= n:
-        y = F.linear(x2, w.float(), _bias(module, x2))
-    else:
-        y = x2.new_empty(x2.shape[0], n)
-        for n0 in range(0, n, tile):
-            n1 = min(n, n0 + tile)
-            y[:, n0:n1] = F.linear(x2, w[n0:n1].float())
-        if module.bias is not None:
-            y += module.bias.float()
-    return y.view(*x.shape[:-1], n)
+    tile = min(n, max(64, (tile_bytes or TILE_BYTES) // (4 * k)))
+    buf = torch.empty(tile, k, dtype=x2.dtype)
+    y = x2.new_empty(n, x2.shape[0])  # y^T: each tile's output rows are contiguous
+    for n0 in range(0, n, tile):
+        n1 = min(n, n0 + tile)
+        wt = buf[: n1 - n0]
+        wt.copy_(w[n0:n1])
+        torch.mm(wt, x2.t(), out=y[n0:n1])
+    y = y.t()
+    if module.bias is not None:
+        y = y + module.bias.float()
+    return y.reshape(*x.shape[:-1], n)
+
+
+def half_cpu_big_tiles(x: torch.Tensor, module) -> torch.Tensor:
+    """``half_cpu_tiles`` with ``BIG_TILE_BYTES`` tiles."""
+    return half_cpu_tiles(x, module, BIG_TILE_BYTES)
+
+
+PATHS = {"gemv": half_cpu_gemv, "tiles": half_cpu_tiles, "big_tiles": half_cpu_big_tiles}
 
 
 _CHOICE: dict[tuple, str] = {}  # shape class -> "gemv" or "tiles", decided once per process
@@ -77,7 +92,7 @@ def half_linear(x: torch.Tensor, module) -> torch.Tensor:
         rows = x.numel() // max(1, x.shape[-1])
         key = (module.in_features, module.out_features, rows.bit_length())
         traced = "gemv" if rows <= GEMV_MAX_ROWS and cpu_gemv_available() else "tiles"
-        y = fastest_path(_CHOICE, key, {"gemv": half_cpu_gemv, "tiles": half_cpu_tiles}, "HFQUANT_CPU_HALF", traced,
+        y = fastest_path(_CHOICE, key, PATHS, "HFQUANT_CPU_HALF", traced,
                          x, module, "a float32 {in_f}x{out_f} Linear stored in 16 bits at {rows} rows")
         return y if y is not None else half_cpu_tiles(x, module)  # HFQUANT_CPU_HALF=gemv where the GEMV cannot run
     return F.linear(x, w.to(x.dtype), _bias(module, x))
