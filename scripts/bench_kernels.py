@@ -6,7 +6,9 @@ through hfquant's dispatch: on CPU hfquant's own kernel for one row, and for mor
 the dequantized tiles, torch's int4 kernel and hfquant's int16 GEMM; Triton on CUDA) and ``QuantLinearW8A8``
 (per-token int8 activations included: on CPU hfquant's GEMV for one row, and for more rows ``torch._int_mm``
 with AVX512-VNNI, else the faster of hfquant's int8 GEMM and float32 tiles; Triton on CUDA). On CPU the table
-names the path each cell ran. Bandwidth = bytes of weight operands the kernel reads / time, next to the machine's
+names the path each cell ran, and has a third candidate: the float32 weight held exactly in bf16
+(``HalfStoredLinear``, how a quantized model holds a float32 output head whose values are bf16: hfquant's 16-bit
+GEMV up to 16 rows, else float32 tiles converted for torch's GEMM, whichever was timed fastest). Bandwidth = bytes of weight operands the kernel reads / time, next to the machine's
 copy bandwidth measured in the same run ((read + write) / time of a large ``copy_``).
 
 CPU timing, three protocols (``--cache``); each measures every candidate the same way in one run:
@@ -130,7 +132,14 @@ def build(in_f: int, out_f: int, device: str, dtype: torch.dtype):
     w4 = QuantLinearWeightOnly.from_float(lin, codes, scales, zeros, g_idx, 4, 128).to(device)
     w8 = QuantLinearW8A8.from_float(lin, lin.weight.data).to(device)
     prepare_model(torch.nn.ModuleList([w4, w8]))
-    return lin.weight.data.to(device=device, dtype=dtype), w4, w8
+    half = None
+    if device == "cpu":  # the float32 weight held in bf16, as a quantized model holds an exact head (same speed for any values)
+        from hfquant.nn.half import HalfStoredLinear
+
+        exact = torch.nn.Linear(in_f, out_f, bias=False)
+        exact.weight.data = lin.weight.data.to(torch.bfloat16).float()
+        half = HalfStoredLinear.from_linear(exact)
+    return lin.weight.data.to(device=device, dtype=dtype), w4, w8, half
 
 
 def weight_bytes(in_f: int, out_f: int, device: str, float_bytes: int, m: int) -> dict:
@@ -142,7 +151,7 @@ def weight_bytes(in_f: int, out_f: int, device: str, float_bytes: int, m: int) -
     # int32 zeros); W8A8: int8 codes and float32 per-channel scales.
     per_group = 4 if device == "cpu" and m > CPU_GEMV_MAX_ROWS else 8
     return {"fp": float_bytes * in_f * out_f, "w4a16": in_f * out_f // 2 + per_group * groups * out_f,
-            "w8a8": in_f * out_f + 4 * out_f}
+            "w8a8": in_f * out_f + 4 * out_f, "bf16w": 2 * in_f * out_f}
 
 
 def fresh_copy(module):
@@ -184,12 +193,14 @@ def run(device: str, repeats: int, shapes, rows_list, cache: str = "warm") -> tu
     bw = copy_bandwidth_gbs(device, timer(device, repeats))
     rows = []
     for in_f, out_f in shapes:
-        w, w4, w8 = build(in_f, out_f, device, dtype)
+        w, w4, w8, half = build(in_f, out_f, device, dtype)
         for m in rows_list:
             nbytes = weight_bytes(in_f, out_f, device, w.element_size(), m)
             x = torch.randn(m, in_f, device=device, dtype=dtype)
             candidates = {"fp": (w, lambda x, w: F.linear(x, w)), "w4a16": (w4, lambda x, mod: mod(x)),
                           "w8a8": (w8, lambda x, mod: mod(x))}
+            if half is not None:
+                candidates["bf16w"] = (half, lambda x, mod: mod(x))
             if device == "cuda" and m > 16:  # the other CUDA W8A8 path: cuBLAS int8 GEMM + fused epilogue
                 from hfquant.kernels.triton_kernels import w8a8_int_mm_cuda
 
@@ -214,6 +225,11 @@ def run(device: str, repeats: int, shapes, rows_list, cache: str = "warm") -> tu
             row["w4a16_speedup"], row["w8a8_speedup"] = t["fp"] / t["w4a16"], t["fp"] / t["w8a8"]
             if device == "cpu":
                 row["w4a16_path"], row["w8a8_path"] = cpu_paths(in_f, out_f, m)
+            if "bf16w" in t:
+                from hfquant.kernels import half as half_kernels
+
+                row["bf16w_speedup"] = t["fp"] / t["bf16w"]
+                row["bf16w_path"] = half_kernels._CHOICE.get((in_f, out_f, m.bit_length()), "?")
             if "w8a8_int_mm" in t:
                 row["w8a8_int_mm_speedup"] = t["fp"] / t["w8a8_int_mm"]
             rows.append(row)
@@ -249,10 +265,13 @@ def markdown(rows, meta) -> str:
     extra_head = " W8A8 via _int_mm (ms) | its speedup |" if int_mm else ""
     paths = any("w4a16_path" in r for r in rows)
     path_head = " W4A16 path | W8A8 path |" if paths else ""
+    half = any("bf16w_ms" in r for r in rows)
+    half_head = " float32 W held in bf16 (ms) | its speedup | its path |" if half else ""
     out = [f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}; torch {meta['torch']}; {meta['timing']}; "
            f"{meta['date']}. Copy bandwidth measured in the same run: {meta['copy_gbs']:.1f} GB/s.", "",
            f"| shape (in x out) | M | {base} (ms) | W4A16 (ms) | W4A16 speedup | W8A8 (ms) | W8A8 speedup |{extra_head} "
-           f"{base} GB/s | W4A16 GB/s | W8A8 GB/s |{path_head}", "|---" * (10 + 2 * int_mm + 2 * paths) + "|"]
+           f"{base} GB/s | W4A16 GB/s | W8A8 GB/s |{path_head}{half_head}",
+           "|---" * (10 + 2 * int_mm + 2 * paths + 3 * half) + "|"]
     for r in rows:
         extra = ""
         if int_mm:
@@ -260,7 +279,8 @@ def markdown(rows, meta) -> str:
                      else " - | - |")
         out.append(f"| {r['shape']} | {r['M']} | {r['fp_ms']:.4f} | {r['w4a16_ms']:.4f} | {r['w4a16_speedup']:.2f}x | "
                    f"{r['w8a8_ms']:.4f} | {r['w8a8_speedup']:.2f}x |{extra} {r['fp_gbs']:.0f} | {r['w4a16_gbs']:.0f} | "
-                   f"{r['w8a8_gbs']:.0f} |" + (f" {r.get('w4a16_path', '')} | {r.get('w8a8_path', '')} |" if paths else ""))
+                   f"{r['w8a8_gbs']:.0f} |" + (f" {r.get('w4a16_path', '')} | {r.get('w8a8_path', '')} |" if paths else "")
+                   + (f" {r['bf16w_ms']:.4f} | {r['bf16w_speedup']:.2f}x | {r['bf16w_path']} |" if half else ""))
     return "\n".join(out) + "\n"
 
 
