@@ -8,7 +8,7 @@ value (``hfquant.nn.HalfStoredLinear``). The result is float32 arithmetic on flo
 * **CPU, float32 ``x``, up to ``GEMV_MAX_ROWS`` rows** (decode): hfquant's C++ kernel ``half_gemv`` (AVX2 + F16C
   or AVX-512) widens each 16-bit weight to float32 in registers and accumulates with FMAs. It reads half the bytes of
   a float32 GEMV; its sums differ from ``F.linear``'s only in order (about 1e-6 relative).
-* **CPU, float32, more rows** (prefill): tiles of W converted to float32 (4 MB, or 16 MB: ``big_tiles``) and
+* **CPU, float32, more rows** (prefill): tiles of W converted to float32 (4 MB, or 32 MB: ``big_tiles``) and
   torch's float32 GEMM, about float32's speed (the conversion against fewer bytes read).
 * Which path runs for a shape class is timed once per process (``fastest_path``; ``HFQUANT_CPU_HALF``: ``auto``,
   ``gemv``, ``tiles`` or ``big_tiles``).
@@ -25,9 +25,10 @@ from hfquant.kernels.common import fastest_path
 
 GEMV_MAX_ROWS = 16  # the GEMV re-reads a cached block of W per row of x: from here on the tiles always win
 # Float32 bytes of W per converted tile, two sizes timed against each other: on a 2-core EPYC (AVX2 code) 4 MB tiles
-# were 1.4-3.0x float32 at 4-128 rows and 0.77-1.17x at 256-512, 16 MB tiles 0.98-1.19x at 256-512 rows.
+# were 1.4-3.0x float32 at 4-128 rows and 0.77-1.17x at 256-512; at 512 rows (AVX-512 code), 11008x4096 and
+# 4096x11008, 16 MB tiles were 0.94-1.09x, 32 MB 1.00-1.12x, 64 MB 0.95-1.09x, 256 MB 0.84-0.92x.
 TILE_BYTES = 4 << 20
-BIG_TILE_BYTES = 16 << 20
+BIG_TILE_BYTES = 32 << 20
 
 
 def cpu_gemv_available() -> bool:
