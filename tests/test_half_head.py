@@ -177,3 +177,13 @@ def test_tied_or_inexact_heads_stay_float32(tmp_path, tied, values):
     assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype is torch.float32
     if tied:
         assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def test_without_the_kernel_the_head_stays_float32(tmp_path, monkeypatch):
+    """No extension (no compiler, a CPU without AVX2, ``HFQUANT_CPU_EXTENSION=0``): the float32 head is kept, since
+    converting the whole weight per decode call would be slower than float32."""
+    monkeypatch.setitem(cpu_ext._STATE, "ext", None)
+    assert not half_kernels.cpu_gemv_available()
+    _tiny_model(tmp_path / "fp", tied=False, values=torch.bfloat16)
+    model = _quantized(tmp_path / "fp")
+    assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype is torch.float32
