@@ -102,6 +102,13 @@ def test_state_dict_is_the_float_tensor_and_loads_only_exact_values():
     assert torch.equal(mod.weight.float(), other.weight)  # unchanged by the refused load
     assert HalfStoredLinear.from_linear(_linear(64, 32, None)) is None
     assert HalfStoredLinear.from_linear(lin.to(torch.bfloat16)) is None  # only float32 models
+    mod.to(torch.bfloat16)  # a model cast to bf16: a bf16 Linear, saved in bf16
+    assert mod.float_dtype is torch.bfloat16 and mod.state_dict()["weight"].dtype is torch.bfloat16
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(mod(x), F.linear(x, mod.weight, mod.bias))
+    mod.float()  # and back to float32: the weight too, as an nn.Linear's
+    assert mod.weight.dtype is torch.float32 and torch.equal(mod.weight, other.weight)
+    assert mod.state_dict()["weight"].dtype is torch.float32
 
 
 def test_compiled_graph_calls_the_gemv():

@@ -58,6 +58,15 @@ class HalfStoredLinear(nn.Module):
         """The weight as ``dtype`` (exact in float32)."""
         return self.weight.to(dtype)
 
+    def _apply(self, fn, recurse=True):
+        """``model.to(dtype)`` / ``.half()`` / ``.float()`` change the dtype the module computes in (and saves) as they
+        would an ``nn.Linear``'s: the dtype a float32 tensor becomes under ``fn`` (a device move keeps it)."""
+        probe = fn(torch.empty(0, dtype=self.float_dtype))
+        super()._apply(fn, recurse)
+        if probe.dtype.is_floating_point:
+            self.float_dtype = probe.dtype
+        return self
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         key = prefix + "weight"
