@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from hfquant.kernels import cpu_ext
 from hfquant.kernels.common import fastest_path
 
-GEMV_MAX_ROWS = 16  # the GEMV re-reads a cached block of W per row of x: from here on the tiles always win
+# The GEMV multiplies each cached block of W with one row of x at a time, so its time grows with every row; at 16 rows
+# (AVX2 code, 4096x4096 and 576x49152) the tiles already matched it: 1.6-2.1x float32 against 1.6-1.7x.
+GEMV_MAX_ROWS = 16
 # Float32 bytes of W per converted tile, two sizes timed against each other: on a 2-core EPYC (AVX2 code) 4 MB tiles
 # were 1.4-3.0x float32 at 4-128 rows and 0.77-1.17x at 256-512; at 512 rows (AVX-512 code), 11008x4096 and
 # 4096x11008, 16 MB tiles were 0.94-1.09x, 32 MB 1.00-1.12x, 64 MB 0.95-1.09x, 256 MB 0.84-0.92x.
@@ -81,7 +83,7 @@ def half_cpu_big_tiles(x: torch.Tensor, module) -> torch.Tensor:
 PATHS = {"gemv": half_cpu_gemv, "tiles": half_cpu_tiles, "big_tiles": half_cpu_big_tiles}
 
 
-_CHOICE: dict[tuple, str] = {}  # shape class -> "gemv" or "tiles", decided once per process
+_CHOICE: dict[tuple, str] = {}  # shape class -> a name in PATHS, decided once per process
 
 
 def half_linear(x: torch.Tensor, module) -> torch.Tensor:
