@@ -136,9 +136,7 @@ def build(in_f: int, out_f: int, device: str, dtype: torch.dtype):
     if device == "cpu":  # the float32 weight held in bf16, as a quantized model holds an exact head (same speed for any values)
         from hfquant.nn.half import HalfStoredLinear
 
-        exact = torch.nn.Linear(in_f, out_f, bias=False)
-        exact.weight.data = lin.weight.data.to(torch.bfloat16).float()
-        half = HalfStoredLinear.from_linear(exact)
+        half = HalfStoredLinear(lin.weight.data.to(torch.bfloat16), None, torch.float32)
     return lin.weight.data.to(device=device, dtype=dtype), w4, w8, half
 
 

@@ -272,34 +272,28 @@ def _freeze(model) -> None:
     _store_head_in_16_bits(model)
 
 
-def _store_head_in_16_bits(model) -> str | None:
+def _store_head_in_16_bits(model) -> None:
     """Replace a float32 output head on the CPU by ``HalfStoredLinear`` when every weight is exactly bfloat16 (or
     float16), as in a float32 model loaded from a 16-bit checkpoint: the same values in half the bytes, and with
-    hfquant's 16-bit GEMV, decode reads half as much for the head. Not for tied heads (the embedding shares the
-    tensor), other devices and dtypes, a CPU without the kernel, or with ``HFQUANT_HEAD_16BIT=0``. Returns the
-    stored dtype's name, or ``None``."""
+    hfquant's 16-bit GEMV, decode reads half as much for the head. Not for tied heads (declared in the config, or the
+    tensor shared with another parameter), other devices and dtypes, a CPU without the kernel, or with
+    ``HFQUANT_HEAD_16BIT=0``."""
     if os.environ.get("HFQUANT_HEAD_16BIT", "1") == "0":
-        return None
+        return
     name = output_head_name(model)
     head = model.get_submodule(name) if name else None
     if type(head) is not torch.nn.Linear or head.weight.device.type != "cpu" or head.weight.dtype is not torch.float32:
-        return None
+        return
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     shared = any(p.data_ptr() == head.weight.data_ptr() for n, p in model.named_parameters(remove_duplicate=False)
                  if not n.startswith(f"{name}."))
-    tied = (getattr(text_config, "tie_word_embeddings", False) or shared or name in {
-        k.rsplit(".", 1)[0] for k in getattr(model, "all_tied_weights_keys", None) or {}}
-        or (embeddings is not None and getattr(embeddings, "weight", None) is head.weight))
-    if tied or not half_kernels.cpu_gemv_available():
-        return None
+    if getattr(text_config, "tie_word_embeddings", False) or shared or not half_kernels.cpu_gemv_available():
+        return
     half = HalfStoredLinear.from_linear(head)
-    if half is None:
-        return None
-    set_submodule(model, name, half)
-    logger.info("hfquant: %s stored in %s (its float32 values are exactly 16-bit; decode reads half the bytes)", name,
-                half.weight.dtype)
-    return str(half.weight.dtype).removeprefix("torch.")
+    if half is not None:
+        set_submodule(model, name, half)
+        logger.info("hfquant: %s stored in %s (its float32 values are exactly 16-bit; decode reads half the bytes)",
+                    name, half.weight.dtype)
 
 
 def quantize_(model, config, **options) -> dict:

@@ -62,7 +62,7 @@ def half_cpu_tiles(x: torch.Tensor, module, tile_bytes: int | None = None) -> to
     n, k = w.shape
     x2 = x.reshape(-1, k)
     tile = min(n, max(64, (tile_bytes or TILE_BYTES) // (4 * k)))
-    buf = torch.empty(tile, k, dtype=x2.dtype)
+    buf = x2.new_empty(tile, k)
     y = x2.new_empty(n, x2.shape[0])  # y^T: each tile's output rows are contiguous
     for n0 in range(0, n, tile):
         n1 = min(n, n0 + tile)

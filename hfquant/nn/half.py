@@ -18,14 +18,22 @@ HALF_DTYPES = (torch.bfloat16, torch.float16)  # tried in this order
 _CHECK_ROWS = 1024  # rows of W compared at a time (bounded extra memory on a large output head)
 
 
-def exact_half_dtype(weight: torch.Tensor) -> torch.dtype | None:
-    """The first of ``HALF_DTYPES`` that holds every value of ``weight`` exactly (NaN and values out of range never
-    match), or ``None``."""
-    w = weight.detach().reshape(weight.shape[0], -1) if weight.dim() > 0 else weight.detach().reshape(1, 1)
+def exact_half_copy(weight: torch.Tensor) -> torch.Tensor | None:
+    """``weight`` in the first of ``HALF_DTYPES`` that holds every value exactly (NaN and values out of range never
+    match), or ``None``. Converted a chunk of rows at a time, each chunk checked as it is converted (one pass)."""
+    w = weight.detach()
+    rows = w.reshape(w.shape[0], -1) if w.dim() > 0 else w.reshape(1, 1)
     for dtype in HALF_DTYPES:
-        if all(torch.equal(chunk.to(dtype).to(chunk.dtype), chunk) for chunk in w.split(_CHECK_ROWS)):
-            return dtype
+        out = torch.empty(rows.shape, dtype=dtype, device=w.device)
+        if all(torch.equal(o.copy_(c).to(c.dtype), c) for o, c in zip(out.split(_CHECK_ROWS), rows.split(_CHECK_ROWS))):
+            return out.view(w.shape)
     return None
+
+
+def exact_half_dtype(weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``exact_half_copy`` would hold ``weight`` in, or ``None``."""
+    copy = exact_half_copy(weight)
+    return None if copy is None else copy.dtype
 
 
 class HalfStoredLinear(nn.Module):
@@ -46,10 +54,8 @@ class HalfStoredLinear(nn.Module):
         w = linear.weight
         if w.dtype is not torch.float32 or w.device.type == "meta":
             return None
-        dtype = exact_half_dtype(w)
-        if dtype is None:
-            return None
-        return cls(w.detach().to(dtype), linear.bias, w.dtype)
+        half = exact_half_copy(w)
+        return None if half is None else cls(half, linear.bias, w.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return half_linear(x, self)
@@ -61,7 +67,7 @@ class HalfStoredLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         """``model.to(dtype)`` / ``.half()`` / ``.float()`` change the dtype the module computes in (and saves) as they
         would an ``nn.Linear``'s: the dtype a float32 tensor becomes under ``fn`` (a device move keeps it)."""
-        probe = fn(torch.empty(0, dtype=self.float_dtype))
+        probe = fn(self.weight.new_empty(0, dtype=self.float_dtype))
         super()._apply(fn, recurse)
         if probe.dtype.is_floating_point:
             self.float_dtype = probe.dtype
