@@ -2,13 +2,14 @@
 
 Shapes (in x out): 4096x4096, 4096x11008, 11008x4096, at M = 1, 16, 64, 512 rows. Baseline: float32
 ``F.linear`` on CPU, bfloat16 ``F.linear`` on CUDA. Candidates: ``QuantLinearWeightOnly`` (4-bit, g128,
-through hfquant's dispatch: on CPU hfquant's own kernel for one row, and for more rows the fastest on this CPU of
-the dequantized tiles, torch's int4 kernel and hfquant's int16 GEMM; Triton on CUDA) and ``QuantLinearW8A8``
+through hfquant's dispatch: on CPU hfquant's own kernel for one row, and for more rows the reproducible choice
+(hfquant's int16 GEMM where built; ``HFQUANT_CPU_PREFILL=fastest`` times the dequantized tiles, torch's int4 kernel
+and the int16 GEMM instead); Triton on CUDA) and ``QuantLinearW8A8``
 (per-token int8 activations included: on CPU hfquant's GEMV for one row, and for more rows ``torch._int_mm``
 with AVX512-VNNI, else the faster of hfquant's int8 GEMM and float32 tiles; Triton on CUDA). On CPU the table
 names the path each cell ran, and has a third candidate: the float32 weight held exactly in bf16
 (``HalfStoredLinear``, how a quantized model holds a float32 output head whose values are bf16: hfquant's 16-bit
-GEMV up to 16 rows, else float32 tiles converted for torch's GEMM, whichever was timed fastest). Bandwidth = bytes of weight operands the kernel reads / time, next to the machine's
+GEMV up to 16 rows, else float32 tiles converted for torch's GEMM, 32 MB tiles from 256 rows). Bandwidth = bytes of weight operands the kernel reads / time, next to the machine's
 copy bandwidth measured in the same run ((read + write) / time of a large ``copy_``).
 
 CPU timing, three protocols (``--cache``); each measures every candidate the same way in one run:
@@ -225,9 +226,11 @@ def run(device: str, repeats: int, shapes, rows_list, cache: str = "warm") -> tu
                 row["w4a16_path"], row["w8a8_path"] = cpu_paths(in_f, out_f, m)
             if "bf16w" in t:
                 from hfquant.kernels import half as half_kernels
+                from hfquant.kernels.common import remembered_path
 
                 row["bf16w_speedup"] = t["fp"] / t["bf16w"]
-                row["bf16w_path"] = half_kernels._CHOICE.get((in_f, out_f, m.bit_length()), "?")
+                row["bf16w_path"] = remembered_path(half_kernels._CHOICE, (in_f, out_f, m.bit_length()),
+                                                    "HFQUANT_CPU_HALF", half_kernels.PATHS) or "?"
             if "w8a8_int_mm" in t:
                 row["w8a8_int_mm_speedup"] = t["fp"] / t["w8a8_int_mm"]
             rows.append(row)
@@ -238,22 +241,23 @@ def run(device: str, repeats: int, shapes, rows_list, cache: str = "warm") -> tu
 
 def cpu_paths(in_f: int, out_f: int, m: int) -> tuple[str, str]:
     """Which CPU path hfquant's dispatch ran for W4A16 (g128) and W8A8 at this shape and row count (after the
-    timed calls, so a timed choice is made)."""
+    timed calls, so the choice is made)."""
     from hfquant.kernels import w4a16, w8a8
+    from hfquant.kernels.common import remembered_path
     from hfquant.kernels.isa import int8_gemm_is_fast
 
     if m <= w4a16.CPU_GEMV_MAX_ROWS:
         w4 = "gemv"
     else:
-        w4 = os.environ.get("HFQUANT_CPU_PREFILL", "auto")
-        w4 = w4a16._PREFILL_CHOICE.get((in_f, out_f, 128, 4, m.bit_length()), "?") if w4 == "auto" else w4
+        w4 = remembered_path(w4a16._PREFILL_CHOICE, (in_f, out_f, 128, 4, m.bit_length()), "HFQUANT_CPU_PREFILL",
+                             w4a16._prefill_paths()) or "?"
     if m <= w8a8.CPU_GEMV_MAX_ROWS:
         w8 = "gemv"
     elif int8_gemm_is_fast():
         w8 = "_int_mm"
     else:
-        w8 = os.environ.get("HFQUANT_CPU_W8A8", "auto")
-        w8 = w8a8._MANY_ROWS_CHOICE.get((in_f, out_f, m.bit_length()), "?") if w8 == "auto" else w8
+        w8 = remembered_path(w8a8._MANY_ROWS_CHOICE, (in_f, out_f, m.bit_length()), "HFQUANT_CPU_W8A8",
+                             w8a8._many_rows_paths()) or "?"
     return w4, w8
 
 

@@ -9,10 +9,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# CPU prefill path fixed (the default, auto, picks the faster by timing): tests compare exact outputs of one path.
-# tests/test_kernels.py checks the auto choice on its own.
-os.environ.setdefault("HFQUANT_CPU_PREFILL", "tiles")
-os.environ.setdefault("HFQUANT_CPU_W8A8", "int")  # bit-identical to the reference where it is built
+# The CPU paths are hfquant's defaults (the reproducible choices, hfquant.kernels.common.choose_path): the tests
+# run what users run. Tests of other paths set HFQUANT_CPU_PREFILL / HFQUANT_CPU_W8A8 / HFQUANT_CPU_HALF themselves.
 if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors under the interpreter (must be set before triton is imported).
     os.environ.setdefault("TRITON_INTERPRET", "1")

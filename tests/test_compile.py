@@ -6,7 +6,6 @@ import torch
 
 from hfquant.kernels import cpu_ext
 from hfquant.nn import prepare_model
-from hfquant.kernels.w4a16 import DEQUANT_MIN_ROWS
 from hfquant.nn.w8a8 import QuantLinearW8A8
 
 from tests.test_kernels import make_module
@@ -36,9 +35,9 @@ def test_compiled_graph_calls_the_kernels_and_matches_eager(static, dynamic):
     assert prepare_model(block) == 3  # as at load time
     compiled = torch.compile(block, fullgraph=True, dynamic=dynamic)  # fullgraph: a graph break is an error
     with torch.no_grad():
-        # one row: the GEMVs; 8 rows: torch's int4 kernel and _int_mm; many rows: the dequantized-tile path
-        # (twice with dynamic shapes: a symbolic row count through the Meta implementations)
-        for rows in (1, 8, DEQUANT_MIN_ROWS + 3) + ((DEQUANT_MIN_ROWS + 11,) if dynamic else ()):
+        # one row: the GEMVs; more rows: the reproducible prefill choice (hfquant's int16 GEMM) and _int_mm or the
+        # W8A8 many-rows choice (twice with dynamic shapes: a symbolic row count through the Meta implementations)
+        for rows in (1, 8, 35) + ((43,) if dynamic else ()):
             x = torch.randn(1, rows, 576)
             assert torch.equal(compiled(x), block(x)), rows
     ops = getattr(torch.ops, cpu_ext.extension().__name__)

@@ -62,11 +62,9 @@ def test_batched_3d_input_and_cache_invalidation():
 
 
 def test_few_rows_and_bf16_use_the_int4_kernel_and_odd_layouts_the_exact_reference(monkeypatch):
-    from hfquant.kernels.w4a16 import DEQUANT_MIN_ROWS
-
     monkeypatch.setenv("HFQUANT_CPU_PREFILL", "int4")
     mod = make_module(256, 64, group=64)
-    x = torch.randn(2, (DEQUANT_MIN_ROWS - 1) // 2, 256)  # more than one row: the prefill choice, here int4
+    x = torch.randn(2, 15, 256)  # more than one row: the prefill choice, here forced to int4
     assert torch.equal(w4a16_linear(x, mod), w4a16_cpu_int4(x, mod))
     assert rel_err(w4a16_linear(x, mod), w4a16_reference(x, mod)) < 1e-2
     xb = torch.randn(4, 32, 256, dtype=torch.bfloat16)  # bf16 activations, many rows: torch's kernel too
@@ -170,8 +168,8 @@ def test_cpu_gemv_zero_and_non_finite_inputs(gemv_kernel):
 @pytest.mark.parametrize("in_f,out_f,group,act_perm", [(576, 960, 128, False), (576, 1536, 64, True), (160, 66, -1, False),
                                                        (96, 40, 32, True), (100, 33, 32, False)])
 @pytest.mark.parametrize("tile", [None, 7, 64])  # None: the default (whole W here); 7: several tiles, a partial last one
-def test_cpu_dequant_mm_matches_reference(gemv_kernel, in_f, out_f, group, act_perm, tile):
-    from hfquant.kernels.w4a16 import DEQUANT_MIN_ROWS, w4a16_cpu_dequant_mm
+def test_cpu_dequant_mm_matches_reference(gemv_kernel, in_f, out_f, group, act_perm, tile, monkeypatch):
+    from hfquant.kernels.w4a16 import w4a16_cpu_dequant_mm
 
     mod = make_module(in_f, out_f, group=group, act_perm=act_perm)
     x = torch.randn(2, 37, in_f)
@@ -180,8 +178,8 @@ def test_cpu_dequant_mm_matches_reference(gemv_kernel, in_f, out_f, group, act_p
     assert fast.shape == ref.shape == (2, 37, out_f)
     assert rel_err(fast, ref) < 1e-6  # the same float32 weights and GEMM: float32 rounding only
     if tile is None:
-        assert 2 * 37 >= DEQUANT_MIN_ROWS
-        assert torch.equal(w4a16_linear(x, mod), fast)  # dispatched for many float32 rows
+        monkeypatch.setenv("HFQUANT_CPU_PREFILL", "tiles")
+        assert torch.equal(w4a16_linear(x, mod), fast)  # dispatched for many float32 rows when forced
 
 
 @pytest.mark.parametrize("in_f,out_f,group,act_perm", [(576, 960, 128, False), (576, 1536, 64, True), (160, 66, -1, False),
@@ -214,7 +212,8 @@ def test_cpu_int16_mm_matches_reference(gemv_kernel, in_f, out_f, group, act_per
                                                        (100, 33, -1, False), (200, 40, 48, True), (1536, 24, 256, False)])
 def test_8bit_codes_take_the_cpu_kernels_and_match_the_reference(gemv_kernel, in_f, out_f, group, act_perm):
     """8-bit codes (an int8 lm_head, ``bits: auto``'s 8-bit modules): one row through the 4-bit GEMV with x
-    spread to (x, 16x), more rows through dequantized tiles; both against the reference."""
+    spread to (x, 16x), more rows through the int16 GEMM (codes one a byte) where the groups allow, else dequantized
+    tiles; each against the reference."""
     from hfquant.kernels.w4a16 import w4a16_cpu_dequant_mm, w4a16_cpu_gemv, w4a16_cpu_int16_mm
 
     mod = make_module(in_f, out_f, bits=8, group=group, act_perm=act_perm)
@@ -229,21 +228,23 @@ def test_8bit_codes_take_the_cpu_kernels_and_match_the_reference(gemv_kernel, in
         ref = w4a16_reference(x, mod)
         tiles = w4a16_cpu_dequant_mm(x, mod, 16)  # several tiles, a partial last one
         assert tiles.shape == ref.shape and rel_err(tiles, ref) < 1e-6
-        assert rel_err(w4a16_linear(x, mod), ref) < 1e-6
         int16 = w4a16_cpu_int16_mm(x, mod)  # kernel groups of <= 256 columns: all but the 48-column groups
         if hasattr(gemv_kernel, "w4a16_int16_mm") and group != 48:
             assert int16.shape == ref.shape and rel_err(int16, ref) < 1e-4  # x: 15 bits per kernel group
+            assert torch.equal(w4a16_linear(x, mod), int16)  # the reproducible choice's first path
         else:
             assert int16 is None
+            assert torch.equal(w4a16_linear(x, mod), w4a16_cpu_dequant_mm(x, mod))
 
 
-def test_prefill_auto_keeps_the_faster_path_per_shape_class(monkeypatch):
-    """``HFQUANT_CPU_PREFILL=auto``: the first call of a shape class times the dequantized tiles and torch's int4
-    kernel and returns the faster one's output; later calls of the class take that path without timing."""
+def test_prefill_fastest_keeps_the_faster_path_per_shape_class(monkeypatch):
+    """``HFQUANT_CPU_PREFILL=fastest`` (opt-in): the first call of a shape class times the dequantized tiles, torch's
+    int4 kernel and the int16 GEMM and returns the fastest one's output; later calls of the class take that path
+    without timing. ``auto`` is the same (its old name); an unknown value is refused."""
     import hfquant.kernels.w4a16 as k
 
     _gemv_or_skip()
-    monkeypatch.setenv("HFQUANT_CPU_PREFILL", "auto")
+    monkeypatch.setenv("HFQUANT_CPU_PREFILL", "fastest")
     monkeypatch.setattr(k, "_PREFILL_CHOICE", {})
     slow = {"tiles": 0.0, "int4": 0.05, "int16": 0.05}  # make int4 and int16 lose the timing
     real = k._prefill_paths()
@@ -264,12 +265,42 @@ def test_prefill_auto_keeps_the_faster_path_per_shape_class(monkeypatch):
     x2 = torch.randn(50, 256)  # 50 rows: the same class as 40 (32..63)
     assert torch.equal(k.w4a16_linear(x2, mod), real["tiles"](x2, mod))
     assert list(k._PREFILL_CHOICE.values()) == ["tiles"]
+    monkeypatch.setenv("HFQUANT_CPU_PREFILL", "auto")  # the old name of the timed choice: the same choices
     x = torch.randn(300, 256)  # a new class (rows 256..511): timed again, int4 now faster
     assert torch.equal(k.w4a16_linear(x, mod), real["int4"](x, mod))
     assert sorted(k._PREFILL_CHOICE.values()) == ["int4", "tiles"]
-    monkeypatch.setenv("HFQUANT_CPU_PREFILL", "fastest")
+    monkeypatch.setenv("HFQUANT_CPU_PREFILL", "fast")
     with pytest.raises(ValueError, match="HFQUANT_CPU_PREFILL"):
         k.w4a16_linear(x, mod)
+
+
+@pytest.mark.parametrize("favoured", ["tiles", "int4", "int16"])
+def test_the_default_prefill_choice_ignores_the_timing(favoured, monkeypatch):
+    """By default (``HFQUANT_CPU_PREFILL`` unset) two processes must compute the same numbers, whatever a timing
+    would say: the paths compute different numbers (int16 codes of x, float32 tiles, bf16 x), so the choice is the
+    fixed order int16, tiles, int4 -- here with timings rigged to favour each path in turn, as two processes on a
+    busy machine can see them. (Before, the timed choice was the default and each rigged process took its own path.)"""
+    import hfquant.kernels.common as common
+    import hfquant.kernels.w4a16 as k
+
+    _gemv_or_skip()
+    monkeypatch.delenv("HFQUANT_CPU_PREFILL", raising=False)
+    monkeypatch.setattr(k, "_PREFILL_CHOICE", {})  # a fresh process
+    real_time = common._time_path
+
+    def rigged(fn, x, module):  # the favoured path seems instant, the others slow
+        seconds, y = real_time(fn, x, module)
+        return (0.0 if fn is paths[favoured] else 1.0 + seconds), y
+    paths = k._prefill_paths()
+    monkeypatch.setattr(k, "_prefill_paths", lambda: paths)
+    monkeypatch.setattr(common, "_time_path", rigged)
+    mod = make_module(512, 96, group=128)
+    x = torch.randn(2, 37, 512)
+    y = k.w4a16_linear(x, mod)
+    assert torch.equal(y, k.w4a16_cpu_int16_mm(x, mod))  # the rule's first path, built here
+    assert list(k._PREFILL_CHOICE.values()) == ["int16"]
+    assert rel_err(y, w4a16_reference(x, mod)) < 1e-4
+    assert torch.equal(k.w4a16_linear(x, mod), y)  # and again: remembered, the same numbers
 
 
 def test_a_timed_choice_slower_than_float32_warns_once(monkeypatch):
@@ -281,7 +312,7 @@ def test_a_timed_choice_slower_than_float32_warns_once(monkeypatch):
     import hfquant.kernels.common as common
     import hfquant.kernels.w4a16 as k
 
-    monkeypatch.setenv("HFQUANT_CPU_PREFILL", "auto")
+    monkeypatch.setenv("HFQUANT_CPU_PREFILL", "fastest")
     monkeypatch.setattr(k, "_PREFILL_CHOICE", {})
     monkeypatch.setattr(common, "_SLOWER_THAN_FLOAT_WARNED", set())
     monkeypatch.setattr(common, "SLOWER_THAN_FLOAT_MIN_SECONDS", 0.0)  # the tiny layer's float32 time counts here
@@ -295,7 +326,7 @@ def test_a_timed_choice_slower_than_float32_warns_once(monkeypatch):
     monkeypatch.setattr(k, "_prefill_paths", lambda: {"int4": slowed})
     mod = make_module(256, 64, group=128)
     x = torch.randn(40, 256)
-    with pytest.warns(RuntimeWarning, match=r"W4A16 256x64 Linear at 40 rows \(int4\) ran at 0\.\d\dx the speed of float32"):
+    with pytest.warns(RuntimeWarning, match=r"W4A16 256x64 Linear at 40 rows \(int4, fastest\) ran at 0\.\d\dx the speed of float32"):
         y = k.w4a16_linear(x, mod)
     assert torch.equal(y, real["int4"](x, mod))
     with warnings.catch_warnings():
@@ -322,10 +353,13 @@ def test_8bit_group_the_kernel_cannot_take_falls_back_to_the_reference():
 def test_dispatch_without_the_extension_and_for_odd_shapes(monkeypatch):
     from hfquant.kernels import cpu_ext
 
+    from hfquant.kernels.w4a16 import w4a16_cpu_int16_mm
+
     mod = make_module(256, 66, group=64)  # N = 66: torch's int4 packing needs N % 16 == 0
     assert w4a16_cpu_int4(torch.randn(2, 256), mod) is None
     x = torch.randn(2, 256)
-    assert torch.equal(w4a16_linear(x, mod), w4a16_reference(x, mod))
+    int16 = w4a16_cpu_int16_mm(x, mod)  # hfquant's kernels take any N
+    assert torch.equal(w4a16_linear(x, mod), w4a16_reference(x, mod) if int16 is None else int16)
     monkeypatch.setitem(cpu_ext._STATE, "ext", None)  # as on a machine where it cannot be built
     mod = make_module(256, 64, group=64)
     x = torch.randn(1, 256)
@@ -333,16 +367,16 @@ def test_dispatch_without_the_extension_and_for_odd_shapes(monkeypatch):
 
 
 def test_portable_paths_on_a_cpu_without_hfquants_kernels(monkeypatch):
-    """A CPU below AVX2 (ARM, or ``HFQUANT_ISA=other``): no C++ extension; W4A16 takes the timed choice (torch's
-    int4 kernel is the only path left) from one row on, W8A8 the float32 tiles; both against the reference."""
+    """A CPU below AVX2 (ARM, or ``HFQUANT_ISA=other``): no C++ extension; W4A16 takes the prefill choice (torch's
+    int4 kernel is the only path left) from one row on, W8A8 the exact float32 tiles; both against the reference."""
     import hfquant.kernels.w4a16 as k4
     import hfquant.kernels.w8a8 as k8
     from hfquant.kernels import cpu_ext
     from helpers import running_as
     from hfquant.nn.w8a8 import QuantLinearW8A8
 
-    monkeypatch.setenv("HFQUANT_CPU_PREFILL", "auto")
-    monkeypatch.setenv("HFQUANT_CPU_W8A8", "auto")
+    monkeypatch.delenv("HFQUANT_CPU_PREFILL", raising=False)
+    monkeypatch.delenv("HFQUANT_CPU_W8A8", raising=False)
     monkeypatch.setattr(cpu_ext, "_STATE", {})
     monkeypatch.setattr(k4, "_PREFILL_CHOICE", {})
     monkeypatch.setattr(k8, "_MANY_ROWS_CHOICE", {})
@@ -354,5 +388,5 @@ def test_portable_paths_on_a_cpu_without_hfquants_kernels(monkeypatch):
         for rows in (1, 40):
             x = torch.randn(rows, 256)
             assert rel_err(w4a16_linear(x, mod), w4a16_reference(x, mod)) < 1e-2
-            assert rel_err(k8.w8a8_linear(x, w8), k8.w8a8_reference(x, w8)) < 1e-6
+            assert torch.equal(k8.w8a8_linear(x, w8), k8.w8a8_reference(x, w8))
         assert set(k4._PREFILL_CHOICE.values()) == {"int4"} and set(k8._MANY_ROWS_CHOICE.values()) == {"tiles"}

@@ -79,42 +79,77 @@ def grouped_weight(module):
     return cached_operands(module, "grouped", build)
 
 
-SLOWER_THAN_FLOAT_MARGIN = 1.1  # warn when the fastest quantized path takes more than this times float32's time
+SLOWER_THAN_FLOAT_MARGIN = 1.1  # warn when the chosen quantized path takes more than this times float32's time
 # ... and float32 takes at least this long (below it, Python's dispatch decides, not the kernels)
 SLOWER_THAN_FLOAT_MIN_SECONDS = 5e-4
 _SLOWER_THAN_FLOAT_WARNED: set[str] = set()  # one warning per process and ``env`` (kernel family)
 
+REPRODUCIBLE = "reproducible"  # the default: the same numbers in every process
+FASTEST = "fastest"  # opt-in: the fastest path by a timing, whose numerics depend on which path wins
+_MODE_ALIASES = {"auto": FASTEST, "default": REPRODUCIBLE}  # "auto": the timed choice's old name
 
-def fastest_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str, traced_default: str,
-                 x: torch.Tensor, module, warn_as: str | None = None):
-    """Run ``paths[name](x, module)`` for the path ``os.environ[env]`` names, or with ``auto`` (the default) for
-    the fastest of ``paths`` on this CPU for the shape class ``key``: timed once per process on the class's first
-    call (each path run once to warm up, then the fastest of ``TIMED_CALLS`` calls counts) and remembered in
-    ``choices``. A path returning ``None`` does not take the input. While ``torch.compile`` traces, nothing is
-    timed: ``traced_default`` is chosen, and eager calls then agree with the graph. Returns the chosen path's
-    output, or ``None`` when no path takes the input.
+
+def path_mode(env: str, paths) -> str:
+    """``os.environ[env]`` checked: ``"reproducible"`` (unset), ``"fastest"`` or the name of one of ``paths``."""
+    mode = os.environ.get(env, "").strip().lower() or REPRODUCIBLE
+    mode = _MODE_ALIASES.get(mode, mode)
+    if mode not in (REPRODUCIBLE, FASTEST) and mode not in paths:
+        raise ValueError(f"{env}={os.environ[env]!r}; expected {REPRODUCIBLE} (the default), {FASTEST} or one of "
+                         f"{list(paths)}")
+    return mode
+
+
+def choose_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str, order, x: torch.Tensor, module,
+                numerics: dict[str, str] | None = None, warn_as: str | None = None):
+    """Run ``paths[name](x, module)`` for the path this process uses for the shape class ``key``; returns its output,
+    or ``None`` when no path takes the input (a path returning ``None`` does not take it).
+
+    Which path, by ``os.environ[env]`` (``path_mode``):
+
+    * ``reproducible`` (the default): the first path of ``order`` that takes the input, a rule of the shape and the
+      module's layout only, so one checkpoint gives bit-identical outputs in every process on a machine. Paths
+      that ``numerics`` gives the same tag as that one compute bit-identical outputs (exact integer sums, say):
+      those are timed against it on the class's first call and the fastest is kept, which changes no number.
+    * ``fastest`` (opt-in; ``auto`` is its old name): every path is timed on the class's first call (each run once
+      to warm up, then the fastest of ``TIMED_CALLS`` calls counts) and the fastest is kept for the process.
+      Paths with other numerics can win, so outputs can then differ from process to process.
+    * a path's name: that path.
+
+    The choice is remembered in ``choices`` per mode, shape class and ``order`` (a module whose layout the remembered
+    path does not take gets the rule's path). While ``torch.compile`` traces nothing is
+    timed: the reproducible rule's path is taken, and eager calls then agree with the graph.
 
     ``warn_as`` (a description of the layer, formatted with ``bits``, ``in_f``, ``out_f`` and ``rows`` only when a
-    warning is due): the timing also times float32 ``F.linear`` (``float_baseline``), and when even the fastest
-    path is more than ``SLOWER_THAN_FLOAT_MARGIN`` times slower (and float32 takes at least
-    ``SLOWER_THAN_FLOAT_MIN_SECONDS``), one warning per process and kernel family (``env``) says so, naming the
-    first such layer: on such a CPU the quantized model saves memory, not time."""
-    mode = os.environ.get(env, "auto")
-    if mode != "auto" and mode not in paths:
-        raise ValueError(f"{env}={mode!r}; expected one of {['auto', *paths]}")
-    if mode != "auto":
+    warning is due): the first call of a class also times the chosen path and float32 ``F.linear``
+    (``float_baseline``); when the path is more than ``SLOWER_THAN_FLOAT_MARGIN`` times slower (and float32 takes at
+    least ``SLOWER_THAN_FLOAT_MIN_SECONDS``), one warning per process and kernel family (``env``) says so, naming
+    the first such layer: on such a CPU the quantized model saves memory, not time."""
+    mode = path_mode(env, paths)
+    if mode in paths:
         return paths[mode](x, module)
-    choice = choices.get(key)
-    if choice is None and torch.compiler.is_compiling():
-        choice = choices[key] = traced_default
+    slot = (mode, key) if mode == FASTEST else (mode, key, tuple(order))
+    choice = choices.get(slot)
     if choice is not None:
-        return paths[choice](x, module)
-    timed = {name: _time_path(fn, x, module) for name, fn in paths.items()}
+        y = paths[choice](x, module)
+        # a module whose layout the class's path does not take (an unusual g_idx, say): the rule, for it alone
+        return y if y is not None else _first_taking(paths, order, x, module)[1]
+    if mode == FASTEST and not torch.compiler.is_compiling():
+        candidates = list(paths)
+    else:
+        first, y = _first_taking(paths, order, x, module)
+        if first is None:
+            return None
+        tag = (numerics or {}).get(first)
+        candidates = [first] + [n for n in paths if n != first and tag is not None and (numerics or {}).get(n) == tag]
+        if torch.compiler.is_compiling() or (len(candidates) == 1 and (warn_as is None or env in _SLOWER_THAN_FLOAT_WARNED)):
+            choices[slot] = first
+            return y
+    timed = {name: _time_path(paths[name], x, module) for name in candidates}
     taken = {name: t for name, t in timed.items() if t[1] is not None}
     if not taken:
         return None
     best = min(taken, key=lambda name: taken[name][0])
-    choices[key] = best
+    choices[slot] = best
     if warn_as is not None and env not in _SLOWER_THAN_FLOAT_WARNED:
         float_seconds = _time_path(float_baseline(module), x, module)[0]
         ratio = float_seconds / max(taken[best][0], 1e-12)
@@ -123,17 +158,35 @@ def fastest_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str
             what = warn_as.format(bits=getattr(module, "bits", 8), in_f=module.in_features, out_f=module.out_features,
                                   rows=x.numel() // max(1, x.shape[-1]))
             warnings.warn(f"hfquant: on this CPU ({cpu_isa()}, torch {torch.backends.cpu.get_cpu_capability()}) the "
-                          f"fastest quantized path for {what} ({best}) ran at {ratio:.2f}x the speed of float32 (timed "
+                          f"quantized path for {what} ({best}, {mode}) ran at {ratio:.2f}x the speed of float32 (timed "
                           "once; other layers are not reported); the quantized model saves memory here, not time",
                           RuntimeWarning, stacklevel=3)
     return taken[best][1]
+
+
+def remembered_path(choices: dict, key: tuple, env: str, paths) -> str | None:
+    """The path ``choose_path`` runs for the shape class ``key`` in the current mode of ``env`` (for reports), or
+    ``None`` when the class has not been called yet."""
+    mode = path_mode(env, paths)
+    if mode in paths:
+        return mode
+    return next((name for slot, name in choices.items() if slot[:2] == (mode, key)), None)
+
+
+def _first_taking(paths: dict[str, Callable], order, x: torch.Tensor, module):
+    """``(name, output)`` of the first path in ``order`` that takes the input, or ``(None, None)``."""
+    for name in (n for n in order if n in paths):
+        y = paths[name](x, module)
+        if y is not None:
+            return name, y
+    return None, None
 
 
 FLOAT_BASELINE_ROWS = 2048  # output rows of W dequantized for the float32 timing (bounded memory)
 
 
 def float_baseline(module) -> Callable:
-    """The float32 computation a quantized Linear replaces, for ``fastest_path``'s timing: ``F.linear`` of ``x``
+    """The float32 computation a quantized Linear replaces, for ``choose_path``'s timing: ``F.linear`` of ``x``
     with the weight dequantized to float32 on the first (untimed) call. A wide layer is dequantized only on its first
     ``FLOAT_BASELINE_ROWS`` output rows, and that slice is multiplied as many times as the layer has slices (the
     last one whole: a slight overestimate of float32's time)."""

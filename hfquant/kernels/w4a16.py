@@ -9,11 +9,12 @@ Paths (``w4a16_linear`` picks one per call; ``HFQUANT_KERNEL=reference`` forces 
   dot products (AVX512-VNNI) over a three-part int8 split of ``x``, or float32 FMAs without VNNI; float32-level
   accuracy (< 1e-5 relative to the reference in the tests, outlier channels included), bias added in the
   kernel. Its speed against float32 ``F.linear`` is in BENCHMARKS.md (``scripts/bench_kernels.py``).
-* **CPU, two rows or more, float32** (prefill, batched decode), one of three, whichever this CPU runs fastest
-  (``HFQUANT_CPU_PREFILL``: ``auto``, the default, times each on the first call of each shape class -- in, out,
-  group, rows rounded to a power of two -- and keeps the fastest for the process; ``tiles``, ``int4`` or
-  ``int16`` forces one; under ``torch.compile`` without a timed choice: the tiles from DEQUANT_MIN_ROWS rows,
-  torch's int4 kernel below that):
+* **CPU, two rows or more, float32** (prefill, batched decode), one of three. They compute different numbers, so
+  by default the choice is a fixed rule, not a timing: the first of ``PREFILL_ORDER`` (int16, tiles, int4) that
+  takes the module, so one checkpoint gives bit-identical logits in every process (``HFQUANT_CPU_PREFILL``: unset or
+  ``reproducible``; ``fastest`` opts in to the old timed choice -- each path timed on the first call of each shape
+  class, in, out, group, rows rounded to a power of two, the fastest kept for the process, numerics then depending
+  on which path wins; ``tiles``, ``int4`` or ``int16`` forces one; ``hfquant.kernels.common.choose_path``):
 
   - ``tiles``: hfquant's kernel dequantizes tiles of W (about 16 MB of float32 each) with the reference's float
     ops and torch's float32 GEMM multiplies each tile (float32 rounding only; the GEMM's time plus a small
@@ -23,13 +24,14 @@ Paths (``w4a16_linear`` picks one per call; ``HFQUANT_KERNEL=reference`` forces 
     group (15 bits of the group's largest value), exact int32 sums with the 4-bit codes (``VPMADDWD``, AVX2),
     per-group scales and zero points in float32 (tests: < 3e-5 relative, < 3e-4 with a 1000x outlier channel).
 
-  Measured (``scripts/bench_kernels.py``, BENCHMARKS.md): on an AVX-512-BF16 EPYC the int4 kernel is fastest
-  (1.6-3.8x float32 at 16-512 rows, the int16 GEMM 1.4-2.6x, the tiles 0.9-1.1x); with torch's AVX2 code the
-  int16 GEMM is fastest (1.3-2.7x, the int4 kernel 0.7-1.7x, the tiles 0.7-1.1x).
+  Measured (``scripts/bench_kernels.py``, BENCHMARKS.md) in earlier sessions: on an AVX-512-BF16 EPYC the int4
+  kernel was fastest (1.6-3.8x float32 at 16-512 rows, the int16 GEMM 1.4-2.6x, the tiles 0.9-1.1x); with torch's
+  AVX2 code the int16 GEMM was fastest (1.3-2.7x, the int4 kernel 0.7-1.7x, the tiles 0.7-1.1x). The reproducible
+  default takes the int16 GEMM: the most accurate path faster than float32 on both.
 * **CPU, 8-bit codes, float32** (``bits: 8`` modules, e.g. an int8 ``lm_head`` or the 8-bit choices of
   ``bits: auto``): one row through the 4-bit decode kernel, each code byte read as two nibbles against ``x``
-  spread to ``(x_k, 16 x_k)`` (``_ext_operands``); more rows through the timed choice of tiles dequantized by torch
-  ops and the int16 GEMM (codes one a byte, kernel groups of at most 256 columns: ``_int16_byte_operands``).
+  spread to ``(x_k, 16 x_k)`` (``_ext_operands``); more rows through the same choice: the int16 GEMM, else tiles
+  dequantized by torch ops (codes one a byte, kernel groups of at most 256 columns: ``_int16_byte_operands``).
 * **CPU** (otherwise: bfloat16 activations, or no extension):
   torch's int4 CPU kernel ``aten._weight_int4pack_mm_for_cpu``. Its fast (AVX-512) path takes bfloat16 activations, so ``x`` is
   cast to bf16 and the result back (about 3e-3 relative error against the float32 reference; the tests
@@ -56,17 +58,13 @@ import torch.nn.functional as F
 
 from hfquant.core.packing import _LITTLE_ENDIAN, unpack_codes
 from hfquant.kernels import cpu_ext
-from hfquant.kernels.common import cached_operands, fastest_path, forced_reference, grouped_weight, triton_kernels
+from hfquant.kernels.common import cached_operands, choose_path, forced_reference, grouped_weight, triton_kernels
 
 _CPU_GROUPS = (32, 64, 128, 256)
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 # hfquant's AVX-512 GEMV (csrc) reads W once per row of x: it is the fastest path for a single float32 row
-# (decode); from two rows torch's int4 kernel, which reads W once for all rows, takes over.
+# (decode); from two rows the prefill choice (``w4a16_cpu_prefill``), which reads W once for all rows, takes over.
 CPU_GEMV_MAX_ROWS = 1
-# Under torch.compile, where no path is timed, this many float32 rows and more take the dequantized tiles, fewer
-# torch's int4 kernel. On the 2-core AVX-512 Xeon of BENCHMARKS.md, 4096x4096: at M=16 torch's int4 kernel took
-# 4.1 ms against 6.2 ms, at M=64 16.1 ms against 11.9 ms.
-DEQUANT_MIN_ROWS = 32
 # Rows of W per dequantized tile: about 16 MB of float32 (4096 columns: 1024 rows).
 DEQUANT_TILE_BYTES = 16 << 20
 
@@ -273,7 +271,13 @@ def _byte_codes_mm(x: torch.Tensor, module, ops: ExtOperands, tile: int) -> torc
     return _finish(y, x, module)
 
 
-_PREFILL_CHOICE: dict[tuple, str] = {}  # shape class -> "tiles", "int4" or "int16", decided once per process
+_PREFILL_CHOICE: dict[tuple, str] = {}  # (mode, shape class) -> "int16", "tiles" or "int4", decided once per process
+# The reproducible choice (``HFQUANT_CPU_PREFILL`` unset): the first of these that takes the module. The three compute
+# different numbers (x as int16 codes per group; float32 tiles; x in bf16), so no timing picks among them by default.
+# hfquant's int16 GEMM first: within 3e-5 of the float32 reference, and 1.3-2.7x float32 on the CPUs of
+# BENCHMARKS.md, where the float32 tiles are about float32's speed; torch's int4 kernel (bf16 activations, about
+# 3e-3) is left for a CPU without hfquant's extension, or for ``HFQUANT_CPU_PREFILL=fastest`` / ``int4``.
+PREFILL_ORDER = ("int16", "tiles", "int4")
 
 
 def _prefill_paths():
@@ -281,14 +285,13 @@ def _prefill_paths():
 
 
 def w4a16_cpu_prefill(x: torch.Tensor, module) -> torch.Tensor | None:
-    """Many float32 rows: the dequantized tiles, torch's int4 kernel or hfquant's int16 GEMM, whichever
-    ``HFQUANT_CPU_PREFILL`` says (``auto``: the fastest on this CPU, timed on the first call of the shape class);
-    ``None`` when none takes the module."""
+    """Many float32 rows: hfquant's int16 GEMM, the dequantized tiles or torch's int4 kernel, as ``HFQUANT_CPU_PREFILL``
+    says (``hfquant.kernels.common.choose_path``: by default the first of ``PREFILL_ORDER`` that takes the module, the
+    same in every process; ``fastest``: timed on the first call of the shape class); ``None`` when none takes it."""
     rows = x.numel() // max(1, x.shape[-1])
     key = (module.in_features, module.out_features, module.group_size, module.bits, rows.bit_length())
-    traced = "tiles" if rows >= DEQUANT_MIN_ROWS else "int4"  # what compiled graphs run without a timed choice
-    return fastest_path(_PREFILL_CHOICE, key, _prefill_paths(), "HFQUANT_CPU_PREFILL", traced, x, module,
-                        "a W{bits}A16 {in_f}x{out_f} Linear at {rows} rows")
+    return choose_path(_PREFILL_CHOICE, key, _prefill_paths(), "HFQUANT_CPU_PREFILL", PREFILL_ORDER, x, module,
+                       warn_as="a W{bits}A16 {in_f}x{out_f} Linear at {rows} rows")
 
 
 def prepare_module(module) -> None:

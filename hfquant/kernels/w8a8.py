@@ -11,15 +11,16 @@ On a CPU with AVX512-VNNI (or AVX2), one float32 row (decode) runs hfquant's own
 ``x`` makes its row's outputs NaN).
 
 More rows on a CPU without AVX512-VNNI, where ``torch._int_mm`` is a plain loop (``hfquant.kernels.isa``), one of
-two, whichever this CPU runs faster for the shape class (``HFQUANT_CPU_W8A8``: ``auto``, the default, times both
-on the first call of each shape class -- in, out, rows rounded to a power of two -- and keeps the faster for
-the process; ``int`` or ``tiles`` forces one):
+two, whichever this CPU runs faster for the shape class (``HFQUANT_CPU_W8A8``: unset, ``reproducible`` or ``fastest``
+time both on the first call of each shape class -- in, out, rows rounded to a power of two -- and keep the faster for
+the process; ``int`` or ``tiles`` forces one). Both are bit-identical to the reference, so the timing changes no number:
 
 * ``int``: hfquant's exact int8 GEMM for AVX2 (``w8a8_cpu_int_gemm``; 16-bit multiply-adds, ``VPMADDWD``), the
-  same int32 accumulator as ``_int_mm`` and so bit-identical to the reference;
+  same int32 accumulator as ``_int_mm``;
 * ``tiles``: the int8 codes of ``x`` times tiles of the int8 weight converted to float32, by torch's float32
-  GEMM (``w8a8_float_tiles``): the speed of a float32 Linear, the integer products exact and their sums
-  rounded as float32 sums are (relative error about 1e-7 against the reference).
+  GEMM over chunks of ``EXACT_CHUNK`` input columns (``w8a8_float_tiles``): every partial sum is an integer below
+  2**24, exact in float32, and the chunks are added in int32: the speed of a float32 Linear, the numbers of
+  ``_int_mm``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import torch
 
 from hfquant.core.smoothquant import quantize_activation_int8
 from hfquant.kernels import cpu_ext
-from hfquant.kernels.common import cached_operands, fastest_path, forced_reference, triton_kernels
+from hfquant.kernels.common import cached_operands, choose_path, forced_reference, triton_kernels
 from hfquant.kernels.isa import int8_gemm_is_fast
 
 # hfquant's VNNI GEMV (csrc) quantizes and multiplies one float32 row per call (decode); more rows go to
@@ -72,18 +73,34 @@ def w8a8_int_mm(x: torch.Tensor, module) -> torch.Tensor:
     return _finish(acc, sx, x, module)
 
 
+# Input columns per float32 product of ``w8a8_float_tiles``: every partial sum of at most this many products of int8
+# codes is an integer of magnitude <= 1024 * 128 * 128 = 2**24, which float32 holds exactly, in whatever order the
+# GEMM adds them; so each chunk's result is exact, and the chunks are summed in int32 as ``_int_mm`` sums.
+EXACT_CHUNK = 1024
+
+
 def w8a8_float_tiles(x: torch.Tensor, module, tile: int | None = None) -> torch.Tensor:
     """W8A8 without an int8 GEMM: the activation codes (as float32) times tiles of the weight codes converted to
-    float32, by torch's float32 GEMM; the same epilogue as the other paths."""
+    float32, by torch's float32 GEMM, ``EXACT_CHUNK`` input columns at a time so that every sum is exact; the chunks'
+    integer results are added in int32. Bit-identical to ``_int_mm`` and the reference (same epilogue)."""
     qx, sx = _quantize_input(x, module)
     w = module.weight.reshape(module.out_features, module.in_features)
-    tile = tile or max(64, FLOAT_TILE_BYTES // (4 * module.in_features))
+    k = module.in_features
+    tile = tile or max(64, FLOAT_TILE_BYTES // (4 * k))
     qf = qx.float()
-    acc = qf.new_empty(qf.shape[0], module.out_features)
+    acc = torch.empty(qf.shape[0], module.out_features, dtype=torch.int32, device=qf.device)
     for n0 in range(0, module.out_features, tile):
         n1 = min(module.out_features, n0 + tile)
-        acc[:, n0:n1] = qf @ w[n0:n1].float().t()
-    return _finish(acc, sx, x, module)
+        wf = w[n0:n1].float()
+        part = acc[:, n0:n1]
+        for k0 in range(0, k, EXACT_CHUNK):
+            k1 = min(k, k0 + EXACT_CHUNK)
+            chunk = (qf[:, k0:k1] @ wf[:, k0:k1].t()).to(torch.int32)
+            if k0 == 0:
+                part.copy_(chunk)
+            else:
+                part += chunk
+    return _finish(acc.float(), sx, x, module)
 
 
 def _int_gemm_kernel():
@@ -103,7 +120,11 @@ def w8a8_cpu_int_gemm(x: torch.Tensor, module) -> torch.Tensor | None:
     return _finish(acc, sx, x, module)
 
 
-_MANY_ROWS_CHOICE: dict[tuple, str] = {}  # shape class -> "int" or "tiles", decided once per process
+_MANY_ROWS_CHOICE: dict[tuple, str] = {}  # (mode, shape class) -> "int" or "tiles", decided once per process
+# Both paths compute the same exact int32 sums and epilogue, so the reproducible choice may time them against each
+# other (``choose_path``): whichever wins, the numbers are the same.
+MANY_ROWS_ORDER = ("int", "tiles")
+MANY_ROWS_NUMERICS = {"int": "exact", "tiles": "exact"}
 
 
 def _many_rows_paths():
@@ -111,12 +132,13 @@ def _many_rows_paths():
 
 
 def w8a8_cpu_many_rows(x: torch.Tensor, module) -> torch.Tensor:
-    """Several rows on a CPU without a fast ``_int_mm``: hfquant's int8 GEMM or the float32 tiles, whichever
-    ``HFQUANT_CPU_W8A8`` says (``auto``: the faster on this CPU, timed on the first call of the shape class)."""
+    """Several rows on a CPU without a fast ``_int_mm``: hfquant's int8 GEMM or the exact float32 tiles, whichever
+    ``HFQUANT_CPU_W8A8`` says (by default the faster on this CPU, timed on the first call of the shape class: both are
+    bit-identical to the reference, so the timing changes no number)."""
     rows = x.numel() // max(1, x.shape[-1])
     key = (module.in_features, module.out_features, rows.bit_length())
-    y = fastest_path(_MANY_ROWS_CHOICE, key, _many_rows_paths(), "HFQUANT_CPU_W8A8", "int", x, module,
-                     "a W8A8 {in_f}x{out_f} Linear at {rows} rows")
+    y = choose_path(_MANY_ROWS_CHOICE, key, _many_rows_paths(), "HFQUANT_CPU_W8A8", MANY_ROWS_ORDER, x, module,
+                    MANY_ROWS_NUMERICS, "a W8A8 {in_f}x{out_f} Linear at {rows} rows")
     return y if y is not None else w8a8_float_tiles(x, module)  # the int GEMM is not built here
 
 
