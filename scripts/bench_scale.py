@@ -188,10 +188,8 @@ def main(argv=None) -> None:
             Path(args.variant_out).write_text(json.dumps(result))
         return
 
-    # Build hfquant's CPU kernel once, privately, so no timed run compiles it (another checkout's build of the
-    # same extension name would otherwise trigger a rebuild inside a timed run).
-    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(Path(tempfile.gettempdir()) / "hfquant-bench-scale-ext"),
-           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # Build hfquant's CPU kernels first (once per environment, in hfquant's own folder) so no timed run compiles them.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     subprocess.run([sys.executable, "-c", "from hfquant.kernels.cpu_ext import extension; extension()"], env=env,
                    check=True)
     work_tmp = None if args.work else tempfile.TemporaryDirectory(prefix="hfquant-bench-scale-")

@@ -10,28 +10,29 @@ accuracy. With AVX512-VNNI it multiplies the 4-bit codes with a three-part int8 
 bits of each 128-column block, relative error about 2e-6) in integer dot-product instructions; without VNNI
 it converts codes to float32 and uses FMAs. It is compiled for the machine it runs on
 (``-O3 -march=native``; on an AVX2 CPU, or with ``HFQUANT_ISA=avx2``, ``-march=haswell``: the 256-bit FMA loop and
-an AVX2 W8A8 GEMV, see ``hfquant.kernels.isa``) with ``torch.utils.cpp_extension`` into torch's extension cache. No compiler, or a
-failed build: a warning once, and torch's int4 kernel is used instead. Each function is also a torch operator
-(``torch.ops.hfquant_w4a16_cpu.*``, used under ``torch.compile``: ``kernel``). ``HFQUANT_CPU_EXTENSION=0`` turns it
-off.
+an AVX2 W8A8 GEMV, see ``hfquant.kernels.isa``) with ``torch.utils.cpp_extension``, once per environment, into
+hfquant's own folder for this torch, Python, compiler, flags, CPU and source (``hfquant.kernels.jit_build``:
+``~/.cache/hfquant/extensions/<name>-<key>``, ``$HFQUANT_CACHE`` moves it), under a lock that dies with its owner;
+a build, or a wait for another process's, is announced at WARNING and its seconds are ``build_seconds()``. No
+compiler, or a failed build: a warning once, and torch's int4 kernel is used instead. Each function is also a torch
+operator (``torch.ops.hfquant_w4a16_cpu.*``, used under ``torch.compile``: ``kernel``). ``HFQUANT_CPU_EXTENSION=0``
+turns it off.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import warnings
 from pathlib import Path
 
 import torch
-from torch.utils.cpp_extension import load
 
 from hfquant.kernels.isa import cpu_isa
-
-logger = logging.getLogger(__name__)
+from hfquant.kernels.jit_build import build_seconds, load_extension
 
 _SOURCE = Path(__file__).parent / "csrc" / "w4a16_cpu.cpp"
+LABEL = "hfquant's CPU kernels"  # in the build and wait messages
 _LOCK = threading.Lock()
 _STATE: dict = {}
 
@@ -56,10 +57,9 @@ def kernel(ext, name: str):
 
 
 def compile_kernel(name: str = "hfquant_w4a16_cpu", extra_cflags: tuple = ()):
-    """Compile (or load from torch's extension cache) the kernel module. ``extra_cflags`` go after
-    ``-march=native``: the tests build a ``-mno-avx512vnni`` copy to check the float32 FMA loop too."""
-    return load(name=name, sources=[str(_SOURCE)], verbose=False,
-                extra_cflags=["-O3", "-march=native", "-fopenmp", *extra_cflags])
+    """Compile (or load the finished build from hfquant's extension folder) the kernel module. ``extra_cflags`` go
+    after ``-march=native``: the tests build a ``-mno-avx512vnni`` copy to check the float32 FMA loop too."""
+    return load_extension(name, _SOURCE, ["-O3", "-march=native", "-fopenmp", *extra_cflags], LABEL)
 
 
 def _build():
@@ -69,12 +69,15 @@ def _build():
     if isa == "other":
         return None
     try:
-        logger.info("loading hfquant's CPU W4A16 kernel (compiled on first use, then cached in torch's extension folder)")
         ext = compile_kernel("hfquant_w4a16_cpu_avx2", ("-march=haswell",)) if isa == "avx2" else compile_kernel()
     except Exception as exc:  # noqa: BLE001 - no compiler, headers or ninja: fall back, say so once
         first = (str(exc).strip().splitlines() or [""])[-1][:200]
-        warnings.warn(f"hfquant: the CPU W4A16 extension could not be built ({type(exc).__name__}: {first}); "
+        hint = " (set HFQUANT_CACHE to a writable folder)" if isinstance(exc, PermissionError) else ""
+        warnings.warn(f"hfquant: the CPU W4A16 extension could not be built ({type(exc).__name__}: {first}){hint}; "
                       "using torch's int4 kernel instead", RuntimeWarning, stacklevel=3)
         return None
     # Without AVX2 only the scalar loop is compiled, which is slower than torch's int4 kernel.
     return ext if ext.path() != "scalar" else None
+
+
+__all__ = ["LABEL", "build_seconds", "compile_kernel", "extension", "kernel"]
