@@ -23,6 +23,9 @@ change speed). The embedding stays float32 in every model. ``lm_head`` (column "
 except in the int8-head row and where its float32 values are exactly bf16 (``--synthetic``'s default weights, as in a
 model loaded from a bf16 checkpoint): the quantized models then hold it in bf16 (``HalfStoredLinear``: the same values,
 float32 arithmetic), and a "w4a16, float32 head" row (``HFQUANT_HEAD_16BIT=0``) shows the W4A16 model without that.
+The "w4a16, timed paths (opt-in)" row is the W4A16 model again with ``HFQUANT_CPU_PREFILL=fastest`` and
+``HFQUANT_CPU_HALF=fastest``: the old default, the fastest CPU path per shape class by a timing, whose numbers can
+differ from process to process; the other rows run the reproducible default (README, Kernels).
 
 Writes ``OUT/generate.json`` and ``.md``; ``--update-benchmarks`` puts the table in BENCHMARKS.md.
 
@@ -33,6 +36,8 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
 import sys
 import time
@@ -106,6 +111,26 @@ def load_models(path: str) -> dict:
     models["w8a8"] = AutoModelForCausalLM.from_pretrained(path, quantization_config=HFQuantConfig(
         method="smoothquant", alpha=None, **small))
     return models
+
+
+# Rows that run another model of the table under environment variables: the same W4A16 model with the timed CPU path
+# choices (opt-in; the default is the reproducible rule, whose numbers are the same in every process).
+ENV_ROWS = {"w4a16, timed paths (opt-in)": ("w4a16", {"HFQUANT_CPU_PREFILL": "fastest", "HFQUANT_CPU_HALF": "fastest"})}
+
+
+@contextlib.contextmanager
+def environment(env: dict):
+    """Set ``env`` for the block, then restore what was there."""
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def head_storage(model) -> str:
@@ -227,15 +252,25 @@ def main(argv=None) -> None:
     n = args.new_tokens
     for model in models.values():
         model.eval()
-    decode = interleaved_median_seconds({name: (lambda m=model: m.generate(
+    envs = {name: {} for name in models}
+    for row, (of, env) in ENV_ROWS.items():
+        models[row], envs[row] = models[of], env
+
+    def under(name, fn):
+        def run():
+            with environment(envs[name]):
+                return fn()
+        return run
+    decode = interleaved_median_seconds({name: under(name, lambda m=model: m.generate(
         prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)) for name, model in models.items()},
         args.repeats)
-    prefill = interleaved_median_seconds({name: (lambda m=model: m(input_ids=long)) for name, model in models.items()},
-                                         args.repeats)
+    prefill = interleaved_median_seconds({name: under(name, lambda m=model: m(input_ids=long))
+                                          for name, model in models.items()}, args.repeats)
     rows = []
     for name, model in models.items():
         decode_s, prefill_s = decode[name], prefill[name]
-        split = decode_breakdown(model, prompt, n, args.repeats)
+        with environment(envs[name]):
+            split = decode_breakdown(model, prompt, n, args.repeats)
         rows.append({"model": name, "head": head_storage(model), "decode_tok_s": n / decode_s, "prefill_tok_s": 512 / prefill_s,
                      "decode_ms_per_token": decode_s / n * 1e3, **{f"{k}_ms_per_token": v for k, v in split.items()}})
         print(f"{name}: decode {n / decode_s:.1f} tok/s, prefill {512 / prefill_s:.1f} tok/s", flush=True)
@@ -257,7 +292,7 @@ def main(argv=None) -> None:
     save_table(args.out, "generate" + suffix, meta, rows, md, "generate" + suffix if args.update_benchmarks else None)
     if args.no_compile:
         return
-    compiled = compiled_decode(models, prompt, n, args.repeats)
+    compiled = compiled_decode({k: v for k, v in models.items() if k not in ENV_ROWS}, prompt, n, args.repeats)
     eager = {r["model"]: r for r in rows}
     md = markdown(meta, f"Median of {args.repeats} runs after one untimed. Decode: batch 1, 16-token "
                   f"prompt, {n} new tokens (greedy), each model's forward compiled with `torch.compile(fullgraph=True, "

@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,8 +10,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The CPU paths are hfquant's defaults (the reproducible choices, hfquant.kernels.common.choose_path): the tests
+# The CPU paths are hfquant's defaults (the machine's recorded choices, hfquant.kernels.common.choose_path): the tests
 # run what users run. Tests of other paths set HFQUANT_CPU_PREFILL / HFQUANT_CPU_W8A8 / HFQUANT_CPU_HALF themselves.
+# The record is the session's own (its processes share it), not the user's file in ~/.cache/hfquant.
+os.environ.setdefault("HFQUANT_CPU_CHOICES", os.path.join(tempfile.mkdtemp(prefix="hfquant-test-paths-"), "paths.json"))
 if not torch.cuda.is_available():
     # Triton kernels run on CPU tensors under the interpreter (must be set before triton is imported).
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -4,8 +4,8 @@ Each test loads one saved checkpoint in two fresh Python processes and compares 
 prefill of 40 tokens, then greedy decode steps with the KV cache (one row each), through the default CPU paths.
 The processes' path timings are rigged in opposite directions (one sees torch's int4 kernel and the 32 MB tiles
 as instant, the other hfquant's dequantized tiles and the GEMV), as two processes on a busy machine can measure
-them; the default choice must not follow a timing among paths that compute different numbers (before, it did,
-and the two processes' logits differed).
+them. By default the first process to meet a shape class records its choice for the machine and the second takes it
+(``hfquant.kernels.choices``); before, each process timed for itself and the two processes' logits differed.
 """
 
 from __future__ import annotations
@@ -57,7 +57,10 @@ RIGS = ("int4,big_tiles", "dequant_mm,half_cpu_gemv")  # what each of the two pr
 
 
 def _logits_in_fresh_processes(folder, tmp_path) -> list[dict]:
+    """Logits of the two rigged processes, which start with an empty record of the machine's path choices (the first
+    records, the second reads)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HFQUANT_CPU_", "HFQUANT_KERNEL"))}
+    env["HFQUANT_CPU_CHOICES"] = str(tmp_path / "paths.json")
     results = []
     for i, rig in enumerate(RIGS):
         out = tmp_path / f"logits-{i}.safetensors"

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from hfquant.core.packing import pack_codes
+from hfquant.kernels import choices as path_record
 from hfquant.kernels.isa import cpu_isa
 
 
@@ -84,9 +85,9 @@ SLOWER_THAN_FLOAT_MARGIN = 1.1  # warn when the chosen quantized path takes more
 SLOWER_THAN_FLOAT_MIN_SECONDS = 5e-4
 _SLOWER_THAN_FLOAT_WARNED: set[str] = set()  # one warning per process and ``env`` (kernel family)
 
-REPRODUCIBLE = "reproducible"  # the default: the same numbers in every process
-FASTEST = "fastest"  # opt-in: the fastest path by a timing, whose numerics depend on which path wins
-_MODE_ALIASES = {"auto": FASTEST, "default": REPRODUCIBLE}  # "auto": the timed choice's old name
+REPRODUCIBLE = "reproducible"  # the default: the machine's recorded choice, the same in every process
+FASTEST = "fastest"  # opt-in: each process times every path itself; numbers then depend on which path wins
+_MODE_ALIASES = {"auto": FASTEST, "default": REPRODUCIBLE}  # "auto": the per-process timed choice's old name
 
 
 def path_mode(env: str, paths) -> str:
@@ -99,69 +100,98 @@ def path_mode(env: str, paths) -> str:
     return mode
 
 
-def choose_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str, order, x: torch.Tensor, module,
-                numerics: dict[str, str] | None = None, warn_as: str | None = None):
+def choose_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str, candidates, x: torch.Tensor, module,
+                fallback=(), warn_as: str | None = None):
     """Run ``paths[name](x, module)`` for the path this process uses for the shape class ``key``; returns its output,
     or ``None`` when no path takes the input (a path returning ``None`` does not take it).
 
     Which path, by ``os.environ[env]`` (``path_mode``):
 
-    * ``reproducible`` (the default): the first path of ``order`` that takes the input, a rule of the shape and the
-      module's layout only, so one checkpoint gives bit-identical outputs in every process on a machine. Paths
-      that ``numerics`` gives the same tag as that one compute bit-identical outputs (exact integer sums, say):
-      those are timed against it on the class's first call and the fastest is kept, which changes no number.
-    * ``fastest`` (opt-in; ``auto`` is its old name): every path is timed on the class's first call (each run once
-      to warm up, then the fastest of ``TIMED_CALLS`` calls counts) and the fastest is kept for the process.
-      Paths with other numerics can win, so outputs can then differ from process to process.
+    * ``reproducible`` (the default): the fastest of ``candidates`` (the paths accurate enough to be a default) on
+      this machine, timed once per machine and shape class by the first process that meets the class and recorded
+      for every later process (``hfquant.kernels.choices``): one checkpoint gives bit-identical outputs in every
+      process on the machine. Only where no candidate takes the input, the first of ``fallback`` that does (not
+      timed, not recorded: it depends on the module, not on a timing).
+    * ``fastest`` (opt-in; ``auto`` is its old name): every path, ``fallback`` included, is timed by each process on
+      the class's first call, and the fastest is kept for the process; two processes can then take different paths
+      and compute different numbers.
     * a path's name: that path.
 
-    The choice is remembered in ``choices`` per mode, shape class and ``order`` (a module whose layout the remembered
-    path does not take gets the rule's path). While ``torch.compile`` traces nothing is
-    timed: the reproducible rule's path is taken, and eager calls then agree with the graph.
+    Timing: each path runs once to warm up, then the fastest of ``TIMED_CALLS`` calls counts. The choice is also kept
+    in ``choices`` per mode and shape class (a module whose layout the class's path does not take gets the first
+    candidate that takes it). While ``torch.compile`` traces nothing is timed and no file is read: the choice this
+    process already made or read for the class, else the first candidate that takes the input (kept in ``choices``,
+    so this process's eager calls then agree with the graph; run the model once eagerly before compiling to compile
+    the machine's recorded path).
 
     ``warn_as`` (a description of the layer, formatted with ``bits``, ``in_f``, ``out_f`` and ``rows`` only when a
-    warning is due): the first call of a class also times the chosen path and float32 ``F.linear``
-    (``float_baseline``); when the path is more than ``SLOWER_THAN_FLOAT_MARGIN`` times slower (and float32 takes at
-    least ``SLOWER_THAN_FLOAT_MIN_SECONDS``), one warning per process and kernel family (``env``) says so, naming
-    the first such layer: on such a CPU the quantized model saves memory, not time."""
+    warning is due): the timing also times float32 ``F.linear`` (``float_baseline``), and the ratio is recorded; when
+    the chosen path is more than ``SLOWER_THAN_FLOAT_MARGIN`` times slower (and float32 takes at least
+    ``SLOWER_THAN_FLOAT_MIN_SECONDS``), one warning per process and kernel family (``env``) says so, naming the first
+    such layer: on such a CPU the quantized model saves memory, not time."""
     mode = path_mode(env, paths)
     if mode in paths:
         return paths[mode](x, module)
-    slot = (mode, key) if mode == FASTEST else (mode, key, tuple(order))
-    choice = choices.get(slot)
-    if choice is not None:
-        y = paths[choice](x, module)
-        # a module whose layout the class's path does not take (an unusual g_idx, say): the rule, for it alone
-        return y if y is not None else _first_taking(paths, order, x, module)[1]
-    if mode == FASTEST and not torch.compiler.is_compiling():
-        candidates = list(paths)
-    else:
-        first, y = _first_taking(paths, order, x, module)
-        if first is None:
+    slot = (mode, key)
+    pool = [n for n in (list(paths) if mode == FASTEST else candidates) if n in paths]
+    name = choices.get(slot)
+    compiling = torch.compiler.is_compiling()
+    if name is None and mode == REPRODUCIBLE:
+        # Under torch.compile only what is already read is looked at (no file access while tracing).
+        entry = path_record.peek(env, key) if compiling else path_record.recorded(env, key)
+        if entry is not None:
+            name = choices[slot] = entry["path"]
+            if not compiling:
+                _warn_if_slower(env, warn_as, entry, mode, x, module)
+    if name is not None:
+        y = paths[name](x, module) if name in paths else None
+        if y is None:  # a module whose layout the class's path does not take (an unusual g_idx, say)
+            y = _first_taking(paths, [*pool, *fallback], x, module)[1]
+        return y
+    if compiling:  # nothing timed while tracing: the first candidate, kept for this process's eager calls too
+        name, y = _first_taking(paths, pool, x, module)
+        if name is None:
+            return _first_taking(paths, fallback, x, module)[1]
+        choices[slot] = name
+        return y
+    outputs: dict[str, torch.Tensor] = {}
+
+    def decide() -> dict | None:
+        timed = {n: _time_path(paths[n], x, module) for n in (pool + [f for f in fallback if f not in pool]
+                                                                  if mode == FASTEST else pool)}
+        taken = {n: t for n, t in timed.items() if t[1] is not None}
+        if not taken:
             return None
-        tag = (numerics or {}).get(first)
-        candidates = [first] + [n for n in paths if n != first and tag is not None and (numerics or {}).get(n) == tag]
-        if torch.compiler.is_compiling() or (len(candidates) == 1 and (warn_as is None or env in _SLOWER_THAN_FLOAT_WARNED)):
-            choices[slot] = first
-            return y
-    timed = {name: _time_path(paths[name], x, module) for name in candidates}
-    taken = {name: t for name, t in timed.items() if t[1] is not None}
-    if not taken:
-        return None
-    best = min(taken, key=lambda name: taken[name][0])
-    choices[slot] = best
-    if warn_as is not None and env not in _SLOWER_THAN_FLOAT_WARNED:
-        float_seconds = _time_path(float_baseline(module), x, module)[0]
-        ratio = float_seconds / max(taken[best][0], 1e-12)
-        if ratio * SLOWER_THAN_FLOAT_MARGIN < 1.0 and float_seconds >= SLOWER_THAN_FLOAT_MIN_SECONDS:
-            _SLOWER_THAN_FLOAT_WARNED.add(env)
-            what = warn_as.format(bits=getattr(module, "bits", 8), in_f=module.in_features, out_f=module.out_features,
-                                  rows=x.numel() // max(1, x.shape[-1]))
-            warnings.warn(f"hfquant: on this CPU ({cpu_isa()}, torch {torch.backends.cpu.get_cpu_capability()}) the "
-                          f"quantized path for {what} ({best}, {mode}) ran at {ratio:.2f}x the speed of float32 (timed "
-                          "once; other layers are not reported); the quantized model saves memory here, not time",
-                          RuntimeWarning, stacklevel=3)
-    return taken[best][1]
+        best = min(taken, key=lambda n: taken[n][0])
+        outputs[best] = taken[best][1]
+        ratio = None
+        if warn_as is not None:
+            float_seconds = _time_path(float_baseline(module), x, module)[0]
+            if float_seconds >= SLOWER_THAN_FLOAT_MIN_SECONDS:
+                ratio = float_seconds / max(taken[best][0], 1e-12)
+        return {"path": best, "ratio": ratio}
+
+    entry = path_record.record(env, key, decide) if mode == REPRODUCIBLE else decide()
+    if entry is None:  # no candidate takes this module: the fallback, chosen by the module, never by a timing
+        return _first_taking(paths, fallback, x, module)[1]
+    choices[slot] = entry["path"]
+    _warn_if_slower(env, warn_as, entry, mode, x, module)
+    y = outputs.get(entry["path"])
+    return y if y is not None else paths[entry["path"]](x, module)  # recorded by another process meanwhile
+
+
+def _warn_if_slower(env: str, warn_as: str | None, entry: dict, mode: str, x: torch.Tensor, module) -> None:
+    """The slower-than-float32 warning for ``entry`` (``{"path", "ratio"}``), once per process and family."""
+    ratio = entry.get("ratio")
+    if warn_as is None or ratio is None or env in _SLOWER_THAN_FLOAT_WARNED or ratio * SLOWER_THAN_FLOAT_MARGIN >= 1.0:
+        return
+    _SLOWER_THAN_FLOAT_WARNED.add(env)
+    what = warn_as.format(bits=getattr(module, "bits", 8), in_f=module.in_features, out_f=module.out_features,
+                          rows=x.numel() // max(1, x.shape[-1]))
+    warnings.warn(f"hfquant: on this CPU ({cpu_isa()}, torch {torch.backends.cpu.get_cpu_capability()}) the "
+                  f"quantized path for {what} ({entry['path']}, {mode}) ran at {ratio:.2f}x the speed of float32 "
+                  "(timed once; other layers are not reported); the quantized model saves memory here, not time",
+                  RuntimeWarning, stacklevel=4)
 
 
 def remembered_path(choices: dict, key: tuple, env: str, paths) -> str | None:
@@ -170,7 +200,10 @@ def remembered_path(choices: dict, key: tuple, env: str, paths) -> str | None:
     mode = path_mode(env, paths)
     if mode in paths:
         return mode
-    return next((name for slot, name in choices.items() if slot[:2] == (mode, key)), None)
+    if (mode, key) in choices:
+        return choices[(mode, key)]
+    entry = path_record.recorded(env, key) if mode == REPRODUCIBLE else None
+    return entry["path"] if entry else None
 
 
 def _first_taking(paths: dict[str, Callable], order, x: torch.Tensor, module):

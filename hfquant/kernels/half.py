@@ -10,9 +10,9 @@ value (``hfquant.nn.HalfStoredLinear``). The result is float32 arithmetic on flo
   a float32 GEMV; its sums differ from ``F.linear``'s only in order (about 1e-6 relative).
 * **CPU, float32, more rows** (prefill): tiles of W converted to float32 (4 MB, or 32 MB: ``big_tiles``) and
   torch's float32 GEMM, about float32's speed (the conversion against fewer bytes read).
-* Which path runs is a rule of the rows (``path_order``), so one model gives the same numbers in every process
-  (``HFQUANT_CPU_HALF``: unset or ``reproducible``; ``fastest`` times the three once per shape class and process,
-  numerics then depending on the winner; ``gemv``, ``tiles`` or ``big_tiles`` forces one; ``choose_path``).
+* Which path runs for a shape class is timed once per machine and recorded, so one model gives the same numbers in
+  every process (``HFQUANT_CPU_HALF`` unset or ``reproducible``; ``hfquant.kernels.choices``); ``fastest`` times the
+  three in each process, numerics then depending on the winner; ``gemv``, ``tiles`` or ``big_tiles`` forces one.
 * Anything else (bf16/fp16 ``x``, CUDA): ``F.linear`` with the weight cast to ``x``'s dtype.
 """
 
@@ -82,20 +82,12 @@ def half_cpu_big_tiles(x: torch.Tensor, module) -> torch.Tensor:
 
 
 PATHS = {"gemv": half_cpu_gemv, "tiles": half_cpu_tiles, "big_tiles": half_cpu_big_tiles}
-# The reproducible rule (``HFQUANT_CPU_HALF`` unset): the GEMV up to ``GEMV_MAX_ROWS`` rows, 4 MB tiles below
-# ``BIG_TILE_MIN_ROWS``, 32 MB tiles from there (the sizes at which each measured fastest, above). The three sum in
-# different orders, so the rule depends on the rows alone, never on a timing.
-BIG_TILE_MIN_ROWS = 256
+# All three keep the float32 values and sum in float32 (in different orders): the reproducible choice is this machine's
+# recorded timing among them (``choose_path``; the GEMV takes up to ``GEMV_MAX_ROWS`` rows).
+CANDIDATES = ("gemv", "tiles", "big_tiles")
 
 
-def path_order(rows: int) -> tuple[str, ...]:
-    """The reproducible choice for ``rows`` rows, in order of preference (the GEMV may be missing: tiles then)."""
-    if rows <= GEMV_MAX_ROWS:
-        return ("gemv", "tiles")
-    return ("big_tiles",) if rows >= BIG_TILE_MIN_ROWS else ("tiles",)
-
-
-_CHOICE: dict[tuple, str] = {}  # (mode, shape class) -> a name in PATHS, decided once per process
+_CHOICE: dict[tuple, str] = {}  # (mode, shape class) -> a name in PATHS, as chosen in this process
 
 
 def half_linear(x: torch.Tensor, module) -> torch.Tensor:
@@ -106,7 +98,7 @@ def half_linear(x: torch.Tensor, module) -> torch.Tensor:
     if x.device.type == "cpu" and w.device.type == "cpu" and x.dtype is torch.float32:
         rows = x.numel() // max(1, x.shape[-1])
         key = (module.in_features, module.out_features, rows.bit_length())
-        y = choose_path(_CHOICE, key, PATHS, "HFQUANT_CPU_HALF", path_order(rows), x, module,
+        y = choose_path(_CHOICE, key, PATHS, "HFQUANT_CPU_HALF", CANDIDATES, x, module,
                         warn_as="a float32 {in_f}x{out_f} Linear stored in 16 bits at {rows} rows")
         return y if y is not None else half_cpu_tiles(x, module)  # HFQUANT_CPU_HALF=gemv where the GEMV cannot run
     return F.linear(x, w.to(x.dtype), _bias(module, x))

@@ -65,7 +65,7 @@ def cache_root() -> Path:
 
 
 @functools.lru_cache(maxsize=1)
-def _cpu() -> str:
+def cpu_description() -> str:
     """The CPU ``-march=native`` compiles for: model and feature flags of the first processor (Linux), else
     ``platform``'s names."""
     try:
@@ -93,7 +93,7 @@ def key_fields(name: str, cflags: Sequence[str], source: bytes) -> dict:
         "python_include": sysconfig.get_path("include", scheme="posix_prefix" if os.name == "posix" else "nt"),
         "compiler": os.environ.get("CXX", "c++"),
         "cflags": list(cflags),
-        "cpu": _cpu() if "-march=native" in cflags else None,
+        "cpu": cpu_description() if "-march=native" in cflags else None,
         "source": hashlib.sha256(source).hexdigest(),
     }
 

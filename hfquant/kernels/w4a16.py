@@ -9,12 +9,13 @@ Paths (``w4a16_linear`` picks one per call; ``HFQUANT_KERNEL=reference`` forces 
   dot products (AVX512-VNNI) over a three-part int8 split of ``x``, or float32 FMAs without VNNI; float32-level
   accuracy (< 1e-5 relative to the reference in the tests, outlier channels included), bias added in the
   kernel. Its speed against float32 ``F.linear`` is in BENCHMARKS.md (``scripts/bench_kernels.py``).
-* **CPU, two rows or more, float32** (prefill, batched decode), one of three. They compute different numbers, so
-  by default the choice is a fixed rule, not a timing: the first of ``PREFILL_ORDER`` (int16, tiles, int4) that
-  takes the module, so one checkpoint gives bit-identical logits in every process (``HFQUANT_CPU_PREFILL``: unset or
-  ``reproducible``; ``fastest`` opts in to the old timed choice -- each path timed on the first call of each shape
-  class, in, out, group, rows rounded to a power of two, the fastest kept for the process, numerics then depending
-  on which path wins; ``tiles``, ``int4`` or ``int16`` forces one; ``hfquant.kernels.common.choose_path``):
+* **CPU, two rows or more, float32** (prefill, batched decode), one of three, which compute different numbers. By
+  default (``HFQUANT_CPU_PREFILL`` unset or ``reproducible``) the fastest on this machine of the two with float32-level
+  accuracy, int16 and tiles (``PREFILL_CANDIDATES``), timed by the first process that meets a shape class (in, out,
+  group, bits, rows rounded to a power of two) and recorded for every later one (``hfquant.kernels.choices``), so one
+  checkpoint gives bit-identical logits in every process on a machine; torch's int4 kernel only where neither takes
+  the module. ``fastest`` opts in to each process timing all three (numbers then depend on which wins); ``tiles``,
+  ``int4`` or ``int16`` forces one (``hfquant.kernels.common.choose_path``):
 
   - ``tiles``: hfquant's kernel dequantizes tiles of W (about 16 MB of float32 each) with the reference's float
     ops and torch's float32 GEMM multiplies each tile (float32 rounding only; the GEMM's time plus a small
@@ -24,13 +25,13 @@ Paths (``w4a16_linear`` picks one per call; ``HFQUANT_KERNEL=reference`` forces 
     group (15 bits of the group's largest value), exact int32 sums with the 4-bit codes (``VPMADDWD``, AVX2),
     per-group scales and zero points in float32 (tests: < 3e-5 relative, < 3e-4 with a 1000x outlier channel).
 
-  Measured (``scripts/bench_kernels.py``, BENCHMARKS.md) in earlier sessions: on an AVX-512-BF16 EPYC the int4
-  kernel was fastest (1.6-3.8x float32 at 16-512 rows, the int16 GEMM 1.4-2.6x, the tiles 0.9-1.1x); with torch's
-  AVX2 code the int16 GEMM was fastest (1.3-2.7x, the int4 kernel 0.7-1.7x, the tiles 0.7-1.1x). The reproducible
-  default takes the int16 GEMM: the most accurate path faster than float32 on both.
+  Measured (``scripts/bench_kernels.py``, BENCHMARKS.md): on an AVX-512-BF16 EPYC the int4 kernel was fastest
+  (1.6-3.8x float32 at 16-512 rows, the int16 GEMM 1.4-2.6x, the tiles 0.9-1.1x); with torch's AVX2 code the int16
+  GEMM was fastest (1.3-2.7x, the int4 kernel 0.7-1.7x, the tiles 0.7-1.1x); on an AVX-512 Xeon (AMX) the int16 GEMM
+  is fastest at 16 rows and the tiles from 64 rows, every path under float32's speed at 512 rows.
 * **CPU, 8-bit codes, float32** (``bits: 8`` modules, e.g. an int8 ``lm_head`` or the 8-bit choices of
   ``bits: auto``): one row through the 4-bit decode kernel, each code byte read as two nibbles against ``x``
-  spread to ``(x_k, 16 x_k)`` (``_ext_operands``); more rows through the same choice: the int16 GEMM, else tiles
+  spread to ``(x_k, 16 x_k)`` (``_ext_operands``); more rows through the same choice: the int16 GEMM or tiles
   dequantized by torch ops (codes one a byte, kernel groups of at most 256 columns: ``_int16_byte_operands``).
 * **CPU** (otherwise: bfloat16 activations, or no extension):
   torch's int4 CPU kernel ``aten._weight_int4pack_mm_for_cpu``. Its fast (AVX-512) path takes bfloat16 activations, so ``x`` is
@@ -272,12 +273,14 @@ def _byte_codes_mm(x: torch.Tensor, module, ops: ExtOperands, tile: int) -> torc
 
 
 _PREFILL_CHOICE: dict[tuple, str] = {}  # (mode, shape class) -> "int16", "tiles" or "int4", decided once per process
-# The reproducible choice (``HFQUANT_CPU_PREFILL`` unset): the first of these that takes the module. The three compute
-# different numbers (x as int16 codes per group; float32 tiles; x in bf16), so no timing picks among them by default.
-# hfquant's int16 GEMM first: within 3e-5 of the float32 reference, and 1.3-2.7x float32 on the CPUs of
-# BENCHMARKS.md, where the float32 tiles are about float32's speed; torch's int4 kernel (bf16 activations, about
-# 3e-3) is left for a CPU without hfquant's extension, or for ``HFQUANT_CPU_PREFILL=fastest`` / ``int4``.
-PREFILL_ORDER = ("int16", "tiles", "int4")
+# The reproducible choice (``HFQUANT_CPU_PREFILL`` unset) is the fastest of these on this machine, timed once per machine
+# and recorded (``hfquant.kernels.choices``): both keep float32-level accuracy (tiles: float32 rounding; int16: within
+# 3e-5 of the reference). Which wins depends on the CPU: at 512 rows the int16 GEMM was 1.4-2.6x float32 on an
+# AVX-512 EPYC and 0.6x on an AVX-512 Xeon (tiles: 0.9-1.1x on both). Torch's int4 kernel rounds x to bf16 (about
+# 3e-3): it runs by default only where neither takes the module (no extension), and is timed with
+# ``HFQUANT_CPU_PREFILL=fastest``.
+PREFILL_CANDIDATES = ("int16", "tiles")
+PREFILL_FALLBACK = ("int4",)
 
 
 def _prefill_paths():
@@ -286,12 +289,13 @@ def _prefill_paths():
 
 def w4a16_cpu_prefill(x: torch.Tensor, module) -> torch.Tensor | None:
     """Many float32 rows: hfquant's int16 GEMM, the dequantized tiles or torch's int4 kernel, as ``HFQUANT_CPU_PREFILL``
-    says (``hfquant.kernels.common.choose_path``: by default the first of ``PREFILL_ORDER`` that takes the module, the
-    same in every process; ``fastest``: timed on the first call of the shape class); ``None`` when none takes it."""
+    says (``hfquant.kernels.common.choose_path``: by default this machine's recorded choice among
+    ``PREFILL_CANDIDATES``, the same in every process; ``fastest``: each process times all three); ``None`` when none
+    takes it."""
     rows = x.numel() // max(1, x.shape[-1])
     key = (module.in_features, module.out_features, module.group_size, module.bits, rows.bit_length())
-    return choose_path(_PREFILL_CHOICE, key, _prefill_paths(), "HFQUANT_CPU_PREFILL", PREFILL_ORDER, x, module,
-                       warn_as="a W{bits}A16 {in_f}x{out_f} Linear at {rows} rows")
+    return choose_path(_PREFILL_CHOICE, key, _prefill_paths(), "HFQUANT_CPU_PREFILL", PREFILL_CANDIDATES, x, module,
+                       PREFILL_FALLBACK, warn_as="a W{bits}A16 {in_f}x{out_f} Linear at {rows} rows")
 
 
 def prepare_module(module) -> None:

@@ -11,9 +11,9 @@ On a CPU with AVX512-VNNI (or AVX2), one float32 row (decode) runs hfquant's own
 ``x`` makes its row's outputs NaN).
 
 More rows on a CPU without AVX512-VNNI, where ``torch._int_mm`` is a plain loop (``hfquant.kernels.isa``), one of
-two, whichever this CPU runs faster for the shape class (``HFQUANT_CPU_W8A8``: unset, ``reproducible`` or ``fastest``
-time both on the first call of each shape class -- in, out, rows rounded to a power of two -- and keep the faster for
-the process; ``int`` or ``tiles`` forces one). Both are bit-identical to the reference, so the timing changes no number:
+two, whichever this CPU runs faster for the shape class (in, out, rows rounded to a power of two; ``HFQUANT_CPU_W8A8``
+unset or ``reproducible``: timed once per machine and recorded, ``hfquant.kernels.choices``; ``fastest``: timed by each
+process; ``int`` or ``tiles`` forces one). Both are bit-identical to the reference, so the choice changes no number:
 
 * ``int``: hfquant's exact int8 GEMM for AVX2 (``w8a8_cpu_int_gemm``; 16-bit multiply-adds, ``VPMADDWD``), the
   same int32 accumulator as ``_int_mm``;
@@ -121,10 +121,9 @@ def w8a8_cpu_int_gemm(x: torch.Tensor, module) -> torch.Tensor | None:
 
 
 _MANY_ROWS_CHOICE: dict[tuple, str] = {}  # (mode, shape class) -> "int" or "tiles", decided once per process
-# Both paths compute the same exact int32 sums and epilogue, so the reproducible choice may time them against each
-# other (``choose_path``): whichever wins, the numbers are the same.
-MANY_ROWS_ORDER = ("int", "tiles")
-MANY_ROWS_NUMERICS = {"int": "exact", "tiles": "exact"}
+# Both paths compute the same exact int32 sums and epilogue: whichever the machine's recorded timing chose
+# (``choose_path``), the numbers are the same.
+MANY_ROWS_CANDIDATES = ("int", "tiles")
 
 
 def _many_rows_paths():
@@ -133,12 +132,12 @@ def _many_rows_paths():
 
 def w8a8_cpu_many_rows(x: torch.Tensor, module) -> torch.Tensor:
     """Several rows on a CPU without a fast ``_int_mm``: hfquant's int8 GEMM or the exact float32 tiles, whichever
-    ``HFQUANT_CPU_W8A8`` says (by default the faster on this CPU, timed on the first call of the shape class: both are
-    bit-identical to the reference, so the timing changes no number)."""
+    ``HFQUANT_CPU_W8A8`` says (by default the faster on this machine, recorded per shape class: both are
+    bit-identical to the reference, so the choice changes no number)."""
     rows = x.numel() // max(1, x.shape[-1])
     key = (module.in_features, module.out_features, rows.bit_length())
-    y = choose_path(_MANY_ROWS_CHOICE, key, _many_rows_paths(), "HFQUANT_CPU_W8A8", MANY_ROWS_ORDER, x, module,
-                    MANY_ROWS_NUMERICS, "a W8A8 {in_f}x{out_f} Linear at {rows} rows")
+    y = choose_path(_MANY_ROWS_CHOICE, key, _many_rows_paths(), "HFQUANT_CPU_W8A8", MANY_ROWS_CANDIDATES, x, module,
+                    warn_as="a W8A8 {in_f}x{out_f} Linear at {rows} rows")
     return y if y is not None else w8a8_float_tiles(x, module)  # the int GEMM is not built here
 
 
