@@ -405,3 +405,126 @@ def test_qwen2_export_with_biases(tmp_path):
     fields = gguf.GGUFReader(str(path))
     assert fields.fields["general.architecture"].contents() == "qwen2"
     assert {t.name: t.tensor_type.name for t in fields.tensors}["blk.0.attn_q.bias"] == "F32"
+
+
+# --- issue 31, 5: the file holds the head hfquant evaluated; GGUF run folders everywhere --------------------------
+
+
+def _heavy_tailed_llama(folder, hidden, tie):
+    """A tiny Llama whose token embeddings (and untied head) have heavy tails, as trained ones do (Student-t, 3
+    degrees of freedom). Rounding such rows to Q6_K or Q4_K a second time is not the identity (their scales are
+    searched), which the initialisation's Gaussian rows hide."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(hidden_size=hidden, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=tie, vocab_size=VOCAB)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    t = torch.distributions.StudentT(3.0)
+    with torch.no_grad():
+        for module in {model.get_input_embeddings(), model.get_output_embeddings()}:
+            module.weight.copy_(t.sample(module.weight.shape) * 0.02)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("kind,hidden,tie,types", [("Q4_0", 256, True, {"token_embd": "Q6_K"}),
+                                                   ("Q4_0", 64, True, {"token_embd": "Q8_0"}),
+                                                   ("Q4_K_M", 256, False, {"token_embd": "Q4_K", "output": "Q6_K"})])
+def test_the_file_holds_the_head_the_model_evaluated(tmp_path, kind, hidden, tie, types):
+    """The GGUF file's head / token-embedding blocks de-quantize bit for bit to the weights the quantized model held,
+    so the file's logits (``load_gguf`` and transformers' GGUF loader) equal the model's: ``torch.equal``, the same
+    float32 weights in the same operations (the q/k row permutation is exact), no tolerance. Also through the hfquant
+    layout: save, reload (the blocks travel in ``gguf_blocks``), export. Rounding the rounded weight again (what the
+    writer did) moved the logits by 0.02-0.14 here."""
+    import transformers as tf
+
+    from hfquant.formats import export_gguf, load_gguf
+
+    src = _heavy_tailed_llama(tmp_path / "f", hidden, tie)
+    model = tf.AutoModelForCausalLM.from_pretrained(
+        src, quantization_config=HFQuantConfig(gguf_type=kind, method="rtn", save_format="gguf"))
+    held = {"token_embd": model.get_input_embeddings().weight, "output": model.get_output_embeddings().weight}
+    for name, t in types.items():
+        if t in ("Q6_K", "Q4_K"):  # the case this test is about: a second rounding changes these rows
+            assert not torch.equal(dequantize_codes(t, *rtn_block_quantize(t, held[name])), held[name])
+    model.save_pretrained(tmp_path / "g")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(tmp_path / "g" / "model.gguf")).tensors}
+    assert ("output.weight" in tensors) == (not tie)
+    for name, t in types.items():
+        stored = tensors[f"{name}.weight"]
+        assert stored.tensor_type.name == t
+        data = torch.from_numpy(stored.data.copy()).reshape(VOCAB, -1)
+        assert torch.equal(dequantize_rows(t, data, hidden), held[name]), name
+    ids = torch.randint(0, VOCAB, (1, 24), generator=torch.Generator().manual_seed(7))
+    ref = _logits(model, ids)
+    assert torch.equal(_logits(load_gguf(tmp_path / "g"), ids), ref)
+    assert torch.equal(_logits(tf.AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file="model.gguf"), ids), ref)
+    model.config.quantization_config.save_format = "hfquant"
+    model.save_pretrained(tmp_path / "h")
+    tiny_tokenizer().save_pretrained(tmp_path / "h")
+    reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "h")
+    assert torch.equal(_logits(reloaded, ids), ref)
+    path = export_gguf(tmp_path / "h", tmp_path / "e")
+    assert torch.equal(_logits(tf.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name), ids), ref)
+
+
+@pytest.fixture(scope="module")
+def gguf_run(tmp_path_factory):
+    """``hfquant run`` with ``save_format: gguf`` (RTN Q4_0, tied Q6_K head): the output folder and the run's stdout."""
+    import contextlib
+    import io
+
+    from helpers import write_recipe
+
+    from hfquant.app.cli import main
+
+    root = tmp_path_factory.mktemp("gguf-run")
+    src = _heavy_tailed_llama(root / "f", 256, tie=True)
+    recipe = write_recipe(root / "r.yaml", src, root / "out",
+                          quantization={"method": "rtn", "gguf_type": "Q4_0", "save_format": "gguf"})
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["--quiet", "run", str(recipe)]) == 0
+    return root / "out", out.getvalue()
+
+
+def test_gguf_run_summary_shows_the_files_size(gguf_run):
+    out, stdout = gguf_run
+    assert sorted(p.name for p in out.glob("*.gguf")) == ["model.gguf"] and not (out / "config.json").exists()
+    size = (out / "model.gguf").stat().st_size
+    report = json.loads((out / "report.json").read_text())
+    assert report["checkpoint_bytes"] == size > 0
+    assert f"| {size / 2**20:.1f} |" in stdout and f"{size / 2**20:.1f}" != "0.0"
+    assert report["stored_bits"]["avg_bits"] == 4.5 and "4.5000 stored bits per weight" in stdout  # Q4_0: 18 B / 32
+    assert 'gguf_file="model.gguf"' in (out / "README.md").read_text()  # the card loads the file it describes
+
+
+def test_eval_and_inspect_of_a_gguf_run_folder_and_a_bare_file(gguf_run, tmp_path, capsys):
+    """``eval`` of the folder reads ``model.gguf`` with the folder's tokenizer and reproduces the run's perplexity;
+    a bare ``.gguf`` without a tokenizer beside it is evaluated with the one transformers builds from the file;
+    ``inspect`` shows the file's architecture, types and sizes (and the run's table when report.json is there)."""
+    import shutil
+
+    out, _ = gguf_run
+    after = json.loads((out / "report.json").read_text())["evaluation"]["after"]
+    code, stdout, err = run_cli(["--quiet", "eval", out], capsys)
+    assert code == 0, err
+    assert f"perplexity {after:.3f}" in stdout and "model.gguf" in stdout
+    code, stdout, err = run_cli(["--quiet", "eval", out / "model.gguf"], capsys)
+    assert code == 0 and f"perplexity {after:.3f}" in stdout, err
+    (tmp_path / "bare").mkdir()
+    shutil.copy(out / "model.gguf", tmp_path / "bare" / "x.gguf")
+    code, stdout, err = run_cli(["--quiet", "eval", tmp_path / "bare" / "x.gguf", "--seq-len", "64",
+                                 "--max-tokens", "512"], capsys)
+    assert code == 0 and "perplexity" in stdout and "x.gguf" in stdout, err
+    code, stdout, err = run_cli(["inspect", out], capsys)
+    assert code == 0, err
+    size = (out / "model.gguf").stat().st_size
+    assert "GGUF llama" in stdout and f"size: {size / 2**20:.1f} MiB in model.gguf" in stdout
+    assert "Q4_0 14 " in stdout and "Q6_K 1 " in stdout and "quantized modules: 14 (4.5000 stored bits" in stdout
+    assert "gguf_type Q4_0" in stdout and stdout.count("| model.layers.") == 14
+    code, stdout, err = run_cli(["inspect", tmp_path / "bare" / "x.gguf"], capsys)
+    assert code == 0 and "GGUF llama" in stdout and "no report.json" in stdout, err
+    assert sorted(p.name for p in (tmp_path / "bare").iterdir()) == ["x.gguf"]  # nothing written beside it

@@ -7,9 +7,9 @@ Subcommands live in ``COMMANDS``: a new one is one ``Command`` entry (its argume
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
-import math
 import sys
 import traceback
 from collections.abc import Callable
@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub.utils import disable_progress_bars
-from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
 import yaml
 
@@ -25,14 +24,16 @@ from hfquant.app import pipeline, recipe
 from hfquant.app.hub import HubAuthError, HubError
 from hfquant.app.pipeline import run_sensitivity
 from hfquant.app.recipe import check_repo_id, EVALUATION_DEFAULTS, HUB_DEFAULTS, validate
-from hfquant.app.report import describe, RECIPE, REPORT, SENSITIVITY_MD, table
+from hfquant.app.report import kernel_build_note, RECIPE, REPORT, SENSITIVITY_MD, table
+from hfquant.app.saved import checkpoint_lines, load_model, load_tokenizer, open_saved
 from hfquant.calibration.distributed import Dist, init_from_env
 from hfquant.config import GGUF_TENSOR_TYPES
 from hfquant.core.errors import HFQuantError
 from hfquant.formats import export_checkpoint
 from hfquant.formats.export import EXPORT_FORMATS
-from hfquant.formats.files import check_checkpoint, CheckpointError, read_json, tensor_headers
+from hfquant.formats.files import CheckpointError, read_json
 from hfquant.formats.gguf import FLOAT_TYPES
+from hfquant.integrations.validate import validate_checkpoint
 from hfquant.mixed.resolve import summary
 
 logger = logging.getLogger("hfquant")
@@ -89,7 +90,8 @@ def _set_arg(p: argparse.ArgumentParser) -> None:
 def _run(args) -> int:
     resolved = recipe.load(args.recipe, args.set, args.output)
     dist = _distributed(args.dry_run)
-    plan = pipeline.plan(resolved, overwrite=args.overwrite, resume=args.resume, push_repo=args.push_to_hub)
+    plan = pipeline.plan(resolved, overwrite=args.overwrite, resume=args.resume, push_repo=args.push_to_hub,
+                         recipe_file=args.recipe)
     if args.dry_run:
         print(recipe.dump(resolved), end="")
         print(f"dry run: {args.recipe} is valid and its inputs are readable; nothing was loaded or written")
@@ -134,7 +136,7 @@ def _sensitivity_args(p: argparse.ArgumentParser) -> None:
 def _sensitivity(args) -> int:
     resolved = recipe.load(args.recipe, args.set, args.output)
     resolved["evaluation"] = {**resolved["evaluation"], "before": False, "after": False}
-    plan = pipeline.plan(resolved, overwrite=args.overwrite)
+    plan = pipeline.plan(resolved, overwrite=args.overwrite, recipe_file=args.recipe)
     table = run_sensitivity(plan, quiet=args.quiet)
     print(f"sensitivity of {len(table['modules'])} modules x {len(table['candidates'])} candidates in "
           f"{table['seconds']:.1f} s; table {plan.out / SENSITIVITY_MD}, plot and card in {plan.out}")
@@ -142,15 +144,40 @@ def _sensitivity(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- eval
+def _quiet_transformers(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run ``handler`` with transformers' warnings off unless ``-v``: among them its load report (a table of missing,
+    unexpected and mismatched keys), which the checkpoint check before loading (one line) makes redundant."""
+    @functools.wraps(handler)
+    def run(args) -> int:
+        if args.verbose:
+            return handler(args)
+        level = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()
+        try:
+            return handler(args)
+        finally:
+            hf_logging.set_verbosity(level)
+    return run
+
+
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", help="output folder of `hfquant run` (or any hfquant checkpoint)")
-    p.add_argument("--seq-len", type=int, help="window length (default: the recipe's, else 512)")
-    p.add_argument("--max-tokens", type=int, help="evaluate the first MAX_TOKENS tokens (default 16384)")
-    p.add_argument("--dataset", help="evaluation text: local file or Hub dataset id (default: bundled WikiText-2 test)")
+    p.add_argument("dir", help="output folder of `hfquant run` (or any hfquant checkpoint, or a .gguf file)")
+    p.add_argument("--seq-len", type=int,
+                   help="window length (default: the saved recipe's evaluation.seq_len, else 512)")
+    p.add_argument("--max-tokens", type=int,
+                   help="evaluate the first MAX_TOKENS tokens (default: the saved recipe's evaluation.max_tokens, "
+                        "else 16384)")
+    p.add_argument("--dataset", help="evaluation text: local file or Hub dataset id (default: the saved recipe's "
+                                     "evaluation.dataset, else the bundled WikiText-2 test)")
 
 
+_NOT_LOOKED_UP = "hfquant/evaluation-only"  # a Hub-id-shaped recipe model: validate() checks only local folders
+
+
+@_quiet_transformers
 def _eval(args) -> int:
-    folder = check_checkpoint(args.dir)
+    checkpoint = open_saved(args.dir)
+    folder = checkpoint.folder
     ev = dict(EVALUATION_DEFAULTS)
     saved = _saved_recipe(folder / RECIPE)
     if saved:
@@ -158,16 +185,20 @@ def _eval(args) -> int:
     for key, value in (("seq_len", args.seq_len), ("max_tokens", args.max_tokens), ("dataset", args.dataset)):
         if value is not None:
             ev[key] = value
-    ev = validate({"model": str(folder), "output_dir": str(folder), "evaluation": ev})["evaluation"]
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model_ref = str(folder) if checkpoint.gguf is None else _NOT_LOOKED_UP  # only the evaluation section is checked
+    ev = validate({"model": model_ref, "output_dir": str(folder), "evaluation": ev})["evaluation"]
+    tokenizer = load_tokenizer(checkpoint)
     ids, name = pipeline.evaluation_ids(ev, tokenizer)
-    model = AutoModelForCausalLM.from_pretrained(folder, use_safetensors=True, dtype="auto").eval()
+    built = pipeline.build_kernels("cpu")  # the model loads on the CPU: its kernels first, outside the evaluation
+    model = load_model(checkpoint)
     limit = pipeline.max_positions(model.config)
     if limit is not None and ev["seq_len"] > limit:
         raise pipeline.RecipeError(f"--seq-len: {ev['seq_len']} exceeds the model's maximum of {limit} positions")
     ppl = pipeline._perplexity(model, ids, ev, args.quiet)
     n = pipeline.eval_windows(ev, ids)
-    print(f"perplexity {ppl:.3f} on {name} ({n} windows x {ev['seq_len']} tokens) for {folder}")
+    print(f"perplexity {ppl:.3f} on {name} ({n} windows x {ev['seq_len']} tokens) for {checkpoint.path}")
+    if note := kernel_build_note(built, "the evaluation"):
+        print(note)
     return 0
 
 
@@ -175,7 +206,7 @@ def _saved_recipe(path: Path) -> dict | None:
     if not path.is_file():
         return None
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = recipe.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         raise CheckpointError(f"{str(path)!r}: unreadable or not valid YAML") from None
     if not isinstance(data, dict):
@@ -185,34 +216,14 @@ def _saved_recipe(path: Path) -> dict | None:
 
 # ------------------------------------------------------------------------------------------- inspect
 def _inspect_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", help="output folder of `hfquant run` (or any hfquant checkpoint)")
+    p.add_argument("dir", help="output folder of `hfquant run` (or any hfquant checkpoint, or a .gguf file)")
 
 
+@_quiet_transformers
 def _inspect(args) -> int:
-    folder = check_checkpoint(args.dir)
-    config = read_json(folder / "config.json")
-    qc = config.get("quantization_config") or {}
-    print(f"{folder}: {config.get('model_type', '?')} ({', '.join(config.get('architectures') or ['?'])})")
-    if qc.get("quant_method") == "hfquant":
-        print(f"quantization: {describe(qc)}")
-        print("  " + ", ".join(f"{k}={v}" for k, v in qc.items()
-                               if k not in ("quant_method", "modules_to_not_convert", "module_schemes")))
-        print(f"  kept float: {', '.join(qc.get('modules_to_not_convert') or []) or '-'}")
-        if qc.get("module_schemes"):
-            print(f"  per-module schemes: {summary(qc['module_schemes'])}")
-    else:
-        print("quantization: none (not an hfquant checkpoint)")
-    by_dtype: dict[str, int] = {}
-    quantized = []
-    files = sorted(folder.glob("*.safetensors"))
-    total_bytes = sum(f.stat().st_size for f in files)
-    for key, shape, dtype in tensor_headers(files):
-        by_dtype[dtype] = by_dtype.get(dtype, 0) + math.prod(shape)
-        if key.endswith((".scales", ".weight_scale")):
-            quantized.append(key.rsplit(".", 1)[0])
-    print(f"size: {total_bytes / 2**20:.1f} MiB in safetensors; elements by dtype: "
-          + ", ".join(f"{k} {v:,}" for k, v in sorted(by_dtype.items())))
-    print(f"quantized modules: {len(quantized)}")
+    checkpoint = open_saved(args.dir)
+    folder = checkpoint.folder
+    print("\n".join(checkpoint_lines(checkpoint)))
     report = read_json(folder / REPORT)
     if report is None:
         print("no report.json (not written by `hfquant run`): no per-layer table")
@@ -233,7 +244,7 @@ def _inspect(args) -> int:
 
 # ---------------------------------------------------------------------------------------------- push
 def _push_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", help="output folder of `hfquant run`")
+    p.add_argument("dir", help="output folder of `hfquant run` (its checkpoint safetensors or model.gguf)")
     p.add_argument("repo", help="Hub repo id, owner/name")
     vis = p.add_mutually_exclusive_group()
     vis.add_argument("--private", dest="private", action="store_true", default=None, help="create the repo private (default)")
@@ -242,8 +253,9 @@ def _push_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--commit-message")
 
 
+@_quiet_transformers
 def _push(args) -> int:
-    folder = check_checkpoint(args.dir)
+    folder = open_saved(args.dir, folder_only=True).folder
     check_repo_id(args.repo, "repo")
     hub = dict(HUB_DEFAULTS)
     saved = _saved_recipe(folder / RECIPE)
@@ -272,7 +284,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="gguf: untied token embeddings' type (default: llama.cpp's choice)")
 
 
+@_quiet_transformers
 def _export(args) -> int:
+    validate_checkpoint(args.dir)
     gguf = dict(float_type=args.float_type, head_type=args.head_type, embedding_type=args.embedding_type)
     try:
         path = export_checkpoint(args.dir, args.format, args.out, checkpoint_format=args.checkpoint_format,

@@ -23,6 +23,7 @@ import transformers
 from hfquant import __version__
 from hfquant.app.recipe import looks_local
 from hfquant.formats.files import tensor_headers
+from hfquant.formats.gguf import read_gguf_header
 from hfquant.mixed.resolve import summary
 from hfquant.mixed.sensitivity import has_fisher, plot, to_markdown
 
@@ -44,7 +45,10 @@ def _ppl(x) -> str:
 def table(report: dict) -> str:
     """The before/after table (Markdown) of a report."""
     ev = report.get("evaluation") or {}
-    label = f"PPL ({ev.get('dataset', '?')}, {ev.get('windows', '?')} x {ev.get('seq_len', '?')} tokens)"
+    if ev.get("windows") and ev.get("dataset"):
+        label = f"PPL ({ev['dataset']}, {ev['windows']} x {ev.get('seq_len', '?')} tokens)"
+    else:
+        label = "PPL (not evaluated)"
     q = report["quantization"]
     timing = report.get("timings", {})
     desc = describe(report["config"])
@@ -53,7 +57,19 @@ def table(report: dict) -> str:
              f"{report.get('source_mib', '—')} | — |"),
             (f"| {desc} | {_ppl(ev.get('after'))} | {report['checkpoint_bytes'] / 2**20:.1f} | "
              f"{timing.get('quantize', q.get('quantization_seconds', 0)):.1f} |")]
-    return "\n".join(rows)
+    note = kernel_build_note(timing.get("kernel_build", q.get("kernel_build_seconds", 0.0)))
+    return "\n".join(rows + (["", note] if note else []))
+
+
+KERNEL_BUILD_SHOWN = 1.0  # seconds: loading a finished build takes ~0.02 s, building hfquant's CPU kernels ~40 s
+
+
+def kernel_build_note(seconds: float, step: str = "quantization") -> str:
+    """The line that says hfquant's CPU kernels were built (or another process's build waited for) during the run,
+    and that those seconds are not in ``step``'s time; ``""`` below ``KERNEL_BUILD_SHOWN``."""
+    if seconds < KERNEL_BUILD_SHOWN:
+        return ""
+    return f"hfquant's CPU kernels were built in this run: {seconds:.1f} s (not counted in {step})"
 
 
 def describe(config: dict) -> str:
@@ -86,15 +102,7 @@ def write_card(folder: Path, report: dict, recipe: dict, name: str) -> None:
 
 ## How to load
 
-```python
-import hfquant  # registers quant_method "hfquant" with transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-model = AutoModelForCausalLM.from_pretrained("{repo}")
-tokenizer = AutoTokenizer.from_pretrained("{repo}")
-```
-
-Without `import hfquant`, loading fails loudly (size mismatch) instead of returning a broken model.
+{_how_to_load(report, repo)}
 
 ## Measured
 
@@ -108,6 +116,30 @@ timings and package versions are in `report.json`, the exact recipe in `hfquant_
 {card_section(report, folder)}"""
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
     card.save(str(folder / CARD))
+
+
+def _how_to_load(report: dict, repo: str) -> str:
+    """The model card's loading snippet: hfquant's layout (``import hfquant`` first), or the GGUF file."""
+    if report["config"].get("save_format") == "gguf":
+        return f"""`model.gguf` runs in llama.cpp, Ollama and LM Studio; transformers reads it too (de-quantized):
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{repo}", gguf_file="model.gguf")
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+```
+"""
+    return f"""```python
+import hfquant  # registers quant_method "hfquant" with transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained("{repo}")
+tokenizer = AutoTokenizer.from_pretrained("{repo}")
+```
+
+Without `import hfquant`, loading fails loudly (size mismatch) instead of returning a broken model.
+"""
 
 
 def write_report(folder: Path, report: dict) -> None:
@@ -129,7 +161,12 @@ def write_sensitivity(folder: Path, table: dict, allocation: dict | None = None)
 
 def stored_average_bits(folder: Path) -> dict:
     """Measured from the saved safetensors: bits of ``weight`` + ``scales`` + ``zeros`` + ``g_idx`` of every
-    W4A16 module, over its ``in * out`` weights. Returns ``{"avg_bits", "modules", "weights"}``."""
+    W4A16 module, over its ``in * out`` weights; for a GGUF folder (no safetensors), the bytes of the decoder
+    layers' block-type weights over their values. Returns ``{"avg_bits", "modules", "weights"}``."""
+    ggufs = sorted(Path(folder).glob("*.gguf"))
+    if ggufs and not any(Path(folder).glob("*.safetensors")):
+        linears = read_gguf_header(ggufs[0])["linears"]
+        return {"avg_bits": linears["stored_bits"], "modules": linears["tensors"], "weights": linears["elements"]}
     itemsize = {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1}
     sizes: dict[str, dict] = {}  # module -> leaf -> (shape, bytes); read from the headers, no tensor data
     for key, shape, dtype in tensor_headers(sorted(Path(folder).glob("*.safetensors"))):

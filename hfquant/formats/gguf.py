@@ -8,9 +8,10 @@ The container, the metadata keys, the tensor names and the block constants come 
 * architecture metadata for the Llama family (``llama``, ``mistral`` -> GGUF ``llama``; ``qwen2``);
 * tensors in llama.cpp's names; for GGUF ``llama`` the q/k projections' rows are permuted from the HF rotary
   layout to llama.cpp's (as llama.cpp's converter does; transformers' GGUF loader permutes them back);
-* the output head and token embeddings rounded to nearest to their type (``hfquant.mixed.gguf_types``: Q6_K /
-  Q8_0 as llama.cpp chooses, or ``head_type`` / ``embedding_type``), norms in F32, float Linears the quantizer
-  kept (rows no block fits) in F16;
+* the output head and token embeddings in their type (``hfquant.mixed.gguf_types``: Q6_K / Q8_0 as llama.cpp
+  chooses, or ``head_type`` / ``embedding_type``): the blocks the checkpoint holds for them (``HELD_BLOCKS``, the
+  ones the quantized model de-quantized) copied as they are, else rounded to nearest; norms in F32, float Linears
+  the quantizer kept (rows no block fits) in F16;
 * the tokenizer from the folder's ``tokenizer.json`` (byte-level BPE: vocabulary, token types, merges, special
   token ids, chat template).
 """
@@ -30,11 +31,11 @@ import torch
 import transformers
 
 from hfquant.calibration.graph import is_quantizable, set_submodule
-from hfquant.config import HFQuantConfig
+from hfquant.config import GGUF_TENSOR_TYPES, HFQuantConfig
 from hfquant.core.errors import FormatError
-from hfquant.core.gguf_blocks import BLOCK_TYPES, pack_rows
+from hfquant.core.gguf_blocks import BLOCK_TYPES, dequantize_rows, pack_rows
 from hfquant.core.gguf_grids import rtn_block_quantize, symmetric
-from hfquant.formats.files import place
+from hfquant.formats.files import CheckpointError, place
 from hfquant.mixed import gguf_types
 from hfquant.nn.gguf import QuantLinearGGUF
 
@@ -86,6 +87,9 @@ class _Source:
 
     def keys(self) -> list[str]:
         return list(self._where)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._where
 
     def tensor(self, key: str) -> torch.Tensor:
         return self._handles[self._where[key]].get_tensor(key)
@@ -232,7 +236,7 @@ def write_gguf(src_dir: str | os.PathLike, out_file: str | os.PathLike, *, float
     _add_tokenizer(gguf, writer, src, _tokenizer_folder(src, tokenizer_dir))
     for key in src.keys():
         module, _, leaf = key.rpartition(".")
-        if key == "lm_head.weight" and tied:
+        if (key == "lm_head.weight" and tied) or leaf == gguf_types.HELD_BLOCKS:  # held blocks: with their weight
             continue
         if leaf == "qweight":
             target = names.get_name(module + ".weight", try_suffixes=(".weight",))
@@ -258,14 +262,19 @@ def write_gguf(src_dir: str | os.PathLike, out_file: str | os.PathLike, *, float
             writer.add_tensor(target, data.numpy())
             continue
         cols = data.shape[1]
+        held = None  # the type the checkpoint's own config gives the tensor (its held blocks are of that type)
         if key == "lm_head.weight" or (tied and target.startswith("token_embd")):
             kind = gguf_types.head_type(run_type, cols, head_type) if q else (head_type or float_type)
+            held = gguf_types.head_type(run_type, cols, q.get("gguf_head_type")) if q else None
         elif target.startswith("token_embd"):
             kind = gguf_types.embedding_type(run_type, cols, embedding_type) if q else (embedding_type or float_type)
+            held = gguf_types.embedding_type(run_type, cols, q.get("gguf_embedding_type")) if q else None
         else:
             kind = float_type
         if kind in BLOCK_TYPES:
-            blocks = pack_rows(kind, *rtn_block_quantize(kind, data))
+            blocks = _held_blocks(src, key, kind) if held == kind else None
+            if blocks is None:
+                blocks = pack_rows(kind, *rtn_block_quantize(kind, data))
             writer.add_tensor(target, blocks.numpy(), raw_dtype=gguf.GGMLQuantizationType[kind])
         elif kind == "BF16":
             writer.add_tensor(target, _float_array(data, kind), raw_dtype=gguf.GGMLQuantizationType.BF16)
@@ -276,6 +285,25 @@ def write_gguf(src_dir: str | os.PathLike, out_file: str | os.PathLike, *, float
     writer.write_tensors_to_file()
     writer.close()
     return Path(out_file)
+
+
+def _held_blocks(src: _Source, key: str, kind: str) -> torch.Tensor | None:
+    """The ``kind`` blocks the checkpoint holds for the weight ``key`` (``round_gguf_embeddings_`` kept the ones the
+    quantized model de-quantized), or ``None`` when it has none or they no longer de-quantize to the saved weight
+    (then the weight is rounded again, with a warning)."""
+    blocks_key = f"{key.rpartition('.')[0]}.{gguf_types.HELD_BLOCKS}"
+    if blocks_key not in src:
+        return None
+    weight, blocks = src.tensor(key), src.tensor(blocks_key)
+    try:
+        values = dequantize_rows(kind, blocks, weight.shape[1])
+    except ValueError:  # not the shape of kind's rows
+        values = None
+    if values is None or values.shape != weight.shape or not torch.equal(values.to(weight.dtype), weight):
+        logger.warning("GGUF: %s: the %s blocks saved with it do not de-quantize to it (was it changed after "
+                       "quantization?); rounding it to %s again", key, kind, kind)
+        return None
+    return blocks
 
 
 def export_gguf(src_dir: str | os.PathLike, out_dir: str | os.PathLike, **kwargs) -> Path:
@@ -295,12 +323,45 @@ def export_gguf(src_dir: str | os.PathLike, out_dir: str | os.PathLike, **kwargs
     return out / GGUF_FILE
 
 
-def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
+def read_gguf_header(file: str | os.PathLike) -> dict:
+    """What the GGUF ``file`` holds, from its header (no tensor data is read): ``architecture``, ``name``,
+    ``types`` (``{tensor type: {"tensors", "elements", "bytes"}}``), ``linears`` (the same totals over the block-type
+    weights of the decoder layers: ``stored_bits`` = their bits per weight) and ``bytes`` (the file's size).
+    ``CheckpointError`` (one line) when the file is not a readable GGUF file."""
+    gguf = _gguf()
+    file = Path(file)
+    try:
+        reader = gguf.GGUFReader(str(file))
+        fields = {k: reader.fields[k].contents() for k in ("general.architecture", "general.name")
+                  if k in reader.fields}
+        rows = [(t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
+    except Exception as exc:  # noqa: BLE001 - the gguf package raises ValueError, IndexError, OSError, ...
+        detail = (str(exc).splitlines() or [""])[0][:120] or type(exc).__name__
+        raise CheckpointError(f"{str(file)!r}: not a readable GGUF file ({detail}); write it again (`hfquant run`, "
+                              "`hfquant export --format gguf`) or re-download it") from None
+    types: dict[str, dict] = {}
+    linears = {"tensors": 0, "elements": 0, "bytes": 0}
+    for name, kind, elements, nbytes in rows:
+        for totals in [types.setdefault(kind, {"tensors": 0, "elements": 0, "bytes": 0})] + (
+                [linears] if name.startswith("blk.") and kind in BLOCK_TYPES else []):
+            totals["tensors"] += 1
+            totals["elements"] += elements
+            totals["bytes"] += nbytes
+    linears["stored_bits"] = linears["bytes"] * 8 / linears["elements"] if linears["elements"] else None
+    return {"architecture": fields.get("general.architecture"), "name": fields.get("general.name"), "types": types,
+            "linears": linears, "bytes": file.stat().st_size}
+
+
+def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, float_ok: bool = False):
     """Load a GGUF file (``.gguf`` path, or a folder holding one ``.gguf``) into hfquant modules: transformers'
     GGUF loader builds the model (config, tokenizer-free; norms and embeddings de-quantized), then every Linear
     stored as Q8_0, Q4_0, Q5_0, Q4_1, Q4_K or Q6_K becomes a ``QuantLinearGGUF`` holding the file's blocks
-    exactly (q/k rows back in the HF rotary layout). ``model.config.quantization_config`` records each module's
-    type, so the model saves (hfquant layout), reloads and exports back to GGUF byte for byte."""
+    exactly (q/k rows back in the HF rotary layout); the head's and token embeddings' blocks are kept beside their
+    de-quantized weights (``gguf_types.HELD_BLOCKS``). ``model.config.quantization_config`` records each tensor's
+    type, so the model saves (hfquant layout), reloads and exports back to GGUF byte for byte.
+
+    A file without such a Linear (a float export) raises ``FormatError``, unless ``float_ok``: then the float model
+    transformers built is returned as it is (no ``quantization_config``)."""
     gguf = _gguf()
     file = Path(path)
     if file.is_dir():
@@ -339,7 +400,33 @@ def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32):
         schemes[name] = {"bits": bt.bits, "group_size": bt.group_size, "sym": symmetric(kind), "method": "rtn",
                          "gguf_type": kind}
     if not schemes:
+        if float_ok:
+            return model
         raise FormatError(f"{file}: no Linear stored in a block type hfquant reads ({sorted(BLOCK_TYPES)})")
     main = Counter(s["gguf_type"] for s in schemes.values()).most_common(1)[0][0]
-    cfg.quantization_config = HFQuantConfig(gguf_type=main, method="rtn", module_schemes=schemes)
+    types = _hold_embedding_blocks(model, tensors)
+    cfg.quantization_config = HFQuantConfig(gguf_type=main, method="rtn", module_schemes=schemes,
+                                            gguf_head_type=types.get("output"),
+                                            gguf_embedding_type=types.get("token_embd"))
     return model
+
+
+def _hold_embedding_blocks(model, tensors: dict) -> dict[str, str]:
+    """Keep the file's token-embedding (``token_embd``) and head (``output``) blocks in the modules'
+    ``HELD_BLOCKS`` buffers, so a save and export writes them unchanged. Returns the types ``HFQuantConfig`` can
+    state: ``{"output": the head's type (token_embd's when tied), "token_embd": untied embeddings' type}``."""
+    tied = "output.weight" not in tensors
+    pairs = [("token_embd", model.get_input_embeddings())]
+    if not tied:
+        pairs.append(("output", model.get_output_embeddings()))
+    types = {}
+    for gguf_name, module in pairs:
+        t, weight = tensors.get(f"{gguf_name}.weight"), getattr(module, "weight", None)
+        if t is None or weight is None:
+            continue
+        kind = t.tensor_type.name
+        if kind in GGUF_TENSOR_TYPES:
+            types["output" if tied else gguf_name] = kind
+        if kind in BLOCK_TYPES:
+            module.register_buffer(gguf_types.HELD_BLOCKS, torch.from_numpy(t.data.copy()).reshape(weight.shape[0], -1))
+    return types

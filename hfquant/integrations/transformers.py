@@ -32,9 +32,12 @@ from hfquant.calibration.graph import in_out_features, is_quantizable, output_he
 from hfquant.calibration.onload import empty_model, LayerLoader, local_folder
 from hfquant.config import HFQuantConfig, QUANT_METHOD
 from hfquant.core.errors import ConfigError
+from hfquant.core.gguf_blocks import BLOCK_TYPES
 from hfquant.formats.export import save_pretrained_as
 from hfquant.formats.gptq import checkpoint_keys, GPTQImportLinear
 from hfquant.kernels import half as half_kernels
+from hfquant.kernels.jit_build import build_seconds
+from hfquant.mixed import gguf_types
 from hfquant.nn import prepare_model
 from hfquant.nn.half import HalfStoredLinear
 from hfquant.nn.gguf import QuantLinearGGUF
@@ -138,6 +141,8 @@ class HFQuantQuantizer(HfQuantizer):
                 else:
                     q = QuantLinearWeightOnly(in_f, out_f, s["bits"], s["group_size"], bias=bias, dtype=dtype)
             set_submodule(model, name, q)
+        if cfg.gguf_type is not None:
+            _held_block_skeletons(model, cfg, checkpoint_keys(kwargs.get("checkpoint_files")))
 
     def _gptq_skeletons(self, model, cfg, dtype, checkpoint_files) -> None:
         """Importing a GPTQ checkpoint: give each module that has a ``qweight`` in the files a skeleton
@@ -173,9 +178,10 @@ class HFQuantQuantizer(HfQuantizer):
             _freeze(model)
             return model
 
-        t0 = time.perf_counter()
+        t0, built = time.perf_counter(), build_seconds()
         self.report, module_schemes = quantize_loaded_model_(model, cfg, keep=self._keep, **self.run_options)
-        self.report["quantization_seconds"] = time.perf_counter() - t0
+        # A first build of hfquant's CPU kernels (tens of seconds, once per environment) is not quantization.
+        self.report["quantization_seconds"] = time.perf_counter() - t0 - (build_seconds() - built)
         if module_schemes is not None:
             cfg.module_schemes = module_schemes
         # Record the resolved skip list so a reload rebuilds exactly the same modules.
@@ -186,6 +192,8 @@ class HFQuantQuantizer(HfQuantizer):
         model.config.quantization_config = cfg
         model.hfquant_report = self.report
         _freeze(model)
+        if build_seconds() > built:  # during quantization or in _freeze (the kernels' operands)
+            self.report["kernel_build_seconds"] = build_seconds() - built
         return model
 
     def is_serializable(self, safe_serialization=None) -> bool:
@@ -194,6 +202,20 @@ class HFQuantQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
+
+
+def _held_block_skeletons(model, cfg, keys: set[str]) -> None:
+    """A ``gguf_type`` checkpoint: the output head's and token embeddings' GGUF blocks (``gguf_types.HELD_BLOCKS``,
+    kept by ``round_gguf_embeddings_`` for the GGUF writer) get a buffer to load into, of the shape their type
+    gives, where the checkpoint has them (checkpoints saved before hfquant kept them do not)."""
+    for name, kind in gguf_types.embedding_modules(model, cfg).items():
+        bt = BLOCK_TYPES.get(kind)
+        if bt is None or f"{name}.{gguf_types.HELD_BLOCKS}" not in keys:
+            continue
+        module = model.get_submodule(name)
+        rows, cols = module.weight.shape
+        module.register_buffer(gguf_types.HELD_BLOCKS, torch.empty(rows, cols // bt.block_values * bt.block_bytes,
+                                                                   dtype=torch.uint8, device="meta"))
 
 
 def _convert_gptq_skeletons(model) -> None:
@@ -284,6 +306,8 @@ def _store_head_in_16_bits(model) -> None:
     head = model.get_submodule(name) if name else None
     if type(head) is not torch.nn.Linear or head.weight.device.type != "cpu" or head.weight.dtype is not torch.float32:
         return
+    if hasattr(head, gguf_types.HELD_BLOCKS):  # its GGUF blocks stay with it, for the GGUF writer
+        return
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     shared = any(p.data_ptr() == head.weight.data_ptr() for n, p in model.named_parameters(remove_duplicate=False)
                  if not n.startswith(f"{name}."))
@@ -296,14 +320,43 @@ def _store_head_in_16_bits(model) -> None:
                     name, half.weight.dtype)
 
 
+_QUANTIZED_MODULES = (QuantLinearWeightOnly, QuantLinearW8A8, QuantLinearGGUF, GPTQImportLinear)
+
+
+def _as_config(config) -> HFQuantConfig:
+    """``config`` as an ``HFQuantConfig``: one, or a dict of its fields (validated as the constructor does)."""
+    if isinstance(config, HFQuantConfig):
+        return config
+    if isinstance(config, dict):
+        return HFQuantConfig(**config)
+    raise ConfigError(f"hfquant.quantize_: config must be an HFQuantConfig or a dict of its fields, got "
+                      f"{type(config).__name__}; e.g. quantize_(model, HFQuantConfig(bits=4))")
+
+
+def _check_not_quantized(model) -> None:
+    """Refuse a model that is already quantized (by hfquant or another method): quantizing it again would round
+    rounded weights, or silently keep the old scheme."""
+    found = next((n for n, m in model.named_modules() if isinstance(m, _QUANTIZED_MODULES)), None)
+    qc = getattr(getattr(model, "config", None), "quantization_config", None)
+    if found is None and not qc and getattr(model, "hf_quantizer", None) is None:
+        return
+    method = (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) or "hfquant"
+    where = f" ({found} is a quantized module)" if found else ""
+    raise ConfigError(f"hfquant.quantize_: the model is already quantized (quant_method {method!r}){where}; load the "
+                      "float model and quantize that")
+
+
 def quantize_(model, config, **options) -> dict:
     """Quantize an already loaded float transformers model in place (the torchao ``quantize_`` convention),
     exactly as ``from_pretrained(..., quantization_config=config)`` would (same skip list, config and report),
     so it saves and reloads like one. The model may be in float32, bfloat16 or float16 and on any device:
-    calibration runs where its weights are. ``config`` (an ``HFQuantConfig``) is not modified: the resolved
+    calibration runs where its weights are. A model that is already quantized is refused (``ConfigError``).
+    ``config`` (an ``HFQuantConfig``, or a dict of its fields) is not modified: the resolved
     config is ``model.config.quantization_config``. ``options`` go to ``quantize_loaded_model_``
     (``windows``, ``progress``, ``store``). Returns ``model.hfquant_report``.
     """
+    config = _as_config(config)
+    _check_not_quantized(model)
     quantizer = HFQuantQuantizer(config, pre_quantized=False)
     quantizer.run_options = options
     quantizer.preprocess_model(model)

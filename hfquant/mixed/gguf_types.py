@@ -8,6 +8,11 @@ types hfquant writes, restated here for Llama-family module names.
   third one between.
 * The output head (and the token embeddings when they are tied to it) is Q6_K, or Q8_0 when its rows are not
   a multiple of 256 (and Q8_0 stays Q8_0); untied token embeddings take the run's type.
+
+The head and embeddings are rounded to their type in the hfquant model too (``round_gguf_embeddings_``), which keeps
+the blocks it de-quantized in a buffer ``HELD_BLOCKS`` (uint8 ``[rows, row bytes]``, the file's bytes) of the
+module that owns the weight (``embedding_modules``): the GGUF writer copies them, since rounding the rounded weight
+again is not the identity for the types with searched scales (Q4_K, Q6_K).
 """
 
 from __future__ import annotations
@@ -70,3 +75,33 @@ def head_type(gguf_type: str, cols: int, requested: str | None = None) -> str:
 def embedding_type(gguf_type: str, cols: int, requested: str | None = None) -> str:
     """Untied token embeddings' type: ``requested``, else the run's type (after the row-length fallback)."""
     return fit_row(requested or base_type(gguf_type), cols)
+
+
+HELD_BLOCKS = "gguf_blocks"
+
+
+def embedding_modules(model, config) -> dict[str, str]:
+    """``{module name: GGUF type}`` of ``model``'s output head and token embeddings under ``config`` (its
+    ``gguf_type``, ``gguf_head_type``, ``gguf_embedding_type``): the modules whose weights the GGUF file stores
+    (``output``, ``token_embd``) and that hold their blocks in ``HELD_BLOCKS``. A tied pair is one tensor in the file
+    (``token_embd``, with the head's type): it appears once, under the input embeddings' name. Works on a meta
+    skeleton (tying read from the config)."""
+    names = {id(m): n for n, m in model.named_modules()}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    tied = head is not None and emb is not None and (
+        getattr(head, "weight", None) is getattr(emb, "weight", None)
+        or bool(getattr(text, "tie_word_embeddings", False)))
+    out = {}
+    for role, module in (("head", head), ("embeddings", emb)):
+        w = getattr(module, "weight", None)
+        if w is None or w.dim() != 2 or id(module) not in names:
+            continue
+        if role == "head" and tied:
+            out[names[id(emb)]] = head_type(config.gguf_type, w.shape[1], config.gguf_head_type)
+            break
+        cols = w.shape[1]
+        out[names[id(module)]] = (head_type(config.gguf_type, cols, config.gguf_head_type) if role == "head" else
+                                  embedding_type(config.gguf_type, cols, config.gguf_embedding_type))
+    return out

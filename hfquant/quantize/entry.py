@@ -21,7 +21,7 @@ from hfquant.calibration.data import fingerprint, max_positions, windows_for
 from hfquant.calibration.graph import is_quantizable, output_head_name
 from hfquant.calibration.spill import ACTIVATIONS, make_store
 from hfquant.core.errors import CalibrationError, ConfigError
-from hfquant.core.gguf_blocks import BLOCK_TYPES, dequantize_codes
+from hfquant.core.gguf_blocks import BLOCK_TYPES, dequantize_rows, pack_rows
 from hfquant.core.gguf_grids import rtn_block_quantize
 from hfquant.mixed import gguf_types, resolve
 from hfquant.quantize.w8a8 import quantize_w8a8_
@@ -67,6 +67,19 @@ class Quantized(NamedTuple):
     caller stores it as the saved config's ``module_schemes``, from which reload builds each module."""
 
 
+def check_model_for_config(model, config, keep: Callable[[str], bool]) -> None:
+    """What the architecture alone must allow for ``config`` (works on a meta-device skeleton, before any weight is
+    read): with ``gguf_type`` every module to quantize is an ``nn.Linear`` (GGUF blocks are rows of a Linear weight;
+    GPT-2's ``Conv1D`` stores its weight transposed). Raises ``ConfigError``."""
+    if config.gguf_type is None:
+        return
+    for name, module in model.named_modules():
+        if name and is_quantizable(module) and keep(name) and not isinstance(module, torch.nn.Linear):
+            raise ConfigError(f"quantization.gguf_type: {name} is a {type(module).__name__}, not an nn.Linear; GGUF "
+                              f"blocks hold Linear weights (Llama-family models), so quantize this model without "
+                              "gguf_type")
+
+
 def quantize_loaded_model_(model, config, keep: Callable[[str], bool], *args, **kwargs) -> Quantized:
     """Quantize ``model`` in place (``_quantize_loaded_model_``); a device out of memory becomes one line that
     names what to change. ``config`` is not modified."""
@@ -102,6 +115,7 @@ def _quantize_loaded_model_(model, config, keep: Callable[[str], bool], windows:
     if config.bits == "auto" and (onload is not None or dist.active):
         raise ConfigError("hfquant: bits: auto runs its sensitivity pass on the whole model in one process; "
                           "it cannot be combined with layerwise: true or several processes (use fixed bits there)")
+    check_model_for_config(model, config, keep)
     head = _lm_head_to_quantize(model, config)  # checked before the run, not after a long calibration
     report: dict = {"method": config.method, "torch": torch.__version__, "machine": platform.machine()}
     schemes = None
@@ -209,28 +223,30 @@ def _quantize_lm_head_(model, config, name: str) -> list:
 
 def round_gguf_embeddings_(model, config) -> dict:
     """With ``gguf_type``: round the output head and the token embeddings (in place, kept float) to the types the
-    GGUF file stores them in (``gguf_types.head_type`` / ``embedding_type``: llama.cpp's choice or the config's), so
-    the model hfquant evaluates is the one llama.cpp runs. Returns ``{"head": type, "embeddings": type}``."""
-    done: dict[int, str] = {}
-    out = {}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    for role, module in (("head", head), ("embeddings", emb)):
-        w = getattr(module, "weight", None)
-        if w is None or w.dim() != 2:
-            continue
-        cols = w.shape[1]
-        if id(w) in done:  # tied: the head's type
-            out[role] = done[id(w)]
-            continue
-        kind = (gguf_types.head_type(config.gguf_type, cols, config.gguf_head_type) if role == "head" else
-                gguf_types.embedding_type(config.gguf_type, cols, config.gguf_embedding_type))
+    GGUF file stores them in (``gguf_types.embedding_modules``: llama.cpp's choice or the config's), so the model
+    hfquant evaluates is the one llama.cpp runs. For a block type the blocks are kept in the module's
+    ``HELD_BLOCKS`` buffer (saved with the model), and the GGUF writer copies them: rounding the rounded weight
+    again is not the identity for Q4_K and Q6_K (their scales are searched), so only the kept blocks give the file
+    exactly the weight evaluated here. Returns ``{"head": type, "embeddings": type}``."""
+    types = gguf_types.embedding_modules(model, config)
+    for name, kind in types.items():
+        module = model.get_submodule(name)
+        w = module.weight
         with torch.no_grad():
             if kind in BLOCK_TYPES:
-                w.copy_(dequantize_codes(kind, *rtn_block_quantize(kind, w.float())).to(w.dtype))
+                blocks = pack_rows(kind, *rtn_block_quantize(kind, w.float()))
+                w.copy_(dequantize_rows(kind, blocks, w.shape[1]).to(w.dtype))
+                module.register_buffer(gguf_types.HELD_BLOCKS, blocks)
             elif kind in ("F16", "BF16"):
                 w.copy_(w.to(torch.float16 if kind == "F16" else torch.bfloat16).to(w.dtype))
-        done[id(w)] = out[role] = kind
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    names = {id(m): n for n, m in model.named_modules()}
+    out = {}
+    for role, module in (("head", head), ("embeddings", emb)):
+        kind = types.get(names.get(id(module))) or types.get(names.get(id(emb)))  # tied: under the embeddings
+        if getattr(module, "weight", None) is not None and kind is not None:
+            out[role] = kind
     return out
 
 
