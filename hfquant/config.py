@@ -81,6 +81,25 @@ DEFAULTS: dict[str, Any] = {
     "gguf_head_type": None,
     "gguf_embedding_type": None,
 }
+# The GGUF fields of the weight-only methods.
+GGUF_FIELDS = ("gguf_type", "gguf_head_type", "gguf_embedding_type")
+# The quantization fields each method reads. A field another method reads, given for this one, would be ignored, so
+# it is refused (``HFQuantConfig.post_init``); the recipe schema's ``quantization`` keys are these lists.
+METHOD_FIELDS: dict[str, tuple[str, ...]] = {
+    "gptq": ("quality", "bits", "group_size", "sym", "desc_act", "static_groups", "true_sequential", "damp_percent",
+             "block_size", "observer", "gptaq", "gptaq_alpha", "reconstruct_steps", "modules_to_not_convert",
+             "overrides", "target_avg_bits", "max_ppl_increase", "candidates", "fisher_windows", "lm_head_bits",
+             *GGUF_FIELDS, "save_format"),
+    "rtn": ("quality", "bits", "group_size", "sym", "observer", "modules_to_not_convert", "overrides", "lm_head_bits",
+            *GGUF_FIELDS, "save_format"),
+    "smoothquant": ("alpha", "weight_method", "activation_scheme", "damp_percent", "block_size",
+                    "modules_to_not_convert", "overrides"),
+}
+# Fields read by every method, whatever the lists above say (save_format: smoothquant also saves as
+# compressed-tensors from Python).
+_SHARED_FIELDS = ("method", "save_format")
+SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; int64 everywhere else
+
 # ``bits: auto`` chooses per module among these (bits, group_size) unless ``candidates`` says otherwise.
 DEFAULT_CANDIDATES: tuple[dict, ...] = (
     {"bits": 2, "group_size": 64},
@@ -89,6 +108,12 @@ DEFAULT_CANDIDATES: tuple[dict, ...] = (
     {"bits": 8, "group_size": 128},
 )
 AUTO = "auto"
+
+
+def _unread_fields(method: str) -> tuple[str, ...]:
+    """The quantization fields other methods read and ``method`` does not."""
+    every = {f for fields in METHOD_FIELDS.values() for f in fields}
+    return tuple(sorted(every - set(METHOD_FIELDS[method]) - set(_SHARED_FIELDS)))
 
 
 def _is_int(v) -> bool:
@@ -198,10 +223,15 @@ class HFQuantConfig(QuantizationConfigMixin):
         self._given = frozenset(kwargs)
         self.post_init()
 
-    # transformers calls cls(**dict) in from_dict; keep that behaviour and our validation.
+    # transformers calls cls(**dict) in from_dict; keep that behaviour and our validation. A saved config holds every
+    # field (``to_dict``), also those its method does not read (at their defaults): they are dropped here, so a
+    # checkpoint loads whatever they say, while a config built by hand refuses them (``_check_method_fields``).
     @classmethod
     def from_dict(cls, config_dict: dict, return_unused_kwargs: bool = False, **kwargs):
-        config = cls(**{**config_dict, **kwargs})
+        merged = {**config_dict, **kwargs}
+        method = merged.get("method", DEFAULTS["method"])
+        unread = _unread_fields(method) if method in METHOD_FIELDS else ()
+        config = cls(**{k: v for k, v in merged.items() if k not in unread})
         return (config, {}) if return_unused_kwargs else config
 
     def post_init(self) -> None:
@@ -244,13 +274,19 @@ class HFQuantConfig(QuantizationConfigMixin):
         for field in ("num_samples", "seq_len", "calibration_batch_size"):
             if not _is_int(getattr(self, field)) or getattr(self, field) <= 0:
                 bad(field, "a positive integer")
-        if not _is_int(self.seed) or self.seed < 0:
-            bad("seed", "a non-negative integer")
-        if self.dataset is not None and not isinstance(self.dataset, (str, list, tuple)):
-            bad("dataset", "a list of strings, a local file path or a Hub dataset id")
+        if not _is_int(self.seed) or not 0 <= self.seed <= SEED_MAX:
+            bad("seed", f"an integer in [0, 2**63 - 1] ({SEED_MAX}), e.g. 0")
+        t = self.tokenizer
+        if t is not None and not (isinstance(t, str) and t.strip()) and not (callable(t) and hasattr(t, "encode")):
+            bad("tokenizer", "null (the model's own), a tokenizer name or folder (a non-empty string), or a loaded "
+                             "tokenizer object (e.g. from AutoTokenizer.from_pretrained)")
+        d = self.dataset
+        if d is not None and (not isinstance(d, (str, list, tuple)) or (isinstance(d, str) and not d.strip())):
+            bad("dataset", "null (the bundled WikiText-2), a list of strings, a local file path or a Hub dataset id")
         for field in ("dataset_config", "dataset_split", "dataset_column"):
-            if getattr(self, field) is not None and not isinstance(getattr(self, field), str):
-                bad(field, "a string or null")
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, str) or not value.strip()):
+                bad(field, "a non-empty string or null")
         if not (self.alpha is None or self.alpha == "auto" or (
                 isinstance(self.alpha, (int, float)) and not isinstance(self.alpha, bool) and 0 <= self.alpha <= 1)):
             bad("alpha", 'a number in [0, 1], "auto", or null (no smoothing)')
@@ -280,6 +316,14 @@ class HFQuantConfig(QuantizationConfigMixin):
                 bad("lm_head_bits", f"null with save_format {self.save_format!r} (GPTQ and compressed-tensors "
                                     "checkpoints are written with a float head); use save_format hfquant")
         self._check_mixed(bad)
+        self._check_method_fields()
+
+    def _check_method_fields(self) -> None:
+        """A field only other methods read (``METHOD_FIELDS``), given for this one, would be silently ignored."""
+        for key in sorted(set(getattr(self, "_given", ())) & set(_unread_fields(self.method))):
+            users = [m for m, fields in METHOD_FIELDS.items() if key in fields]
+            raise ConfigError(f"HFQuantConfig.{key}: got {getattr(self, key)!r}, but method {self.method!r} does not "
+                              f"use {key} (methods {users} do); remove it, or choose one of those methods")
 
     def _apply_quality(self, bad) -> None:
         """Set the fields ``quality`` chooses that were not given (``QUALITY``), where they apply to the method."""

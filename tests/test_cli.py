@@ -133,6 +133,42 @@ def test_non_empty_output_needs_overwrite_and_dry_run_writes_nothing(finished, c
     assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
 
 
+def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(finished, capsys, tmp_path, monkeypatch):
+    """``--overwrite`` moves the old folder aside only when the new one is complete: a run that fails while saving
+    leaves the old output byte for byte as it was, no partial folder, no lock file."""
+    import hashlib
+    import shutil
+
+    from hfquant.app import pipeline
+
+    out, recipe = finished
+    target = tmp_path / "copy"
+    shutil.copytree(out, target)
+
+    def digest():
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(target.iterdir())}
+    before = digest()
+
+    def failing_save(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(pipeline, "_save", failing_save)
+    code, _, err = run_cli(["--quiet", "run", recipe, "--output", target, "--overwrite", "--set",
+                            "quantization={method: rtn}", "--set", "evaluation.before=false"], capsys)
+    assert code == 1 and "No space left" in err
+    assert digest() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy"]
+
+
+def test_table_without_evaluation_says_so(tiny_models, tmp_path, capsys):
+    """With evaluation off the table header read "PPL (, 0 x 512 tokens)"; it says the model was not evaluated."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], tmp_path / "out",
+                          quantization={"method": "rtn"}, evaluation={"before": False, "after": False})
+    code, stdout, err = run_cli(["--quiet", "run", recipe], capsys)
+    assert code == 0, err
+    assert "| model | PPL (not evaluated) | checkpoint (MiB) |" in stdout and "(, 0 x" not in stdout
+    assert "PPL (not evaluated)" in (tmp_path / "out" / "README.md").read_text()
+
+
 def test_smoothquant_recipe_runs(tiny_models, tmp_path, capsys):
     recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], tmp_path / "sq", quantization=None,
                           evaluation={"before": False})

@@ -109,7 +109,7 @@ def test_the_build_folder_changes_with_everything_the_build_depends_on(cache, mo
         "torch path": (torch, "__file__", "/elsewhere/venv2/site-packages/torch/__init__.py"),
         "torch version": (torch, "__version__", "2.99.0+cpu"),
         "python tag": (sys.implementation, "cache_tag", "cpython-399"),
-        "cpu": (jit_build, "_cpu", lambda: "another CPU model and flags"),
+        "cpu": (jit_build, "cpu_description", lambda: "another CPU model and flags"),
     }
     for what, (obj, attr, value) in changes.items():
         with monkeypatch.context() as m:
@@ -125,7 +125,7 @@ def test_the_build_folder_changes_with_everything_the_build_depends_on(cache, mo
 def test_the_cpu_counts_only_for_march_native(cache, monkeypatch):
     haswell = build_folder("x", ["-O3", "-march=haswell"], b"s")
     native = build_folder("x", FLAGS, b"s")
-    monkeypatch.setattr(jit_build, "_cpu", lambda: "another CPU model and flags")
+    monkeypatch.setattr(jit_build, "cpu_description", lambda: "another CPU model and flags")
     assert build_folder("x", ["-O3", "-march=haswell"], b"s") == haswell
     assert build_folder("x", FLAGS, b"s") != native
 

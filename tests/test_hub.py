@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -45,7 +46,9 @@ DOWNLOAD = textwrap.dedent("""
     repo, local, cache = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
     paths = [hf_hub_download(repo, f.name, revision=sys.argv[4], cache_dir=cache) for f in sorted(local.iterdir())]
     remote = Path(paths[0]).parent
-    same_bytes = all(Path(p).read_bytes() == (local / Path(p).name).read_bytes() for p in paths)
+    texts = ("README.md", "hfquant_recipe.yaml", "report.json")  # uploaded with local paths redacted
+    same_bytes = all(Path(p).read_bytes() == (local / Path(p).name).read_bytes() for p in paths
+                     if Path(p).name not in texts)
     ids = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a = AutoModelForCausalLM.from_pretrained(local).eval()(input_ids=ids).logits
@@ -54,7 +57,7 @@ DOWNLOAD = textwrap.dedent("""
 """)
 
 
-def test_push_round_trip_with_a_transient_500(output_folder, tmp_path):
+def test_push_round_trip_with_a_transient_500(output_folder, tmp_path, tiny_models):
     with LocalHub(TOKEN) as hub:
         hub.state.fail = [("create", 500), ("branch", 503)]
         proc = _push(output_folder, "someone/tiny-gptq", _env(tmp_path, hub, TOKEN), "--revision", "w4g32")
@@ -70,6 +73,16 @@ def test_push_round_trip_with_a_transient_500(output_folder, tmp_path):
         assert set(uploaded) == local and {"report.json", "hfquant_recipe.yaml", "README.md"} <= local
         card = uploaded["README.md"].decode()
         assert card.startswith("---\n") and "hfquant" in card and "from_pretrained" in card
+        # No local path is published (before, the card, recipe and report named the model's absolute path); the
+        # local files are unchanged, and every other file is uploaded byte for byte.
+        texts = ("README.md", "hfquant_recipe.yaml", "report.json")
+        model_dir = str(tiny_models["llama"])
+        for name in texts:
+            local_text = (output_folder / name).read_text()
+            assert model_dir in local_text or name == "README.md"
+            remote = uploaded[name].decode()
+            assert model_dir not in remote and str(output_folder) not in remote and str(Path.home()) not in remote, name
+            assert remote == local_text.replace(model_dir, "llama").replace(str(output_folder), "out"), name
 
         proc = subprocess.run([sys.executable, "-c", DOWNLOAD, "someone/tiny-gptq", str(output_folder),
                                str(tmp_path / "dl"), "w4g32"], env=_env(tmp_path, hub, TOKEN),
@@ -110,3 +123,22 @@ class _ServerError(Exception):
 
 def _raise_500():
     raise _ServerError("500 Server Error")
+
+
+def test_push_of_a_gguf_run_folder(tiny_models, tmp_path):
+    """issue 31, 5: an ``hfquant run`` folder whose checkpoint is ``model.gguf`` (no config.json) is pushed whole."""
+    pytest.importorskip("gguf")
+    from hfquant.app.cli import main
+
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], tmp_path / "out",
+                          quantization={"method": "rtn", "gguf_type": "Q4_0", "save_format": "gguf"},
+                          evaluation={"before": False, "after": False})
+    assert main(["--quiet", "run", str(recipe)]) == 0
+    local = {p.name for p in (tmp_path / "out").iterdir()}
+    assert "model.gguf" in local and "config.json" not in local
+    with LocalHub(TOKEN) as hub:
+        proc = _push(tmp_path / "out", "someone/tiny-gguf", _env(tmp_path, hub, TOKEN))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        uploaded = hub.state.repos["someone/tiny-gguf"]["branches"]["main"]["files"]
+    assert set(uploaded) == local
+    assert uploaded["model.gguf"] == (tmp_path / "out" / "model.gguf").read_bytes()

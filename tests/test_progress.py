@@ -44,7 +44,7 @@ def test_other_runs_progress_is_refused_and_fresh_start_clears(tmp_path):
     store = ResumeStore(tmp_path / "p", "k")
     store.start(resume=False)
     store.save_block(0, {}, {}, [torch.zeros(1)])
-    with pytest.raises(ConfigError, match="different recipe"):
+    with pytest.raises(ConfigError, match="the recipe, model or calibration data changed since"):
         ResumeStore(tmp_path / "p", "other").start(resume=True)
     fresh = ResumeStore(tmp_path / "p", "other")
     fresh.start(resume=False)

@@ -21,7 +21,7 @@ from hfquant.app.recipe import RecipeError, validate
 
 
 def _config(method="gptq", **kw):
-    grid = {} if "gguf_type" in kw else {"group_size": 32}
+    grid = {} if "gguf_type" in kw or method == "smoothquant" else {"group_size": 32}  # SmoothQuant: int8 per channel
     return HFQuantConfig(method=method, **grid, tokenizer=tiny_tokenizer(), **small_calibration(**kw))
 
 

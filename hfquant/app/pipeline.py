@@ -17,16 +17,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import constants as hub_constants, ModelCard, ModelCardData
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from hfquant.app.hub import push_folder
-from hfquant.app.recipe import check_repo_id, dump, looks_local, recipe_error, RecipeError, to_config
+from hfquant.app.recipe import check_repo_id, dump, looks_local, recipe_error, RecipeError, safe_load, to_config
 from hfquant.app.report import (
     CARD,
     measure_words,
     RECIPE,
+    REPORT,
     SENSITIVITY_JSON,
     SENSITIVITY_MD,
     SENSITIVITY_PNG,
@@ -52,11 +53,26 @@ from hfquant.config import DEFAULT_CANDIDATES
 from hfquant.core.errors import CalibrationError, ConfigError, HFQuantError
 from hfquant.core.schemes import resolve
 from hfquant.eval.perplexity import perplexity
-from hfquant.formats.files import check_output_dir, checkpoint_bytes, partial_dir, place, progress_dir, tensor_headers
+from hfquant.formats.files import (
+    check_output_dir,
+    check_output_location,
+    checkpoint_bytes,
+    CheckpointError,
+    describe_fingerprint_change,
+    OutputLock,
+    partial_dir,
+    place,
+    progress_dir,
+    tensor_headers,
+    weights_fingerprint,
+)
 from hfquant.integrations.transformers import modules_left_float, quantize_, quantize_layerwise, quantized_predicate
+from hfquant.integrations.validate import validate_checkpoint
+from hfquant.kernels import cpu_ext
 from hfquant.mixed.budget import average_range
 from hfquant.mixed.resolve import default_scheme
 from hfquant.mixed.sensitivity import has_fisher, measure_for_config
+from hfquant.quantize.entry import check_model_for_config
 from hfquant.quantize.resume import ResumeStore
 
 logger = logging.getLogger(__name__)
@@ -75,6 +91,7 @@ class Plan:
     resume: bool
     push_repo: str | None
     key: str
+    key_parts: dict           # what the key is made of (resume_parts)
     seconds: float = 0.0      # time spent checking inputs and preparing calibration/evaluation tokens
 
 
@@ -113,14 +130,41 @@ def eval_windows(ev: dict, ids: torch.Tensor) -> int:
     return n if ev["max_tokens"] is None else min(n, ev["max_tokens"] // ev["seq_len"])
 
 
-def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_repo: str | None = None) -> Plan:
-    """Check everything that can be checked without loading weights; raise ``HFQuantError`` (bad input)."""
+def input_paths(recipe: dict, recipe_file=None) -> dict[str, Path]:
+    """The local paths a run reads (description -> path), which its output must never replace: the model folder (or,
+    for a Hub id, the Hub cache), a local tokenizer, the calibration and evaluation files and the recipe itself."""
+    paths: dict[str, Path] = {}
+    model = recipe["model"]
+    paths["the input model"] = Path(model) if looks_local(model) else Path(hub_constants.HF_HUB_CACHE)
+    for what, value in (("the tokenizer", recipe["calibration"]["tokenizer"]),
+                        ("the calibration dataset", recipe["calibration"]["dataset"]),
+                        ("the evaluation dataset", recipe["evaluation"]["dataset"])):
+        if isinstance(value, str) and Path(value).expanduser().exists():
+            paths[what] = Path(value)
+    if recipe_file is not None:
+        paths["the recipe"] = Path(recipe_file)
+    return paths
+
+
+def check_output(recipe: dict, out: Path, overwrite: bool, recipe_file=None) -> None:
+    """The output folder can be written without harm: not the current or home directory, not an input or around
+    one (``check_output_location``), creatable or replaceable (``check_output_dir``), and no other run writing it
+    now (``OutputLock``)."""
+    check_output_location(out, input_paths(recipe, recipe_file))
+    check_output_dir(out, overwrite)
+    OutputLock(out).refuse_if_held(out)
+
+
+def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_repo: str | None = None,
+         recipe_file=None) -> Plan:
+    """Check everything that can be checked without loading weights; raise ``HFQuantError`` (bad input).
+    ``recipe_file``: the recipe's path, which the output must not replace."""
     t0 = time.perf_counter()
     config = to_config(recipe)
     if push_repo is not None:
         check_repo_id(push_repo, "--push-to-hub")
     out = Path(recipe["output_dir"]).expanduser()
-    check_output_dir(out, overwrite)
+    check_output(recipe, out, overwrite, recipe_file)
     method = config.method
     if resume and method != "gptq":
         raise RecipeError(f"--resume: resuming is supported for quantization.method gptq only, not {method!r}; "
@@ -143,6 +187,16 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
             except HFQuantError as exc:
                 raise recipe_error("calibration.layerwise", str(exc).removeprefix("hfquant: ")) from None
     mcfg = model_config(recipe)
+    if looks_local(recipe["model"]):  # its config against its tensors: a missing tensor would load as random weights
+        try:
+            validate_checkpoint(Path(recipe["model"]).expanduser())
+        except CheckpointError as exc:
+            raise recipe_error("model", str(exc)) from None
+    quantized = getattr(mcfg, "quantization_config", None)
+    if quantized:
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else getattr(quantized, "quant_method", "?")
+        raise recipe_error("model", f"{recipe['model']!r} is already quantized (its config.json has a "
+                                    f"quantization_config, quant_method {method!r}); give the float model it was made from")
     limit = max_positions(mcfg)
     ev = recipe["evaluation"]
     for path, seq_len, used in (("calibration.seq_len", config.seq_len, method != "rtn"),
@@ -170,11 +224,32 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
     if ev["before"] or ev["after"]:
         eval_ids, eval_name = evaluation_ids(ev, tokenizer)
 
-    key_fields = {k: recipe[k] for k in ("model", "revision", "dtype", "device", "quantization", "calibration")}
-    key_fields["windows"] = fingerprint(windows) if windows is not None else None
-    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    return Plan(recipe, config, out, tokenizer, windows, eval_ids, eval_name, resume, push_repo, key,
+    parts = resume_parts(recipe, mcfg, windows)
+    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return Plan(recipe, config, out, tokenizer, windows, eval_ids, eval_name, resume, push_repo, key, parts,
                 time.perf_counter() - t0)
+
+
+def resume_parts(recipe: dict, model_config, windows) -> dict:
+    """What a resumable run is made of (``ResumeStore`` parts): the model's weights -- a local folder's
+    ``weights_fingerprint`` (content, not path), or a Hub model's commit --, the recipe's settings, and the
+    calibration windows' hash."""
+    if looks_local(recipe["model"]):
+        weights = weights_fingerprint(Path(recipe["model"]).expanduser())
+    else:
+        commit = getattr(model_config, "_commit_hash", None)
+        weights = {"hub commit": commit} if commit else {"hub id": recipe["model"], "revision": recipe["revision"]}
+    settings = {k: recipe[k] for k in ("dtype", "device", "quantization", "calibration")}
+    return {"model weights": weights,
+            "recipe": hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:24],
+            "calibration data": fingerprint(windows) if windows is not None else None}
+
+
+def describe_change(name: str, old, new) -> str:
+    """``ResumeStore``'s words for a changed part: which weight files differ."""
+    if name == "model weights" and isinstance(old, dict) and isinstance(new, dict):
+        return describe_fingerprint_change(old, new)
+    return ""
 
 
 def _device(name: str, dist=None) -> str:
@@ -185,6 +260,17 @@ def _device(name: str, dist=None) -> str:
     if name == "cuda" and dist is not None and dist.active:  # one GPU per process
         name = f"cuda:{int(os.environ.get('LOCAL_RANK', dist.rank))}"
     return name
+
+
+def build_kernels(device: str) -> float:
+    """On the CPU, build (or load) hfquant's CPU kernels now, before any timed step: a first build takes tens of
+    seconds, once per environment, and would otherwise land in whatever step loads the first quantized module.
+    Returns the seconds spent building or waiting for another process's build (0.0 when it was loaded or is off)."""
+    if device != "cpu":
+        return 0.0
+    before = cpu_ext.build_seconds()
+    cpu_ext.extension()
+    return cpu_ext.build_seconds() - before
 
 
 def _checkpoint_float_bytes(recipe: dict) -> int:
@@ -221,28 +307,38 @@ def execute(p: Plan, quiet: bool = False) -> dict:
         return report
     # progress is per process (hidden states of its own batches): no resume store with several processes
     resumable = p.config.method == "gptq" and not dist.active and not p.recipe["calibration"]["layerwise"]
-    store = ResumeStore(progress_dir(p.out), p.key) if resumable else None
+    store = ResumeStore(progress_dir(p.out), p.key, p.key_parts, describe_change) if resumable else None
     partial = partial_dir(p.out)
+    lock = OutputLock(p.out)
     try:  # the first writes: fail here, before loading the model, when the output folder is not writable
-        if store is not None:
-            store.start(resume=p.resume)
-        if partial.exists():
-            shutil.rmtree(partial)
-        partial.mkdir(parents=True)
+        p.out.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire(p.out)
     except OSError as exc:
         raise RecipeError(f"output_dir: cannot write next to {str(p.out)!r} ({exc.strerror}); choose another --output") from None
-    if p.resume and store is not None and not store.resumed_from:
-        logger.info("--resume: no finished blocks saved; starting from the first block")
     try:
-        report = _work(p, store, partial, timings, t_start, quiet, dist)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        if store is not None and store.blocks_done == 0:  # nothing worth resuming
+        try:
+            if store is not None:
+                store.start(resume=p.resume)
+            if partial.exists():
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True)
+        except OSError as exc:
+            raise RecipeError(f"output_dir: cannot write next to {str(p.out)!r} ({exc.strerror}); choose another "
+                              "--output") from None
+        if p.resume and store is not None and not store.resumed_from:
+            logger.info("--resume: no finished blocks saved; starting from the first block")
+        try:
+            report = _work(p, store, partial, timings, t_start, quiet, dist)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            if store is not None and store.blocks_done == 0:  # nothing worth resuming
+                shutil.rmtree(store.folder, ignore_errors=True)
+            raise
+        dist.barrier()
+        if store is not None:
             shutil.rmtree(store.folder, ignore_errors=True)
-        raise
-    dist.barrier()
-    if store is not None:
-        shutil.rmtree(store.folder, ignore_errors=True)
+    finally:
+        lock.release()
     logger.info("saved to %s", p.out)
     return report
 
@@ -251,6 +347,9 @@ def _work(p: Plan, store, partial: Path | None, timings: dict, t_start: float, q
     """The run's steps, in order: load, evaluate the float model, quantize, evaluate the quantized model, save,
     then the report (assembled in ``_report``), written with the model card into ``partial``, which is moved
     into place. A calibration process other than the main one stops after quantizing (returns its report)."""
+    built = build_kernels(_device(p.recipe["device"], dist))
+    if built:
+        timings["kernel_build"] = built
     model, source_bytes = _load(p, timings, dist)
     before = _evaluate_before(p, model, store, timings, quiet, dist)
     model, qreport = _quantize(p, model, store, timings, quiet, dist)
@@ -370,8 +469,45 @@ def _report(p: Plan, config, qreport: dict, source_bytes: int, before: float | N
 
 
 def push(folder: Path, repo_id: str, hub: dict) -> str:
+    """Upload the output ``folder`` to ``repo_id``; the local paths it names are replaced by their last component
+    (``local_path_names``)."""
     return push_folder(folder, repo_id, private=hub["private"], revision=hub["revision"],
-                       commit_message=hub["commit_message"])
+                       commit_message=hub["commit_message"], replacements=local_path_names(folder))
+
+
+def local_path_names(folder: Path) -> dict[str, str]:
+    """Absolute local path -> its last component, for every local path the folder's recipe and report name (model,
+    output, tokenizer, data and offload folders) and the folder itself, as written and resolved: what a push must not
+    publish (a user name, a directory layout)."""
+    folder = Path(folder)
+    found: list[str] = [str(folder)]
+    recipe_file = folder / RECIPE
+    if recipe_file.is_file():
+        try:
+            saved = safe_load(recipe_file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            saved = None
+        if isinstance(saved, dict):
+            cal, ev = saved.get("calibration") or {}, saved.get("evaluation") or {}
+            found += [saved.get("model"), saved.get("output_dir"), cal.get("dataset"), cal.get("tokenizer"),
+                      cal.get("offload_folder"), ev.get("dataset")]
+    report_file = folder / REPORT
+    if report_file.is_file():
+        try:
+            report = json.loads(report_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            report = None
+        if isinstance(report, dict):
+            found += [report.get("model_name"), (report.get("evaluation") or {}).get("dataset")]
+    out: dict[str, str] = {}
+    for value in found:  # relative paths say nothing of the machine (and a short one could match inside words)
+        if not isinstance(value, str) or not value.strip() or not looks_local(value):
+            continue
+        path = Path(value).expanduser()
+        for form in {value, str(path), str(path.resolve())}:
+            if Path(form).is_absolute() and form != "/":
+                out[form] = path.resolve().name or "."
+    return out
 
 
 __all__ = ["HFQuantError", "Plan", "execute", "plan", "push"]
@@ -389,10 +525,13 @@ def run_sensitivity(plan, quiet: bool = False) -> dict:
     table = measure_for_config(model, list(plan.windows.split(cfg.calibration_batch_size)), keep, cfg, not quiet)
     table["model"] = plan.recipe["model"]
     partial = partial_dir(plan.out)
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir(parents=True)
+    lock = OutputLock(plan.out)
+    plan.out.parent.mkdir(parents=True, exist_ok=True)
+    lock.acquire(plan.out)
     try:
+        if partial.exists():
+            shutil.rmtree(partial)
+        partial.mkdir(parents=True)
         write_sensitivity(partial, table)
         data = ModelCardData(library_name="transformers", tags=["hfquant", "sensitivity"])
         body = (f"\n# Sensitivity of {plan.recipe['model']}\n\n"
@@ -409,19 +548,23 @@ def run_sensitivity(plan, quiet: bool = False) -> dict:
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
+    finally:
+        lock.release()
     table["total_seconds"] = time.perf_counter() - t0
     return table
 
 
 def check_before_loading(config, model_config, dtype) -> None:
     """What can be checked on the architecture alone (meta device, no weights): every override pattern matches
-    a quantizable module, and ``target_avg_bits`` is reachable with the candidates. Raises ``ConfigError``."""
-    if not (config.overrides or config.target_avg_bits is not None):
+    a quantizable module, ``target_avg_bits`` is reachable with the candidates, and the modules suit the scheme
+    (``check_model_for_config``). Raises ``ConfigError``."""
+    if not (config.overrides or config.target_avg_bits is not None or config.gguf_type is not None):
         return
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_config)
     keep = quantized_predicate(modules_left_float(model, config.modules_to_not_convert))
+    check_model_for_config(model, config, keep)
     modules = quantizable_modules(model, keep)
     if config.overrides:
         resolve(config.overrides, list(modules), default_scheme(config))

@@ -11,11 +11,13 @@ The schema is strict and maps one-to-one onto the objects a run builds:
 - ``hub``: where ``upload_folder`` pushes (``HUB_DEFAULTS``).
 
 Every problem raises ``RecipeError`` (a ``ConfigError``) whose one-line message starts with the key path
-(``quantization.group_size: ...``), before anything is loaded. Files are read with ``yaml.safe_load``.
+(``quantization.group_size: ...``), before anything is loaded. Files are read with ``yaml.safe_load``'s loader,
+refusing duplicate keys (``safe_load``).
 """
 
 from __future__ import annotations
 
+import codecs
 import copy
 import re
 from pathlib import Path
@@ -24,7 +26,7 @@ from typing import Any
 import yaml
 
 from hfquant.calibration.spill import ACTIVATIONS
-from hfquant.config import _is_int, DEFAULTS, HFQuantConfig, QUALITY
+from hfquant.config import _is_int, DEFAULTS, HFQuantConfig, METHOD_FIELDS, QUALITY
 from hfquant.core.errors import ConfigError
 from hfquant.core.schemes import validate_overrides
 
@@ -48,18 +50,6 @@ TOP_DEFAULTS: dict[str, Any] = {
 SECTIONS = ("quantization", "calibration", "evaluation", "hub")
 DTYPES = ("float32", "bfloat16", "float16")
 
-# The GGUF keys (and the save format, which gguf needs) of the weight-only methods.
-GGUF_FIELDS = ("gguf_type", "gguf_head_type", "gguf_embedding_type", "save_format")
-# HFQuantConfig fields each method reads; other quantization keys are rejected for that method.
-METHOD_FIELDS: dict[str, tuple[str, ...]] = {
-    "gptq": ("quality", "bits", "group_size", "sym", "desc_act", "static_groups", "true_sequential", "damp_percent",
-             "block_size", "observer", "gptaq", "gptaq_alpha", "reconstruct_steps", "modules_to_not_convert", "overrides", "target_avg_bits",
-             "max_ppl_increase", "candidates", "fisher_windows", "lm_head_bits", *GGUF_FIELDS),
-    "rtn": ("quality", "bits", "group_size", "sym", "observer", "modules_to_not_convert", "overrides", "lm_head_bits",
-            *GGUF_FIELDS),
-    "smoothquant": ("alpha", "weight_method", "activation_scheme", "damp_percent", "block_size",
-                    "modules_to_not_convert", "overrides"),
-}
 # Fields checked together (they constrain each other), after the one-by-one checks of the others.
 _JOINT_FIELDS = ("bits", "target_avg_bits", "max_ppl_increase", "candidates", "overrides", "save_format")
 # recipe key under ``calibration`` -> HFQuantConfig field
@@ -102,6 +92,31 @@ NOT_YET = {
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping with the same key twice (plain YAML keeps the last one silently,
+    so a recipe with two ``bits:`` lines would run with whichever came last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                hash(key)
+            except TypeError:
+                continue  # an unhashable key: SafeLoader's own error follows
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key] + 1}); keep one of them",
+                    key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
+
+
+def safe_load(text: str):
+    """``yaml.safe_load`` that refuses duplicate keys (``_UniqueKeyLoader``); the only YAML reader of recipes."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def recipe_error(path: str, problem: Exception | str) -> RecipeError:
     """The ``RecipeError`` for key ``path`` (``quantization.bits``, ``model``, ...): ``"<path>: <problem>"``, where an
     exception becomes the first line of its message (its type name when it has none). Callers ``raise`` it."""
@@ -110,6 +125,8 @@ def recipe_error(path: str, problem: Exception | str) -> RecipeError:
 
 
 def _type_name(v) -> str:
+    if isinstance(v, str) and not v.strip():
+        return "an empty string" if not v else "a blank string"
     return "null" if v is None else type(v).__name__
 
 
@@ -124,10 +141,10 @@ def _check_keys(path: str, section: dict, valid, extra_hint: str = "") -> None:
             raise recipe_error(full, f"unknown key; valid keys are {sorted(valid)}{extra_hint}")
 
 
-def _check_config_field(path: str, field: str, value) -> None:
-    """Validate one HFQuantConfig field by building a config with it; re-word the error with ``path``."""
+def _check_config_field(path: str, field: str, value, method: str = "gptq") -> None:
+    """Validate one HFQuantConfig field by building a config of ``method`` with it; re-word the error with ``path``."""
     try:
-        HFQuantConfig(**{field: value})
+        HFQuantConfig(**{"method": method, field: value})
     except ConfigError as exc:
         raise recipe_error(path, str(exc).split(": ", 1)[-1])
 
@@ -137,12 +154,50 @@ def looks_local(model: str) -> bool:
     return Path(model).expanduser().exists() or not _HUB_ID.match(model)
 
 
+TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".csv")  # read as UTF-8 text (parquet is binary)
+
+
 def _check_dataset_file(path: str, dataset) -> None:
-    if isinstance(dataset, str) and looks_local(dataset) and not Path(dataset).expanduser().is_file():
-        raise recipe_error(path, f"file {dataset!r} does not exist; give an existing .txt/.json/.jsonl/.csv/.parquet file, "
-                                 "a Hub dataset id, or null for the bundled WikiText-2")
-    if isinstance(dataset, str) and Path(dataset).expanduser().is_file() and Path(dataset).expanduser().stat().st_size == 0:
-        raise recipe_error(path, f"file {dataset!r} is empty; give a file with text")
+    if isinstance(dataset, str) and not dataset.strip():
+        raise recipe_error(path, f"got {_type_name(dataset)}; give a .txt/.json/.jsonl/.csv/.parquet file, a Hub "
+                                 "dataset id, or null for the bundled WikiText-2")
+    if isinstance(dataset, str) and looks_local(dataset):
+        file = Path(dataset).expanduser()
+        if file.is_dir():
+            raise recipe_error(path, f"{dataset!r} is a folder, not a file; give a .txt/.json/.jsonl/.csv/.parquet "
+                                     "file, a Hub dataset id, or null for the bundled WikiText-2")
+        if not file.is_file():
+            raise recipe_error(path, f"file {dataset!r} does not exist; give an existing .txt/.json/.jsonl/.csv/.parquet "
+                                     "file, a Hub dataset id, or null for the bundled WikiText-2")
+        if file.stat().st_size == 0:
+            raise recipe_error(path, f"file {dataset!r} is empty; give a file with text")
+        if file.suffix.lower() in TEXT_SUFFIXES:
+            _check_utf8(path, dataset, file)
+    if isinstance(dataset, list) and (not dataset or not all(isinstance(t, str) and t.strip() for t in dataset)):
+        raise recipe_error(path, "a list of texts must hold at least one non-empty string and only strings")
+
+
+def _check_utf8(path: str, dataset: str, file: Path) -> None:
+    """Refuse a text file that is not UTF-8, naming the first bad byte (decoded a block at a time)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0
+    try:
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                pending = len(decoder.getstate()[0])  # bytes of a character split across blocks
+                try:
+                    decoder.decode(block)
+                except UnicodeDecodeError as exc:
+                    raise recipe_error(path, f"file {dataset!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
+                                             f"at offset {offset - pending + exc.start} cannot be decoded); convert it "
+                                             "to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+                offset += len(block)
+            decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        raise recipe_error(path, f"file {dataset!r} is not UTF-8 text (it ends inside a character); convert it to "
+                                 "UTF-8") from None
+    except OSError as exc:
+        raise recipe_error(path, f"cannot read {dataset!r} ({exc.strerror})") from None
     if isinstance(dataset, list) and (not dataset or not all(isinstance(t, str) and t.strip() for t in dataset)):
         raise recipe_error(path, "a list of texts must hold at least one non-empty string and only strings")
 
@@ -170,13 +225,16 @@ def validate(raw) -> dict:
         raise recipe_error("model", f"must be a Hub id or a local folder path (a string), got {_type_name(model)}")
     if looks_local(model):
         folder = Path(model).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise recipe_error("model", f"{model!r} is a file, not a model folder; give the folder that holds its "
+                                        "config.json and weights, or a Hub id (org/name)")
         if not folder.is_dir():
             raise recipe_error("model", f"local folder {model!r} does not exist; give an existing folder or a Hub id (org/name)")
         if not (folder / "config.json").is_file():
             raise recipe_error("model", f"{model!r} has no config.json; give a Hugging Face model folder")
     if out["output_dir"] is not None and (not isinstance(out["output_dir"], str) or not out["output_dir"].strip()):
         raise recipe_error("output_dir", f"must be a folder path (a string), got {_type_name(out['output_dir'])}")
-    if out["revision"] is not None and not isinstance(out["revision"], str):
+    if out["revision"] is not None and (not isinstance(out["revision"], str) or not out["revision"].strip()):
         raise recipe_error("revision", f"must be a branch, tag or commit (a string) or null, got {_type_name(out['revision'])}")
     if not isinstance(out["trust_remote_code"], bool):
         raise recipe_error("trust_remote_code", f"must be true or false, got {out['trust_remote_code']!r}")
@@ -196,8 +254,8 @@ def validate(raw) -> dict:
 
     validate_overrides(q.get("overrides"), "quantization.overrides")
     for key, value in q.items():
-        if key not in _JOINT_FIELDS:
-            _check_config_field(f"quantization.{key}", key, value)
+        if key not in _JOINT_FIELDS and key != "method":
+            _check_config_field(f"quantization.{key}", key, value, method)
 
     q_out = {"method": method}
     chosen = {k for fields in QUALITY.values() for k in fields}  # what quality (and gguf_type) decide unless given
@@ -245,8 +303,8 @@ def validate(raw) -> dict:
         raise recipe_error("evaluation.dataset", f"must be a local file, a Hub dataset id, or null (bundled WikiText-2 test), got {_type_name(ev['dataset'])}")
     _check_dataset_file("evaluation.dataset", ev["dataset"])
     for key in ("config", "split", "column"):
-        if ev[key] is not None and not isinstance(ev[key], str):
-            raise recipe_error(f"evaluation.{key}", f"must be a string or null, got {_type_name(ev[key])}")
+        if ev[key] is not None and (not isinstance(ev[key], str) or not ev[key].strip()):
+            raise recipe_error(f"evaluation.{key}", f"must be a non-empty string or null, got {_type_name(ev[key])}")
     out["evaluation"] = ev
 
     # hub
@@ -294,7 +352,9 @@ def parse_set(item: str) -> tuple[list[str], Any]:
     if not sep or not all(p.strip() for p in parts):
         raise RecipeError(f"--set {item!r}: expected key.path=value, e.g. --set quantization.bits=8")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = safe_load(value) if value.strip() else None
+    except yaml.constructor.ConstructorError as exc:
+        raise RecipeError(f"--set {item!r}: {exc.problem}") from None
     except yaml.YAMLError:
         raise RecipeError(f"--set {item!r}: the value is not valid YAML; quote strings, e.g. --set 'model=\"org/name\"'") from None
     return [p.strip() for p in parts], parsed
@@ -318,7 +378,7 @@ def apply_sets(raw: dict, sets: list[str]) -> dict:
 
 
 def read(path) -> Any:
-    """Parse a recipe file with ``yaml.safe_load``; unreadable files and bad YAML raise ``RecipeError``."""
+    """Parse a recipe file with ``safe_load``; unreadable files, bad YAML and duplicate keys raise ``RecipeError``."""
     p = Path(path)
     if not p.is_file():
         raise RecipeError(f"recipe {str(p)!r}: " + ("is a folder, not a YAML file" if p.is_dir() else "file not found"))
@@ -327,7 +387,7 @@ def read(path) -> Any:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"recipe {str(p)!r}: cannot read it ({type(exc).__name__}: {exc})".splitlines()[0]) from None
     try:
-        return yaml.safe_load(text)
+        return safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -47,13 +47,26 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 class ResumeStore:
-    """Progress of one run in ``folder``; ``key`` identifies the run (model, recipe, calibration data)."""
+    """Progress of one run in ``folder``. ``key`` identifies the run; ``parts`` (optional) are what it is made of,
+    by name (``"model weights"``: a ``weights_fingerprint``, ``"recipe"``, ``"calibration data"``), saved so that a
+    refused ``--resume`` can say which of them changed. ``describe(name, old, new)`` (optional) words a change."""
 
-    def __init__(self, folder: Path, key: str):
+    def __init__(self, folder: Path, key: str, parts: dict | None = None, describe=None):
         self.folder = Path(folder)
         self.key = key
-        self.state: dict = {"key": key, "blocks_done": 0, "hidden": None, "extra": {}}
+        self.parts = parts or {}
+        self.describe = describe
+        self.state: dict = {"key": key, "parts": self.parts, "blocks_done": 0, "hidden": None, "extra": {}}
         self.resumed_from = 0
+
+    def _changed(self, saved: dict) -> str:
+        """Which part of the run differs from the saved progress's, in words."""
+        old = saved.get("parts") or {}
+        for name, value in self.parts.items():
+            if name in old and old[name] != value:
+                detail = self.describe(name, old[name], value) if self.describe else ""
+                return f"the {name} changed" + (f" ({detail})" if detail else "")
+        return "the recipe, model or calibration data changed"
 
     def exists(self) -> bool:
         return (self.folder / STATE).is_file()
@@ -65,9 +78,10 @@ class ResumeStore:
                 state = json.loads((self.folder / STATE).read_text())
             except (OSError, ValueError):
                 raise ConfigError(f"--resume: progress in {self.folder} is unreadable; rerun with --overwrite to start over") from None
-            if state.get("key") != self.key:
-                raise ConfigError(f"--resume: the progress in {self.folder} was made by a different recipe, model or "
-                                  "calibration data; rerun without changes, or with --overwrite to start over")
+            if not isinstance(state, dict) or state.get("key") != self.key:
+                changed = self._changed(state if isinstance(state, dict) else {})
+                raise ConfigError(f"--resume: {changed} since the unfinished run in {str(self.folder)!r} was saved; "
+                                  "resume with the same inputs, or pass --overwrite to start over")
             self.state = state
             self.resumed_from = self.blocks_done
             return
