@@ -273,3 +273,26 @@ def test_one_recipe_error_helper():
     assert str(recipe.recipe_error("a.b", "text\nkept whole")) == "a.b: text\nkept whole"
     with pytest.raises(recipe.RecipeError, match=r"^model: required; give a Hub id"):
         recipe.validate({"output_dir": "x"})
+
+
+def test_quantize_takes_a_dict_and_refuses_other_configs_and_quantized_models(tiny_models):
+    """``quantize_(model, {...})`` raised ``AttributeError: 'dict' object has no attribute 'quant_method'``: a dict of
+    ``HFQuantConfig`` fields now works as the config; anything else, and a model that is already quantized (which
+    quantizing again would round twice, or keep silently at the old scheme), is one ``ConfigError`` line."""
+    from transformers import AutoModelForCausalLM
+
+    from hfquant.core.errors import ConfigError
+    from hfquant.nn.weight_only import QuantLinearWeightOnly
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    report = hfquant.quantize_(model, {"method": "rtn", "group_size": 32})
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QuantLinearWeightOnly) and report["method"] == "rtn"
+    assert model.config.quantization_config.group_size == 32
+    with pytest.raises(ConfigError, match=r"already quantized \(quant_method 'hfquant'\)") as again:
+        hfquant.quantize_(model, hfquant.HFQuantConfig(method="rtn", bits=8, group_size=32))
+    assert "\n" not in str(again.value)
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_models["llama"])
+    with pytest.raises(ConfigError, match="config must be an HFQuantConfig or a dict of its fields, got int"):
+        hfquant.quantize_(fresh, 4)
+    with pytest.raises(ConfigError, match=r"HFQuantConfig\.bitz|unknown key"):
+        hfquant.quantize_(fresh, {"bitz": 4})
