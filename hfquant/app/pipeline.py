@@ -146,13 +146,15 @@ def input_paths(recipe: dict, recipe_file=None) -> dict[str, Path]:
     return paths
 
 
-def check_output(recipe: dict, out: Path, overwrite: bool, recipe_file=None) -> None:
+def check_output(recipe: dict, out: Path, overwrite: bool, recipe_file=None, writer: bool = True) -> None:
     """The output folder can be written without harm: not the current or home directory, not an input or around
-    one (``check_output_location``), creatable or replaceable (``check_output_dir``), and no other run writing it
-    now (``OutputLock``)."""
+    one (``check_output_location``), creatable or replaceable (``check_output_dir``), and -- for the process that
+    will write it (``writer``; with several calibration processes, the main one: the lock may already be its) -- no
+    other run writing it now (``OutputLock``)."""
     check_output_location(out, input_paths(recipe, recipe_file))
     check_output_dir(out, overwrite)
-    OutputLock(out).refuse_if_held(out)
+    if writer:
+        OutputLock(out).refuse_if_held(out)
 
 
 def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_repo: str | None = None,
@@ -164,7 +166,8 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
     if push_repo is not None:
         check_repo_id(push_repo, "--push-to-hub")
     out = Path(recipe["output_dir"]).expanduser()
-    check_output(recipe, out, overwrite, recipe_file)
+    dist = current()
+    check_output(recipe, out, overwrite, recipe_file, writer=dist.is_main)
     method = config.method
     if resume and method != "gptq":
         raise RecipeError(f"--resume: resuming is supported for quantization.method gptq only, not {method!r}; "
@@ -176,7 +179,6 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
     _device(recipe["device"])
     cal = recipe["calibration"]
 
-    dist = current()
     if resume and (cal["layerwise"] or dist.active):
         raise RecipeError("--resume: resuming is not supported with calibration.layerwise or several processes; "
                           "rerun without --resume (or with --overwrite)")
