@@ -95,9 +95,8 @@ METHOD_FIELDS: dict[str, tuple[str, ...]] = {
     "smoothquant": ("alpha", "weight_method", "activation_scheme", "damp_percent", "block_size",
                     "modules_to_not_convert", "overrides"),
 }
-# Fields read by every method, whatever the lists above say (save_format: smoothquant also saves as
-# compressed-tensors from Python).
-_SHARED_FIELDS = ("method", "save_format")
+# Read by every method, whatever the lists above say (smoothquant also saves as compressed-tensors from Python).
+_SHARED_FIELDS = ("save_format",)
 SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes up to 2**64 - 1; int64 everywhere else
 
 # ``bits: auto`` chooses per module among these (bits, group_size) unless ``candidates`` says otherwise.

@@ -23,7 +23,7 @@ import yaml
 from hfquant.app import pipeline, recipe
 from hfquant.app.hub import HubAuthError, HubError
 from hfquant.app.pipeline import run_sensitivity
-from hfquant.app.recipe import check_repo_id, EVALUATION_DEFAULTS, HUB_DEFAULTS, validate
+from hfquant.app.recipe import check_repo_id, EVALUATION_DEFAULTS, HUB_DEFAULTS, validate_evaluation
 from hfquant.app.report import kernel_build_note, RECIPE, REPORT, SENSITIVITY_MD, table
 from hfquant.app.saved import checkpoint_lines, load_model, load_tokenizer, open_saved
 from hfquant.calibration.distributed import Dist, init_from_env
@@ -171,9 +171,6 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                                      "evaluation.dataset, else the bundled WikiText-2 test)")
 
 
-_NOT_LOOKED_UP = "hfquant/evaluation-only"  # a Hub-id-shaped recipe model: validate() checks only local folders
-
-
 @_quiet_transformers
 def _eval(args) -> int:
     checkpoint = open_saved(args.dir)
@@ -185,8 +182,7 @@ def _eval(args) -> int:
     for key, value in (("seq_len", args.seq_len), ("max_tokens", args.max_tokens), ("dataset", args.dataset)):
         if value is not None:
             ev[key] = value
-    model_ref = str(folder) if checkpoint.gguf is None else _NOT_LOOKED_UP  # only the evaluation section is checked
-    ev = validate({"model": model_ref, "output_dir": str(folder), "evaluation": ev})["evaluation"]
+    ev = validate_evaluation(ev)
     tokenizer = load_tokenizer(checkpoint)
     ids, name = pipeline.evaluation_ids(ev, tokenizer)
     built = pipeline.build_kernels("cpu")  # the model loads on the CPU: its kernels first, outside the evaluation

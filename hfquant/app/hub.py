@@ -16,6 +16,7 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, constants, HfApi
 from huggingface_hub.errors import HfHubHTTPError
 
+from hfquant.app.report import CARD, RECIPE, REPORT, SENSITIVITY_JSON, SENSITIVITY_MD
 from hfquant.core.errors import HFQuantError
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ def _call(what: str, repo_id: str, fn, attempts: int, wait: float):
 
 
 # Text files of an output folder that can name local paths (the recipe's model, data and output folders).
-TEXT_FILES = ("README.md", "hfquant_recipe.yaml", "report.json", "sensitivity.json", "sensitivity.md")
+TEXT_FILES = (CARD, RECIPE, REPORT, SENSITIVITY_JSON, SENSITIVITY_MD)
 
 
 def redact(text: str, replacements: dict[str, str]) -> str:

@@ -20,6 +20,7 @@ from pathlib import Path
 from huggingface_hub import constants as hub_constants, ModelCard, ModelCardData
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+import yaml
 
 from hfquant.app.hub import push_folder
 from hfquant.app.recipe import check_repo_id, dump, looks_local, recipe_error, RecipeError, safe_load, to_config
@@ -90,9 +91,13 @@ class Plan:
     eval_name: str
     resume: bool
     push_repo: str | None
-    key: str
-    key_parts: dict           # what the key is made of (resume_parts)
+    key_parts: dict           # what identifies the run for --resume (resume_parts)
     seconds: float = 0.0      # time spent checking inputs and preparing calibration/evaluation tokens
+
+    @property
+    def key(self) -> str:
+        """The run's resume key: a hash of ``key_parts``."""
+        return hashlib.sha256(json.dumps(self.key_parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
 def _load_kwargs(recipe: dict) -> dict:
@@ -154,7 +159,7 @@ def check_output(recipe: dict, out: Path, overwrite: bool, recipe_file=None, wri
     check_output_location(out, input_paths(recipe, recipe_file))
     check_output_dir(out, overwrite)
     if writer:
-        OutputLock(out).refuse_if_held(out)
+        OutputLock(out).refuse_if_held()
 
 
 def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_repo: str | None = None,
@@ -226,9 +231,8 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
     if ev["before"] or ev["after"]:
         eval_ids, eval_name = evaluation_ids(ev, tokenizer)
 
-    parts = resume_parts(recipe, mcfg, windows)
-    key = hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    return Plan(recipe, config, out, tokenizer, windows, eval_ids, eval_name, resume, push_repo, key, parts,
+    return Plan(recipe, config, out, tokenizer, windows, eval_ids, eval_name, resume, push_repo,
+                resume_parts(recipe, mcfg, windows),
                 time.perf_counter() - t0)
 
 
@@ -314,7 +318,7 @@ def execute(p: Plan, quiet: bool = False) -> dict:
     lock = OutputLock(p.out)
     try:  # the first writes: fail here, before loading the model, when the output folder is not writable
         p.out.parent.mkdir(parents=True, exist_ok=True)
-        lock.acquire(p.out)
+        lock.acquire()
     except OSError as exc:
         raise RecipeError(f"output_dir: cannot write next to {str(p.out)!r} ({exc.strerror}); choose another --output") from None
     try:
@@ -487,7 +491,7 @@ def local_path_names(folder: Path) -> dict[str, str]:
     if recipe_file.is_file():
         try:
             saved = safe_load(recipe_file.read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError):
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
             saved = None
         if isinstance(saved, dict):
             cal, ev = saved.get("calibration") or {}, saved.get("evaluation") or {}
@@ -529,7 +533,7 @@ def run_sensitivity(plan, quiet: bool = False) -> dict:
     partial = partial_dir(plan.out)
     lock = OutputLock(plan.out)
     plan.out.parent.mkdir(parents=True, exist_ok=True)
-    lock.acquire(plan.out)
+    lock.acquire()
     try:
         if partial.exists():
             shutil.rmtree(partial)

@@ -288,8 +288,26 @@ def validate(raw) -> dict:
     out["calibration"] = {k: copy.deepcopy(c.get(k, DEFAULTS[f])) for k, f in CALIBRATION_FIELDS.items()}
     out["calibration"].update(_loading(c, method))
 
-    # evaluation
-    e = _section(raw, "evaluation")
+    out["evaluation"] = validate_evaluation(_section(raw, "evaluation"))
+
+    # hub
+    h = _section(raw, "hub")
+    _check_keys("hub", h, HUB_DEFAULTS)
+    hub = {k: copy.deepcopy(h.get(k, v)) for k, v in HUB_DEFAULTS.items()}
+    if hub["repo_id"] is not None:
+        check_repo_id(hub["repo_id"], "hub.repo_id")
+    if not isinstance(hub["private"], bool):
+        raise recipe_error("hub.private", f"must be true or false, got {hub['private']!r}")
+    for key in ("revision", "commit_message"):
+        if hub[key] is not None and (not isinstance(hub[key], str) or not hub[key].strip()):
+            raise recipe_error(f"hub.{key}", f"must be a non-empty string or null, got {hub[key]!r}")
+    out["hub"] = hub
+    return out
+
+
+def validate_evaluation(e: dict) -> dict:
+    """Check a recipe's ``evaluation`` section (also what ``hfquant eval`` is given); return it with every default
+    filled in."""
     _check_keys("evaluation", e, EVALUATION_DEFAULTS)
     ev = {k: copy.deepcopy(e.get(k, v)) for k, v in EVALUATION_DEFAULTS.items()}
     for flag in ("before", "after"):
@@ -305,21 +323,7 @@ def validate(raw) -> dict:
     for key in ("config", "split", "column"):
         if ev[key] is not None and (not isinstance(ev[key], str) or not ev[key].strip()):
             raise recipe_error(f"evaluation.{key}", f"must be a non-empty string or null, got {_type_name(ev[key])}")
-    out["evaluation"] = ev
-
-    # hub
-    h = _section(raw, "hub")
-    _check_keys("hub", h, HUB_DEFAULTS)
-    hub = {k: copy.deepcopy(h.get(k, v)) for k, v in HUB_DEFAULTS.items()}
-    if hub["repo_id"] is not None:
-        check_repo_id(hub["repo_id"], "hub.repo_id")
-    if not isinstance(hub["private"], bool):
-        raise recipe_error("hub.private", f"must be true or false, got {hub['private']!r}")
-    for key in ("revision", "commit_message"):
-        if hub[key] is not None and (not isinstance(hub[key], str) or not hub[key].strip()):
-            raise recipe_error(f"hub.{key}", f"must be a non-empty string or null, got {hub[key]!r}")
-    out["hub"] = hub
-    return out
+    return ev
 
 
 def _loading(c: dict, method: str) -> dict:

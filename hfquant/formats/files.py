@@ -62,7 +62,7 @@ def _contains(folder: Path, path: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_output_location(out: Path, inputs: dict[str, Path], what: str = "output_dir") -> None:
+def check_output_location(out: Path, inputs: dict[str, Path]) -> None:
     """Raise ``ConfigError`` when replacing ``out`` (``--overwrite`` moves it aside and deletes it) could delete
     something the user has: ``out`` is or contains the current directory or the home directory, or it is, contains or
     lies inside one of the ``inputs`` folders, or it is or contains an input file. ``inputs``: a description
@@ -72,16 +72,16 @@ def check_output_location(out: Path, inputs: dict[str, Path], what: str = "outpu
         place_ = place_.resolve()
         if _contains(target, place_):
             relation = "is" if target == place_ else "contains"
-            raise ConfigError(f"{what}: {str(out)!r} {relation} {name} ({str(place_)!r}), which --overwrite would "
+            raise ConfigError(f"output_dir: {str(out)!r} {relation} {name} ({str(place_)!r}), which --overwrite would "
                               "delete; choose a new folder for the output, e.g. --output out/<name>")
     for name, path in inputs.items():
         path = Path(path).expanduser().resolve()
         if _contains(target, path):
             relation = "is" if target == path else "contains"
-            raise ConfigError(f"{what}: {str(out)!r} {relation} {name} ({str(path)!r}), which --overwrite would "
+            raise ConfigError(f"output_dir: {str(out)!r} {relation} {name} ({str(path)!r}), which --overwrite would "
                               "delete; choose an output folder outside it")
         if path.is_dir() and _contains(path, target):
-            raise ConfigError(f"{what}: {str(out)!r} is inside {name} ({str(path)!r}); the output must not be written "
+            raise ConfigError(f"output_dir: {str(out)!r} is inside {name} ({str(path)!r}); the output must not be written "
                               "into an input folder, choose an output folder outside it")
 
 
@@ -115,6 +115,7 @@ class OutputLock:
     lock is never stale; the file itself is removed by its owner."""
 
     def __init__(self, out: Path):
+        self.out = out
         self.path = out.parent / f".{out.name}.hfquant-lock"
         self._fd: int | None = None
 
@@ -137,14 +138,14 @@ class OutputLock:
         finally:
             os.close(fd)
 
-    def refuse_if_held(self, out: Path, what: str = "output_dir") -> None:
+    def refuse_if_held(self) -> None:
         pid = self.holder()
         if pid is not None:
             who = f"pid {pid}" if pid else "another process"
-            raise ConfigError(f"{what}: another hfquant run ({who}) is writing {str(out)!r} now (lock "
+            raise ConfigError(f"output_dir: another hfquant run ({who}) is writing {str(self.out)!r} now (lock "
                               f"{str(self.path)!r}); wait for it to finish, or choose another --output")
 
-    def acquire(self, out: Path, what: str = "output_dir") -> None:
+    def acquire(self) -> None:
         """Take the lock or raise ``ConfigError`` naming the run that holds it."""
         if fcntl is None:
             return
@@ -154,7 +155,7 @@ class OutputLock:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 os.close(fd)
-                self.refuse_if_held(out, what)
+                self.refuse_if_held()
                 continue  # released in between: try again
             try:  # the owner before us may have removed the file after we opened it: lock the file at the path
                 same = os.fstat(fd).st_ino == os.stat(self.path).st_ino

@@ -20,27 +20,19 @@ path, so the same checkpoint gives bit-identical logits in every process on the 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
-import logging
 import os
 import threading
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
 from hfquant.kernels.isa import cpu_isa
-from hfquant.kernels.jit_build import cache_root, cpu_description
-
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; concurrent first timings are then not serialised
-    fcntl = None
-
-logger = logging.getLogger(__name__)
+from hfquant.kernels.jit_build import cache_root, cpu_description, exclusive_lock
 
 _KERNEL_SOURCES = (Path(__file__).parent / "csrc" / "w4a16_cpu.cpp", Path(__file__).parent / "w4a16.py",
                    Path(__file__).parent / "w8a8.py", Path(__file__).parent / "half.py")
@@ -91,38 +83,19 @@ def _entries() -> dict:
     return _STATE["entries"]
 
 
+def _valid(entry) -> dict | None:
+    return entry if isinstance(entry, dict) and isinstance(entry.get("path"), str) else None
+
+
 def recorded(family: str, key: tuple) -> dict | None:
     """The recorded ``{"path", "ratio"}`` of ``family`` for the shape class ``key``, or ``None``."""
-    entry = _entries().get(_entry_name(family, key))
-    return entry if isinstance(entry, dict) and isinstance(entry.get("path"), str) else None
+    return _valid(_entries().get(_entry_name(family, key)))
 
 
 def peek(family: str, key: tuple) -> dict | None:
     """``recorded`` without touching the file (a plain dict lookup, which ``torch.compile`` can trace): ``None`` until
     this process has read the record."""
-    entries = _STATE.get("entries")
-    entry = entries.get(f"{family}|{','.join(str(k) for k in key)}") if entries is not None else None
-    return entry if isinstance(entry, dict) and isinstance(entry.get("path"), str) else None
-
-
-@contextmanager
-def _file_lock(file: Path):
-    """An exclusive ``flock`` on ``<file>.lock`` for the block (nothing where there is no flock or no folder)."""
-    fd = None
-    if fcntl is not None:
-        try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(f"{file}.lock", os.O_RDWR | os.O_CREAT, 0o666)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError:
-            if fd is not None:
-                os.close(fd)
-            fd = None
-    try:
-        yield
-    finally:
-        if fd is not None:
-            os.close(fd)
+    return _valid(_STATE.get("entries", {}).get(_entry_name(family, key)))
 
 
 def record(family: str, key: tuple, decide) -> dict | None:
@@ -134,7 +107,9 @@ def record(family: str, key: tuple, decide) -> dict | None:
         if entry is not None:
             return entry
         file = record_file()
-        with _file_lock(file):
+        with contextlib.suppress(OSError):  # an unwritable folder: no lock, and ``_write`` warns
+            file.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(Path(f"{file}.lock")):
             fresh = _read(file)  # what other processes recorded since this one read the file
             _entries().update(fresh)
             entry = recorded(family, key)

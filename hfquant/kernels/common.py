@@ -133,7 +133,6 @@ def choose_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str,
     if mode in paths:
         return paths[mode](x, module)
     slot = (mode, key)
-    pool = [n for n in (list(paths) if mode == FASTEST else candidates) if n in paths]
     name = choices.get(slot)
     compiling = torch.compiler.is_compiling()
     if name is None and mode == REPRODUCIBLE:
@@ -143,11 +142,12 @@ def choose_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str,
             name = choices[slot] = entry["path"]
             if not compiling:
                 _warn_if_slower(env, warn_as, entry, mode, x, module)
-    if name is not None:
+    if name is not None:  # every call after a class's first: the remembered path
         y = paths[name](x, module) if name in paths else None
         if y is None:  # a module whose layout the class's path does not take (an unusual g_idx, say)
-            y = _first_taking(paths, [*pool, *fallback], x, module)[1]
+            y = _first_taking(paths, [*_pool(paths, candidates, mode), *fallback], x, module)[1]
         return y
+    pool = _pool(paths, candidates, mode)
     if compiling:  # nothing timed while tracing: the first candidate, kept for this process's eager calls too
         name, y = _first_taking(paths, pool, x, module)
         if name is None:
@@ -178,6 +178,11 @@ def choose_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str,
     _warn_if_slower(env, warn_as, entry, mode, x, module)
     y = outputs.get(entry["path"])
     return y if y is not None else paths[entry["path"]](x, module)  # recorded by another process meanwhile
+
+
+def _pool(paths: dict[str, Callable], candidates, mode: str) -> list[str]:
+    """The paths a choice is made among: every path with ``fastest``, else the ``candidates`` there are."""
+    return [n for n in (list(paths) if mode == FASTEST else candidates) if n in paths]
 
 
 def _warn_if_slower(env: str, warn_as: str | None, entry: dict, mode: str, x: torch.Tensor, module) -> None:

@@ -111,31 +111,33 @@ def build_seconds() -> float:
 
 
 @contextmanager
-def _exclusive(lock: Path, label: str) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on ``lock``, saying so when another process holds it; yields whether the lock
-    is held (``False`` where the file system offers none: the build then runs unguarded, as torch's would)."""
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+def exclusive_lock(lock: Path, on_wait: Callable[[str], None] | None = None) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on the file ``lock`` (created if needed; the holder's pid is written in it) for the
+    block; yields whether it is held (``False`` where there is no ``flock`` or the file system refuses one: the block
+    then runs unguarded). When another process holds it, ``on_wait(its pid)`` is called before waiting for it. The
+    kernel releases the lock when its owner dies, so it is never stale."""
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:  # e.g. a read-only cache folder
+            logger.debug("hfquant: no lock file %s (%s); going on without it", lock, exc)
     try:
-        yield _lock(fd, lock, label)
+        yield fd is not None and _lock(fd, lock, on_wait)
     finally:
-        os.close(fd)  # releases the lock
+        if fd is not None:
+            os.close(fd)  # releases the lock
 
 
-def _lock(fd: int, lock: Path, label: str) -> bool:
+def _lock(fd: int, lock: Path, on_wait: Callable[[str], None] | None) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-        logger.warning("hfquant: waiting for another process's build of %s (pid %s; lock %s) ...", label, owner, lock)
-        t0 = time.perf_counter()
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        finally:
-            waited = time.perf_counter() - t0
-            _SPENT[0] += waited
-        logger.warning("hfquant: waited %.1f s for another process's build of %s", waited, label)
+        if on_wait is not None:
+            on_wait(os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown")
+        fcntl.flock(fd, fcntl.LOCK_EX)
     except OSError as exc:  # e.g. ENOLCK on a network file system without locks
-        logger.debug("hfquant: no lock on %s (%s); building without it", lock, exc)
+        logger.debug("hfquant: no lock on %s (%s); going on without it", lock, exc)
         return False
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -149,7 +151,18 @@ def locked_build(folder: Path, build: Callable[[], T], label: str, output: str |
     writes the marker (its seconds, and ``about``: what it was built for). ``label`` names what is built in the
     messages."""
     folder.mkdir(parents=True, exist_ok=True)
-    with _THREADS, (_exclusive(Path(f"{folder}.lock"), label) if fcntl is not None else _unlocked()) as locked:
+    lock = Path(f"{folder}.lock")
+    waiting: list[float] = []  # when another process's build was found holding the lock
+
+    def on_wait(owner: str) -> None:
+        logger.warning("hfquant: waiting for another process's build of %s (pid %s; lock %s) ...", label, owner, lock)
+        waiting.append(time.perf_counter())
+
+    with _THREADS, exclusive_lock(lock, on_wait) as locked:
+        if waiting:
+            waited = time.perf_counter() - waiting[0]
+            _SPENT[0] += waited
+            logger.warning("hfquant: waited %.1f s for another process's build of %s", waited, label)
         if locked:
             # Every live builder holds the lock we now hold, so torch's lock file here is a killed build's.
             (folder / "lock").unlink(missing_ok=True)
@@ -166,11 +179,6 @@ def locked_build(folder: Path, build: Callable[[], T], label: str, output: str |
         (folder / MARKER).write_text(json.dumps({"seconds": round(seconds, 1), **(about or {})}, indent=1) + "\n")
         logger.warning("hfquant: built %s in %.1f s", label, seconds)
         return result
-
-
-@contextmanager
-def _unlocked() -> Iterator[bool]:
-    yield False
 
 
 def _place_source(folder: Path, source: Path, text: bytes) -> Path:
