@@ -27,8 +27,8 @@ _REGISTRY_MODULE = "transformers.quantizers.auto"
 # public name -> the module that defines it (imported on first access, see __getattr__)
 _LAZY = {
     "HFQuantConfig": "hfquant.config",
-    "quantize_": "hfquant.integrations.transformers",
-    "quantize_layerwise": "hfquant.integrations.transformers",
+    "quantize_": "hfquant.api",
+    "quantize_layerwise": "hfquant.api",
     "QuantLinearWeightOnly": "hfquant.nn.weight_only",
     "QuantLinearW8A8": "hfquant.nn.w8a8",
     "export_checkpoint": "hfquant.formats",

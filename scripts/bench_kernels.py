@@ -142,7 +142,7 @@ def build(in_f: int, out_f: int, device: str, dtype: torch.dtype):
 
 
 def weight_bytes(in_f: int, out_f: int, device: str, float_bytes: int, m: int) -> dict:
-    from hfquant.kernels.w4a16 import CPU_GEMV_MAX_ROWS
+    from hfquant.kernels.weight_only import CPU_GEMV_MAX_ROWS
 
     groups = -(-in_f // 128)
     # W4A16 operands read per call: packed codes plus per-group scale and zero (CPU, one row: hfquant's kernel,
@@ -242,15 +242,15 @@ def run(device: str, repeats: int, shapes, rows_list, cache: str = "warm") -> tu
 def cpu_paths(in_f: int, out_f: int, m: int) -> tuple[str, str]:
     """Which CPU path hfquant's dispatch ran for W4A16 (g128) and W8A8 at this shape and row count (after the
     timed calls, so the choice is made)."""
-    from hfquant.kernels import w4a16, w8a8
+    from hfquant.kernels import w8a8, weight_only
     from hfquant.kernels.common import remembered_path
     from hfquant.kernels.isa import int8_gemm_is_fast
 
-    if m <= w4a16.CPU_GEMV_MAX_ROWS:
+    if m <= weight_only.CPU_GEMV_MAX_ROWS:
         w4 = "gemv"
     else:
-        w4 = remembered_path(w4a16._PREFILL_CHOICE, (in_f, out_f, 128, 4, m.bit_length()), "HFQUANT_CPU_PREFILL",
-                             w4a16._prefill_paths()) or "?"
+        w4 = remembered_path(weight_only._PREFILL_CHOICE, (in_f, out_f, 128, 4, m.bit_length()), "HFQUANT_CPU_PREFILL",
+                             weight_only._prefill_paths()) or "?"
     if m <= w8a8.CPU_GEMV_MAX_ROWS:
         w8 = "gemv"
     elif int8_gemm_is_fast():

@@ -12,7 +12,7 @@ damp 0.01; calibration 128 x 512 tokens of WikiText-2 valid, seed 0). Reported p
 The auto rows run exactly what ``bits: auto`` runs (``hfquant.mixed.resolve.auto_schemes``: sensitivity on the
 float model, then the budget allocation), except that the sensitivity table is measured once and shared
 by both targets (it does not depend on the target); the allocation is then quantized through
-``module_schemes``, which ``tests/test_mixed.py`` checks gives the same model as a ``bits: auto`` run.
+``module_schemes``, which ``tests/mixed/test_mixed.py`` checks gives the same model as a ``bits: auto`` run.
 
 Usage:
     python scripts/bench_mixed.py --out bench [--update-benchmarks] [--only auto] [--sensitivity FILE]
@@ -63,7 +63,8 @@ def run(model_path: str, names: list[str], out: Path, sensitivity_file: Path | N
     from hfquant.mixed.budget import allocate_bits
     from hfquant.calibration.data import BUNDLED_EVALUATION, calibration_windows
     from hfquant.eval import perplexity
-    from hfquant.mixed.resolve import scale_bits_of, summary
+    from hfquant.core.schemes import summary
+    from hfquant.mixed.resolve import scale_bits_of
     from hfquant.app.report import stored_average_bits, write_sensitivity
     from hfquant.mixed.budget import has_fisher
     from hfquant.mixed.sensitivity import measure_for_config

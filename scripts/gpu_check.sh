@@ -19,7 +19,7 @@ mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$LOG"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$LOG"
-HFQUANT_TRITON_AUTOTUNE=0 timeout 240 python3 -m pytest -q -s -ra -p no:cacheprovider tests/test_gpu.py tests/test_triton_kernels.py 2>&1 | tee -a "$LOG"
+HFQUANT_TRITON_AUTOTUNE=0 timeout 240 python3 -m pytest -q -s -ra -p no:cacheprovider tests/test_gpu.py tests/kernels/test_triton_kernels.py 2>&1 | tee -a "$LOG"
 for observer in hessian minmax; do
   timeout 120 python3 scripts/bench_gpu_layer.py --observer $observer --out "$OUT" 2>&1 | tee -a "$LOG"
 done

@@ -163,7 +163,7 @@ def dist_quantize_worker(rank: int, world: int, port: int, folder: str, out: str
     from transformers import AutoModelForCausalLM
 
     from hfquant.config import HFQuantConfig
-    from hfquant.integrations.transformers import quantize_, quantize_layerwise
+    from hfquant.api import quantize_, quantize_layerwise
 
     import hfquant.quantize.weight_only as hq
 
@@ -215,10 +215,10 @@ def dist_dying_peer_worker(rank: int, world: int, port: int, folder: str, out: s
     from transformers import AutoModelForCausalLM
 
     import hfquant
-    import hfquant.calibration.sequential as seq
+    import hfquant.calibration.blocks as blocks
 
     if rank == 1:
-        seq.HessianStat.reduce = lambda self: os._exit(3)
+        blocks.HessianStat.reduce = lambda self: os._exit(3)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     try:
         hfquant.quantize_(model, hfquant.HFQuantConfig(tokenizer=tiny_tokenizer(), group_size=32, **small_calibration()),
@@ -229,3 +229,93 @@ def dist_dying_peer_worker(rank: int, world: int, port: int, folder: str, out: s
     with open(out, "w") as f:
         json.dump(result, f)
     os._exit(0)
+
+
+class Solved:
+    """A ``GPTQResult`` whose stored tensors also read as attributes (``res.codes``, ``res.scales``, ...)."""
+
+    def __init__(self, res):
+        self.result = res
+
+    def __getattr__(self, name):
+        res = self.__dict__["result"]
+        return res[name] if name in res.format.fields else getattr(res, name)
+
+
+def _format_and_args(kw: dict):
+    """The weight format and solve settings of the keyword form ``bits=, group_size=, sym=, observer=, gguf_type=,
+    act_order=, static_groups=, damp_percent=, block_size=, cross_alpha=``."""
+    from hfquant.core import GGUFBlocks, IntGrid
+    from hfquant.core.gptq import SolveArgs
+
+    gguf = kw.pop("gguf_type", None)
+    fmt = GGUFBlocks(gguf) if gguf else IntGrid(kw.pop("bits", 4), kw.pop("group_size", 128), kw.pop("sym", True),
+                                                 kw.pop("observer", "minmax"))
+    for k in ("bits", "group_size", "sym", "observer"):
+        kw.pop(k, None)
+    args = SolveArgs(desc_act=kw.pop("act_order", False), static_groups=kw.pop("static_groups", False),
+                     damp_percent=kw.pop("damp_percent", 0.01), block_size=kw.pop("block_size", 128),
+                     gptaq_alpha=kw.pop("cross_alpha", 0.25))
+    return fmt, args
+
+
+def gptq_kw(weight, hessian, **kw):
+    """``gptq_quantize`` with the settings as keywords (see ``_format_and_args``); ``None`` or a ``Solved``."""
+    from hfquant.core.gptq import gptq_quantize
+
+    fmt, args = _format_and_args(kw)
+    res = gptq_quantize(weight, hessian, fmt, args, **kw)
+    return None if res is None else Solved(res)
+
+
+def solve_kw(weight, factor, **kw):
+    """``gptq_solve`` with the settings as keywords (see ``_format_and_args``); a ``Solved``."""
+    from hfquant.core.gptq import gptq_solve
+
+    fmt, args = _format_and_args(kw)
+    return Solved(gptq_solve(weight, factor, fmt, args, **kw))
+
+
+# ---- kernels: a quantized module, the relative error, another x86 build of the CPU kernels
+def make_module(in_f, out_f, bits=4, group=128, bias=True, act_perm=False, seed=0):
+    """A ``QuantLinearWeightOnly`` from a seeded random Linear, rounded to nearest (asymmetric)."""
+    from hfquant.core.grids import rtn_quantize
+    from hfquant.nn.weight_only import QuantLinearWeightOnly
+
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f, bias=bias)
+    codes, scales, zeros, g_idx = rtn_quantize(lin.weight.data, bits, group, sym=False)
+    if act_perm:  # act-order layout: groups are sets of permuted columns, g_idx is not monotone
+        g = in_f if group == -1 else group
+        perm = torch.randperm(in_f)
+        g_idx = (torch.arange(in_f) // g)[torch.argsort(perm)].int()
+    return QuantLinearWeightOnly.from_float(lin, codes, scales, zeros, g_idx, bits, group)
+
+
+def rel_err(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+def use_build(build: str, monkeypatch):
+    """Swap in a copy of hfquant's CPU kernels built for another x86 level: ``"no-vnni"`` (the AVX-512 float32 FMA
+    loop Skylake-X Xeons run) or ``"avx2"`` (``-march=haswell``: what AVX2-only CPUs run); ``"native"`` keeps the
+    machine's own build. Skips where that copy cannot run or is the native one."""
+    from hfquant.kernels import cpu_ext
+
+    if cpu_ext.extension() is None:
+        pytest.skip("hfquant's CPU extension is not available here (no compiler or no AVX2)")
+    native = cpu_ext.extension().path()
+    if build == "no-vnni":
+        if native != "avx512-vnni":
+            pytest.skip("the native build already is the non-VNNI loop")
+        ext = cpu_ext.compile_kernel(f"{cpu_ext.NAME}_novnni", ("-mno-avx512vnni",))
+        assert ext.path() == "avx512"
+    elif build == "avx2":
+        if native == "avx2":
+            pytest.skip("the native build already is the AVX2 loop")
+        ext = cpu_ext.compile_kernel(f"{cpu_ext.NAME}_avx2", ("-march=haswell",))
+        assert ext.path() == "avx2"
+    else:
+        return cpu_ext.extension()
+    monkeypatch.setitem(cpu_ext._STATE, "ext", ext)
+    return ext

@@ -2,7 +2,9 @@
 
 Rules checked:
 1. a module imports hfquant modules of its own layer or of layers below it, never above;
-2. no import cycle between hfquant modules (module-level imports);
+2. no import cycle between hfquant modules: neither among module-level imports, nor once the imports inside
+   functions are added to them (a second graph: a function-level import runs later, but a cycle through it still
+   ties the two modules together, and breaks when the function runs during the other module's import);
 3. an import inside a function is either an optional heavy dependency (``OPTIONAL``), the Triton kernels
    module (it imports Triton), or in ``hfquant/__init__.py`` (keeps ``import hfquant`` to torch only), and
    it carries a comment saying why (on its line or the line above).
@@ -18,8 +20,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent / "hfquant"
 
 # Bottom to top; README's "Architecture" section shows the same list.
-LAYERS = ["core", "kernels", "nn", "config", "calibration", "eval", "metrics", "mixed", "quantize", "formats",
-          "integrations", "app"]
+LAYERS = ["core", "kernels", "nn", "config", "calibration", "eval", "mixed", "quantize", "formats",
+          "integrations", "api", "app"]
 OPTIONAL = {"triton", "matplotlib", "compressed_tensors", "datasets", "evaluate", "gguf"}
 LAZY_INTERNAL = {"hfquant.kernels.triton_kernels"}  # imports Triton, an optional dependency
 
@@ -57,7 +59,8 @@ def scan(root: Path) -> list[str]:
     files = {module_name(p, root): p for p in sorted(root.rglob("*.py"))}
     modules = set(files)
     problems: list[str] = []
-    graph: dict[str, set[str]] = {m: set() for m in modules}
+    graph: dict[str, set[str]] = {m: set() for m in modules}  # module-level imports
+    lazy: dict[str, set[str]] = {m: set() for m in modules}  # imports inside functions
     for mod, path in files.items():
         src = path.read_text()
         lines = src.splitlines()
@@ -83,6 +86,7 @@ def scan(root: Path) -> list[str]:
                     problems.append(f"{where}: import of {top} inside a function")
                 elif not commented:
                     problems.append(f"{where}: import inside a function without a comment saying why")
+                lazy[mod].update(t for t in targets if t != mod)
                 continue
             for t in targets:
                 if t == mod:
@@ -95,7 +99,11 @@ def scan(root: Path) -> list[str]:
                     problems.append(f"{where}: {mod} ({LAYERS[lo]}) imports {t} ({LAYERS[hi]}), a layer above it")
                 elif lo is not None and hi is None:
                     problems.append(f"{where}: {mod} imports the top-level package {t}")
-    problems += [f"import cycle: {' -> '.join(c)}" for c in _cycles(graph)]
+    module_level = _cycles(graph)
+    problems += [f"import cycle: {' -> '.join(c)}" for c in module_level]
+    both = {m: graph[m] | lazy[m] for m in modules}
+    problems += [f"import cycle through an import inside a function: {' -> '.join(c)}" for c in _cycles(both)
+                 if c not in module_level]
     return problems
 
 
@@ -160,6 +168,8 @@ def _plant(tmp_path: Path, files: dict[str, str]) -> Path:
 @pytest.mark.parametrize("files, expected", [
     ({"core/a.py": "from hfquant.app import cli\n", "app/cli.py": ""}, "a layer above it"),
     ({"core/a.py": "from hfquant.core import b\n", "core/b.py": "from hfquant.core import a\n"}, "import cycle"),
+    ({"core/a.py": "from hfquant.core import b\n", "core/b.py": "def f():\n    from hfquant.core import a\n"},
+     "import cycle through an import inside a function"),
     ({"nn/a.py": "def f():\n    from hfquant.core import b\n", "core/b.py": ""}, "inside a function"),
     ({"nn/a.py": "def f():\n    import matplotlib\n"}, "without a comment"),
     ({"nn/a.py": "import hfquant\n"}, "top-level package"),
@@ -167,6 +177,30 @@ def _plant(tmp_path: Path, files: dict[str, str]) -> Path:
 def test_planted_violations_are_caught(tmp_path, files, expected):
     problems = scan(_plant(tmp_path, files))
     assert any(expected in p for p in problems), problems
+
+
+def test_a_cycle_through_an_allowed_function_level_import_is_caught(tmp_path):
+    """The layout hfquant.kernels had: ``common`` imports the Triton kernels inside a function (allowed: they import
+    Triton, an optional dependency; commented), and ``triton_kernels`` imports ``common`` at module level. No rule
+    about the imports themselves is broken, and the module-level graph has no cycle; the second graph has one."""
+    root = _plant(tmp_path, {
+        "kernels/common.py": ("def triton_kernels():\n"
+                              "    # Triton is optional: imported on the first CUDA call\n"
+                              "    from hfquant.kernels import triton_kernels as module\n"
+                              "    return module\n"),
+        "kernels/triton_kernels.py": "from hfquant.kernels.common import helper\n",
+    })
+    assert scan(root) == ["import cycle through an import inside a function: "
+                          "hfquant.kernels.common -> hfquant.kernels.triton_kernels"]
+    # The fix hfquant took: what the Triton kernels need moved to a module that imports neither.
+    (root / "kernels" / "operands.py").write_text("def helper():\n    pass\n")
+    (root / "kernels" / "triton_kernels.py").write_text("from hfquant.kernels.operands import helper\n")
+    assert scan(root) == []
+
+
+def test_a_module_level_cycle_is_reported_once(tmp_path):
+    root = _plant(tmp_path, {"core/a.py": "from hfquant.core import b\n", "core/b.py": "from hfquant.core import a\n"})
+    assert scan(root) == ["import cycle: hfquant.core.a -> hfquant.core.b"]
 
 
 def test_the_real_tree_would_fail_with_an_upward_import(tmp_path):

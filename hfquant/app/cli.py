@@ -22,7 +22,7 @@ import yaml
 
 from hfquant.app import pipeline, recipe
 from hfquant.app.hub import HubAuthError, HubError
-from hfquant.app.pipeline import run_sensitivity
+from hfquant.app.sensitivity import run_sensitivity
 from hfquant.app.recipe import check_repo_id, EVALUATION_DEFAULTS, HUB_DEFAULTS, validate_evaluation
 from hfquant.app.report import kernel_build_note, RECIPE, REPORT, SENSITIVITY_MD, table
 from hfquant.app.saved import checkpoint_lines, load_model, load_tokenizer, open_saved
@@ -34,7 +34,7 @@ from hfquant.formats.export import EXPORT_FORMATS
 from hfquant.formats.files import CheckpointError, read_json
 from hfquant.formats.gguf import FLOAT_TYPES
 from hfquant.integrations.validate import validate_checkpoint
-from hfquant.mixed.resolve import summary
+from hfquant.core.schemes import summary
 
 logger = logging.getLogger("hfquant")
 

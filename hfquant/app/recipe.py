@@ -4,9 +4,12 @@ The schema is strict and maps one-to-one onto the objects a run builds:
 
 - top level: ``model`` (Hub id or local folder), ``output_dir``, and the ``from_pretrained`` arguments
   ``revision``, ``trust_remote_code``, ``dtype``, ``device``;
-- ``quantization``: ``HFQuantConfig`` fields, by their own names (only the ones the method uses);
-- ``calibration``: ``HFQuantConfig`` calibration fields, through ``CALIBRATION_FIELDS``, and how the run holds
-  the model and its activations (``LOADING_DEFAULTS``: ``layerwise``, ``activations``, ``offload_folder``);
+- ``quantization``: ``HFQuantConfig`` fields, by their flat names (only the ones the method uses,
+  ``METHOD_FIELDS``), or grouped by section: ``gptq:``, ``smoothquant:``, ``gguf:``, ``mixed:`` mappings with the
+  section's field names (``gptq: {bits: 3}`` is ``bits: 3``); the resolved recipe lists them flat;
+- ``calibration``: the fields of ``CalibrationArgs``, by their names (``CALIBRATION_FIELDS`` maps them to the flat
+  ones), and how the run holds the model and its activations (``LOADING_DEFAULTS``: ``layerwise``,
+  ``activations``, ``offload_folder``);
 - ``evaluation``: perplexity before/after (``EVALUATION_DEFAULTS``);
 - ``hub``: where ``upload_folder`` pushes (``HUB_DEFAULTS``).
 
@@ -17,7 +20,6 @@ refusing duplicate keys (``safe_load``).
 
 from __future__ import annotations
 
-import codecs
 import copy
 import re
 from pathlib import Path
@@ -25,14 +27,15 @@ from typing import Any
 
 import yaml
 
+from hfquant.app.recipe_paths import (  # noqa: F401 - looks_local, recipe_error, RecipeError: also imported from here
+    _type_name, check_dataset_file, check_model, looks_local, recipe_error, RecipeError,
+)
 from hfquant.calibration.spill import ACTIVATIONS
-from hfquant.config import _is_int, DEFAULTS, HFQuantConfig, METHOD_FIELDS, QUALITY
+from hfquant.config import (
+    _is_int, CalibrationArgs, DEFAULTS, FIELDS, HFQuantConfig, METHOD_FIELDS, resolve_method_fields,
+)
 from hfquant.core.errors import ConfigError
 from hfquant.core.schemes import validate_overrides
-
-
-class RecipeError(ConfigError):
-    """A recipe is unreadable or does not match the schema; the message starts with the key path."""
 
 
 TOP_DEFAULTS: dict[str, Any] = {
@@ -52,18 +55,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 # Fields checked together (they constrain each other), after the one-by-one checks of the others.
 _JOINT_FIELDS = ("bits", "target_avg_bits", "max_ppl_increase", "candidates", "overrides", "save_format")
-# recipe key under ``calibration`` -> HFQuantConfig field
-CALIBRATION_FIELDS: dict[str, str] = {
-    "dataset": "dataset",
-    "config": "dataset_config",
-    "split": "dataset_split",
-    "column": "dataset_column",
-    "num_samples": "num_samples",
-    "seq_len": "seq_len",
-    "seed": "seed",
-    "batch_size": "calibration_batch_size",
-    "tokenizer": "tokenizer",
-}
+# recipe key under ``calibration`` (a ``CalibrationArgs`` field) -> HFQuantConfig flat field
+CALIBRATION_FIELDS: dict[str, str] = {s.name: s.flat for s in FIELDS if s.section == "calibration"}
+# the sections ``quantization`` may group its keys under (calibration has its own recipe section)
+QUANTIZATION_SECTIONS = ("gptq", "smoothquant", "gguf", "mixed")
 # calibration keys that describe how the run loads the model and keeps activations (not saved in config.json)
 LOADING_DEFAULTS: dict[str, Any] = {
     "layerwise": False,      # true: meta skeleton, one decoder layer's float weights loaded at a time
@@ -89,9 +84,6 @@ HUB_DEFAULTS: dict[str, Any] = {
 NOT_YET = {
     ("hub", "token"): "tokens are never read from recipes; log in with `hf auth login` or set HF_TOKEN",
 }
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[A-Za-z0-9][\w.\-]*)?$")
-
-
 class _UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that refuses a mapping with the same key twice (plain YAML keeps the last one silently,
     so a recipe with two ``bits:`` lines would run with whichever came last)."""
@@ -117,97 +109,24 @@ def safe_load(text: str):
     return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
 
 
-def recipe_error(path: str, problem: Exception | str) -> RecipeError:
-    """The ``RecipeError`` for key ``path`` (``quantization.bits``, ``model``, ...): ``"<path>: <problem>"``, where an
-    exception becomes the first line of its message (its type name when it has none). Callers ``raise`` it."""
-    text = problem if isinstance(problem, str) else (str(problem).splitlines() or [type(problem).__name__])[0]
-    return RecipeError(f"{path}: {text}")
-
-
-def _type_name(v) -> str:
-    if isinstance(v, str) and not v.strip():
-        return "an empty string" if not v else "a blank string"
-    return "null" if v is None else type(v).__name__
-
-
-def _check_keys(path: str, section: dict, valid, extra_hint: str = "") -> None:
+def _check_keys(path: str, section: dict, valid, extra_hint: str = "", unlisted=()) -> None:
+    """Refuse keys not in ``valid`` (or ``unlisted``: accepted, not named in the message)."""
     for key in section:
         full = f"{path}.{key}" if path else str(key)
         if not isinstance(key, str):
             raise recipe_error(full, "keys must be strings")
         if (path, key) in NOT_YET:
             raise recipe_error(full, NOT_YET[(path, key)])
-        if key not in valid:
+        if key not in valid and key not in unlisted:
             raise recipe_error(full, f"unknown key; valid keys are {sorted(valid)}{extra_hint}")
 
 
-def _check_config_field(path: str, field: str, value, method: str = "gptq") -> None:
-    """Validate one HFQuantConfig field by building a config of ``method`` with it; re-word the error with ``path``."""
-    try:
-        HFQuantConfig(**{"method": method, field: value})
-    except ConfigError as exc:
-        raise recipe_error(path, str(exc).split(": ", 1)[-1])
-
-
-def looks_local(model: str) -> bool:
-    """True when ``model`` must be a local folder: it exists, or it cannot be a Hub id."""
-    return Path(model).expanduser().exists() or not _HUB_ID.match(model)
-
-
-TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".csv")  # read as UTF-8 text (parquet is binary)
-
-
-def _check_dataset_file(path: str, dataset) -> None:
-    if isinstance(dataset, str) and not dataset.strip():
-        raise recipe_error(path, f"got {_type_name(dataset)}; give a .txt/.json/.jsonl/.csv/.parquet file, a Hub "
-                                 "dataset id, or null for the bundled WikiText-2")
-    if isinstance(dataset, str) and looks_local(dataset):
-        file = Path(dataset).expanduser()
-        if file.is_dir():
-            raise recipe_error(path, f"{dataset!r} is a folder, not a file; give a .txt/.json/.jsonl/.csv/.parquet "
-                                     "file, a Hub dataset id, or null for the bundled WikiText-2")
-        if not file.is_file():
-            raise recipe_error(path, f"file {dataset!r} does not exist; give an existing .txt/.json/.jsonl/.csv/.parquet "
-                                     "file, a Hub dataset id, or null for the bundled WikiText-2")
-        if file.stat().st_size == 0:
-            raise recipe_error(path, f"file {dataset!r} is empty; give a file with text")
-        if file.suffix.lower() in TEXT_SUFFIXES:
-            _check_utf8(path, dataset, file)
-    if isinstance(dataset, list) and (not dataset or not all(isinstance(t, str) and t.strip() for t in dataset)):
-        raise recipe_error(path, "a list of texts must hold at least one non-empty string and only strings")
-
-
-def _check_utf8(path: str, dataset: str, file: Path) -> None:
-    """Refuse a text file that is not UTF-8, naming the first bad byte (decoded a block at a time)."""
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    offset = 0
-    try:
-        with open(file, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                pending = len(decoder.getstate()[0])  # bytes of a character split across blocks
-                try:
-                    decoder.decode(block)
-                except UnicodeDecodeError as exc:
-                    raise recipe_error(path, f"file {dataset!r} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} "
-                                             f"at offset {offset - pending + exc.start} cannot be decoded); convert it "
-                                             "to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
-                offset += len(block)
-            decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        raise recipe_error(path, f"file {dataset!r} is not UTF-8 text (it ends inside a character); convert it to "
-                                 "UTF-8") from None
-    except OSError as exc:
-        raise recipe_error(path, f"cannot read {dataset!r} ({exc.strerror})") from None
-    if isinstance(dataset, list) and (not dataset or not all(isinstance(t, str) and t.strip() for t in dataset)):
-        raise recipe_error(path, "a list of texts must hold at least one non-empty string and only strings")
-
-
-def _section(raw: dict, name: str) -> dict:
+def _section(raw: dict, name: str, path: str | None = None) -> dict:
     value = raw.get(name)
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise recipe_error(name, f"must be a mapping of keys, got {_type_name(value)}")
+        raise recipe_error(path or name, f"must be a mapping of keys, got {_type_name(value)}")
     return value
 
 
@@ -217,21 +136,17 @@ def validate(raw) -> dict:
         raise RecipeError(f"recipe: the top level must be a mapping with keys such as model and output_dir, got {_type_name(raw)}")
     _check_keys("", raw, TOP_DEFAULTS)
     out: dict[str, Any] = {k: copy.deepcopy(raw.get(k, v)) for k, v in TOP_DEFAULTS.items() if k not in SECTIONS}
+    check_model(out["model"])
+    _check_run_keys(out)
+    out["quantization"] = _validate_quantization(_section(raw, "quantization"))
+    out["calibration"] = _validate_calibration(_section(raw, "calibration"), out["quantization"]["method"])
+    out["evaluation"] = validate_evaluation(_section(raw, "evaluation"))
+    out["hub"] = _validate_hub(_section(raw, "hub"))
+    return out
 
-    model = out["model"]
-    if model is None:
-        raise recipe_error("model", "required; give a Hub id (org/name) or a local folder with config.json")
-    if not isinstance(model, str) or not model.strip():
-        raise recipe_error("model", f"must be a Hub id or a local folder path (a string), got {_type_name(model)}")
-    if looks_local(model):
-        folder = Path(model).expanduser()
-        if folder.exists() and not folder.is_dir():
-            raise recipe_error("model", f"{model!r} is a file, not a model folder; give the folder that holds its "
-                                        "config.json and weights, or a Hub id (org/name)")
-        if not folder.is_dir():
-            raise recipe_error("model", f"local folder {model!r} does not exist; give an existing folder or a Hub id (org/name)")
-        if not (folder / "config.json").is_file():
-            raise recipe_error("model", f"{model!r} has no config.json; give a Hugging Face model folder")
+
+def _check_run_keys(out: dict) -> None:
+    """``output_dir`` and the ``from_pretrained`` arguments."""
     if out["output_dir"] is not None and (not isinstance(out["output_dir"], str) or not out["output_dir"].strip()):
         raise recipe_error("output_dir", f"must be a folder path (a string), got {_type_name(out['output_dir'])}")
     if out["revision"] is not None and (not isinstance(out["revision"], str) or not out["revision"].strip()):
@@ -244,54 +159,67 @@ def validate(raw) -> dict:
     if not isinstance(dev, str) or not re.fullmatch(r"cpu|auto|cuda(:\d+)?", dev):
         raise recipe_error("device", f"must be 'cpu', 'auto' (cuda when available) or 'cuda[:N]', got {dev!r}")
 
-    # quantization
-    q = _section(raw, "quantization")
+
+def _validate_quantization(q: dict) -> dict:
+    """The ``quantization`` section resolved: ``method`` and every field it reads, flat (``resolve_method_fields``)."""
     method = q.get("method", "gptq")
     if method not in METHOD_FIELDS:
         raise recipe_error("quantization.method", f"must be one of {list(METHOD_FIELDS)}, got {method!r}")
-    _check_keys("quantization", q, ("method", *METHOD_FIELDS[method]),
-                f" for method {method!r}")
-
-    validate_overrides(q.get("overrides"), "quantization.overrides")
+    q, paths = _flat_quantization(q, method)
+    validate_overrides(q.get("overrides"), paths.get("overrides", "quantization.overrides"))
     for key, value in q.items():
         if key not in _JOINT_FIELDS and key != "method":
-            _check_config_field(f"quantization.{key}", key, value, method)
-
-    q_out = {"method": method}
-    chosen = {k for fields in QUALITY.values() for k in fields}  # what quality (and gguf_type) decide unless given
-    for key in METHOD_FIELDS[method]:
-        if q.get("gguf_type") and key in ("bits", "group_size", "sym") and key not in q:
-            continue  # gguf_type sets them
-        if key in chosen and key not in q:
-            continue
-        q_out[key] = copy.deepcopy(q.get(key, DEFAULTS[key]))
+            try:  # one field at a time, in a config of the method: the error is about that key
+                HFQuantConfig(**{"method": method, key: value})
+            except ConfigError as exc:
+                raise recipe_error(paths[key], str(exc).split(": ", 1)[-1])
     try:
-        config = HFQuantConfig(**q_out)
+        return resolve_method_fields(q, method)
     except ConfigError as exc:
         field, _, rest = str(exc).removeprefix("HFQuantConfig.").partition(": ")
-        raise recipe_error(f"quantization.{field}", rest)
-    for key in METHOD_FIELDS[method]:
-        if key in chosen and key not in q_out:
-            q_out[key] = copy.deepcopy(getattr(config, key))  # the resolved recipe shows what the run uses
-    out["quantization"] = q_out
+        key = re.match(r"\w*", field).group()  # overrides['x'].method -> overrides
+        raise recipe_error(paths.get(key, f"quantization.{key}") + field[len(key):], rest)
 
-    # calibration
-    c = _section(raw, "calibration")
+
+def _flat_quantization(q: dict, method: str) -> tuple[dict, dict[str, str]]:
+    """``q`` with its section mappings (``gptq: {bits: 3}``) spread into flat keys (``bits: 3``), and flat key -> the
+    key path it was given at (for errors). Keys the method does not read are refused."""
+    reads = METHOD_FIELDS[method]
+    nested = {name: {s.name: s.flat for s in FIELDS if s.section == name and s.flat in reads}
+              for name in QUANTIZATION_SECTIONS}
+    nested = {name: keys for name, keys in nested.items() if keys}
+    _check_keys("quantization", q, ("method", *reads), f" for method {method!r}", unlisted=nested)
+    flat = {k: v for k, v in q.items() if k not in nested}
+    paths = {k: f"quantization.{k}" for k in flat}
+    for name in (k for k in q if k in nested):
+        part = _section(q, name, f"quantization.{name}")
+        _check_keys(f"quantization.{name}", part, nested[name], f" for method {method!r}")
+        for key, value in part.items():
+            if nested[name][key] in flat:
+                raise recipe_error(f"quantization.{name}.{key}", f"also given as {paths[nested[name][key]]}; give it once")
+            flat[nested[name][key]], paths[nested[name][key]] = value, f"quantization.{name}.{key}"
+    return flat, paths
+
+
+def _validate_calibration(c: dict, method: str) -> dict:
+    """The ``calibration`` section resolved: every ``CalibrationArgs`` field and the loading keys."""
     _check_keys("calibration", c, {**CALIBRATION_FIELDS, **LOADING_DEFAULTS})
     for key, value in c.items():
         if key in LOADING_DEFAULTS:
             continue
         if key == "tokenizer" and value is not None and not isinstance(value, str):
             raise recipe_error("calibration.tokenizer", f"must be a tokenizer name or folder (a string) or null, got {_type_name(value)}")
-        _check_config_field(f"calibration.{key}", CALIBRATION_FIELDS[key], value)
-    _check_dataset_file("calibration.dataset", c.get("dataset"))
-    out["calibration"] = {k: copy.deepcopy(c.get(k, DEFAULTS[f])) for k, f in CALIBRATION_FIELDS.items()}
-    out["calibration"].update(_loading(c, method))
+        try:
+            CalibrationArgs(**{key: value})
+        except ConfigError as exc:
+            raise recipe_error(f"calibration.{key}", str(exc).split(": ", 1)[-1])
+    check_dataset_file("calibration.dataset", c.get("dataset"))
+    out = {k: copy.deepcopy(c.get(k, DEFAULTS[f])) for k, f in CALIBRATION_FIELDS.items()}
+    out.update(_loading(c, method))
+    return out
 
-    out["evaluation"] = validate_evaluation(_section(raw, "evaluation"))
 
-    # hub
-    h = _section(raw, "hub")
+def _validate_hub(h: dict) -> dict:
     _check_keys("hub", h, HUB_DEFAULTS)
     hub = {k: copy.deepcopy(h.get(k, v)) for k, v in HUB_DEFAULTS.items()}
     if hub["repo_id"] is not None:
@@ -301,8 +229,7 @@ def validate(raw) -> dict:
     for key in ("revision", "commit_message"):
         if hub[key] is not None and (not isinstance(hub[key], str) or not hub[key].strip()):
             raise recipe_error(f"hub.{key}", f"must be a non-empty string or null, got {hub[key]!r}")
-    out["hub"] = hub
-    return out
+    return hub
 
 
 def validate_evaluation(e: dict) -> dict:
@@ -319,7 +246,7 @@ def validate_evaluation(e: dict) -> dict:
         raise recipe_error("evaluation.max_tokens", f"must be null (all windows) or an integer >= evaluation.seq_len ({ev['seq_len']}), got {ev['max_tokens']!r}")
     if ev["dataset"] is not None and not isinstance(ev["dataset"], str):
         raise recipe_error("evaluation.dataset", f"must be a local file, a Hub dataset id, or null (bundled WikiText-2 test), got {_type_name(ev['dataset'])}")
-    _check_dataset_file("evaluation.dataset", ev["dataset"])
+    check_dataset_file("evaluation.dataset", ev["dataset"])
     for key in ("config", "split", "column"):
         if ev[key] is not None and (not isinstance(ev[key], str) or not ev[key].strip()):
             raise recipe_error(f"evaluation.{key}", f"must be a non-empty string or null, got {_type_name(ev[key])}")
@@ -417,10 +344,8 @@ def load(path, sets: list[str] | None = None, output: str | None = None) -> dict
 
 def to_config(recipe: dict):
     """The ``HFQuantConfig`` of a resolved recipe."""
-    fields = dict(recipe["quantization"])
-    for key, field in CALIBRATION_FIELDS.items():
-        fields[field] = recipe["calibration"][key]
-    return HFQuantConfig(**fields)
+    return HFQuantConfig(**recipe["quantization"],
+                         calibration={key: recipe["calibration"][key] for key in CALIBRATION_FIELDS})
 
 
 def dump(recipe: dict) -> str:

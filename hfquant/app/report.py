@@ -24,7 +24,7 @@ from hfquant import __version__
 from hfquant.app.recipe import looks_local
 from hfquant.formats.files import tensor_headers
 from hfquant.formats.gguf import read_gguf_header
-from hfquant.mixed.resolve import summary
+from hfquant.core.schemes import summary
 from hfquant.mixed.sensitivity import has_fisher, plot, to_markdown
 
 REPORT = "report.json"

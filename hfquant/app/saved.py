@@ -19,9 +19,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfquant.app.report import describe, REPORT
 from hfquant.formats.files import CheckpointError, gguf_file, read_json, tensor_headers
-from hfquant.formats.gguf import load_gguf, read_gguf_header
+from hfquant.formats.gguf import load_gguf, read_gguf_header, run_label
 from hfquant.integrations.validate import validate_checkpoint
-from hfquant.mixed.resolve import summary
+from hfquant.core.schemes import summary
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -109,7 +109,7 @@ def _safetensors_lines(folder: Path) -> list[str]:
 def _gguf_lines(saved: Saved) -> list[str]:
     h, linears = saved.header, saved.header["linears"]
     config = (read_json(saved.folder / REPORT) or {}).get("config")
-    quantization = (f"{describe(config)}, gguf_type {config.get('gguf_type')}" if config
+    quantization = (f"{describe(config)}, {run_label(config)}" if config
                     else "GGUF blocks (no report.json beside the file)")
     types = sorted(h["types"].items(), key=lambda kv: -kv[1]["bytes"])
     return [f"{saved.gguf}: GGUF {h['architecture'] or '?'} ({h['name'] or '-'})",

@@ -18,11 +18,11 @@ per process (``torch.set_num_threads``), since a GEMM's blocking can depend on i
 and maxima are order-free, so those use ``all_reduce``. Only the elementwise additions of the chain are
 sequential.
 
-The GPTQ solves are shared out too (``hfquant.quantize.weight_only.solve_shared``). GPTQ treats the rows of a
+The GPTQ solves are shared out too (``solve_shared`` below). GPTQ treats the rows of a
 weight independently given the Hessian factor, so on a CPU a module's rows are cut into slabs (``row_slabs``), as
 many as there are ranks while they keep about ``SLAB_MIN_ROWS`` rows, cut at multiples of ``SLAB_ALIGN``; ``owners``
 gives each slab to one rank, balancing their cost (``rows * cols^2``); every rank first solves all its slabs of a
-stage, then each owner broadcasts its codes, scales and zeros. The slabs' bits equal the whole solve's: a
+stage, then each owner broadcasts its slabs' stored tensors (whatever the weight format stores, ``share_result``). The slabs' bits equal the whole solve's: a
 row of a float32 GEMM does not depend on how many other rows are computed with it once there are 16 or more
 (measured on MKL's AVX2 and AVX-512 kernels, 1 and 2 threads, 16- to 768-row slabs of SmolLM2's shapes; a
 7-row slice differs, which is why slabs are never that small). The two-process tests compare every tensor
@@ -43,6 +43,9 @@ import torch
 import torch.distributed as td
 
 from hfquant.core.errors import CalibrationError
+from hfquant.core.gptq import GPTQResult, join_rows
+from hfquant.core.weight_format import WeightFormat
+from hfquant.nn.graph import in_out_features
 
 # Row slabs of one GPTQ solve (``Dist.row_slabs``): at least this many rows each, cut at multiples of SLAB_ALIGN.
 SLAB_MIN_ROWS = 64
@@ -182,3 +185,45 @@ def init_from_env() -> Dist:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         PartialState(cpu=not torch.cuda.is_available())
     return current()
+
+
+def share_result(dist: Dist, res: GPTQResult | None, owner: int, unit: tuple, rows: int, device,
+                 with_pre: bool = False) -> GPTQResult | None:
+    """``owner``'s result of one GPTQ solve of ``rows`` rows of a module's weight, on every rank (``None`` everywhere
+    when it failed). ``unit``: ``(module, weight format)``. The result travels as the format's stored tensors
+    (``WeightFormat.fields``, received into ``WeightFormat.empty``), its row losses, and with ``with_pre`` the
+    pre-rounding weight (block reconstruction starts from it)."""
+    module, fmt = unit
+    cols = in_out_features(module)[0]
+    meta = torch.tensor([res is not None, res.damp if res else 0.0, res.retries if res else 0],
+                        dtype=torch.float64, device=device)
+    dist.broadcast_(meta, owner)
+    if not meta[0]:
+        return None
+    if res is None:
+        res = GPTQResult(format=fmt, stored=fmt.empty(rows, cols, device), cols=cols,
+                         row_losses=torch.empty(rows, device=device), damp=float(meta[1]), retries=int(meta[2]),
+                         pre=torch.empty(rows, cols, device=device) if with_pre else None)
+    for t in (*res.stored, res.row_losses, *((res.pre,) if with_pre else ())):
+        dist.broadcast_(t, owner)
+    return res
+
+
+def solve_shared(dist: Dist, units: list[tuple[torch.nn.Module, WeightFormat]], solve_rows, device,
+                 with_pre: bool = False) -> list[GPTQResult | None]:
+    """The GPTQ results of a stage's modules on every rank, the solves shared out among the ranks.
+
+    ``units``: ``(module, weight format)`` per module; ``solve_rows(i, r0, r1)`` solves rows ``r0:r1`` of unit
+    ``i``'s weight (called on their owner only). Each weight is cut into row slabs (``Dist.row_slabs``) owned by the
+    ranks, balanced by cost; every rank first solves all its slabs, then the owners broadcast them in order, so
+    the ranks solve at the same time. One process solves every weight whole, in order."""
+    slabs = [(i, r0, r1) for i, (m, _) in enumerate(units) for r0, r1 in dist.row_slabs(in_out_features(m)[1], device)]
+    owners = dist.owners([float(r1 - r0) * in_out_features(units[i][0])[0] ** 2 for i, r0, r1 in slabs])
+    mine = {k: solve_rows(*slab) for k, (slab, owner) in enumerate(zip(slabs, owners)) if owner == dist.rank}
+    parts: list[list] = [[] for _ in units]
+    for k, ((i, r0, r1), owner) in enumerate(zip(slabs, owners)):
+        res = mine.get(k)
+        if dist.active:
+            res = share_result(dist, res, owner, units[i], r1 - r0, device, with_pre)
+        parts[i].append(res)
+    return [join_rows(p) for p in parts]

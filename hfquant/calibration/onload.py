@@ -28,7 +28,7 @@ from safetensors import safe_open
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from hfquant.calibration.graph import find_blocks
+from hfquant.nn.graph import find_blocks
 from hfquant.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)

@@ -19,312 +19,36 @@ each block, as in the float model: every group also accumulates ``sum (X_float -
 aim at the float model's outputs instead of the float layer applied to quantized inputs. The float stream is
 kept in the same ``HiddenStore`` (batches ``n .. 2n - 1``), so spilling to disk and resuming carry it too.
 
-The per-group solve is a callback, so this module knows nothing of GPTQ itself.
+The per-group solve is a callback, so this module knows nothing of GPTQ itself. How a run executes (progress,
+resume, hidden-state store, processes, callbacks, output caching, the asymmetric stream, refinement) is one
+``BlockRunOptions``; the pieces a block is run with (recorded inputs, groups, Hessian statistics, hook helpers) are
+in ``hfquant.calibration.blocks``.
 """
 
 from __future__ import annotations
 
 import copy
-import inspect
 import logging
 from collections.abc import Callable, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from hfquant.calibration.blocks import (BlockInputs, call_block, capture_block_inputs, discover_groups,
+                                        float_group_inputs, Group, HessianStat, hooked, replaying, StopForward)
 from hfquant.calibration.distributed import Dist
-from hfquant.calibration.graph import find_blocks, in_out_features, quantizable_modules
 from hfquant.calibration.spill import HiddenStore
+from hfquant.nn.graph import find_blocks, in_out_features, quantizable_modules
 
 logger = logging.getLogger(__name__)
-
-
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass early."""
-
-
-@dataclass
-class BlockInputs:
-    """Positional and keyword arguments of one calibration batch at a block's entry."""
-
-    args: list
-    kwargs: dict
-
-    def with_hidden(self, hidden: torch.Tensor) -> "BlockInputs":
-        if self.args:
-            return BlockInputs([hidden, *self.args[1:]], self.kwargs)
-        return BlockInputs([], {**self.kwargs, "hidden_states": hidden})
-
-
-@dataclass
-class HessianStat:
-    """Running ``sum_b X_b^T X_b`` (float32, on ``h``'s device) and token count for one input.
-
-    Each batch's product ``P_b = X_b^T X_b`` is one GEMM of its own, added to the running sum in batch order:
-    ``H = (((0 + P_0) + P_1) + ...)``. With a multi-process ``dist``, every rank computes its own batches'
-    products during its forward passes (the costly part, in parallel); ranks after the first keep them
-    (``pending``) until ``reduce`` chains the additions through the ranks in batch order, so the total is the
-    one-process ``H`` bit for bit (see ``hfquant.calibration.distributed``). Where a product is larger than
-    its batch's inputs (``cols > tokens``), the inputs are kept instead and multiplied in the chain.
-    """
-
-    h: torch.Tensor
-    n: int = 0
-    dist: Dist = field(default_factory=Dist)
-    pending: list = field(default_factory=list, repr=False)
-    cross: torch.Tensor | None = None
-    cross_pending: list = field(default_factory=list, repr=False)
-
-    def add(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
-        """Add one batch's inputs ``x``; with a ``cross`` sum, also ``(x_float - x)^T x`` (same shape as ``x``)."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.h.device, dtype=torch.float32)
-        c = None
-        if self.cross is not None:
-            d = x_float.detach().reshape(x.shape).to(device=x.device, dtype=torch.float32) - x
-            c = d.t() @ x
-        if self.dist.rank > 0:
-            small = x.shape[1] <= x.shape[0]
-            self.pending.append((True, x.t() @ x) if small else (False, x.clone()))
-            if c is not None:
-                self.cross_pending.append(c)
-        else:
-            self.h.add_(x.t() @ x)
-            if c is not None:
-                self.cross.add_(c)
-        self.n += x.shape[0]
-
-    def reduce(self) -> None:
-        """Make ``h``, ``cross`` and ``n`` the totals over every process (a no-op for a single process)."""
-        if self.dist.active:
-            self.dist.chain_add_(self.h, (p if is_product else p.t() @ p for is_product, p in self.pending))
-            self.pending.clear()
-            if self.cross is not None:
-                self.dist.chain_add_(self.cross, iter(self.cross_pending))
-                self.cross_pending.clear()
-            self.n = self.dist.sum_int(self.n, self.h.device)
-
-    def normalized(self) -> torch.Tensor:
-        """``2/n * sum X^T X``, the reference's scaling."""
-        return self.h * (2.0 / max(self.n, 1))
-
-    def normalized_cross(self) -> torch.Tensor | None:
-        """``2/n * sum (X_float - X)^T X`` (scaled as ``normalized``), or ``None`` without a cross sum."""
-        return None if self.cross is None else self.cross * (2.0 / max(self.n, 1))
-
-
-@dataclass
-class Group:
-    """Modules of one block that read the same input, in execution order."""
-
-    names: list[str]
-    modules: list[nn.Module] = field(repr=False)
-
-
-@contextmanager
-def _hooks(handles: list):
-    try:
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-@contextmanager
-def _replaying(modules: dict[str, nn.Module], cache: dict[str, list], batch: list[int]):
-    """Make each module return its cached output for the current batch instead of computing."""
-    saved = {}
-    for name, m in modules.items():
-        saved[name] = m.__dict__.get("forward")
-        m.forward = (lambda _n: (lambda *a, **k: cache[_n][batch[0]]))(name)
-    try:
-        yield
-    finally:
-        for name, m in modules.items():
-            if saved[name] is None:
-                del m.forward
-            else:
-                m.forward = saved[name]
-
-
-def call_block(block: nn.Module, inp: BlockInputs):
-    """Run ``block`` on recorded inputs and return its hidden-state output."""
-    out = block(*inp.args, **inp.kwargs)
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
-def discover_groups(block: nn.Module, modules: dict[str, nn.Module], inp: BlockInputs) -> tuple[list[Group], list[str]]:
-    """Group ``modules`` by the input tensor they read, in call order. Returns (groups, never-called names)."""
-    seen: dict[int, list[str]] = {}
-    keep_alive = []
-    order: list[int] = []
-    handles = []
-    for name, m in modules.items():
-        def pre(_m, args, _name=name):
-            x = args[0]
-            keep_alive.append(x)
-            key = id(x)
-            if key not in seen:
-                seen[key] = []
-                order.append(key)
-            if _name not in seen[key]:
-                seen[key].append(_name)
-        handles.append(m.register_forward_pre_hook(pre))
-    with _hooks(handles), torch.no_grad():
-        call_block(block, inp)
-    groups = [Group(seen[k], [modules[n] for n in seen[k]]) for k in order]
-    called = {n for g in groups for n in g.names}
-    return groups, [n for n in modules if n not in called]
-
-
-def capture_block_inputs(model: nn.Module, block: nn.Module, batches: list[torch.Tensor]) -> list[BlockInputs]:
-    """Run the model on each batch of token ids up to ``block`` and record that block's inputs."""
-    records: list[BlockInputs] = []
-
-    def pre(_m, args, kwargs):
-        records.append(BlockInputs(list(args), dict(kwargs)))
-        raise _Stop
-
-    call_kwargs = {}
-    if "use_cache" in inspect.signature(model.forward).parameters:
-        call_kwargs["use_cache"] = False
-    device = next(model.parameters()).device
-    with _hooks([block.register_forward_pre_hook(pre, with_kwargs=True)]), torch.no_grad():
-        for ids in batches:
-            try:
-                model(input_ids=ids.to(device), **call_kwargs)
-            except _Stop:
-                pass
-    return records
-
 
 SolveFn = Callable[..., None]
 """``solve(block_name, group, hessian)``, or ``solve(block_name, group, hessian, cross=...)`` in an asymmetric
 run: quantize the group's modules in place (weights replaced by their dequantized values) and remember the
 results."""
-
-
-def _float_group_inputs(float_block: nn.Module, names: list[str], inp: BlockInputs) -> list[torch.Tensor]:
-    """The inputs of the modules ``names`` (one per group) when the float copy of the block runs on ``inp``."""
-    found: dict[str, torch.Tensor] = {}
-    handles = []
-    for name in names:
-        def pre(_m, args, _name=name):
-            found.setdefault(_name, args[0])
-            if len(found) == len(names):
-                raise _Stop
-        handles.append(float_block.get_submodule(name).register_forward_pre_hook(pre))
-    with _hooks(handles), torch.no_grad():
-        try:
-            call_block(float_block, inp)
-        except _Stop:
-            pass
-    return [found[n] for n in names]
-
-
-def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], inputs: Sequence[BlockInputs],
-              solve: SolveFn, true_sequential: bool = True, *, dist: Dist | None = None,
-              sink: Callable[[int, torch.Tensor], None] | None = None, cache_outputs: bool = True,
-              float_inputs: Sequence[BlockInputs] | None = None,
-              float_sink: Callable[[int, torch.Tensor], None] | None = None,
-              refine: Callable[..., None] | None = None) -> list[torch.Tensor]:
-    """Quantize one block's modules with ``solve`` and return the block's outputs for every batch.
-
-    ``float_inputs``: the float model's inputs of this block, one per batch (an asymmetric run, module
-    docstring): a float copy of the block, taken before any module is quantized, gives each group's float input
-    for its cross term (``solve`` gets ``cross=``), and its outputs go to ``float_sink(b, output)``.
-    ``refine(block_name, block, inputs, targets)``: called once every group is solved, with the float block's
-    outputs as ``targets`` (needs ``float_inputs``), to tune the block's quantized weights in place
-    (``hfquant.calibration.reconstruct``); the block's outputs are then computed afresh.
-
-    ``dist``: reduce the Hessians over the calibration processes (each holds its own ``inputs``).
-    ``sink(b, output)``: hand each output over instead of returning them (returns ``[]``).
-    ``cache_outputs=False``: recompute already-quantized modules in later stages instead of replaying their
-    cached outputs (same numbers, less memory, more compute).
-    """
-    dist = dist or Dist()
-    groups, uncalled = discover_groups(block, modules, inputs[0])
-    for name in uncalled:
-        logger.warning("%s.%s was not called during calibration; it is quantized without data (RTN)", block_name, name)
-    stages = [[g] for g in groups] if true_sequential else [groups]
-    cache: dict[str, list] = {}
-    done: dict[str, nn.Module] = {}
-    batch = [0]
-    float_block = copy.deepcopy(block) if float_inputs is not None else None
-    float_x: list = []  # the current batch's float inputs of the stage's groups
-
-    for stage in stages:
-        device = next(block.parameters()).device
-        stats = []
-        for g in stage:
-            cols = in_out_features(g.modules[0])[0]
-            cross = torch.zeros(cols, cols, device=device) if float_block is not None else None
-            stats.append(HessianStat(torch.zeros(cols, cols, device=device), dist=dist, cross=cross))
-        pending = [len(stage)]
-        handles = []
-        for k, (g, st) in enumerate(zip(stage, stats)):
-            def pre(_m, args, _st=st, _k=k):
-                _st.add(args[0], float_x[_k] if float_x else None)
-                pending[0] -= 1
-                if pending[0] == 0:
-                    raise _Stop
-            handles.append(g.modules[0].register_forward_pre_hook(pre))
-        fresh = {n: m for n, m in done.items() if n not in cache} if cache_outputs else {}
-        for n in fresh:
-            cache[n] = []
-            handles.append(fresh[n].register_forward_hook(lambda _m, _a, out, _n=n: cache[_n].append(out)))
-        replay = {n: m for n, m in done.items() if n in cache and n not in fresh}
-        with _hooks(handles), _replaying(replay, cache, batch), torch.no_grad():
-            for b in range(len(inputs)):
-                batch[0] = b
-                pending[0] = len(stage)
-                if float_block is not None:
-                    float_x[:] = _float_group_inputs(float_block, [g.names[0] for g in stage], float_inputs[b])
-                try:
-                    call_block(block, inputs[b])
-                except _Stop:
-                    pass
-        # Modules that ran in this stage but were not reached on some batch (should not happen) get no cache.
-        for n in fresh:
-            if len(cache[n]) != len(inputs):
-                del cache[n]
-        float_x.clear()
-        for g, st in zip(stage, stats):
-            st.reduce()
-            if float_block is None:
-                solve(block_name, g, st.normalized())
-            else:
-                solve(block_name, g, st.normalized(), cross=st.normalized_cross())
-            for n, m in zip(g.names, g.modules):
-                done[n] = m
-        del stats
-
-    targets = []
-    if float_block is not None:
-        with torch.no_grad():
-            for b in range(len(float_inputs)):
-                out = call_block(float_block, float_inputs[b])
-                float_sink(b, out)
-                if refine is not None:
-                    targets.append(out)
-        del float_block
-    if refine is not None:
-        refine(block_name, block, inputs, targets)
-        cache.clear()  # the modules' cached outputs predate the tuning
-    outputs = []
-    replay = {n: m for n, m in done.items() if n in cache}
-    with _replaying(replay, cache, batch), torch.no_grad():
-        for b in range(len(inputs)):
-            batch[0] = b
-            out = call_block(block, inputs[b])
-            if sink is None:
-                outputs.append(out)
-            else:
-                sink(b, out)
-    return outputs
 
 
 class BlockResume(Protocol):
@@ -346,6 +70,182 @@ class BlockCallbacks:
     after_block: Callable[[int, str], None] | None = None  # block i (named) is quantized and has run
 
 
+@dataclass
+class BlockRunOptions:
+    """How ``calibrate_blocks_`` runs (``run_block`` reads ``dist``, ``cache_outputs`` and ``refine``).
+
+    * ``progress``: a progress bar over the blocks;
+    * ``resume``: blocks it reports finished are skipped (their inputs replaced by the saved hidden states) and
+      every finished block is reported to it;
+    * ``store``: keeps the hidden states between blocks (default: in memory where computed);
+    * ``dist``: reduces the Hessians over the calibration processes (each holds its own batches);
+    * ``callbacks``: run around the capture and each block;
+    * ``cache_outputs=False``: recompute already-quantized modules in later stages instead of replaying their
+      cached outputs (same numbers, less memory, more compute);
+    * ``asymmetric``: also carry the float model's hidden states (module docstring); ``resume`` then saves both
+      streams;
+    * ``refine(block_name, block, inputs, targets)``: called once a block's groups are solved, with the float
+      block's outputs as ``targets`` (needs ``asymmetric``), to tune the block's quantized weights in place
+      (``hfquant.quantize.reconstruct``); the block's outputs are then computed afresh.
+    """
+
+    progress: bool = True
+    resume: BlockResume | None = None
+    store: HiddenStore | None = None
+    dist: Dist | None = None
+    callbacks: BlockCallbacks | None = None
+    cache_outputs: bool = True
+    asymmetric: bool = False
+    refine: Callable[..., None] | None = None
+
+
+@dataclass
+class Stream:
+    """One stream of hidden states through a block: its ``inputs``, one per calibration batch, and ``sink(b,
+    output)`` receiving its outputs (``None``: ``run_block`` returns the quantized stream's outputs instead)."""
+
+    inputs: Sequence[BlockInputs]
+    sink: Callable[[int, torch.Tensor], None] | None = None
+
+
+class _BlockRun:
+    """The state ``run_block``'s steps share: the block's modules already quantized (``done``), their cached
+    outputs per batch (``cache``), the batch being run (``batch[0]``, read by replayed modules) and, in an
+    asymmetric run, the float copy of the block with the current batch's float inputs of the stage's groups."""
+
+    def __init__(self, block: nn.Module, block_name: str, stream: Stream, float_stream: Stream | None,
+                 options: BlockRunOptions, dist: Dist):
+        self.block, self.block_name, self.inputs, self.float_stream = block, block_name, stream.inputs, float_stream
+        self.dist, self.cache_outputs = dist, options.cache_outputs
+        self.cache: dict[str, list] = {}
+        self.done: dict[str, nn.Module] = {}
+        self.batch = [0]
+        self.float_block = copy.deepcopy(block) if float_stream is not None else None
+        self.float_x: list = []  # the current batch's float inputs of the stage's groups
+
+    def stage(self, stage: list[Group], solve: SolveFn) -> None:
+        """Collect the statistics of the stage's groups, then solve them."""
+        self.solve(stage, self.capture(stage), solve)
+
+    def new_stats(self, stage: list[Group]) -> list[HessianStat]:
+        """Zero statistics for each group of ``stage`` (with a cross sum in an asymmetric run)."""
+        device = next(self.block.parameters()).device
+        stats = []
+        for g in stage:
+            cols = in_out_features(g.modules[0])[0]
+            cross = torch.zeros(cols, cols, device=device) if self.float_block is not None else None
+            stats.append(HessianStat(torch.zeros(cols, cols, device=device), dist=self.dist, cross=cross))
+        return stats
+
+    def capture(self, stage: list[Group]) -> list[HessianStat]:
+        """Run the block over every batch until all the stage's groups have seen their input, accumulating their
+        statistics; modules quantized in earlier stages replay their outputs, cached the first time they run."""
+        stats = self.new_stats(stage)
+        pending = [len(stage)]
+        handles = []
+        for k, (g, st) in enumerate(zip(stage, stats)):
+            def pre(_m, args, _st=st, _k=k):
+                _st.add(args[0], self.float_x[_k] if self.float_x else None)
+                pending[0] -= 1
+                if pending[0] == 0:
+                    raise StopForward
+            handles.append(g.modules[0].register_forward_pre_hook(pre))
+        cache = self.cache
+        fresh = {n: m for n, m in self.done.items() if n not in cache} if self.cache_outputs else {}
+        for n in fresh:
+            cache[n] = []
+            handles.append(fresh[n].register_forward_hook(lambda _m, _a, out, _n=n: cache[_n].append(out)))
+        replay = {n: m for n, m in self.done.items() if n in cache and n not in fresh}
+        with hooked(handles), replaying(replay, cache, self.batch), torch.no_grad():
+            for b in range(len(self.inputs)):
+                self.batch[0] = b
+                pending[0] = len(stage)
+                if self.float_block is not None:
+                    self.float_x[:] = float_group_inputs(self.float_block, [g.names[0] for g in stage],
+                                                         self.float_stream.inputs[b])
+                try:
+                    call_block(self.block, self.inputs[b])
+                except StopForward:
+                    pass
+        # Modules that ran in this stage but were not reached on some batch (should not happen) get no cache.
+        for n in fresh:
+            if len(cache[n]) != len(self.inputs):
+                del cache[n]
+        self.float_x.clear()
+        return stats
+
+    def solve(self, stage: list[Group], stats: list[HessianStat], solve: SolveFn) -> None:
+        """Reduce each group's statistics over the processes and ``solve`` it; its modules are then quantized."""
+        for g, st in zip(stage, stats):
+            st.reduce()
+            if self.float_block is None:
+                solve(self.block_name, g, st.normalized())
+            else:
+                solve(self.block_name, g, st.normalized(), cross=st.normalized_cross())
+            for n, m in zip(g.names, g.modules):
+                self.done[n] = m
+
+    def float_outputs(self, keep: bool) -> list[torch.Tensor]:
+        """Run the float copy of the block over every batch, its outputs to the float stream's sink, then drop the
+        copy. Returns the outputs where ``keep`` (a refinement's targets), else ``[]`` (also without a float copy)."""
+        targets = []
+        if self.float_block is not None:
+            with torch.no_grad():
+                for b in range(len(self.float_stream.inputs)):
+                    out = call_block(self.float_block, self.float_stream.inputs[b])
+                    self.float_stream.sink(b, out)
+                    if keep:
+                        targets.append(out)
+            self.float_block = None
+        return targets
+
+    def refine(self, refine: Callable[..., None], targets: list[torch.Tensor]) -> None:
+        """Tune the quantized block against ``targets``; the modules' cached outputs predate the tuning."""
+        refine(self.block_name, self.block, self.inputs, targets)
+        self.cache.clear()
+
+    def outputs(self, sink: Callable[[int, torch.Tensor], None] | None) -> list[torch.Tensor]:
+        """Run the quantized block over every batch, each output to ``sink`` (returned instead where ``None``)."""
+        outputs = []
+        replay = {n: m for n, m in self.done.items() if n in self.cache}
+        with replaying(replay, self.cache, self.batch), torch.no_grad():
+            for b in range(len(self.inputs)):
+                self.batch[0] = b
+                out = call_block(self.block, self.inputs[b])
+                if sink is None:
+                    outputs.append(out)
+                else:
+                    sink(b, out)
+        return outputs
+
+
+def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], stream: Stream, solve: SolveFn,
+              true_sequential: bool = True, *, options: BlockRunOptions | None = None,
+              float_stream: Stream | None = None) -> list[torch.Tensor]:
+    """Quantize one block's modules with ``solve`` and return the block's outputs for every batch of ``stream``.
+
+    ``stream.sink(b, output)``: hand each output over instead of returning them (returns ``[]``).
+    ``float_stream``: the float model's inputs of this block, one per batch, and the sink of its outputs (an
+    asymmetric run, module docstring): a float copy of the block, taken before any module is quantized, gives
+    each group's float input for its cross term (``solve`` gets ``cross=``).
+    ``options``: ``dist`` reduces the Hessians over the calibration processes (each holds its own inputs);
+    ``cache_outputs`` and ``refine`` (needs ``float_stream``) as ``BlockRunOptions`` says.
+    """
+    options = options or BlockRunOptions()
+    dist = options.dist or Dist()
+    groups, uncalled = discover_groups(block, modules, stream.inputs[0])
+    for name in uncalled:
+        logger.warning("%s.%s was not called during calibration; it is quantized without data (RTN)", block_name, name)
+    stages = [[g] for g in groups] if true_sequential else [groups]
+    run = _BlockRun(block, block_name, stream, float_stream, options, dist)
+    for stage in stages:
+        run.stage(stage, solve)
+    targets = run.float_outputs(keep=options.refine is not None)
+    if options.refine is not None:
+        run.refine(options.refine, targets)
+    return run.outputs(stream.sink)
+
+
 class _Inputs(Sequence):
     """Each batch's recorded block inputs with its current hidden state taken from a ``HiddenStore``."""
 
@@ -365,24 +265,27 @@ def _hidden_of(inp: BlockInputs) -> torch.Tensor:
     return inp.args[0] if inp.args else inp.kwargs["hidden_states"]
 
 
-def calibrate_blocks_(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool], solve: SolveFn,
-                      true_sequential: bool = True, progress: bool = True,
-                      resume: BlockResume | None = None, *, store: HiddenStore | None = None,
-                      dist: Dist | None = None, callbacks: BlockCallbacks | None = None,
-                      cache_outputs: bool = True, asymmetric: bool = False,
-                      refine: Callable[..., None] | None = None) -> list[str]:
-    """Run block-by-block calibration over the whole model. Returns the names of the modules quantized now.
+@dataclass
+class _Hidden:
+    """The hidden states between blocks, in ``store``: batch ``b``'s at ``b`` and, in an asymmetric run, the float
+    model's at ``n + b``; ``inputs`` (and ``float_inputs``) read them as the current block's inputs."""
 
-    With ``resume``, blocks it reports finished are skipped (their inputs replaced by the saved hidden
-    states) and every finished block is reported to it. ``store`` keeps the hidden states between blocks
-    (default: in memory where computed); ``dist`` reduces statistics over calibration processes (``batches``
-    are then this process's share); ``callbacks`` run around the capture and each block. ``asymmetric``: also
-    carry the float model's hidden states (module docstring); the resume store then saves both streams.
-    ``refine``: ``run_block``'s, for every block (needs ``asymmetric``).
-    """
-    cb = callbacks or BlockCallbacks()
-    blocks_name, blocks = find_blocks(model)
-    records = capture_block_inputs(model, blocks[0], batches)
+    store: HiddenStore
+    n: int
+    device: torch.device
+    inputs: _Inputs
+    float_inputs: _Inputs | None
+
+    @property
+    def streams(self) -> int:
+        return 1 if self.float_inputs is None else 2
+
+
+def _capture(model: nn.Module, block: nn.Module, batches: list[torch.Tensor], store: HiddenStore | None,
+             asymmetric: bool) -> _Hidden:
+    """Record ``block``'s inputs for every batch and put their hidden states in ``store`` (a new in-memory one
+    where ``None``), twice in an asymmetric run (the float stream starts equal)."""
+    records = capture_block_inputs(model, block, batches)
     device = _hidden_of(records[0]).device
     if store is None:
         store = HiddenStore(device)
@@ -393,46 +296,71 @@ def calibrate_blocks_(model: nn.Module, batches: list[torch.Tensor], keep: Calla
             store.put(k * n + b, _hidden_of(rec))
     store.advance()
     base = [rec.with_hidden(None) for rec in records]
-    inputs = _Inputs(base, store)
-    float_inputs = _Inputs(base, store, offset=n) if asymmetric else None
-    del records
+    return _Hidden(store, n, device, _Inputs(base, store), _Inputs(base, store, offset=n) if asymmetric else None)
+
+
+def _resume(resume: BlockResume | None, hidden: _Hidden, n_blocks: int) -> int:
+    """The first block to run: where ``resume`` starts, its saved hidden states put in the store."""
+    if resume is None:
+        return 0
+    first, saved = resume.start()
+    if first:
+        logger.info("resuming at block %d of %d", first, n_blocks)
+        if len(saved) != hidden.streams * hidden.n:
+            raise ValueError("saved hidden states do not match the calibration batches (or the run's quality "
+                             "settings changed since it was saved); start again without --resume")
+        for b, h in enumerate(saved):
+            hidden.store.put(b, h.to(hidden.device))
+        hidden.store.advance()
+    return first
+
+
+def _calibrate_block(block: nn.Module, name: str, keep: Callable[[str], bool], solve: SolveFn, true_sequential: bool,
+                     options: BlockRunOptions, hidden: _Hidden) -> list[str]:
+    """Quantize one block's selected modules (or only run it where there are none), its outputs put in the store
+    as the next block's hidden states. Returns the names of the modules quantized."""
+    modules = quantizable_modules(block, keep, prefix=name)
+    store, n = hidden.store, hidden.n
+    if not modules:
+        with torch.no_grad():
+            for b in range(n):
+                store.put(b, call_block(block, hidden.inputs[b]))
+                if options.asymmetric:
+                    store.put(n + b, call_block(block, hidden.float_inputs[b]))
+        return []
+    float_stream = Stream(hidden.float_inputs, lambda b, t: store.put(n + b, t)) if options.asymmetric else None
+    run_block(block, name, modules, Stream(hidden.inputs, store.put), solve, true_sequential, options=options,
+              float_stream=float_stream)
+    return [f"{name}.{m}" for m in modules]
+
+
+def calibrate_blocks_(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool], solve: SolveFn,
+                      true_sequential: bool = True, *, options: BlockRunOptions | None = None) -> list[str]:
+    """Run block-by-block calibration over the whole model. Returns the names of the modules quantized now.
+
+    ``batches``: this process's calibration batches of token ids; ``keep(name)``: whether a module is quantized;
+    ``solve``: quantizes one group (``SolveFn``); ``options``: how the run executes (``BlockRunOptions``).
+    """
+    opts = options or BlockRunOptions()
+    cb = opts.callbacks or BlockCallbacks()
+    blocks_name, blocks = find_blocks(model)
+    hidden = _capture(model, blocks[0], batches, opts.store, opts.asymmetric)
     if cb.after_capture is not None:
         cb.after_capture()
-    first = 0
-    if resume is not None:
-        first, hidden = resume.start()
-        if first:
-            logger.info("resuming at block %d of %d", first, len(blocks))
-            if len(hidden) != streams * n:
-                raise ValueError("saved hidden states do not match the calibration batches (or the run's quality "
-                                 "settings changed since it was saved); start again without --resume")
-            for b, h in enumerate(hidden):
-                store.put(b, h.to(device))
-            store.advance()
+    first = _resume(opts.resume, hidden, len(blocks))
     quantized = []
     it = range(first, len(blocks))
-    if progress:
+    if opts.progress:
         it = tqdm(it, desc="quantizing blocks", unit="block", initial=first, total=len(blocks))
     for i in it:
         name = f"{blocks_name}.{i}"
         if cb.before_block is not None:
             cb.before_block(i)
-        modules = quantizable_modules(blocks[i], keep, prefix=name)
-        if not modules:
-            with torch.no_grad():
-                for b in range(n):
-                    store.put(b, call_block(blocks[i], inputs[b]))
-                    if asymmetric:
-                        store.put(n + b, call_block(blocks[i], float_inputs[b]))
-        else:
-            run_block(blocks[i], name, modules, inputs, solve, true_sequential, dist=dist, sink=store.put,
-                      cache_outputs=cache_outputs, float_inputs=float_inputs,
-                      float_sink=(lambda b, t: store.put(n + b, t)) if asymmetric else None, refine=refine)
-            quantized.extend(f"{name}.{m}" for m in modules)
-        store.advance()
-        if resume is not None:
-            resume.done(i, name, [store.get(b) for b in range(streams * n)])
+        quantized.extend(_calibrate_block(blocks[i], name, keep, solve, true_sequential, opts, hidden))
+        hidden.store.advance()
+        if opts.resume is not None:
+            opts.resume.done(i, name, [hidden.store.get(b) for b in range(hidden.streams * hidden.n)])
         if cb.after_block is not None:
             cb.after_block(i, name)
-    store.close()
+    hidden.store.close()
     return quantized

@@ -12,7 +12,7 @@ use ``zero = round(-xmin / scale)``. An all-zero row gets the range ``[-1, 1]``.
 
 ``observer="mse"`` additionally shrinks the range by ``p = 1 - i / grid`` for ``i < maxshrink * grid``
 and keeps, per row, the candidate with the smallest ``sum |w - w_hat| ** norm`` (the reference's
-``mse=True`` option, grid 100, maxshrink 0.8, norm 2.4).
+``mse=True`` option, grid 100, maxshrink 0.8, norm 2.4: ``MSE_GRID``, ``MSE_MAXSHRINK``, ``MSE_NORM``).
 
 ``observer="hessian"`` is a weighted grid search (``search_grid``): per row, the candidate grid with the smallest
 ``sum_j importance_j * (w_j - w_hat_j) ** 2``, where ``importance`` weighs the input columns (the Hessian's
@@ -34,6 +34,11 @@ from dataclasses import dataclass
 import torch
 
 OBSERVERS = ("minmax", "mse", "hessian")
+
+# The "mse" observer's range-shrink search, the GPTQ reference quantizer's constants: the range shrunk by
+# p = 1 - i / MSE_GRID for i < MSE_MAXSHRINK * MSE_GRID (p = 1 down to 0.21), each candidate scored by
+# sum |w - w_hat| ** MSE_NORM.
+MSE_GRID, MSE_MAXSHRINK, MSE_NORM = 100, 0.8, 2.4
 
 # The weighted search (``search_grid``) is coarse to fine: first the range shrunk by p in COARSE_SHRINK (for symmetric
 # grids in both orientations, plus the reference grid; for asymmetric grids every pair (p_lo, p_hi)), then, per
@@ -91,9 +96,6 @@ def fit_grid(
     sym: bool,
     observer: str = "minmax",
     *,
-    grid: int = 100,
-    maxshrink: float = 0.8,
-    norm: float = 2.4,
     scale_dtype: torch.dtype | None = None,
     importance: torch.Tensor | None = None,
 ) -> QuantGrid:
@@ -110,11 +112,11 @@ def fit_grid(
     scale, zero = _grid_from_range(xmin, xmax, maxq, sym, scale_dtype)
     if observer == "mse":
         best = torch.full_like(scale, float("inf"))
-        for i in range(int(maxshrink * grid)):
-            p = 1 - i / grid
+        for i in range(int(MSE_MAXSHRINK * MSE_GRID)):
+            p = 1 - i / MSE_GRID
             s1, z1 = _grid_from_range(p * xmin, p * xmax, maxq, sym, scale_dtype)
             q = torch.clamp(torch.round(w / s1[:, None]) + z1[:, None], 0, maxq)
-            err = (s1[:, None] * (q - z1[:, None]) - w).abs_().pow_(norm).sum(dim=1)
+            err = (s1[:, None] * (q - z1[:, None]) - w).abs_().pow_(MSE_NORM).sum(dim=1)
             better = err < best
             best = torch.where(better, err, best)
             scale = torch.where(better, s1, scale)

@@ -19,34 +19,20 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import asdict, dataclass
 
 from hfquant.core.errors import ConfigError
-from hfquant.core.gguf_blocks import BLOCK_TYPES
-from hfquant.core.packing import SUPPORTED_BITS
+from hfquant.core.int_grid import IntGrid
+from hfquant.core.weight_format import check_format_field, MODULE_METHODS, override_keys, Scheme
 
-OVERRIDE_FIELDS = ("bits", "group_size", "method", "sym", "skip", "gguf_type")
-MODULE_METHODS = ("gptq", "rtn")
 _GLOB_CHARS = set("*?[")
 _REGEX_META = set(".^$*+?{}[]\\|()")
 
 
-@dataclass(frozen=True)
-class ModuleScheme:
-    """The scheme one module is quantized with."""
-
-    bits: int
-    group_size: int
-    sym: bool
-    method: str  # "gptq" or "rtn"
-    gguf_type: str | None = None  # a GGUF block type (hfquant.core.gguf_blocks); it fixes bits, group_size, sym
-
-    def to_dict(self) -> dict:
-        """The fields; ``gguf_type`` only when set (so configs without GGUF keep their four keys)."""
-        d = asdict(self)
-        if d["gguf_type"] is None:
-            del d["gguf_type"]
-        return d
+def override_fields() -> tuple[str, ...]:
+    """The keys an override may set: the integer grid's, ``method``, ``skip``, then the other registered weight
+    formats' keys (``hfquant.core.weight_format``)."""
+    bits, group_size, sym = IntGrid.keys
+    return (bits, group_size, "method", sym, "skip", *(k for k in override_keys() if k not in IntGrid.keys))
 
 
 def pattern_kind(pattern: str) -> str:
@@ -91,27 +77,26 @@ def validate_overrides(overrides, where: str = "HFQuantConfig.overrides") -> Non
             except re.error as exc:
                 raise ConfigError(f"{path}: invalid regex ({exc}); fix the pattern after 're:'") from None
         if not isinstance(fields, dict) or not fields:
-            raise ConfigError(f"{path}: got {fields!r}; expected a non-empty mapping with some of {list(OVERRIDE_FIELDS)}")
+            raise ConfigError(f"{path}: got {fields!r}; expected a non-empty mapping with some of {list(override_fields())}")
         for key, value in fields.items():
-            if key not in OVERRIDE_FIELDS:
-                raise ConfigError(f"{path}.{key}: unknown key; valid keys are {list(OVERRIDE_FIELDS)}")
-            ok = {
-                "bits": isinstance(value, int) and not isinstance(value, bool) and value in SUPPORTED_BITS,
-                "group_size": isinstance(value, int) and not isinstance(value, bool) and (value == -1 or value > 0),
-                "method": value in MODULE_METHODS,
-                "sym": isinstance(value, bool),
-                "skip": isinstance(value, bool),
-                "gguf_type": value in BLOCK_TYPES,
-            }[key]
-            if not ok:
-                expected = {"bits": f"one of {list(SUPPORTED_BITS)}", "group_size": "-1 or a positive integer",
-                            "method": f"one of {list(MODULE_METHODS)}", "sym": "true or false",
-                            "skip": "true or false", "gguf_type": f"one of {list(BLOCK_TYPES)}"}[key]
-                raise ConfigError(f"{path}.{key}: got {value!r}; expected {expected}")
+            _check_override_field(path, key, value)
 
 
-def resolve(overrides: dict | None, names: list[str], default: ModuleScheme,
-            where: str = "quantization.overrides") -> tuple[dict[str, ModuleScheme], list[str], list[dict]]:
+def _check_override_field(path: str, key: str, value) -> None:
+    valid = override_fields()
+    if key not in valid:
+        raise ConfigError(f"{path}.{key}: unknown key; valid keys are {list(valid)}")
+    if key in ("method", "skip"):
+        expected = None if (value in MODULE_METHODS if key == "method" else isinstance(value, bool)) else (
+            f"one of {list(MODULE_METHODS)}" if key == "method" else "true or false")
+    else:
+        expected = check_format_field(key, value)
+    if expected is not None:
+        raise ConfigError(f"{path}.{key}: got {value!r}; expected {expected}")
+
+
+def resolve(overrides: dict | None, names: list[str], default: Scheme, observer: str = "minmax",
+            where: str = "quantization.overrides") -> tuple[dict[str, Scheme], list[str], list[dict]]:
     """Resolve ``overrides`` over the quantizable module ``names``.
 
     Returns ``(schemes, skipped, conflicts)``: the scheme of every module that is quantized, the names kept
@@ -125,12 +110,11 @@ def resolve(overrides: dict | None, names: list[str], default: ModuleScheme,
             sample = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
             raise ConfigError(f"{where}[{pattern!r}]: matches no quantizable module (there are {len(names)}, "
                               f"e.g. {sample}); fix the pattern or remove it")
-    schemes: dict[str, ModuleScheme] = {}
+    schemes: dict[str, Scheme] = {}
     skipped: list[str] = []
     conflicts: list[dict] = []
     for name in names:
-        fields = asdict(default)
-        fields["skip"] = False
+        fields = default.fields()
         setters: dict[str, list[tuple[str, object]]] = {}
         for _, (pattern, values) in ordered:  # least specific first: later ones win
             if matches(pattern, name):
@@ -144,21 +128,14 @@ def resolve(overrides: dict | None, names: list[str], default: ModuleScheme,
         if fields.pop("skip"):
             skipped.append(name)
         else:
-            schemes[name] = ModuleScheme(**fields)
+            schemes[name] = Scheme.from_fields(fields, observer)
     return schemes, skipped, conflicts
 
 
 # ------------------------------------------------------------------------------------- stored bits
 def stored_bits(in_features: int, out_features: int, bits: int, group_size: int, scale_bits: int = 32) -> int:
-    """Bits a ``QuantLinearWeightOnly`` checkpoint stores for one module's weight (bias excluded):
-
-    packed codes ``out * ceil(in/32) * 32 * bits`` + scales ``out * G * scale_bits`` (the model dtype) +
-    zeros ``out * G * 8`` (uint8) + ``g_idx`` ``in * 32`` (int32), with ``G = ceil(in / group_size)``.
-    """
-    g = in_features if group_size == -1 else group_size
-    n_groups = -(-in_features // g)
-    words = -(-in_features // 32)
-    return out_features * words * 32 * bits + out_features * n_groups * (scale_bits + 8) + in_features * 32
+    """Bits a ``QuantLinearWeightOnly`` checkpoint stores for one module's weight (``IntGrid.stored_bits``)."""
+    return IntGrid(bits, group_size).stored_bits(in_features, out_features, scale_bits)
 
 
 def average_bits(shapes: dict[str, tuple[int, int]], schemes: dict[str, tuple[int, int]], scale_bits: int = 32) -> float:
@@ -169,3 +146,12 @@ def average_bits(shapes: dict[str, tuple[int, int]], schemes: dict[str, tuple[in
     total = sum(stored_bits(*shapes[n], b, g, scale_bits) for n, (b, g) in schemes.items())
     weights = sum(shapes[n][0] * shapes[n][1] for n in schemes)
     return total / weights
+
+
+def summary(allocation: dict[str, dict]) -> str:
+    """``"W3 g128: 120, W4 g128: 80, ..."`` counts of modules per scheme."""
+    counts: dict[tuple, int] = {}
+    for s in allocation.values():
+        key = (s["bits"], s["group_size"])
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"W{b} {'pc' if g == -1 else f'g{g}'}: {n}" for (b, g), n in sorted(counts.items()))

@@ -4,8 +4,8 @@ from pathlib import Path
 
 from hfquant.eval.perplexity import perplexity
 
-# The local ``evaluate`` metric module (``hfquant/metrics/perplexity``), loaded by path.
-PERPLEXITY_PATH = str(Path(__file__).resolve().parent.parent / "metrics" / "perplexity")
+# The local ``evaluate`` metric module (``hfquant/eval/metrics/perplexity``), loaded by path.
+PERPLEXITY_PATH = str(Path(__file__).resolve().parent / "metrics" / "perplexity")
 
 
 def load_metric():

@@ -26,6 +26,7 @@ import transformers
 
 from hfquant.config import HFQuantConfig
 from hfquant.core.errors import FormatError
+from hfquant.core.weight_format import format_from_fields
 from hfquant.formats.compressed_tensors import ct_writer
 from hfquant.formats.files import place
 from hfquant.formats.gguf import export_gguf, GGUF_FILE, write_gguf
@@ -135,6 +136,16 @@ def _copy_other_files(src: Path, dst: Path) -> None:
             shutil.copy2(p, dst / p.name)
 
 
+def check_exportable(qconfig, fmt: str, folder: Path) -> None:
+    """Raise ``FormatError`` when a module of the checkpoint is stored in a weight format that ``fmt`` cannot hold
+    (``WeightFormat.exports``): it would otherwise be copied into the export as tensors no reader understands."""
+    for name, entry in (qconfig.module_schemes or {}).items():
+        wf = format_from_fields(entry)
+        if fmt not in wf.exports:
+            raise FormatError(f"{folder}: {name} holds {wf.describe()}, which a {fmt} checkpoint cannot store (this "
+                              f"weight format is written as {list(wf.exports)}); keep save_format hfquant")
+
+
 def convert_into(src_dir: str | os.PathLike, fmt: str, tmp: Path, checkpoint_format: str = "gptq",
                  tokenizer_dir=None) -> None:
     """Write the ``fmt`` version of hfquant checkpoint ``src_dir`` into the existing empty folder ``tmp``
@@ -143,6 +154,7 @@ def convert_into(src_dir: str | os.PathLike, fmt: str, tmp: Path, checkpoint_for
         write_gguf(src_dir, tmp / GGUF_FILE, tokenizer_dir=tokenizer_dir)
         return
     ckpt = HFQuantCheckpoint(src_dir)
+    check_exportable(ckpt.qconfig, fmt, ckpt.folder)
     if not ckpt.modules:
         raise FormatError(f"{ckpt.folder}: no quantized modules found in the checkpoint; nothing to export")
     if ckpt.qconfig.lm_head_bits is not None:

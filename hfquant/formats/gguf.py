@@ -8,7 +8,7 @@ The container, the metadata keys, the tensor names and the block constants come 
 * architecture metadata for the Llama family (``llama``, ``mistral`` -> GGUF ``llama``; ``qwen2``);
 * tensors in llama.cpp's names; for GGUF ``llama`` the q/k projections' rows are permuted from the HF rotary
   layout to llama.cpp's (as llama.cpp's converter does; transformers' GGUF loader permutes them back);
-* the output head and token embeddings in their type (``hfquant.mixed.gguf_types``: Q6_K / Q8_0 as llama.cpp
+* the output head and token embeddings in their type (``hfquant.core.gguf_types``: Q6_K / Q8_0 as llama.cpp
   chooses, or ``head_type`` / ``embedding_type``): the blocks the checkpoint holds for them (``HELD_BLOCKS``, the
   ones the quantized model de-quantized) copied as they are, else rounded to nearest; norms in F32, float Linears
   the quantizer kept (rows no block fits) in F16;
@@ -18,7 +18,6 @@ The container, the metadata keys, the tensor names and the block constants come 
 
 from __future__ import annotations
 
-from collections import Counter
 import json
 import logging
 import os
@@ -28,22 +27,22 @@ from pathlib import Path
 
 from safetensors import safe_open
 import torch
-import transformers
 
-from hfquant.calibration.graph import is_quantizable, set_submodule
-from hfquant.config import GGUF_TENSOR_TYPES, HFQuantConfig
+from hfquant.core import gguf_types
 from hfquant.core.errors import FormatError
 from hfquant.core.gguf_blocks import BLOCK_TYPES, dequantize_rows, pack_rows
-from hfquant.core.gguf_grids import rtn_block_quantize, symmetric
-from hfquant.formats.files import CheckpointError, place
-from hfquant.mixed import gguf_types
-from hfquant.nn.gguf import QuantLinearGGUF
+from hfquant.core.gguf_grids import rtn_block_quantize
+from hfquant.formats.files import place
+from hfquant.formats.gguf_layout import ARCHS, gguf_package, name_map, permute_rows, rotary_heads
+# The reader, imported from here by its users (hfquant.formats, hfquant.app).
+from hfquant.formats.gguf_read import load_gguf, read_gguf_header
+
+__all__ = ["FLOAT_TYPES", "GGUF_FILE", "export_gguf", "load_gguf", "read_gguf_header", "run_label", "write_gguf"]
 
 logger = logging.getLogger(__name__)
 
 GGUF_FILE = "model.gguf"
 FLOAT_TYPES = ("F32", "F16", "BF16")
-_ARCHS = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 # tokenizer.ggml.pre: llama.cpp's pre-tokenizer, by model family (llama.cpp tells them by hashing a test string).
 _PRE_BY_VOCAB = {("llama", 49152): "smollm", ("llama", 128256): "llama-bpe"}
 _PRE_BY_TYPE = {"qwen2": "qwen2"}
@@ -52,12 +51,9 @@ _FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q4
                "Q4_K_M": "MOSTLY_Q4_K_M", "Q6_K": "MOSTLY_Q6_K"}
 
 
-def _gguf():
-    try:
-        import gguf  # optional dependency: needed only to write GGUF files
-    except ImportError:
-        raise FormatError("writing GGUF needs the gguf package: pip install gguf") from None
-    return gguf
+def run_label(config: dict) -> str:
+    """The GGUF part of a saved config's one-line description (``hfquant inspect`` of a ``.gguf`` file)."""
+    return f"gguf_type {config.get('gguf_type')}"
 
 
 class _Source:
@@ -75,10 +71,10 @@ class _Source:
                               f"gguf_type {self.qconfig.get('gguf_type')!r}), not on a GGUF grid; quantize with "
                               "HFQuantConfig(gguf_type=...) (e.g. Q4_K_M) or export the float model")
         model_type = self.config.get("model_type")
-        if model_type not in _ARCHS:
+        if model_type not in ARCHS:
             raise FormatError(f"{folder}: model_type {model_type!r} has no GGUF writer here; supported: "
-                              f"{sorted(_ARCHS)} (the Llama family)")
-        self.model_type, self.arch = model_type, _ARCHS[model_type]
+                              f"{sorted(ARCHS)} (the Llama family)")
+        self.model_type, self.arch = model_type, ARCHS[model_type]
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise FormatError(f"{folder}: no .safetensors files (hfquant reads safetensors only)")
@@ -93,27 +89,6 @@ class _Source:
 
     def tensor(self, key: str) -> torch.Tensor:
         return self._handles[self._where[key]].get_tensor(key)
-
-
-def _name_map(gguf, arch: str, n_layers: int):
-    """The gguf package's HF -> llama.cpp tensor names for GGUF architecture ``arch``."""
-    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, n_layers)
-
-
-def _rotary_heads(arch: str, module: str, heads: int, kv_heads: int) -> int | None:
-    """The head count whose rotary row order differs between HF and llama.cpp for ``module`` (GGUF ``llama``'s q and
-    k projections), else ``None``."""
-    if arch != "llama":
-        return None
-    return heads if module.endswith("q_proj") else kv_heads if module.endswith("k_proj") else None
-
-
-def _permute_rows(rows: torch.Tensor, n_head: int, inverse: bool = False) -> torch.Tensor:
-    """HF's rotary row order -> llama.cpp's (``inverse``: back), per head: rows ``(2, half)`` become ``(half, 2)``
-    interleaved."""
-    shape = rows.shape
-    split = (2, shape[0] // n_head // 2)
-    return rows.reshape(n_head, *(split[::-1] if inverse else split), *shape[1:]).swapaxes(1, 2).reshape(shape)
 
 
 def _tokenizer_folder(src: _Source, tokenizer_dir) -> Path:
@@ -216,75 +191,100 @@ def write_gguf(src_dir: str | os.PathLike, out_file: str | os.PathLike, *, float
     ``float_type``: the type of 2-D float weights in a float checkpoint (``F32``, ``F16``, ``BF16``) and of
     float Linears left in a quantized one. ``head_type`` / ``embedding_type``: override llama.cpp's choice (a
     block type or a float type; default from the checkpoint's ``gguf_head_type`` / ``gguf_embedding_type``)."""
-    gguf = _gguf()
+    gguf = gguf_package()
     if float_type not in FLOAT_TYPES:
         raise FormatError(f"float type: got {float_type!r}; expected one of {list(FLOAT_TYPES)}")
     src = _Source(Path(src_dir))
-    cfg, q = src.config, src.qconfig
-    run_type = q["gguf_type"] if q else float_type
-    head_type = head_type or (q or {}).get("gguf_head_type")
-    embedding_type = embedding_type or (q or {}).get("gguf_embedding_type")
-    n_layers = cfg["num_hidden_layers"]
-    names = _name_map(gguf, src.arch, n_layers)
-    tied = bool(cfg.get("tie_word_embeddings", False))
-    heads, kv_heads = cfg["num_attention_heads"], cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
-    quantized = {k[: -len(".qweight")]: (q.get("module_schemes") or {}).get(k[: -len(".qweight")], {}).get("gguf_type")
-                 for k in src.keys() if k.endswith(".qweight")} if q else {}
+    tensors = _Tensors(gguf, src, float_type, head_type, embedding_type)
     writer = gguf.GGUFWriter(str(out_file), src.arch)
-    _add_metadata(writer, cfg, getattr(gguf.LlamaFileType, _FILE_TYPES[run_type]),
+    _add_metadata(writer, src.config, getattr(gguf.LlamaFileType, _FILE_TYPES[tensors.run_type]),
                   Path(src_dir).resolve().name)
     _add_tokenizer(gguf, writer, src, _tokenizer_folder(src, tokenizer_dir))
     for key in src.keys():
-        module, _, leaf = key.rpartition(".")
-        if (key == "lm_head.weight" and tied) or leaf == gguf_types.HELD_BLOCKS:  # held blocks: with their weight
-            continue
-        if leaf == "qweight":
-            target = names.get_name(module + ".weight", try_suffixes=(".weight",))
-            t = quantized.get(module)
-            if t is None:
-                raise FormatError(f"{src.folder}: {module} has GGUF blocks but no gguf_type in module_schemes; re-save it")
-            data = src.tensor(key)
-        else:
-            target = names.get_name(key, try_suffixes=(".weight", ".bias"))
-            if module in quantized:
-                if leaf == "bias" and src.arch == "llama":
-                    raise FormatError(f"{key}: GGUF llama has no Linear biases")
-            data = src.tensor(key).float()
-        if target is None:
-            raise FormatError(f"{key}: no llama.cpp tensor name for it in GGUF {src.arch!r}; the exporter cannot place it")
-        permute = _rotary_heads(src.arch, module, heads, kv_heads)
-        if permute is not None:
-            data = _permute_rows(data, permute)
-        if leaf == "qweight":
-            writer.add_tensor(target, data.contiguous().numpy(), raw_dtype=gguf.GGMLQuantizationType[t])
-            continue
-        if data.dim() == 1:
-            writer.add_tensor(target, data.numpy())
-            continue
-        cols = data.shape[1]
-        held = None  # the type the checkpoint's own config gives the tensor (its held blocks are of that type)
-        if key == "lm_head.weight" or (tied and target.startswith("token_embd")):
-            kind = gguf_types.head_type(run_type, cols, head_type) if q else (head_type or float_type)
-            held = gguf_types.head_type(run_type, cols, q.get("gguf_head_type")) if q else None
-        elif target.startswith("token_embd"):
-            kind = gguf_types.embedding_type(run_type, cols, embedding_type) if q else (embedding_type or float_type)
-            held = gguf_types.embedding_type(run_type, cols, q.get("gguf_embedding_type")) if q else None
-        else:
-            kind = float_type
-        if kind in BLOCK_TYPES:
-            blocks = _held_blocks(src, key, kind) if held == kind else None
-            if blocks is None:
-                blocks = pack_rows(kind, *rtn_block_quantize(kind, data))
-            writer.add_tensor(target, blocks.numpy(), raw_dtype=gguf.GGMLQuantizationType[kind])
-        elif kind == "BF16":
-            writer.add_tensor(target, _float_array(data, kind), raw_dtype=gguf.GGMLQuantizationType.BF16)
-        else:
-            writer.add_tensor(target, _float_array(data, kind))
+        tensors.add(writer, key)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return Path(out_file)
+
+
+class _Tensors:
+    """The folder's tensors as the file holds them: llama.cpp's name, the q/k rows in llama.cpp's rotary order, and
+    the type (a quantized Linear's GGUF blocks as they are; the head, the token embeddings and float weights in the
+    type of ``_matrix_type``)."""
+
+    def __init__(self, gguf, src: _Source, float_type: str, head_type: str | None, embedding_type: str | None):
+        cfg, q = src.config, src.qconfig
+        self.gguf, self.src, self.q, self.float_type = gguf, src, q, float_type
+        self.run_type = q["gguf_type"] if q else float_type
+        self.head_type = head_type or (q or {}).get("gguf_head_type")
+        self.embedding_type = embedding_type or (q or {}).get("gguf_embedding_type")
+        self.names = name_map(gguf, src.arch, cfg["num_hidden_layers"])
+        self.tied = bool(cfg.get("tie_word_embeddings", False))
+        self.heads = cfg["num_attention_heads"]
+        self.kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        # {quantized Linear: its GGUF type (module_schemes), None when the config does not state it}
+        schemes = (q.get("module_schemes") or {}) if q else {}
+        linears = [k[: -len(".qweight")] for k in src.keys() if k.endswith(".qweight")] if q else []
+        self.quantized = {m: schemes.get(m, {}).get("gguf_type") for m in linears}
+
+    def add(self, writer, key: str) -> None:
+        """Add the folder's tensor ``key`` to ``writer`` (a tied head and held blocks are not tensors of their own)."""
+        module, _, leaf = key.rpartition(".")
+        if (key == "lm_head.weight" and self.tied) or leaf == gguf_types.HELD_BLOCKS:  # held blocks: with their weight
+            return
+        target, data = self._read(key, module, leaf)
+        if target is None:
+            raise FormatError(f"{key}: no llama.cpp tensor name for it in GGUF {self.src.arch!r}; the exporter cannot place it")
+        permute = rotary_heads(self.src.arch, module, self.heads, self.kv_heads)
+        if permute is not None:
+            data = permute_rows(data, permute)
+        if leaf == "qweight":
+            writer.add_tensor(target, data.contiguous().numpy(),
+                              raw_dtype=self.gguf.GGMLQuantizationType[self.quantized[module]])
+        elif data.dim() == 1:
+            writer.add_tensor(target, data.numpy())
+        else:
+            self._add_matrix(writer, key, target, data)
+
+    def _read(self, key: str, module: str, leaf: str) -> tuple[str | None, torch.Tensor]:
+        """``(llama.cpp name or None, tensor)``: a quantized Linear's GGUF blocks as stored, the rest in float32."""
+        if leaf == "qweight":
+            target = self.names.get_name(module + ".weight", try_suffixes=(".weight",))
+            if self.quantized.get(module) is None:
+                raise FormatError(f"{self.src.folder}: {module} has GGUF blocks but no gguf_type in module_schemes; re-save it")
+            return target, self.src.tensor(key)
+        target = self.names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if module in self.quantized and leaf == "bias" and self.src.arch == "llama":
+            raise FormatError(f"{key}: GGUF llama has no Linear biases")
+        return target, self.src.tensor(key).float()
+
+    def _matrix_type(self, key: str, target: str, cols: int) -> tuple[str, str | None]:
+        """``(type, held)`` of a 2-D float tensor: the type it is written in, and the type the checkpoint's own config
+        gives it (its held blocks are of that type; ``None`` for a float checkpoint and other tensors)."""
+        q, run = self.q, self.run_type
+        if key == "lm_head.weight" or (self.tied and target.startswith("token_embd")):
+            kind = gguf_types.head_type(run, cols, self.head_type) if q else (self.head_type or self.float_type)
+            return kind, gguf_types.head_type(run, cols, q.get("gguf_head_type")) if q else None
+        if target.startswith("token_embd"):
+            kind = (gguf_types.embedding_type(run, cols, self.embedding_type) if q
+                    else (self.embedding_type or self.float_type))
+            return kind, gguf_types.embedding_type(run, cols, q.get("gguf_embedding_type")) if q else None
+        return self.float_type, None
+
+    def _add_matrix(self, writer, key: str, target: str, data: torch.Tensor) -> None:
+        """A 2-D float tensor in its type: GGUF blocks (the checkpoint's held ones, else rounded) or float."""
+        kind, held = self._matrix_type(key, target, data.shape[1])
+        if kind in BLOCK_TYPES:
+            blocks = _held_blocks(self.src, key, kind) if held == kind else None
+            if blocks is None:
+                blocks = pack_rows(kind, *rtn_block_quantize(kind, data))
+            writer.add_tensor(target, blocks.numpy(), raw_dtype=self.gguf.GGMLQuantizationType[kind])
+        elif kind == "BF16":
+            writer.add_tensor(target, _float_array(data, kind), raw_dtype=self.gguf.GGMLQuantizationType.BF16)
+        else:
+            writer.add_tensor(target, _float_array(data, kind))
 
 
 def _held_blocks(src: _Source, key: str, kind: str) -> torch.Tensor | None:
@@ -321,112 +321,3 @@ def export_gguf(src_dir: str | os.PathLike, out_dir: str | os.PathLike, **kwargs
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out / GGUF_FILE
-
-
-def read_gguf_header(file: str | os.PathLike) -> dict:
-    """What the GGUF ``file`` holds, from its header (no tensor data is read): ``architecture``, ``name``,
-    ``types`` (``{tensor type: {"tensors", "elements", "bytes"}}``), ``linears`` (the same totals over the block-type
-    weights of the decoder layers: ``stored_bits`` = their bits per weight) and ``bytes`` (the file's size).
-    ``CheckpointError`` (one line) when the file is not a readable GGUF file."""
-    gguf = _gguf()
-    file = Path(file)
-    try:
-        reader = gguf.GGUFReader(str(file))
-        fields = {k: reader.fields[k].contents() for k in ("general.architecture", "general.name")
-                  if k in reader.fields}
-        rows = [(t.name, t.tensor_type.name, int(t.n_elements), int(t.n_bytes)) for t in reader.tensors]
-    except Exception as exc:  # noqa: BLE001 - the gguf package raises ValueError, IndexError, OSError, ...
-        detail = (str(exc).splitlines() or [""])[0][:120] or type(exc).__name__
-        raise CheckpointError(f"{str(file)!r}: not a readable GGUF file ({detail}); write it again (`hfquant run`, "
-                              "`hfquant export --format gguf`) or re-download it") from None
-    types: dict[str, dict] = {}
-    linears = {"tensors": 0, "elements": 0, "bytes": 0}
-    for name, kind, elements, nbytes in rows:
-        for totals in [types.setdefault(kind, {"tensors": 0, "elements": 0, "bytes": 0})] + (
-                [linears] if name.startswith("blk.") and kind in BLOCK_TYPES else []):
-            totals["tensors"] += 1
-            totals["elements"] += elements
-            totals["bytes"] += nbytes
-    linears["stored_bits"] = linears["bytes"] * 8 / linears["elements"] if linears["elements"] else None
-    return {"architecture": fields.get("general.architecture"), "name": fields.get("general.name"), "types": types,
-            "linears": linears, "bytes": file.stat().st_size}
-
-
-def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, float_ok: bool = False):
-    """Load a GGUF file (``.gguf`` path, or a folder holding one ``.gguf``) into hfquant modules: transformers'
-    GGUF loader builds the model (config, tokenizer-free; norms and embeddings de-quantized), then every Linear
-    stored as Q8_0, Q4_0, Q5_0, Q4_1, Q4_K or Q6_K becomes a ``QuantLinearGGUF`` holding the file's blocks
-    exactly (q/k rows back in the HF rotary layout); the head's and token embeddings' blocks are kept beside their
-    de-quantized weights (``gguf_types.HELD_BLOCKS``). ``model.config.quantization_config`` records each tensor's
-    type, so the model saves (hfquant layout), reloads and exports back to GGUF byte for byte.
-
-    A file without such a Linear (a float export) raises ``FormatError``, unless ``float_ok``: then the float model
-    transformers built is returned as it is (no ``quantization_config``)."""
-    gguf = _gguf()
-    file = Path(path)
-    if file.is_dir():
-        found = sorted(file.glob("*.gguf"))
-        if len(found) != 1:
-            raise FormatError(f"{file}: expected exactly one .gguf file, found {len(found)}; pass the file's path")
-        file = found[0]
-    if not file.is_file():
-        raise FormatError(f"{file}: no such GGUF file")
-    reader = gguf.GGUFReader(str(file))
-    model = transformers.AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
-    if getattr(model, "hf_quantizer", None) is not None:  # transformers' GGUF loader: its weights are float now
-        model.hf_quantizer.remove_quantization_config(model)
-    cfg = model.config
-    arch = _ARCHS.get(cfg.model_type)
-    if arch is None:
-        raise FormatError(f"{file}: model_type {cfg.model_type!r}; load_gguf handles {sorted(_ARCHS)}")
-    names = _name_map(gguf, arch, cfg.num_hidden_layers)
-    tensors = {t.name: t for t in reader.tensors}
-    heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads or cfg.num_attention_heads
-    schemes = {}
-    for name, module in list(model.named_modules()):
-        if not name or not is_quantizable(module) or module is model.get_output_embeddings():
-            continue
-        target = names.get_name(name + ".weight", try_suffixes=(".weight",))
-        t = tensors.get(target) if target else None
-        if t is None or t.tensor_type.name not in BLOCK_TYPES:
-            continue
-        data = torch.from_numpy(t.data.copy()).reshape(module.out_features, -1)
-        n = _rotary_heads(arch, name, heads, kv_heads)
-        if n is not None:  # llama.cpp's rotary row order -> HF's
-            data = _permute_rows(data, n, inverse=True)
-        kind = t.tensor_type.name
-        set_submodule(model, name, QuantLinearGGUF.from_blocks(module, data, kind, dtype))
-        bt = BLOCK_TYPES[kind]
-        schemes[name] = {"bits": bt.bits, "group_size": bt.group_size, "sym": symmetric(kind), "method": "rtn",
-                         "gguf_type": kind}
-    if not schemes:
-        if float_ok:
-            return model
-        raise FormatError(f"{file}: no Linear stored in a block type hfquant reads ({sorted(BLOCK_TYPES)})")
-    main = Counter(s["gguf_type"] for s in schemes.values()).most_common(1)[0][0]
-    types = _hold_embedding_blocks(model, tensors)
-    cfg.quantization_config = HFQuantConfig(gguf_type=main, method="rtn", module_schemes=schemes,
-                                            gguf_head_type=types.get("output"),
-                                            gguf_embedding_type=types.get("token_embd"))
-    return model
-
-
-def _hold_embedding_blocks(model, tensors: dict) -> dict[str, str]:
-    """Keep the file's token-embedding (``token_embd``) and head (``output``) blocks in the modules'
-    ``HELD_BLOCKS`` buffers, so a save and export writes them unchanged. Returns the types ``HFQuantConfig`` can
-    state: ``{"output": the head's type (token_embd's when tied), "token_embd": untied embeddings' type}``."""
-    tied = "output.weight" not in tensors
-    pairs = [("token_embd", model.get_input_embeddings())]
-    if not tied:
-        pairs.append(("output", model.get_output_embeddings()))
-    types = {}
-    for gguf_name, module in pairs:
-        t, weight = tensors.get(f"{gguf_name}.weight"), getattr(module, "weight", None)
-        if t is None or weight is None:
-            continue
-        kind = t.tensor_type.name
-        if kind in GGUF_TENSOR_TYPES:
-            types["output" if tied else gguf_name] = kind
-        if kind in BLOCK_TYPES:
-            module.register_buffer(gguf_types.HELD_BLOCKS, torch.from_numpy(t.data.copy()).reshape(weight.shape[0], -1))
-    return types

@@ -26,20 +26,32 @@ from __future__ import annotations
 
 import copy
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
 import torch
 
-from hfquant.calibration.graph import find_blocks, is_quantizable
+from hfquant.nn.graph import find_blocks, is_quantizable
 from hfquant.core.errors import FormatError
 from hfquant.core.packing import CHUNK, pack_codes, unpack_codes
 from hfquant.formats.files import write_json
-from hfquant.mixed.resolve import summary
+from hfquant.core.schemes import summary
 from hfquant.nn.weight_only import QuantLinearWeightOnly
 
 GPTQ_BITS = (2, 3, 4, 8)
 GPTQ_FORMATS = ("gptq", "gptq_v2")
+
+
+@dataclass(frozen=True)
+class GPTQLayout:
+    """What a GPTQ checkpoint states once for all its modules and every module's tensor shapes follow from: the
+    bits, the group size (``-1``: one group per output channel) and the layout version (``checkpoint_format``:
+    ``"gptq"``, v1, or ``"gptq_v2"``)."""
+
+    bits: int
+    group_size: int
+    checkpoint_format: str = "gptq"
 
 
 def zero_offset(checkpoint_format: str) -> int:
@@ -82,9 +94,14 @@ def unpack_stream(words: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return unpack_codes(_stream_to_packed(words, bits, n), bits, n)
 
 
-def to_gptq(name: str, packed: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, g_idx: torch.Tensor,
-            bias: torch.Tensor | None, bits: int, in_features: int, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
-    """hfquant W4A16 tensors of module ``name`` -> its GPTQ tensors (``name.qweight`` etc.)."""
+def to_gptq(name: str, tensors: dict[str, torch.Tensor], bits: int,
+            checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+    """hfquant W4A16 tensors of module ``name`` -> its GPTQ tensors (``name.qweight`` etc.).
+
+    ``tensors``: the module's tensors by their hfquant names, as a checkpoint holds them: ``weight`` (packed
+    codes), ``scales``, ``zeros``, ``g_idx`` (one entry per input feature) and, when the Linear has one, ``bias``."""
+    packed, scales, zeros, g_idx = tensors["weight"], tensors["scales"], tensors["zeros"], tensors["g_idx"]
+    bias, in_features = tensors.get("bias"), g_idx.numel()
     if bits not in GPTQ_BITS:
         raise FormatError(f"{name}: bits={bits}; the GPTQ layout supports {list(GPTQ_BITS)}")
     out_features = packed.shape[0]
@@ -151,16 +168,17 @@ def gptq_to_packed(name: str, qweight: torch.Tensor, qzeros: torch.Tensor, scale
     return packed, scales.t().contiguous(), zeros.to(torch.uint8).contiguous(), g_idx.to(torch.int32)
 
 
-def gptq_quantization_config(*, bits: int, group_size: int, sym: bool, desc_act: bool, true_sequential: bool = True,
-                             damp_percent: float | None = None, checkpoint_format: str = "gptq",
-                             block_name_to_quantize: str | None = None,
+def gptq_quantization_config(layout: GPTQLayout, *, sym: bool, desc_act: bool, true_sequential: bool = True,
+                             damp_percent: float | None = None, block_name_to_quantize: str | None = None,
                              modules_in_block_to_quantize: list[list[str]] | None = None) -> dict:
     """The ``quantization_config`` block of ``config.json`` (transformers/optimum ``GPTQConfig`` keys, plus
-    ``checkpoint_format`` read by vLLM and GPTQModel). Also what ``quantize_config.json`` holds."""
+    ``checkpoint_format`` read by vLLM and GPTQModel) for a checkpoint in ``layout``. Also what
+    ``quantize_config.json`` holds."""
+    checkpoint_format = layout.checkpoint_format
     cfg = {
         "quant_method": "gptq",
-        "bits": bits,
-        "group_size": group_size,
+        "bits": layout.bits,
+        "group_size": layout.group_size,
         "desc_act": desc_act,
         "sym": sym,
         "true_sequential": true_sequential,
@@ -234,13 +252,11 @@ def gptq_writer(ckpt, checkpoint_format: str = "gptq"):
                       "such layers; for them re-quantize with a group_size that divides every in_features", stacklevel=2)
 
     def convert(name, t):
-        return to_gptq(name, t["weight"], t["scales"], t["zeros"], t["g_idx"], t.get("bias"), q.bits,
-                       t["g_idx"].numel(), checkpoint_format)
+        return to_gptq(name, t, q.bits, checkpoint_format)
 
-    cfg = gptq_quantization_config(bits=q.bits, group_size=q.group_size, sym=q.sym, desc_act=desc_act,
+    cfg = gptq_quantization_config(GPTQLayout(q.bits, q.group_size, checkpoint_format), sym=q.sym, desc_act=desc_act,
                                    true_sequential=q.true_sequential, damp_percent=q.damp_percent,
-                                   checkpoint_format=checkpoint_format, block_name_to_quantize=block_name,
-                                   modules_in_block_to_quantize=subset)
+                                   block_name_to_quantize=block_name, modules_in_block_to_quantize=subset)
     def write_config(config: dict, folder) -> None:
         write_json(Path(folder) / "config.json", {**config, "quantization_config": cfg})
         # AutoGPTQ / GPTQModel read quantize_config.json; transformers and vLLM read config.json.
@@ -255,11 +271,12 @@ class GPTQImportLinear(torch.nn.Module):
     Not an ``nn.Linear`` (transformers' init and type checks must not touch it); it has no forward.
     """
 
-    def __init__(self, in_features: int, out_features: int, bits: int, group_size: int, checkpoint_format: str,
-                 has_g_idx: bool, bias: bool, dtype: torch.dtype, name: str = ""):
+    def __init__(self, in_features: int, out_features: int, layout: GPTQLayout, has_g_idx: bool, bias: bool,
+                 dtype: torch.dtype, name: str = ""):
         super().__init__()
+        bits, group_size = layout.bits, layout.group_size
         self.in_features, self.out_features, self.bits, self.group_size = in_features, out_features, bits, group_size
-        self.checkpoint_format, self.name = checkpoint_format, name
+        self.checkpoint_format, self.name = layout.checkpoint_format, name
         g = in_features if group_size == -1 else group_size
         n_groups = (in_features + g - 1) // g
 

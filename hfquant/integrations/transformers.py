@@ -1,8 +1,10 @@
 """The transformers quantizer for ``quant_method: "hfquant"``.
 
 Fresh quantization runs in ``_process_model_after_weight_loading`` (calibration needs the loaded float
-model, like transformers' own GPTQ integration). Reloading a saved checkpoint swaps the Linears for
-``QuantLinearWeightOnly`` skeletons before the weights load, so the saved tensors load by name.
+model, like transformers' own GPTQ integration). Reloading a saved checkpoint swaps the Linears for quantized
+skeletons before the weights load (``hfquant.formats.skeletons``), so the saved tensors load by name. The rule of
+which modules a run leaves float (``modules_left_float``, ``quantized_predicate``) lives here, beside the
+quantizer that applies it; ``hfquant.api`` holds ``quantize_`` / ``quantize_layerwise``.
 
 The quantizer works on its own copy of the config it is given (``HFQuantQuantizer.__init__``): the resolved
 skip list and per-module schemes go into that copy, which transformers' ``postprocess_model`` makes
@@ -12,9 +14,7 @@ skip list and per-module schemes go into that copy, which transformers' ``postpr
 from __future__ import annotations
 
 import copy
-import copyreg
 import logging
-import os
 import time
 from collections.abc import Callable
 
@@ -28,22 +28,14 @@ from transformers.quantizers.auto import (
 from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import should_convert_module
 
-from hfquant.calibration.graph import in_out_features, is_quantizable, output_head_name, set_submodule
-from hfquant.calibration.onload import empty_model, LayerLoader, local_folder
 from hfquant.config import HFQuantConfig, QUANT_METHOD
 from hfquant.core.errors import ConfigError
-from hfquant.core.gguf_blocks import BLOCK_TYPES
-from hfquant.formats.export import save_pretrained_as
-from hfquant.formats.gptq import checkpoint_keys, GPTQImportLinear
-from hfquant.kernels import half as half_kernels
+from hfquant.formats.save_hook import install_save_format_hook
+from hfquant.formats.skeletons import convert_gptq_skeletons, gptq_skeletons, hfquant_skeletons
 from hfquant.kernels.jit_build import build_seconds
-from hfquant.mixed import gguf_types
-from hfquant.nn import prepare_model
-from hfquant.nn.half import HalfStoredLinear
-from hfquant.nn.gguf import QuantLinearGGUF
-from hfquant.nn.w8a8 import QuantLinearW8A8
-from hfquant.nn.weight_only import QuantLinearWeightOnly
+from hfquant.nn.graph import is_quantizable, output_head_name
 from hfquant.quantize.entry import quantize_loaded_model_
+from hfquant.quantize.freeze import freeze_
 
 logger = logging.getLogger(__name__)
 
@@ -113,69 +105,24 @@ class HFQuantQuantizer(HfQuantizer):
         cfg = self.quantization_config
         self.modules_to_not_convert = modules_left_float(model, cfg.modules_to_not_convert, keep_in_fp32_modules)
         self._predicate = quantized_predicate(self.modules_to_not_convert)
-        head = output_head_name(model) if cfg.lm_head_bits is not None else None
         if not self.pre_quantized:
             return
         dtype = kwargs.get("dtype") or torch.get_default_dtype()
         if cfg.checkpoint_format != "hfquant":
-            self._gptq_skeletons(model, cfg, dtype, kwargs.get("checkpoint_files"))
-            return
-        per_module = cfg.module_schemes or {}
-        for name, module in list(model.named_modules()):
-            if not name or not is_quantizable(module) or not (self._keep(name) or name == head):
-                continue
-            in_f, out_f = in_out_features(module)
-            bias = getattr(module, "bias", None) is not None
-            if name == head:  # saved with lm_head_bits: an 8-bit per-channel head, whatever the skip list says
-                s = {"bits": cfg.lm_head_bits, "group_size": -1}
-            else:
-                s = per_module.get(name) or {"bits": cfg.bits, "group_size": cfg.group_size}
-            if s["bits"] == "auto":
-                raise ConfigError(f"hfquant: {name} has no entry in quantization_config.module_schemes of this "
-                                  "bits='auto' checkpoint; the config.json is incomplete, re-save the model")
-            with torch.device("meta"):
-                if cfg.method == "smoothquant":
-                    q = QuantLinearW8A8(in_f, out_f, bias=bias, dtype=dtype)
-                elif s.get("gguf_type"):
-                    q = QuantLinearGGUF(in_f, out_f, s["gguf_type"], bias=bias, dtype=dtype)
-                else:
-                    q = QuantLinearWeightOnly(in_f, out_f, s["bits"], s["group_size"], bias=bias, dtype=dtype)
-            set_submodule(model, name, q)
-        if cfg.gguf_type is not None:
-            _held_block_skeletons(model, cfg, checkpoint_keys(kwargs.get("checkpoint_files")))
-
-    def _gptq_skeletons(self, model, cfg, dtype, checkpoint_files) -> None:
-        """Importing a GPTQ checkpoint: give each module that has a ``qweight`` in the files a skeleton
-        holding the GPTQ tensors; ``_process_model_after_weight_loading`` converts them."""
-        keys = checkpoint_keys(checkpoint_files)
-        names = sorted(k[: -len(".qweight")] for k in keys if k.endswith(".qweight"))
-        if not names:
-            raise ConfigError(f"hfquant: checkpoint_format={cfg.checkpoint_format!r} but no '*.qweight' tensor in the "
-                              "checkpoint's safetensors files; is it a GPTQ checkpoint (safetensors only)?")
-        tied = {k.rsplit(".", 1)[0] for k in getattr(model, "all_tied_weights_keys", {}) or {}}
-        for name in names:
-            try:
-                module = model.get_submodule(name)
-            except AttributeError:
-                raise ConfigError(f"hfquant: checkpoint has {name}.qweight but the model has no module {name!r}") from None
-            if not is_quantizable(module) or name in tied:
-                raise ConfigError(f"hfquant: {name} is quantized in the GPTQ checkpoint but is not an untied Linear here")
-            in_f, out_f = in_out_features(module)
-            with torch.device("meta"):
-                q = GPTQImportLinear(in_f, out_f, cfg.bits, cfg.group_size, cfg.checkpoint_format,
-                                     f"{name}.g_idx" in keys, f"{name}.bias" in keys, dtype, name=name)
-            set_submodule(model, name, q)
+            gptq_skeletons(model, cfg, dtype, kwargs.get("checkpoint_files"))
+        else:
+            hfquant_skeletons(model, cfg, self._keep, dtype, kwargs.get("checkpoint_files"))
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         cfg = self.quantization_config  # the quantizer's own copy, now model.config.quantization_config
-        _install_save_format_hook(model)
+        install_save_format_hook(model)
         if self.pre_quantized:
             if cfg.checkpoint_format != "hfquant":
-                _convert_gptq_skeletons(model)
+                convert_gptq_skeletons(model)
                 # The config now describes an hfquant model: its Linears left float listed by name.
                 cfg.checkpoint_format = "hfquant"
                 cfg.modules_to_not_convert = sorted(n for n, m in model.named_modules() if n and is_quantizable(m))
-            _freeze(model)
+            freeze_(model)
             return model
 
         t0, built = time.perf_counter(), build_seconds()
@@ -191,8 +138,8 @@ class HFQuantQuantizer(HfQuantizer):
         cfg.modules_to_not_convert = sorted(kept)
         model.config.quantization_config = cfg
         model.hfquant_report = self.report
-        _freeze(model)
-        if build_seconds() > built:  # during quantization or in _freeze (the kernels' operands)
+        freeze_(model)
+        if build_seconds() > built:  # during quantization or in freeze_ (the kernels' operands)
             self.report["kernel_build_seconds"] = build_seconds() - built
         return model
 
@@ -202,190 +149,6 @@ class HFQuantQuantizer(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return False
-
-
-def _held_block_skeletons(model, cfg, keys: set[str]) -> None:
-    """A ``gguf_type`` checkpoint: the output head's and token embeddings' GGUF blocks (``gguf_types.HELD_BLOCKS``,
-    kept by ``round_gguf_embeddings_`` for the GGUF writer) get a buffer to load into, of the shape their type
-    gives, where the checkpoint has them (checkpoints saved before hfquant kept them do not)."""
-    for name, kind in gguf_types.embedding_modules(model, cfg).items():
-        bt = BLOCK_TYPES.get(kind)
-        if bt is None or f"{name}.{gguf_types.HELD_BLOCKS}" not in keys:
-            continue
-        module = model.get_submodule(name)
-        rows, cols = module.weight.shape
-        module.register_buffer(gguf_types.HELD_BLOCKS, torch.empty(rows, cols // bt.block_values * bt.block_bytes,
-                                                                   dtype=torch.uint8, device="meta"))
-
-
-def _convert_gptq_skeletons(model) -> None:
-    """Replace the GPTQ skeletons by ``QuantLinearWeightOnly`` modules."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, GPTQImportLinear):
-            set_submodule(model, name, module.to_w4a16())
-
-
-class _SaveFormat:
-    """Mixed into the class of every model the quantizer produced (see ``_install_save_format_hook``):
-    ``save_pretrained`` writes ``quantization_config.save_format``, whether it is called as
-    ``model.save_pretrained(d)`` or ``type(model).save_pretrained(model, d)``."""
-
-    _hfquant_base: type  # the model's original class, set on each subclass
-
-    def save_pretrained(self, save_directory, **kwargs):
-        """``save_pretrained`` of the model's class for ``save_format: hfquant`` (the default); for ``"gptq"``
-        and ``"compressed-tensors"`` the hfquant layout is written to a temporary folder and converted
-        (``hfquant.formats.export.save_pretrained_as``)."""
-        fmt = getattr(getattr(self.config, "quantization_config", None), "save_format", "hfquant")
-        if fmt == "hfquant":
-            return super().save_pretrained(save_directory, **kwargs)
-        tokenizer_dir = getattr(self, "name_or_path", None) if fmt == "gguf" else None
-        return save_pretrained_as(super().save_pretrained, save_directory, fmt, tokenizer_dir=tokenizer_dir, **kwargs)
-
-    def __reduce_ex__(self, protocol):
-        # pickle finds classes by module and name, which lead to the original class: rebuild the subclass from it
-        rv = super().__reduce_ex__(protocol)
-        if isinstance(rv, tuple) and rv[0] is copyreg.__newobj__ and rv[1][0] is type(self):
-            return (_new_with_save_format, (self._hfquant_base, *rv[1][1:]), *rv[2:])
-        return rv
-
-
-_SAVE_FORMAT_CLASSES: dict[type, type] = {}
-
-
-def _save_format_class(base: type) -> type:
-    """``base`` with ``_SaveFormat`` mixed in, made once per class. It has ``base``'s ``__name__``,
-    ``__qualname__`` and ``__module__``, so ``config.json``'s ``architectures`` (the class name) and everything
-    transformers derives from the class (remote code, ``can_generate``) stay as they are."""
-    cls = _SAVE_FORMAT_CLASSES.get(base)
-    if cls is None:
-        cls = type(base.__name__, (_SaveFormat, base), {
-            "__module__": base.__module__, "__qualname__": base.__qualname__, "__doc__": base.__doc__,
-            "_hfquant_base": base})
-        _SAVE_FORMAT_CLASSES[base] = cls
-    return cls
-
-
-def _new_with_save_format(base: type, *args):
-    """An empty instance of ``base``'s save-format subclass (pickle and ``copy.deepcopy`` fill in its state)."""
-    cls = _save_format_class(base)
-    return cls.__new__(cls, *args)
-
-
-def _install_save_format_hook(model) -> None:
-    """Make ``save_pretrained`` honour ``quantization_config.save_format``. The model's class is swapped for a
-    subclass (``_save_format_class``) rather than patching the instance, so that a call through the class,
-    ``type(model).save_pretrained(model, d)``, honours it too; ``copy.deepcopy(model)`` keeps the class.
-    transformers' ``save_pretrained`` offers no hook for this: a quantizer can only change the state dict
-    (``get_state_dict_and_metadata``), while the GPTQ and compressed-tensors layouts also change
-    ``config.json`` and add files."""
-    if getattr(type(model), "_hfquant_base", None) is None:  # not yet (also across a reload of this module)
-        model.__class__ = _save_format_class(type(model))
-
-
-def _freeze(model) -> None:
-    """Freeze the quantized tensors and convert them to their kernels' layouts once, at load time; store a float
-    output head in 16 bits where that is exact (``_store_head_in_16_bits``)."""
-    for m in model.modules():
-        if isinstance(m, (QuantLinearWeightOnly, QuantLinearW8A8)):
-            for p in m.parameters(recurse=False):
-                p.requires_grad_(False)
-    prepare_model(model)
-    _store_head_in_16_bits(model)
-
-
-def _store_head_in_16_bits(model) -> None:
-    """Replace a float32 output head on the CPU by ``HalfStoredLinear`` when every weight is exactly bfloat16 (or
-    float16), as in a float32 model loaded from a 16-bit checkpoint: the same values in half the bytes, and with
-    hfquant's 16-bit GEMV, decode reads half as much for the head. Not for tied heads (declared in the config, or the
-    tensor shared with another parameter), other devices and dtypes, a CPU without the kernel, or with
-    ``HFQUANT_HEAD_16BIT=0``."""
-    if os.environ.get("HFQUANT_HEAD_16BIT", "1") == "0":
-        return
-    name = output_head_name(model)
-    head = model.get_submodule(name) if name else None
-    if type(head) is not torch.nn.Linear or head.weight.device.type != "cpu" or head.weight.dtype is not torch.float32:
-        return
-    if hasattr(head, gguf_types.HELD_BLOCKS):  # its GGUF blocks stay with it, for the GGUF writer
-        return
-    text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    shared = any(p.data_ptr() == head.weight.data_ptr() for n, p in model.named_parameters(remove_duplicate=False)
-                 if not n.startswith(f"{name}."))
-    if getattr(text_config, "tie_word_embeddings", False) or shared or not half_kernels.cpu_gemv_available():
-        return
-    half = HalfStoredLinear.from_linear(head)
-    if half is not None:
-        set_submodule(model, name, half)
-        logger.info("hfquant: %s stored in %s (its float32 values are exactly 16-bit; decode reads half the bytes)",
-                    name, half.weight.dtype)
-
-
-_QUANTIZED_MODULES = (QuantLinearWeightOnly, QuantLinearW8A8, QuantLinearGGUF, GPTQImportLinear)
-
-
-def _as_config(config) -> HFQuantConfig:
-    """``config`` as an ``HFQuantConfig``: one, or a dict of its fields (validated as the constructor does)."""
-    if isinstance(config, HFQuantConfig):
-        return config
-    if isinstance(config, dict):
-        return HFQuantConfig(**config)
-    raise ConfigError(f"hfquant.quantize_: config must be an HFQuantConfig or a dict of its fields, got "
-                      f"{type(config).__name__}; e.g. quantize_(model, HFQuantConfig(bits=4))")
-
-
-def _check_not_quantized(model) -> None:
-    """Refuse a model that is already quantized (by hfquant or another method): quantizing it again would round
-    rounded weights, or silently keep the old scheme."""
-    found = next((n for n, m in model.named_modules() if isinstance(m, _QUANTIZED_MODULES)), None)
-    qc = getattr(getattr(model, "config", None), "quantization_config", None)
-    if found is None and not qc and getattr(model, "hf_quantizer", None) is None:
-        return
-    method = (qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)) or "hfquant"
-    where = f" ({found} is a quantized module)" if found else ""
-    raise ConfigError(f"hfquant.quantize_: the model is already quantized (quant_method {method!r}){where}; load the "
-                      "float model and quantize that")
-
-
-def quantize_(model, config, **options) -> dict:
-    """Quantize an already loaded float transformers model in place (the torchao ``quantize_`` convention),
-    exactly as ``from_pretrained(..., quantization_config=config)`` would (same skip list, config and report),
-    so it saves and reloads like one. The model may be in float32, bfloat16 or float16 and on any device:
-    calibration runs where its weights are. A model that is already quantized is refused (``ConfigError``).
-    ``config`` (an ``HFQuantConfig``, or a dict of its fields) is not modified: the resolved
-    config is ``model.config.quantization_config``. ``options`` go to ``quantize_loaded_model_``
-    (``windows``, ``progress``, ``store``). Returns ``model.hfquant_report``.
-    """
-    config = _as_config(config)
-    _check_not_quantized(model)
-    quantizer = HFQuantQuantizer(config, pre_quantized=False)
-    quantizer.run_options = options
-    quantizer.preprocess_model(model)
-    model.hf_quantizer = quantizer
-    quantizer.postprocess_model(model)
-    return model.hfquant_report
-
-
-def quantize_layerwise(model, config, *, device="cpu", dtype=torch.float32, activations: str = "device",
-                       offload_folder=None, revision=None, trust_remote_code: bool = False, **options):
-    """Load and quantize a model a decoder layer at a time, never holding all its float weights.
-
-    ``model`` is a local folder (or Hub id) with safetensors weights. Returns the quantized model, the same
-    module for module and bit for bit as ``from_pretrained(model, dtype=dtype)`` followed by
-    ``quantize_(model, config)``, ready for ``save_pretrained``. ``activations`` says where the
-    calibration hidden states live between blocks: ``"device"`` (the execution device), ``"cpu"`` or
-    ``"disk"`` (safetensors files in a temporary folder under ``offload_folder``; quantized modules are then
-    recomputed rather than having their outputs cached). ``config`` is not modified (the resolved config is
-    the returned model's ``config.quantization_config``). ``options`` go to ``quantize_loaded_model_``
-    (``windows``, ``progress``, ``dist``).
-    """
-    folder = local_folder(str(model), revision)
-    skeleton = empty_model(folder, dtype, revision=revision, trust_remote_code=trust_remote_code)
-    loader = LayerLoader(skeleton, folder, device, dtype)
-    loader.load_outside()
-    report = quantize_(skeleton, config, onload=loader, activations=activations, offload_folder=offload_folder,
-                       **options)
-    report["layerwise"] = {"activations": activations, "read_seconds": loader.seconds}
-    return skeleton
 
 
 _REGISTERED = False

@@ -37,9 +37,8 @@ from hfquant.formats.files import CheckpointError, tensor_headers
 from hfquant.formats.gptq import GPTQImportLinear
 from hfquant.formats.load import gptq_to_hfquant_config, read_gptq_config
 from hfquant.integrations.transformers import HFQuantQuantizer
-from hfquant.nn.gguf import QuantLinearGGUF
+from hfquant.core.weight_format import WeightFormat
 from hfquant.nn.w8a8 import QuantLinearW8A8
-from hfquant.nn.weight_only import QuantLinearWeightOnly
 
 try:  # how transformers renames checkpoint keys on load (MoE experts, legacy names); absent: keys compared as stored
     from transformers.conversion_mapping import get_model_conversion_mapping
@@ -282,13 +281,10 @@ def _describe(model, key: str) -> str:
         module = model.get_submodule(name)
     except AttributeError:
         return "the model it describes"
-    if isinstance(module, QuantLinearWeightOnly):
-        group = "per-channel" if module.group_size == -1 else f"group_size {module.group_size}"
-        return f"{name}: {module.bits}-bit codes, {group}"
     if isinstance(module, GPTQImportLinear):
         return f"{name}: GPTQ {module.bits}-bit, group_size {module.group_size}"
-    if isinstance(module, QuantLinearGGUF):
-        return f"{name}: GGUF {module.gguf_type} blocks"
+    if isinstance(getattr(module, "format", None), WeightFormat):
+        return f"{name}: {module.format.describe()}"
     if isinstance(module, QuantLinearW8A8):
         return f"{name}: W8A8 int8"
     return f"{name}: {type(module).__name__}"

@@ -31,11 +31,13 @@ from pathlib import Path
 
 import torch
 
+from hfquant.kernels.cpu_ext import SOURCES
 from hfquant.kernels.isa import cpu_isa
 from hfquant.kernels.jit_build import cache_root, cpu_description, exclusive_lock
 
-_KERNEL_SOURCES = (Path(__file__).parent / "csrc" / "w4a16_cpu.cpp", Path(__file__).parent / "w4a16.py",
-                   Path(__file__).parent / "w8a8.py", Path(__file__).parent / "half.py")
+# What the recorded paths compute: every C++ source (cpu_ext.SOURCES) and the Python that calls them.
+_KERNEL_SOURCES = (*SOURCES, Path(__file__).parent / "weight_only.py", Path(__file__).parent / "w8a8.py",
+                   Path(__file__).parent / "half.py")
 _THREADS = threading.RLock()
 _STATE: dict = {}  # "file" -> Path, "entries" -> dict, "unwritable" -> bool
 

@@ -1,6 +1,9 @@
-"""What every kernel shares: the per-module operand cache, the reference switch, the group-sorted packed
-weight, and the guarded Triton import. Duck-typed: nothing here (or anywhere in ``hfquant.kernels``) imports
-``hfquant.nn``; a quantized module is anything with the tensors the kernels read."""
+"""What the kernel families share: the reference switch, the timed and recorded choice of a CPU path
+(``choose_path``), and the guarded Triton import (``triton_kernels``). The per-module operand cache and the
+group-sorted packed weight live in ``hfquant.kernels.operands`` (still importable from here): the Triton kernels,
+which ``triton_kernels()`` imports inside the function, take them from there, so no import cycle runs through this
+module. Duck-typed: nothing here (or anywhere in ``hfquant.kernels``) imports ``hfquant.nn``; a quantized module is
+anything with the tensors the kernels read."""
 
 from __future__ import annotations
 
@@ -8,36 +11,14 @@ import contextlib
 import os
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from hfquant.core.packing import pack_codes
 from hfquant.kernels import choices as path_record
 from hfquant.kernels.isa import cpu_isa
-
-
-def cached_operands(module, name: str, build: Callable, extra=()):
-    """``build()`` once per state of the module's own tensors, stored in ``module._kernel_cache``.
-
-    The state is the data pointer and version counter of every parameter and buffer the module holds
-    directly: replacing a tensor (``m.scales.data = ...``) or changing one in place (``load_state_dict``
-    copies into the existing tensors) rebuilds the operands on the next call. It is read from the module's
-    ``_parameters``/``_buffers`` dicts (one comprehension, about 1 us) because this runs on every decode call.
-
-    While ``torch.compile`` traces, operands built before (``prepare_model`` builds them at load) are taken as
-    they are: data pointers cannot be traced, and the compiled graph keeps the tensors it was traced with.
-    """
-    if torch.compiler.is_compiling() and name in module._kernel_cache:
-        return module._kernel_cache[name][1]
-    key = [extra]
-    key += [(t.data_ptr(), t._version) for t in module._parameters.values() if t is not None]
-    key += [(t.data_ptr(), t._version) for t in module._buffers.values() if t is not None]
-    hit = module._kernel_cache.get(name)
-    if hit is None or hit[0] != key:
-        hit = (key, build())
-        module._kernel_cache[name] = hit
-    return hit[1]
+from hfquant.kernels.operands import cached_operands, grouped_weight  # noqa: F401 - importable from here as before
 
 
 def forced_reference() -> bool:
@@ -61,25 +42,6 @@ def reference_kernels():
             os.environ["HFQUANT_KERNEL"] = old
 
 
-def grouped_weight(module):
-    """``(packed, perm)``: the packed codes with their columns sorted by group, so every group is a
-    contiguous run of ``group_size`` columns (the last may be partial), and the column permutation that
-    does it (``None`` when ``g_idx`` is already ``i // group_size`` and ``packed`` is the module's own
-    ``weight``). ``None`` when some group other than the last is not whole. Built once, shared by every
-    fast path."""
-    def build():
-        g = module.in_features if module.group_size == -1 else module.group_size
-        g_idx = module.g_idx.long()
-        counts = torch.bincount(g_idx, minlength=module.scales.shape[1])
-        if not (bool((counts[:-1] == g).all()) and 0 < int(counts[-1]) <= g):
-            return None
-        perm = torch.argsort(g_idx, stable=True)
-        if bool((perm == torch.arange(module.in_features, device=perm.device)).all()):
-            return module.weight, None
-        return pack_codes(module.codes()[:, perm], module.bits), perm
-    return cached_operands(module, "grouped", build)
-
-
 SLOWER_THAN_FLOAT_MARGIN = 1.1  # warn when the chosen quantized path takes more than this times float32's time
 # ... and float32 takes at least this long (below it, Python's dispatch decides, not the kernels)
 SLOWER_THAN_FLOAT_MIN_SECONDS = 5e-4
@@ -100,12 +62,24 @@ def path_mode(env: str, paths) -> str:
     return mode
 
 
-def choose_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str, candidates, x: torch.Tensor, module,
-                fallback=(), warn_as: str | None = None):
-    """Run ``paths[name](x, module)`` for the path this process uses for the shape class ``key``; returns its output,
-    or ``None`` when no path takes the input (a path returning ``None`` does not take it).
+@dataclass(frozen=True)
+class PathFamily:
+    """A kernel family whose path ``choose_path`` picks: the environment variable that sets the mode, the paths
+    accurate enough to be a default (``candidates``), the ones taken only where no candidate takes the input
+    (``fallback``), and how a slow layer is named in the warning (``warn_as``, or ``None``: no float32 timing)."""
 
-    Which path, by ``os.environ[env]`` (``path_mode``):
+    env: str
+    candidates: tuple[str, ...]
+    fallback: tuple[str, ...] = ()
+    warn_as: str | None = None
+
+
+def choose_path(family: PathFamily, choices: dict, key: tuple, paths: dict[str, Callable], x: torch.Tensor, module):
+    """Run ``paths[name](x, module)`` for the path this process uses for the shape class ``key`` of the kernel
+    ``family`` (its ``env``, ``candidates``, ``fallback`` and ``warn_as``); returns its output, or ``None`` when no path
+    takes the input (a path returning ``None`` does not take it).
+
+    Which path, by ``os.environ[family.env]`` (``path_mode``):
 
     * ``reproducible`` (the default): the fastest of ``candidates`` (the paths accurate enough to be a default) on
       this machine, timed once per machine and shape class by the first process that meets the class and recorded
@@ -129,7 +103,7 @@ def choose_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str,
     the chosen path is more than ``SLOWER_THAN_FLOAT_MARGIN`` times slower (and float32 takes at least
     ``SLOWER_THAN_FLOAT_MIN_SECONDS``), one warning per process and kernel family (``env``) says so, naming the first
     such layer: on such a CPU the quantized model saves memory, not time."""
-    mode = path_mode(env, paths)
+    mode = path_mode(family.env, paths)
     if mode in paths:
         return paths[mode](x, module)
     slot = (mode, key)
@@ -137,27 +111,35 @@ def choose_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str,
     compiling = torch.compiler.is_compiling()
     if name is None and mode == REPRODUCIBLE:
         # Under torch.compile only what is already read is looked at (no file access while tracing).
-        entry = path_record.peek(env, key) if compiling else path_record.recorded(env, key)
+        entry = path_record.peek(family.env, key) if compiling else path_record.recorded(family.env, key)
         if entry is not None:
             name = choices[slot] = entry["path"]
             if not compiling:
-                _warn_if_slower(env, warn_as, entry, mode, x, module)
+                _warn_if_slower(family, entry, mode, x, module)
     if name is not None:  # every call after a class's first: the remembered path
         y = paths[name](x, module) if name in paths else None
         if y is None:  # a module whose layout the class's path does not take (an unusual g_idx, say)
-            y = _first_taking(paths, [*_pool(paths, candidates, mode), *fallback], x, module)[1]
+            y = _first_taking(paths, [*_pool(paths, family.candidates, mode), *family.fallback], x, module)[1]
         return y
-    pool = _pool(paths, candidates, mode)
     if compiling:  # nothing timed while tracing: the first candidate, kept for this process's eager calls too
-        name, y = _first_taking(paths, pool, x, module)
+        name, y = _first_taking(paths, _pool(paths, family.candidates, mode), x, module)
         if name is None:
-            return _first_taking(paths, fallback, x, module)[1]
+            return _first_taking(paths, family.fallback, x, module)[1]
         choices[slot] = name
         return y
+    return _time_and_keep(family, choices, slot, paths, x, module)
+
+
+def _time_and_keep(family: PathFamily, choices: dict, slot: tuple, paths: dict[str, Callable], x: torch.Tensor,
+                   module):
+    """A shape class's first call in this process with nothing recorded: time the paths (``reproducible``: once per
+    machine, recorded for every process; ``fastest``: for this process), keep the choice, return its output."""
+    mode, key = slot
+    pool = _pool(paths, family.candidates, mode)
     outputs: dict[str, torch.Tensor] = {}
 
     def decide() -> dict | None:
-        timed = {n: _time_path(paths[n], x, module) for n in (pool + [f for f in fallback if f not in pool]
+        timed = {n: _time_path(paths[n], x, module) for n in (pool + [f for f in family.fallback if f not in pool]
                                                                   if mode == FASTEST else pool)}
         taken = {n: t for n, t in timed.items() if t[1] is not None}
         if not taken:
@@ -165,17 +147,17 @@ def choose_path(choices: dict, key: tuple, paths: dict[str, Callable], env: str,
         best = min(taken, key=lambda n: taken[n][0])
         outputs[best] = taken[best][1]
         ratio = None
-        if warn_as is not None:
+        if family.warn_as is not None:
             float_seconds = _time_path(float_baseline(module), x, module)[0]
             if float_seconds >= SLOWER_THAN_FLOAT_MIN_SECONDS:
                 ratio = float_seconds / max(taken[best][0], 1e-12)
         return {"path": best, "ratio": ratio}
 
-    entry = path_record.record(env, key, decide) if mode == REPRODUCIBLE else decide()
+    entry = path_record.record(family.env, key, decide) if mode == REPRODUCIBLE else decide()
     if entry is None:  # no candidate takes this module: the fallback, chosen by the module, never by a timing
-        return _first_taking(paths, fallback, x, module)[1]
+        return _first_taking(paths, family.fallback, x, module)[1]
     choices[slot] = entry["path"]
-    _warn_if_slower(env, warn_as, entry, mode, x, module)
+    _warn_if_slower(family, entry, mode, x, module)
     y = outputs.get(entry["path"])
     return y if y is not None else paths[entry["path"]](x, module)  # recorded by another process meanwhile
 
@@ -185,9 +167,9 @@ def _pool(paths: dict[str, Callable], candidates, mode: str) -> list[str]:
     return [n for n in (list(paths) if mode == FASTEST else candidates) if n in paths]
 
 
-def _warn_if_slower(env: str, warn_as: str | None, entry: dict, mode: str, x: torch.Tensor, module) -> None:
+def _warn_if_slower(family: PathFamily, entry: dict, mode: str, x: torch.Tensor, module) -> None:
     """The slower-than-float32 warning for ``entry`` (``{"path", "ratio"}``), once per process and family."""
-    ratio = entry.get("ratio")
+    env, warn_as, ratio = family.env, family.warn_as, entry.get("ratio")
     if warn_as is None or ratio is None or env in _SLOWER_THAN_FLOAT_WARNED or ratio * SLOWER_THAN_FLOAT_MARGIN >= 1.0:
         return
     _SLOWER_THAN_FLOAT_WARNED.add(env)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from hfquant.kernels import cpu_ext
-from hfquant.kernels.common import choose_path
+from hfquant.kernels.common import choose_path, PathFamily
 
 # The GEMV multiplies each cached block of W with one row of x at a time, so its time grows with every row; at 16 rows
 # (AVX2 code, 4096x4096 and 576x49152) the tiles already matched it: 1.6-2.1x float32 against 1.6-1.7x.
@@ -85,6 +85,8 @@ PATHS = {"gemv": half_cpu_gemv, "tiles": half_cpu_tiles, "big_tiles": half_cpu_b
 # All three keep the float32 values and sum in float32 (in different orders): the reproducible choice is this machine's
 # recorded timing among them (``choose_path``; the GEMV takes up to ``GEMV_MAX_ROWS`` rows).
 CANDIDATES = ("gemv", "tiles", "big_tiles")
+_FAMILY = PathFamily("HFQUANT_CPU_HALF", CANDIDATES,
+                     warn_as="a float32 {in_f}x{out_f} Linear stored in 16 bits at {rows} rows")
 
 
 _CHOICE: dict[tuple, str] = {}  # (mode, shape class) -> a name in PATHS, as chosen in this process
@@ -98,7 +100,6 @@ def half_linear(x: torch.Tensor, module) -> torch.Tensor:
     if x.device.type == "cpu" and w.device.type == "cpu" and x.dtype is torch.float32:
         rows = x.numel() // max(1, x.shape[-1])
         key = (module.in_features, module.out_features, rows.bit_length())
-        y = choose_path(_CHOICE, key, PATHS, "HFQUANT_CPU_HALF", CANDIDATES, x, module,
-                        warn_as="a float32 {in_f}x{out_f} Linear stored in 16 bits at {rows} rows")
+        y = choose_path(_FAMILY, _CHOICE, key, PATHS, x, module)
         return y if y is not None else half_cpu_tiles(x, module)  # HFQUANT_CPU_HALF=gemv where the GEMV cannot run
     return F.linear(x, w.to(x.dtype), _bias(module, x))

@@ -10,9 +10,10 @@ its owner removes). Here instead:
   ``$XDG_CACHE_HOME/hfquant``, else ``~/.cache/hfquant``. ``key`` hashes everything the compiled library depends on
   (``key_fields``): torch's version and install path, the Python ABI (``sys.implementation.cache_tag``, the
   extension suffix, the include path), the compiler (``$CXX``), the flags (which ``cpu_isa()`` chose, with the
-  name), the source's content, and with ``-march=native`` the CPU's model and feature flags (what the code is
-  compiled for; the folder may sit on a home directory shared by different machines). The source is copied into
-  the folder and compiled from there, so two checkouts of the same source share the build.
+  name), the sources' content (every file: the ``.cpp`` files and the headers they include, ``sources_text``), and
+  with ``-march=native`` the CPU's model and feature flags (what the code is compiled for; the folder may sit on a
+  home directory shared by different machines). The sources are copied into the folder and compiled from there, so
+  two checkouts of the same sources share the build.
 * **Lock**: ``fcntl.flock`` on ``<folder>.lock`` around the build and the load (the holder's pid is written in
   it for the message). The kernel releases it when its owner dies, so it is never stale; and since every live
   builder holds it, torch's ``<folder>/lock`` found by the holder is a killed build's leftover and is removed.
@@ -83,7 +84,8 @@ def cpu_description() -> str:
 
 
 def key_fields(name: str, cflags: Sequence[str], source: bytes) -> dict:
-    """What the compiled library depends on, besides the name: each one changes the build folder."""
+    """What the compiled library depends on, besides the name: each one changes the build folder. ``source``: the
+    sources' bytes (``sources_text``)."""
     return {
         "name": name,
         "torch": torch.__version__,
@@ -181,9 +183,20 @@ def locked_build(folder: Path, build: Callable[[], T], label: str, output: str |
         return result
 
 
-def _place_source(folder: Path, source: Path, text: bytes) -> Path:
-    """``source``'s text as ``folder/<its name>``, rewritten only when it differs (ninja compares times)."""
-    copy = folder / source.name
+COMPILED_SUFFIXES = (".cpp", ".cc", ".cxx", ".c")  # compiled; other files (headers) are only copied along
+
+
+def sources_text(files: dict[str, bytes]) -> bytes:
+    """What the build key hashes for the files ``{name: content}``: one file's content as it is; for several, each
+    file's name and content in name order (so renaming, adding or changing any file, header included, changes it)."""
+    if len(files) == 1:
+        return next(iter(files.values()))
+    return b"".join(b"%s\0%d\0%s" % (n.encode(), len(t), t) for n, t in sorted(files.items()))
+
+
+def _place_source(folder: Path, name: str, text: bytes) -> Path:
+    """``text`` as ``folder/<name>``, rewritten only when it differs (ninja compares times)."""
+    copy = folder / name
     if not copy.is_file() or copy.read_bytes() != text:
         folder.mkdir(parents=True, exist_ok=True)
         tmp = copy.with_name(f".{copy.name}.{os.getpid()}")
@@ -192,15 +205,22 @@ def _place_source(folder: Path, source: Path, text: bytes) -> Path:
     return copy
 
 
-def load_extension(name: str, source: Path, cflags: Sequence[str], label: str):
-    """Compile ``source`` as the torch extension module ``name`` with ``cflags`` into its own folder (once per
-    environment, under the lock) and import it; raises what torch raises when it cannot be built."""
-    text = source.read_bytes()
+def load_extension(name: str, sources: Path | Sequence[Path], cflags: Sequence[str], label: str):
+    """Compile ``sources`` (one file, or several: the ``.cpp`` files are compiled and linked into one module, the
+    others, the headers they include, are copied next to them; names must differ) as the torch extension module
+    ``name`` with ``cflags`` into its own folder (once per environment, under the lock) and import it; raises what
+    torch raises when it cannot be built."""
+    paths = [sources] if isinstance(sources, Path) else list(sources)
+    files = {p.name: p.read_bytes() for p in paths}
+    if len(files) != len(paths):
+        raise ValueError(f"{name}: two sources with one file name: {[str(p) for p in paths]}")
+    text = sources_text(files)
     folder = build_folder(name, cflags, text)
 
     def build():
-        copy = _place_source(folder, source, text)
-        return load(name=name, sources=[str(copy)], extra_cflags=list(cflags), build_directory=str(folder),
+        copies = [_place_source(folder, n, t) for n, t in files.items()]
+        compiled = [str(c) for c in copies if c.suffix in COMPILED_SUFFIXES]
+        return load(name=name, sources=compiled, extra_cflags=list(cflags), build_directory=str(folder),
                     verbose=False)
 
     return locked_build(folder, build, label, output=f"{name}{LIB_EXT}", about=key_fields(name, cflags, text))

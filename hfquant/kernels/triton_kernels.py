@@ -3,10 +3,10 @@ activation quantization, int8 GEMM with the dequantization fused into its epilog
 
 Imported only when a CUDA tensor reaches a quantized Linear (or by the tests), so ``import hfquant``
 never imports Triton. The kernels are also correct under ``TRITON_INTERPRET=1`` on CPU tensors, which is
-how CI checks them against the PyTorch references (``tests/test_triton_kernels.py``); only their speed
+how CI checks them against the PyTorch references (``tests/kernels/test_triton_kernels.py``); only their speed
 needs a GPU (``scripts/bench_kernels.py``).
 
-W4A16 operands (built once per module by ``w4a16_operands``, cached on the module, not saved):
+W4A16 operands (built once per module by ``weight_only_operands``, cached on the module, not saved):
 
 * ``packed``: int32 ``[N, Kp/8]``, eight 4-bit codes per word, code of column ``k`` at bits
   ``4*(k % 8)`` of word ``k // 8`` -- this is ``QuantLinearWeightOnly.weight`` viewed as 2-D (its layout,
@@ -42,7 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hfquant.kernels.common import cached_operands, grouped_weight
+from hfquant.kernels.operands import cached_operands, grouped_weight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("HFQUANT_TRITON_AUTOTUNE", "1") != "0"
@@ -59,7 +59,7 @@ def _configs(full: list[triton.Config], small: triton.Config) -> list[triton.Con
 
 # ------------------------------------------------------------------------------------------- W4A16
 
-def _prune_w4a16(configs, named_args, **kwargs):
+def _prune_weight_only(configs, named_args, **kwargs):
     """Keep the tile configs whose K tile stays inside one group."""
     args = {**named_args, **kwargs}
     kept = [c for c in configs if args["SINGLE_GROUP"] or c.kwargs["BK"] <= args["GROUP"]]
@@ -75,13 +75,13 @@ def _prune_w4a16(configs, named_args, **kwargs):
         triton.Config({"BM": 16, "BN": 32, "BK": 32}, num_warps=4, num_stages=1),
     ),
     key=["M_BUCKET", "N", "K", "GROUP"],
-    prune_configs_by={"early_config_prune": _prune_w4a16},
+    prune_configs_by={"early_config_prune": _prune_weight_only},
 )
 @triton.jit
-def _w4a16_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,
-                       stride_xm, stride_wn, stride_ym,
-                       GROUP: tl.constexpr, SINGLE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+def _weight_only_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,
+                             stride_xm, stride_wn, stride_ym,
+                             GROUP: tl.constexpr, SINGLE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             PRECISION: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """Prefill: ``y = x @ W^T`` with W dequantized tile by tile (a K tile never crosses a group)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -119,13 +119,13 @@ def _w4a16_gemm_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, M_BUCK
         triton.Config({"BN": 16, "BK": 32}, num_warps=2, num_stages=1),
     ),
     key=["N", "K", "GROUP"],
-    prune_configs_by={"early_config_prune": _prune_w4a16},
+    prune_configs_by={"early_config_prune": _prune_weight_only},
 )
 @triton.jit
-def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K,
-                       stride_xm, stride_wn, stride_ym,
-                       GROUP: tl.constexpr, SINGLE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BN: tl.constexpr, BK: tl.constexpr):
+def _weight_only_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K,
+                             stride_xm, stride_wn, stride_ym,
+                             GROUP: tl.constexpr, SINGLE_GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+                             BN: tl.constexpr, BK: tl.constexpr):
     """Decode: ``BN`` outputs of one row of ``x`` per program, the whole K loop in the program (no split,
     so no atomics: deterministic, one launch, output written in its dtype).
 
@@ -157,7 +157,7 @@ def _w4a16_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, N, K,
     tl.store(y_ptr + row * stride_ym + rn, y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
-def w4a16_operands(module, device: torch.device):
+def weight_only_operands(module, device: torch.device):
     """(packed int32 [N, Kp/8], scales f32 [G, N], zeros i32 [G, N], column perm or None), or None.
 
     ``None`` when the module's layout has no Triton kernel: bits other than 4, groups that are not a
@@ -174,7 +174,7 @@ def w4a16_operands(module, device: torch.device):
         return (packed.reshape(module.out_features, -1).to(device).contiguous(), module.scales.float().t().to(device).contiguous(),
                 module.zeros.t().to(device=device, dtype=torch.int32).contiguous(),
                 None if perm is None else perm.to(device))
-    return cached_operands(module, "triton_w4a16", build, extra=(str(device),))
+    return cached_operands(module, "triton_weight_only", build, extra=(str(device),))
 
 
 def _bucket(m: int) -> int:
@@ -182,9 +182,10 @@ def _bucket(m: int) -> int:
     return 1 << max(m - 1, 0).bit_length()
 
 
-def w4a16_triton(x: torch.Tensor, module) -> torch.Tensor | None:
-    """W4A16 on CUDA (or under the interpreter); ``None`` when the module's layout is not supported."""
-    ops = w4a16_operands(module, x.device)
+def weight_only_triton(x: torch.Tensor, module) -> torch.Tensor | None:
+    """Weight-only 4-bit codes (W4A16) on CUDA (or under the interpreter); ``None`` when the module's layout is not
+    supported."""
+    ops = weight_only_operands(module, x.device)
     if ops is None:
         return None
     packed, scales, zeros, perm = ops
@@ -201,14 +202,14 @@ def w4a16_triton(x: torch.Tensor, module) -> torch.Tensor | None:
     if m <= TRITON_GEMV_MAX_ROWS:
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
         grid = lambda c: (triton.cdiv(n, c["BN"]), m)  # noqa: E731
-        _w4a16_gemv_kernel[grid](x2, packed, scales, zeros, bias, y, n, k, x2.stride(0), packed.stride(0), y.stride(0),
-                                 **meta)
+        _weight_only_gemv_kernel[grid](x2, packed, scales, zeros, bias, y, n, k, x2.stride(0), packed.stride(0),
+                                       y.stride(0), **meta)
     else:
         y = torch.empty(m, n, device=x.device, dtype=x.dtype)
         grid = lambda c: (triton.cdiv(m, c["BM"]), triton.cdiv(n, c["BN"]))  # noqa: E731
-        _w4a16_gemm_kernel[grid](x2, packed, scales, zeros, bias, y, m, n, k, _bucket(m),
-                                 x2.stride(0), packed.stride(0), y.stride(0),
-                                 PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **meta)
+        _weight_only_gemm_kernel[grid](x2, packed, scales, zeros, bias, y, m, n, k, _bucket(m),
+                                       x2.stride(0), packed.stride(0), y.stride(0),
+                                       PRECISION="ieee" if x.dtype == torch.float32 else "tf32", **meta)
     return y.reshape(*shape[:-1], n)
 
 

@@ -28,7 +28,8 @@ import torch
 
 from hfquant.core.smoothquant import quantize_activation_int8
 from hfquant.kernels import cpu_ext
-from hfquant.kernels.common import cached_operands, choose_path, forced_reference, triton_kernels
+from hfquant.kernels.common import choose_path, forced_reference, PathFamily, triton_kernels
+from hfquant.kernels.operands import cached_operands
 from hfquant.kernels.isa import int8_gemm_is_fast
 
 # hfquant's VNNI GEMV (csrc) quantizes and multiplies one float32 row per call (decode); more rows go to
@@ -109,6 +110,8 @@ def w8a8_cpu_int_gemm(x: torch.Tensor, module) -> torch.Tensor | None:
 _MANY_ROWS_CHOICE: dict[tuple, str] = {}  # (mode, shape class) -> "int" or "tiles", decided once per process
 # The int GEMM's sums are exact, the tiles' float32 (~1e-7): the machine's recorded timing chooses (``choose_path``).
 MANY_ROWS_CANDIDATES = ("int", "tiles")
+_MANY_ROWS_FAMILY = PathFamily("HFQUANT_CPU_W8A8", MANY_ROWS_CANDIDATES,
+                               warn_as="a W8A8 {in_f}x{out_f} Linear at {rows} rows")
 
 
 def _many_rows_paths():
@@ -120,8 +123,7 @@ def w8a8_cpu_many_rows(x: torch.Tensor, module) -> torch.Tensor:
     ``HFQUANT_CPU_W8A8`` says (by default the faster on this machine, recorded per shape class)."""
     rows = x.numel() // max(1, x.shape[-1])
     key = (module.in_features, module.out_features, rows.bit_length())
-    y = choose_path(_MANY_ROWS_CHOICE, key, _many_rows_paths(), "HFQUANT_CPU_W8A8", MANY_ROWS_CANDIDATES, x, module,
-                    warn_as="a W8A8 {in_f}x{out_f} Linear at {rows} rows")
+    y = choose_path(_MANY_ROWS_FAMILY, _MANY_ROWS_CHOICE, key, _many_rows_paths(), x, module)
     return y if y is not None else w8a8_float_tiles(x, module)  # the int GEMM is not built here
 
 

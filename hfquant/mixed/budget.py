@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from hfquant.calibration.data import BUNDLED_CALIBRATION, evaluation_token_ids
-from hfquant.calibration.graph import float_weight, set_float_weight_
+from hfquant.nn.graph import float_weight, set_float_weight_
 from hfquant.core.errors import ConfigError
 from hfquant.core.grids import dequantize_grouped, rtn_quantize
 from hfquant.core.schemes import stored_bits
@@ -86,14 +87,26 @@ def average_range(table: dict, scale_bits: int = 32) -> tuple[float, float]:
     return sum(min(c) for c in costs) / weights, sum(max(c) for c in costs) / weights
 
 
-def _fake_quantize_(model: nn.Module, allocation: dict[str, dict], sym: bool, observer: str) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class TrialGrid:
+    """The integer grid of ``search_ppl``'s round-to-nearest trials (the run's ``sym`` and ``observer``; bits and
+    group size come from each module's candidate) and ``scale_bits``, the bits of one stored scale (the model's
+    float dtype), which the stored-bits budget counts."""
+
+    sym: bool
+    observer: str
+    scale_bits: int = 32
+
+
+def _fake_quantize_(model: nn.Module, allocation: dict[str, dict], grid: TrialGrid) -> dict[str, torch.Tensor]:
     """Replace each allocated module's weight by its RTN dequantized weight; returns the originals."""
     saved = {}
     for name, s in allocation.items():
         m = model.get_submodule(name)
         w = float_weight(m)
         saved[name] = m.weight.detach().clone()
-        set_float_weight_(m, dequantize_grouped(*rtn_quantize(w.float(), s["bits"], s["group_size"], sym, observer)))
+        set_float_weight_(m, dequantize_grouped(*rtn_quantize(w.float(), s["bits"], s["group_size"], grid.sym,
+                                                              grid.observer)))
     return saved
 
 
@@ -102,9 +115,10 @@ def _restore_(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
         model.get_submodule(name).weight.data.copy_(w)
 
 
-def search_ppl(model: nn.Module, table: dict, ids: torch.Tensor, max_increase: float, *, sym: bool, observer: str,
-               scale_bits: int = 32, seq_len: int = 512, windows: int = 8, steps: int = 7) -> dict:
-    """Bisection on the average-bits target for ``max_ppl_increase`` (see the module docstring).
+def search_ppl(model: nn.Module, table: dict, ids: torch.Tensor, max_increase: float, *, grid: TrialGrid,
+               seq_len: int = 512, windows: int = 8, steps: int = 7) -> dict:
+    """Bisection on the average-bits target for ``max_ppl_increase`` (see the module docstring); each trial
+    rounds the weights to ``grid``.
 
     Returns ``{"allocation", "target_avg_bits", "avg_bits", "ppl_float", "ppl_limit", "trials": [...]}``.
     """
@@ -113,12 +127,12 @@ def search_ppl(model: nn.Module, table: dict, ids: torch.Tensor, max_increase: f
 
     base = ppl()
     limit = base * (1 + max_increase)
-    lo, hi = average_range(table, scale_bits)
+    lo, hi = average_range(table, grid.scale_bits)
     trials = []
 
     def trial(target: float):
-        allocation, avg = allocate_bits(table, target, scale_bits)
-        saved = _fake_quantize_(model, allocation, sym, observer)
+        allocation, avg = allocate_bits(table, target, grid.scale_bits)
+        saved = _fake_quantize_(model, allocation, grid)
         try:
             value = ppl()
         finally:

@@ -33,16 +33,20 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 from torch import nn
 
-from hfquant.calibration.graph import float_weight, quantizable_modules
-from hfquant.calibration.sequential import calibrate_blocks_
+from hfquant.nn.graph import float_weight, quantizable_modules
+from hfquant.calibration.sequential import BlockRunOptions, calibrate_blocks_
 from hfquant.config import DEFAULT_CANDIDATES
-from hfquant.core.gptq import gptq_quantize
-from hfquant.core.grids import dequantize_grouped, rtn_quantize
+from hfquant.core.gptq import gptq_quantize, SolveArgs
+from hfquant.core.int_grid import IntGrid
 from hfquant.mixed.budget import has_fisher, losses_of
+
+# The GPTQ settings a sensitivity pass uses unless given (the config's defaults: act-order with static groups).
+SENSITIVITY_ARGS = SolveArgs(desc_act=True, static_groups=True)
 
 
 def _proxy(err: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -51,11 +55,12 @@ def _proxy(err: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return ((e @ h.double()) * e).sum(dim=1)
 
 
-def group_losses(weights: list[torch.Tensor], hessian: torch.Tensor, candidates: list[dict], *, sym: bool,
-                 observer: str, act_order: bool, static_groups: bool, damp_percent: float,
-                 block_size: int, fisher: list[torch.Tensor] | None = None) -> list[dict]:
+def group_losses(weights: list[torch.Tensor], hessian: torch.Tensor, candidates: list[dict], args=SENSITIVITY_ARGS,
+                 grid: IntGrid = IntGrid(), fisher: list[torch.Tensor] | None = None) -> list[dict]:
     """Losses of modules reading one input: per module ``{"energy", "gptq": [...], "rtn": [...]}``, plus
-    ``fisher_gptq`` / ``fisher_rtn`` when ``fisher`` (per module, ``f_j`` per output channel) is given."""
+    ``fisher_gptq`` / ``fisher_rtn`` when ``fisher`` (per module, ``f_j`` per output channel) is given. Each
+    candidate's ``{bits, group_size}`` replace ``grid``'s (its ``sym`` and ``observer`` are the run's); ``args``: the
+    GPTQ settings (``GPTQArgs`` or ``SolveArgs``)."""
     w = torch.cat([x.float() for x in weights], 0)
     bounds = [0, *itertools.accumulate(x.shape[0] for x in weights)]
     scale_dtype = weights[0].dtype  # the grid the run would store (scales in the model's dtype)
@@ -69,10 +74,9 @@ def group_losses(weights: list[torch.Tensor], hessian: torch.Tensor, candidates:
     for entry in out:
         entry.update({k: [] for k in kinds[2:]})
     for c in candidates:
-        rtn = dequantize_grouped(*rtn_quantize(w, c["bits"], c["group_size"], sym, observer, scale_dtype=scale_dtype))
-        res = gptq_quantize(w, hessian, bits=c["bits"], group_size=c["group_size"], sym=sym, act_order=act_order,
-                            static_groups=static_groups, damp_percent=damp_percent, block_size=block_size,
-                            observer=observer, scale_dtype=scale_dtype)
+        fmt = replace(grid, bits=c["bits"], group_size=c["group_size"])
+        rtn = fmt.dequantize(fmt.rtn(w, scale_dtype), w.shape[1])
+        res = gptq_quantize(w, hessian, fmt, args, scale_dtype=scale_dtype)
         gptq = rtn if res is None else res.dequantized()  # no Hessian factor at any damping: RTN, like the run
         for kind, q in (("gptq", gptq), ("rtn", rtn)):
             rows = _proxy(w - q, hessian)
@@ -133,10 +137,10 @@ def _row_weights(fisher: dict[str, torch.Tensor], name: str, weight: torch.Tenso
 
 
 def measure_sensitivity(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool],
-                        candidates: list[dict], *, sym: bool = True, observer: str = "minmax",
-                        act_order: bool = True, static_groups: bool = True, damp_percent: float = 0.01,
-                        block_size: int = 128, progress: bool = True, fisher_windows: int = 0) -> dict:
-    """The sensitivity table of every quantizable module inside the repeated blocks (weights untouched).
+                        candidates: list[dict], args=SENSITIVITY_ARGS, grid: IntGrid = IntGrid(), *,
+                        progress: bool = True, fisher_windows: int = 0) -> dict:
+    """The sensitivity table of every quantizable module inside the repeated blocks (weights untouched), for the
+    ``candidates`` on ``grid`` with GPTQ settings ``args`` (as ``group_losses``).
 
     ``fisher_windows > 0``: also the loss-weighted estimates ``fisher_*`` (see the module docstring),
     from that many calibration windows."""
@@ -149,14 +153,13 @@ def measure_sensitivity(model: nn.Module, batches: list[torch.Tensor], keep: Cal
     def solve(block_name, group, hessian) -> None:
         weights = [float_weight(m) for m in group.modules]
         full = [f"{block_name}.{n}" for n in group.names]
-        found = group_losses(weights, hessian, candidates, sym=sym, observer=observer, act_order=act_order,
-                             static_groups=static_groups, damp_percent=damp_percent, block_size=block_size,
-                             fisher=None if fisher is None else [_row_weights(fisher, n, w, hessian.device)
-                                                                 for n, w in zip(full, weights)])
+        found = group_losses(weights, hessian, candidates, args, grid,
+                             None if fisher is None else [_row_weights(fisher, n, w, hessian.device)
+                                                          for n, w in zip(full, weights)])
         for n, w, entry in zip(full, weights, found):
             modules[n] = {"in": w.shape[1], "out": w.shape[0], **entry}
 
-    calibrate_blocks_(model, batches, keep, solve, true_sequential=False, progress=progress)
+    calibrate_blocks_(model, batches, keep, solve, true_sequential=False, options=BlockRunOptions(progress=progress))
     order = [n for n in quantizable_modules(model, keep) if n in modules]
     table = {"candidates": [dict(c) for c in candidates], "modules": {n: modules[n] for n in order},
              "seconds": time.perf_counter() - t0}
@@ -170,9 +173,8 @@ def measure_for_config(model: nn.Module, batches: list[torch.Tensor], keep: Call
     """``measure_sensitivity`` with an ``HFQuantConfig``'s candidates and GPTQ settings (what ``bits: auto``
     and ``hfquant sensitivity`` run)."""
     return measure_sensitivity(model, batches, keep, [dict(c) for c in (config.candidates or DEFAULT_CANDIDATES)],
-                               sym=config.sym, observer=config.observer, act_order=config.desc_act,
-                               static_groups=config.static_groups, damp_percent=config.damp_percent,
-                               block_size=config.block_size, progress=progress, fisher_windows=config.fisher_windows)
+                               config.gptq, IntGrid(sym=config.sym, observer=config.observer), progress=progress,
+                               fisher_windows=config.fisher_windows)
 
 
 def label(candidate: dict) -> str:

@@ -4,7 +4,7 @@ operands once at load time."""
 
 from __future__ import annotations
 
-from hfquant.kernels import w4a16 as w4a16_kernels
+from hfquant.kernels import weight_only as weight_only_kernels
 from hfquant.kernels import w8a8 as w8a8_kernels
 from hfquant.nn.gguf import QuantLinearGGUF
 from hfquant.nn.half import HalfStoredLinear
@@ -22,7 +22,7 @@ def prepare_model(model) -> int:
     n = 0
     for m in model.modules():
         if isinstance(m, QuantLinearWeightOnly):
-            w4a16_kernels.prepare_module(m)
+            weight_only_kernels.prepare_module(m)
             n += 1
         elif isinstance(m, QuantLinearW8A8):
             w8a8_kernels.prepare_module(m)

@@ -17,9 +17,12 @@ from torch import nn
 import torch.nn.functional as F
 
 from hfquant.core.gguf_blocks import block_type, dequantize_rows
-from hfquant.kernels.common import cached_operands
+from hfquant.core.gguf_format import GGUFBlocks
+from hfquant.kernels.operands import cached_operands
+from hfquant.nn.stored import holds, storage_dtype
 
 
+@holds(GGUFBlocks.kind)
 class QuantLinearGGUF(nn.Module):
     """Linear with GGUF block-quantized weights.
 
@@ -54,6 +57,24 @@ class QuantLinearGGUF(nn.Module):
         if bias is not None:
             m.bias = nn.Parameter(bias.detach().clone().to(data.device), requires_grad=False)
         return m
+
+    @classmethod
+    def from_stored(cls, linear: nn.Module, fmt: GGUFBlocks, stored: tuple[torch.Tensor, ...]) -> QuantLinearGGUF:
+        return cls.from_blocks(linear, stored[0], fmt.gguf_type, storage_dtype(linear))
+
+    @classmethod
+    def skeleton(cls, fmt: GGUFBlocks, in_features: int, out_features: int, bias: bool,
+                 dtype: torch.dtype) -> QuantLinearGGUF:
+        return cls(in_features, out_features, fmt.gguf_type, bias=bias, dtype=dtype, device="meta")
+
+    @property
+    def format(self) -> GGUFBlocks:
+        return GGUFBlocks(self.gguf_type)
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """The packed blocks (saved as ``qweight``; every quantized module names its packed codes ``packed``)."""
+        return self.qweight
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The float weight ``[out, in]``: ggml's de-quantization in float32, then cast to ``dtype`` (default the

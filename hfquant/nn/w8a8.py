@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from hfquant.core.smoothquant import quantize_weight_int8
-from hfquant.kernels.common import cached_operands
+from hfquant.kernels.operands import cached_operands
 from hfquant.kernels.w8a8 import w8a8_linear
 from hfquant.nn.weight_only import storage_dtype
 

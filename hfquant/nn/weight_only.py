@@ -17,17 +17,13 @@ import torch
 from torch import nn
 
 from hfquant.core.grids import dequantize_grouped
+from hfquant.core.int_grid import IntGrid
 from hfquant.core.packing import pack_codes, packed_shape, SUPPORTED_BITS, unpack_codes
-from hfquant.kernels.w4a16 import w4a16_linear
+from hfquant.nn.stored import holds, storage_dtype
+from hfquant.kernels.weight_only import weight_only_linear
 
 
-def storage_dtype(linear: nn.Module) -> torch.dtype:
-    """The float dtype a quantized module built from ``linear`` keeps (W4A16 scales, biases, outputs): the
-    Linear's bias's, else its weight's."""
-    bias = getattr(linear, "bias", None)
-    return bias.dtype if bias is not None else linear.weight.dtype
-
-
+@holds(IntGrid.kind)
 class QuantLinearWeightOnly(nn.Module):
     """Weight-only quantized Linear (W4A16 and the 2/3/8-bit variants): packed integer codes with a float scale and
     an integer zero point per group of input columns, float activations. ``forward`` calls one op chosen at call
@@ -86,6 +82,25 @@ class QuantLinearWeightOnly(nn.Module):
             m.bias.data = bias.detach().clone().to(device)
         return m.to(linear.weight.device)
 
+    @classmethod
+    def from_stored(cls, linear: nn.Module, fmt: IntGrid, stored: tuple[torch.Tensor, ...]) -> QuantLinearWeightOnly:
+        """``from_float`` with an ``IntGrid``'s stored tensors ``(codes, scales, zeros, g_idx)``."""
+        return cls.from_float(linear, *stored, fmt.bits, fmt.group_size)
+
+    @classmethod
+    def skeleton(cls, fmt: IntGrid, in_features: int, out_features: int, bias: bool,
+                 dtype: torch.dtype) -> QuantLinearWeightOnly:
+        return cls(in_features, out_features, fmt.bits, fmt.group_size, bias=bias, dtype=dtype, device="meta")
+
+    @property
+    def format(self) -> IntGrid:
+        return IntGrid(self.bits, self.group_size)
+
+    @property
+    def packed(self) -> torch.Tensor:
+        """The packed codes (saved as ``weight``; every quantized module names its packed codes ``packed``)."""
+        return self.weight
+
     def codes(self) -> torch.Tensor:
         """Unpacked int32 codes ``[out, in]``."""
         return unpack_codes(self.weight, self.bits, self.in_features)
@@ -116,7 +131,7 @@ class QuantLinearWeightOnly(nn.Module):
         return cached[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return w4a16_linear(x, self)
+        return weight_only_linear(x, self)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

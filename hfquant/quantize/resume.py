@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 from safetensors.torch import load_file, save_file
@@ -22,8 +21,6 @@ import torch
 from hfquant.core.errors import ConfigError
 
 STATE = "state.json"
-MODULE_FIELDS = ("codes", "scales", "zeros", "g_idx")  # the tensors saved per module (save_modules)
-GGUF_FIELDS = ("blocks",)  # ... for a module stored as GGUF blocks
 
 
 def _replace(tmp: Path, final: Path) -> None:
@@ -126,21 +123,23 @@ class ResumeStore:
         return (load_file(str(self.folder / f"block-{i}.safetensors")),
                 json.loads((self.folder / f"block-{i}.json").read_text()))
 
-    def save_modules(self, i: int, modules: dict[str, Sequence[torch.Tensor]], meta: dict[str, dict],
+    def save_modules(self, i: int, modules: dict[str, dict[str, torch.Tensor]], meta: dict[str, dict],
                      hidden: list[torch.Tensor]) -> None:
-        """``save_block`` with per-module results: each module's tensors (``MODULE_FIELDS``, in that order) are saved
-        as ``<module>:<field>``; ``meta`` holds each module's JSON-able record under its name, in the order the
-        modules are to be restored."""
-        tensors = {f"{name}:{f}": t for name, ts in modules.items()
-                   for f, t in zip(GGUF_FIELDS if len(ts) == 1 else MODULE_FIELDS, ts, strict=True)}
+        """``save_block`` with per-module results: each module's stored tensors (field -> tensor, the fields of its
+        weight format) are saved as ``<module>:<field>``; ``meta`` holds each module's JSON-able record under its
+        name, in the order the modules are to be restored."""
+        tensors = {f"{name}:{f}": t for name, ts in modules.items() for f, t in ts.items()}
         self.save_block(i, tensors, meta, hidden)
 
-    def load_modules(self, i: int) -> tuple[dict[str, tuple[torch.Tensor, ...]], dict[str, dict]]:
-        """Block ``i`` as saved by ``save_modules``: module -> its ``MODULE_FIELDS`` tensors, and module -> its record,
-        both in the saved order."""
+    def load_modules(self, i: int) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict]]:
+        """Block ``i`` as saved by ``save_modules``: module -> its tensors by field, and module -> its record, both in
+        the saved order."""
         tensors, meta = self.load_block(i)
-        return {name: tuple(tensors[f"{name}:{f}"] for f in (GGUF_FIELDS if f"{name}:blocks" in tensors else MODULE_FIELDS))
-                for name in meta}, meta
+        fields: dict[str, dict[str, torch.Tensor]] = {name: {} for name in meta}
+        for key, t in tensors.items():
+            name, field = key.rsplit(":", 1)
+            fields[name][field] = t
+        return fields, meta
 
     def load_hidden(self) -> list[torch.Tensor]:
         saved = load_file(str(self.folder / self.state["hidden"]))

@@ -14,22 +14,25 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hfquant.calibration.distributed import Dist
-from hfquant.calibration.graph import find_blocks, float_weight, quantizable_modules, set_float_weight_, set_submodule
-from hfquant.calibration.sequential import BlockInputs, call_block, capture_block_inputs, discover_groups, HessianStat
-from hfquant.calibration.smoothing import find_producers, fold_, missing_known_groups, relative_change
-from hfquant.core.gptq import gptq_solve, GPTQResult, HessianFactor, prepare_hessian
+from hfquant.calibration.distributed import Dist, solve_shared
+from hfquant.nn.graph import find_blocks, float_weight, quantizable_modules, set_float_weight_, set_submodule
+from hfquant.calibration.blocks import BlockInputs, call_block, capture_block_inputs, discover_groups, HessianStat
+from hfquant.quantize.smoothing import find_producers, fold_, missing_known_groups, relative_change
+from hfquant.core.gptq import gptq_solve, GPTQResult, HessianFactor, prepare_hessian, SolveArgs
+from hfquant.core.int_grid import IntGrid
 from hfquant.core.smoothquant import (ALPHA_GRID, column_absmax, QMAX, quantize_activation_int8, quantize_weight_int8,
                                       smoothing_scales)
 from hfquant.nn.w8a8 import QuantLinearW8A8
-from hfquant.quantize.weight_only import solve_shared
 
 logger = logging.getLogger(__name__)
+# SmoothQuant's GPTQ weights: int8 codes, one symmetric scale per output channel (stored as ``code - 128``).
+INT8_PER_CHANNEL = IntGrid(8, -1, True, "minmax")
 EXACT_TOL = 1e-4      # relative change of the block output that still counts as "unchanged"
 
 
@@ -183,24 +186,55 @@ def _to_float32(value):
     return value
 
 
-def quantize_w8a8_(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool], *,
-                   alpha, weight_method: str = "rtn", static_activations: bool = False,
-                   damp_percent: float = 0.01, block_size: int = 128, progress: bool = True,
-                   dist: Dist | None = None, onload=None) -> list[dict]:
+@dataclass(frozen=True)
+class SmoothQuantSettings:
+    """What a W8A8 run computes: ``alpha`` (the migration strength: a number in [0, 1], ``"auto"`` for the search
+    over ``ALPHA_GRID``, or ``None``: no smoothing), ``weight_method`` (int8 weights by ``"rtn"`` per channel or by
+    ``"gptq"``), ``static_activations`` (one per-tensor input scale from calibration; else per token at run time),
+    and the GPTQ solver's ``damp_percent`` and ``block_size`` (``weight_method="gptq"``)."""
+
+    alpha: float | str | None = "auto"
+    weight_method: str = "rtn"
+    static_activations: bool = False
+    damp_percent: float = 0.01
+    block_size: int = 128
+
+    @classmethod
+    def from_config(cls, config) -> SmoothQuantSettings:
+        """From an ``HFQuantConfig``: its ``smoothquant`` section and its ``gptq`` section's solver fields."""
+        sq, solver = config.smoothquant, config.gptq
+        return cls(alpha=sq.alpha, weight_method=sq.weight_method, static_activations=sq.activation_scheme == "static",
+                   damp_percent=solver.damp_percent, block_size=solver.block_size)
+
+
+@dataclass(frozen=True)
+class W8A8RunOptions:
+    """How a W8A8 run executes (not what it computes): ``progress`` bar; ``dist``
+    (``hfquant.calibration.distributed.Dist``): the batches are this process's share, the statistics are reduced
+    exactly over the processes; ``onload`` (``hfquant.calibration.onload.LayerLoader``): load each block when its
+    turn comes."""
+
+    progress: bool = True
+    dist: Dist | None = None
+    onload: object = None
+
+
+def quantize_w8a8_(model: nn.Module, batches: list[torch.Tensor], keep: Callable[[str], bool],
+                   settings: SmoothQuantSettings, options: W8A8RunOptions | None = None) -> list[dict]:
     """Smooth and quantize every selected Linear to W8A8 in place. Returns one report dict per Linear.
 
-    ``dist``: ``batches`` are this process's share; statistics are reduced exactly over the processes
-    (maxima, the Hessian chain); the alpha search and the fold checks run on rank 0's first batch, which is
-    batch 0, and rank 0's choices are broadcast. ``onload`` (``hfquant.calibration.onload.LayerLoader``): load each block when its turn comes.
+    With several processes (``options.dist``), the alpha search and the fold checks run on rank 0's first batch,
+    which is batch 0, and rank 0's choices are broadcast.
     """
-    dist = dist or Dist()
+    options = options or W8A8RunOptions()
+    dist, onload = options.dist or Dist(), options.onload
     blocks_name, blocks = find_blocks(model)
     inputs = capture_block_inputs(model, blocks[0], batches)
     if onload is not None:
         onload.capture_done()
     reports: list[dict] = []
     it = range(len(blocks))
-    if progress:
+    if options.progress:
         it = tqdm(it, desc="smoothing + W8A8", unit="block")
     for i in it:
         block, prefix = blocks[i], f"{blocks_name}.{i}"
@@ -208,10 +242,9 @@ def quantize_w8a8_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
             onload.load_block(i)
         modules = quantizable_modules(block, keep, prefix=prefix)
         if modules:
-            block_reports, outputs = _quantize_block(block, prefix, modules, inputs, alpha, weight_method,
-                                                     static_activations, damp_percent, block_size, dist)
+            block_reports, outputs = _quantize_block(block, prefix, modules, inputs, settings, dist)
             reports.extend(block_reports)
-            if alpha is not None:
+            if settings.alpha is not None:
                 _check_known_groups(getattr(getattr(model, "config", None), "model_type", None), prefix, block_reports)
         else:
             with torch.no_grad():
@@ -237,85 +270,119 @@ def _check_known_groups(model_type, prefix: str, block_reports: list[dict]) -> N
         logger.warning("%s: the known %s pair %s was not smoothed (see the report's notes)", prefix, model_type, miss)
 
 
-def _quantize_block(block, prefix, modules, inputs, alpha, weight_method, static_activations, damp_percent, block_size,
+def _quantize_block(block, prefix: str, modules, inputs: list[BlockInputs], settings: SmoothQuantSettings,
                     dist: Dist):
-    groups, _ = discover_groups(block, modules, inputs[0])
-    groups = find_producers(block, groups, lambda: call_block(block, inputs[0]))
-    stats = []
-    handles = []
-    for g in groups:
-        cols = float_weight(g.modules[0]).shape[1]
-        st = _GroupStats(cols, weight_method == "gptq", dist)
-        stats.append(st)
-        handles.append(g.modules[0].register_forward_pre_hook(lambda _m, a, _st=st: _st.add(a[0])))
-    try:
-        with torch.no_grad():
-            outputs = [call_block(block, inp) for inp in inputs]
-    finally:
-        for h in handles:
-            h.remove()
-    device = next(block.parameters()).device
-    for st in stats:
-        st.reduce(dist, device)
-
+    """Smooth and quantize the Linears ``modules`` of ``block`` (the module docstring's steps); returns their
+    reports and the float block's outputs (the next block's inputs)."""
+    step = _BlockPass(block, prefix, settings, dist)
+    outputs = step.collect(modules, inputs)
     # Decide every group's smoothing first (each fold checked against the float block), then quantize.
-    check = _BlockCheck(block, inputs[0]) if dist.is_main and alpha is not None else None
-    decisions = []
-    for g, st in zip(groups, stats):
-        s, chosen, note = None, None, ""
-        if alpha is None:
-            note = "smoothing off"
-        elif g.norm is None:
-            note = "input does not come from a norm in this block (attention output, activation, or block input)"
-        else:
-            w_max = column_absmax([float_weight(m).float() for m in g.modules])
-            chosen = float(alpha) if alpha != "auto" else _search_alpha(check, g, st.absmax, w_max, dist, device)
-            s = smoothing_scales(st.absmax, w_max, chosen).to(g.norm.weight.device)
-            change = check.fold(g, s) if check is not None else 0.0  # batch 0 lives on rank 0
-            if dist.active:
-                change = dist.from_main(change, device)
-            if change > EXACT_TOL:
-                note = (f"folding into {g.norm_name} changes the block output ({change:.1e}): "
-                        "its output feeds more than these Linears")
-                s, chosen = None, None
-            else:
-                s = _fold_norm_(g.norm, s)  # the Linears are quantized from w * s below
-        decisions.append((s, chosen, note))
-    del check
+    step.decide(inputs[0])
+    units = step.smoothed_weights()
+    solved = step.solve(units) if settings.weight_method == "gptq" else {}
+    return step.replace(units, solved), outputs
 
-    # Smoothed float32 weights, and with GPTQ weights each module's solve: every solve of the block is
-    # independent (the statistics are the float block's), so with several processes they are shared out
-    # (``solve_shared``: row slabs, each with one owner).
-    units = []  # (group index, name, module, smoothed float32 weight)
-    for k, (g, (s, _, _)) in enumerate(zip(groups, decisions)):
-        for name, m in zip(g.names, g.modules):
-            # Not rounded to a bf16/fp16 model's dtype before the int8 rounding.
-            w = float_weight(m).float() * s.float()[None, :] if s is not None else float_weight(m).float()
-            units.append((k, name, m, w))
-    solved: dict[str, GPTQResult | None] = {}
-    if weight_method == "gptq":
+
+class _BlockPass:
+    """One block's W8A8 pass, step by step: ``collect`` (the groups of Linears reading one tensor and their input
+    statistics, over one float forward), ``decide`` (each group's smoothing), ``smoothed_weights``, ``solve`` (GPTQ
+    weights) and ``replace`` (the ``QuantLinearW8A8`` modules)."""
+
+    def __init__(self, block: nn.Module, prefix: str, settings: SmoothQuantSettings, dist: Dist):
+        self.block, self.prefix, self.settings, self.dist = block, prefix, settings, dist
+        self.groups: list = []
+        self.stats: list[_GroupStats] = []
+        self.decisions: list[tuple[torch.Tensor | None, float | None, str]] = []  # (s, chosen alpha, note) per group
+        self.device = None
+
+    def collect(self, modules, inputs: list[BlockInputs]) -> list:
+        """Find the groups, run the float block over every batch with their statistics hooked; return its outputs."""
+        block = self.block
+        groups, _ = discover_groups(block, modules, inputs[0])
+        self.groups = find_producers(block, groups, lambda: call_block(block, inputs[0]))
+        handles = []
+        for g in self.groups:
+            cols = float_weight(g.modules[0]).shape[1]
+            st = _GroupStats(cols, self.settings.weight_method == "gptq", self.dist)
+            self.stats.append(st)
+            handles.append(g.modules[0].register_forward_pre_hook(lambda _m, a, _st=st: _st.add(a[0])))
+        try:
+            with torch.no_grad():
+                outputs = [call_block(block, inp) for inp in inputs]
+        finally:
+            for h in handles:
+                h.remove()
+        self.device = next(block.parameters()).device
+        for st in self.stats:
+            st.reduce(self.dist, self.device)
+        return outputs
+
+    def decide(self, first: BlockInputs) -> None:
+        """Each group's ``(s, chosen alpha, note)``; accepted folds are applied to the model's norms."""
+        alpha = self.settings.alpha
+        check = _BlockCheck(self.block, first) if self.dist.is_main and alpha is not None else None
+        self.decisions = [self._decide(g, st, check) for g, st in zip(self.groups, self.stats)]
+
+    def _decide(self, g, st: _GroupStats, check: _BlockCheck | None):
+        alpha, dist, device = self.settings.alpha, self.dist, self.device
+        if alpha is None:
+            return None, None, "smoothing off"
+        if g.norm is None:
+            return None, None, ("input does not come from a norm in this block (attention output, activation, or "
+                                "block input)")
+        w_max = column_absmax([float_weight(m).float() for m in g.modules])
+        chosen = float(alpha) if alpha != "auto" else _search_alpha(check, g, st.absmax, w_max, dist, device)
+        s = smoothing_scales(st.absmax, w_max, chosen).to(g.norm.weight.device)
+        change = check.fold(g, s) if check is not None else 0.0  # batch 0 lives on rank 0
+        if dist.active:
+            change = dist.from_main(change, device)
+        if change > EXACT_TOL:
+            return None, None, (f"folding into {g.norm_name} changes the block output ({change:.1e}): "
+                                "its output feeds more than these Linears")
+        return _fold_norm_(g.norm, s), chosen, ""  # the Linears are quantized from w * s below
+
+    def smoothed_weights(self) -> list[tuple]:
+        """``(group index, name, module, smoothed float32 weight)`` per Linear of the block."""
+        units = []
+        for k, (g, (s, _, _)) in enumerate(zip(self.groups, self.decisions)):
+            for name, m in zip(g.names, g.modules):
+                # Not rounded to a bf16/fp16 model's dtype before the int8 rounding.
+                w = float_weight(m).float() * s.float()[None, :] if s is not None else float_weight(m).float()
+                units.append((k, name, m, w))
+        return units
+
+    def solve(self, units: list[tuple]) -> dict[str, GPTQResult | None]:
+        """Each Linear's GPTQ solve (``None`` where the Hessian cannot be factored). Every solve of the block is
+        independent (the statistics are the float block's), so with several processes they are shared out
+        (``solve_shared``: row slabs, each with one owner)."""
         factors: dict[int, HessianFactor | None] = {}
+        damp_percent, block_size = self.settings.damp_percent, self.settings.block_size
 
         def solve_rows(i: int, r0: int, r1: int) -> GPTQResult | None:
             k, _, _, w = units[i]
             if k not in factors:
-                factors[k] = prepare_hessian(_smoothed_hessian(stats[k], decisions[k][0]), damp_percent=damp_percent)
+                factors[k] = prepare_hessian(_smoothed_hessian(self.stats[k], self.decisions[k][0]),
+                                             damp_percent=damp_percent)
             if factors[k] is None:
                 return None
-            return gptq_solve(w[r0:r1], factors[k], bits=8, group_size=-1, sym=True, block_size=block_size)
+            return gptq_solve(w[r0:r1], factors[k], INT8_PER_CHANNEL, SolveArgs(block_size=block_size))
 
-        results = solve_shared(dist, [(m, -1, None) for _, _, m, _ in units], solve_rows, device)
-        solved = {name: res for (_, name, _, _), res in zip(units, results)}
+        results = solve_shared(self.dist, [(m, INT8_PER_CHANNEL) for _, _, m, _ in units], solve_rows, self.device)
+        return {name: res for (_, name, _, _), res in zip(units, results)}
 
-    reports = []
-    for k, name, m, w in units:
-        g, st, (s, chosen, note) = groups[k], stats[k], decisions[k]
-        smoothed = s is not None
-        input_scale = float((st.absmax / s if smoothed else st.absmax).max()) / QMAX if static_activations else None
-        res = solved.get(name)
-        codes, scales = ((res.codes - 128).to(torch.int8), res.scales[:, 0]) if res is not None else (None, None)
-        set_submodule(block, name, QuantLinearW8A8.from_float(m, w, input_scale, codes, scales))
-        reports.append({"name": f"{prefix}.{name}", "smoothed": smoothed, "alpha": chosen,
-                        "smoothed_by": g.norm_name if smoothed else None,
-                        "weights": weight_method if codes is not None else "rtn", "note": note})
-    return reports, outputs
+    def replace(self, units: list[tuple], solved: dict[str, GPTQResult | None]) -> list[dict]:
+        """Put a ``QuantLinearW8A8`` in place of each Linear; return their reports."""
+        reports = []
+        for k, name, m, w in units:
+            g, st, (s, chosen, note) = self.groups[k], self.stats[k], self.decisions[k]
+            smoothed = s is not None
+            input_scale = (float((st.absmax / s if smoothed else st.absmax).max()) / QMAX
+                           if self.settings.static_activations else None)
+            res = solved.get(name)
+            codes, scales = (((res["codes"] - 128).to(torch.int8), res["scales"][:, 0]) if res is not None
+                             else (None, None))
+            set_submodule(self.block, name, QuantLinearW8A8.from_float(m, w, input_scale, codes, scales))
+            reports.append({"name": f"{self.prefix}.{name}", "smoothed": smoothed, "alpha": chosen,
+                            "smoothed_by": g.norm_name if smoothed else None,
+                            "weights": self.settings.weight_method if codes is not None else "rtn", "note": note})
+        return reports

@@ -1,0 +1,1 @@
+"""Local ``evaluate`` metric modules, loaded by path (``evaluate.load(hfquant.eval.PERPLEXITY_PATH)``)."""
