@@ -13,7 +13,11 @@ says everything the rest of hfquant needs to know about that way of storing a we
   of the stored tensors' shapes (to receive a broadcast); ``join_rows(parts)``: one weight from row slabs;
 * ``to_dict(method)`` / ``from_fields(fields)``: its entry in ``config.json``'s ``module_schemes`` and the
   override keys (``keys``) that select it; ``exports``: the ``save_format`` values that can write it;
-  ``reconstructable``: whether block reconstruction (``hfquant.quantize.reconstruct``) can tune it.
+  ``reconstructable``: whether block reconstruction (``hfquant.quantize.reconstruct``) can tune it (its stored
+  tensors are then ``IntGrid``'s);
+* for a format the config selects for a whole run (``from_config``, e.g. GGUF's ``gguf_type``): ``assign`` (each
+  module's own variant), ``module_error`` (a module it cannot hold, checked before loading), ``finish_model_`` (a
+  model-level step after quantization) and ``load_extras_`` (what a reload's skeleton needs besides the modules).
 
 The ``nn`` module that holds a format is looked up by the format's ``kind`` (``hfquant.nn.stored``); a format
 with no module of its own is held by the generic ``QuantLinearStored``. Formats register with ``register_format``;

@@ -66,7 +66,7 @@ def test_every_allocation_follows_the_input_device(name):
 def test_the_meta_device_test_catches_a_stray_allocation(monkeypatch):
     """The property above can fail: an allocation without ``device=`` in the solve breaks the meta run."""
     import hfquant
-    import hfquant.core.gptq as g
+    import hfquant.core.int_grid as g  # where the GPTQ solve fits its group grids
 
     real = g.fit_grid
 
