@@ -5,9 +5,12 @@ F16 or BF16, e.g. as the input of llama.cpp's own quantizer).
 The container, the metadata keys, the tensor names and the block constants come from the ``gguf`` package
 (``GGUFWriter``, ``TensorNameMap``); this module decides what goes in:
 
-* architecture metadata for the Llama family (``llama``, ``mistral`` -> GGUF ``llama``; ``qwen2``);
-* tensors in llama.cpp's names; for GGUF ``llama`` the q/k projections' rows are permuted from the HF rotary
-  layout to llama.cpp's (as llama.cpp's converter does; transformers' GGUF loader permutes them back);
+* architecture metadata (``hfquant.formats.gguf_arch``) for the families of ``gguf_layout.ARCHS``: Llama,
+  Mistral and Mixtral (GGUF ``llama``), Granite, Qwen2, Qwen3, Qwen2-MoE, Qwen3-MoE, Gemma 3 (text) and Phi-3;
+* tensors in llama.cpp's names; for GGUF ``llama`` and ``granite`` the q/k projections' rows are permuted from the
+  HF rotary layout to llama.cpp's, Gemma 3's RMSNorm weights are stored as ``w + 1`` (as llama.cpp's converter
+  does; transformers' GGUF loader undoes both); fused MoE experts become llama.cpp's 3-D expert tensors
+  (``hfquant.formats.gguf_experts``), routers stay F32;
 * the output head and token embeddings in their type (``hfquant.core.gguf_types``: Q6_K / Q8_0 as llama.cpp
   chooses, or ``head_type`` / ``embedding_type``): the blocks the checkpoint holds for them (``HELD_BLOCKS``, the
   ones the quantized model de-quantized) copied as they are, else rounded to nearest; norms in F32, float Linears
@@ -33,7 +36,9 @@ from hfquant.core.errors import FormatError
 from hfquant.core.gguf_blocks import BLOCK_TYPES, dequantize_rows, pack_rows
 from hfquant.core.gguf_grids import rtn_block_quantize
 from hfquant.formats.files import place
-from hfquant.formats.gguf_layout import ARCHS, gguf_package, name_map, permute_rows, rotary_heads
+from hfquant.formats.gguf_arch import add_metadata, check_config, rope_tensors
+from hfquant.formats.gguf_experts import expert_tensors, expert_type, stack_expert_blocks, take_part
+from hfquant.formats.gguf_layout import ARCHS, gguf_package, name_map, NORM_SHIFTED, permute_rows, rotary_heads
 # The reader, imported from here by its users (hfquant.formats, hfquant.app).
 from hfquant.formats.gguf_read import load_gguf, read_gguf_header
 
@@ -45,7 +50,7 @@ GGUF_FILE = "model.gguf"
 FLOAT_TYPES = ("F32", "F16", "BF16")
 # tokenizer.ggml.pre: llama.cpp's pre-tokenizer, by model family (llama.cpp tells them by hashing a test string).
 _PRE_BY_VOCAB = {("llama", 49152): "smollm", ("llama", 128256): "llama-bpe"}
-_PRE_BY_TYPE = {"qwen2": "qwen2"}
+_PRE_BY_TYPE = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen2_moe": "qwen2", "qwen3_moe": "qwen2"}
 _FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q4_0": "MOSTLY_Q4_0",
                "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q8_0": "MOSTLY_Q8_0", "Q4_K": "MOSTLY_Q4_K_S",
                "Q4_K_M": "MOSTLY_Q4_K_M", "Q6_K": "MOSTLY_Q6_K"}
@@ -73,8 +78,9 @@ class _Source:
         model_type = self.config.get("model_type")
         if model_type not in ARCHS:
             raise FormatError(f"{folder}: model_type {model_type!r} has no GGUF writer here; supported: "
-                              f"{sorted(ARCHS)} (the Llama family)")
+                              f"{sorted(ARCHS)}")
         self.model_type, self.arch = model_type, ARCHS[model_type]
+        check_config(self.config, self.arch, folder)
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise FormatError(f"{folder}: no .safetensors files (hfquant reads safetensors only)")
@@ -130,7 +136,7 @@ def _add_tokenizer(gguf, writer, src: _Source, folder: Path) -> None:
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=size).add_to_gguf(writer)
+    _add_special_tokens(gguf, writer, src, folder, size, merges=True)
 
 
 def _add_llama_tokenizer(gguf, writer, src: _Source, folder: Path) -> None:
@@ -152,30 +158,17 @@ def _add_llama_tokenizer(gguf, writer, src: _Source, folder: Path) -> None:
     writer.add_token_list(tokens)
     writer.add_token_scores(scores)
     writer.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=False, n_vocab=len(tokens)).add_to_gguf(writer)
+    _add_special_tokens(gguf, writer, src, folder, len(tokens), merges=False)
 
 
-def _add_metadata(writer, cfg: dict, file_type, name: str) -> None:
-    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
-    rope = cfg.get("rope_scaling") or (cfg.get("rope_parameters") or {})
-    kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    if kind not in ("default", None):
-        raise FormatError(f"rope_scaling type {kind!r} is not written by hfquant's GGUF exporter yet; only models "
-                          "without rope scaling (e.g. SmolLM2, Llama 2, Mistral 7B, Qwen2 base) are supported")
-    theta = cfg.get("rope_theta") or (rope.get("rope_theta") if isinstance(rope, dict) else None) or 10000.0
-    writer.add_name(name)
-    writer.add_context_length(cfg.get("max_position_embeddings", 2048))
-    writer.add_embedding_length(hidden)
-    writer.add_block_count(cfg["num_hidden_layers"])
-    writer.add_feed_forward_length(cfg["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(cfg.get("num_key_value_heads") or heads)
-    writer.add_rope_freq_base(float(theta))
-    writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
-    writer.add_rope_dimension_count(cfg.get("head_dim") or hidden // heads)
-    writer.add_vocab_size(cfg["vocab_size"])
-    writer.add_file_type(file_type)
-    writer.add_quantization_version(2)
+def _add_special_tokens(gguf, writer, src: _Source, folder: Path, n_vocab: int, merges: bool) -> None:
+    """The special token ids, merges and chat template of the tokenizer files; the config's ``pad_token_id`` when
+    the tokenizer names no padding token (transformers' GGUF loader takes the model's padding index from it)."""
+    special = gguf.SpecialVocab(folder, load_merges=merges, n_vocab=n_vocab)
+    pad = src.config.get("pad_token_id")
+    if special.special_token_ids.get("pad") is None and isinstance(pad, int) and 0 <= pad < n_vocab:
+        special.special_token_ids["pad"] = pad
+    special.add_to_gguf(writer)
 
 
 def _float_array(t: torch.Tensor, kind: str):
@@ -197,11 +190,15 @@ def write_gguf(src_dir: str | os.PathLike, out_file: str | os.PathLike, *, float
     src = _Source(Path(src_dir))
     tensors = _Tensors(gguf, src, float_type, head_type, embedding_type)
     writer = gguf.GGUFWriter(str(out_file), src.arch)
-    _add_metadata(writer, src.config, getattr(gguf.LlamaFileType, _FILE_TYPES[tensors.run_type]),
-                  Path(src_dir).resolve().name)
+    add_metadata(gguf, writer, src.config, src.arch, Path(src_dir).resolve().name)
+    writer.add_file_type(getattr(gguf.LlamaFileType, _FILE_TYPES[tensors.run_type]))
+    writer.add_quantization_version(2)
     _add_tokenizer(gguf, writer, src, _tokenizer_folder(src, tokenizer_dir))
+    for name, data in rope_tensors(src.config, src.arch).items():
+        writer.add_tensor(name, data.numpy())
     for key in src.keys():
         tensors.add(writer, key)
+    tensors.add_experts(writer)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -210,9 +207,9 @@ def write_gguf(src_dir: str | os.PathLike, out_file: str | os.PathLike, *, float
 
 
 class _Tensors:
-    """The folder's tensors as the file holds them: llama.cpp's name, the q/k rows in llama.cpp's rotary order, and
-    the type (a quantized Linear's GGUF blocks as they are; the head, the token embeddings and float weights in the
-    type of ``_matrix_type``)."""
+    """The folder's tensors as the file holds them: llama.cpp's name, the q/k rows in llama.cpp's rotary order (and
+    the rest of its conventions: ``gguf_layout``), and the type (a quantized Linear's GGUF blocks as they are; the
+    head, the token embeddings and float weights in the type of ``_matrix_type``; experts: ``add_experts``)."""
 
     def __init__(self, gguf, src: _Source, float_type: str, head_type: str | None, embedding_type: str | None):
         cfg, q = src.config, src.qconfig
@@ -224,22 +221,29 @@ class _Tensors:
         self.tied = bool(cfg.get("tie_word_embeddings", False))
         self.heads = cfg["num_attention_heads"]
         self.kv_heads = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        self.schemes = (q.get("module_schemes") or {}) if q else {}
+        self.experts = expert_tensors(gguf, src.arch, src.keys())
+        self.expert_keys = {k for t in self.experts.values() for k in t.keys}
         # {quantized Linear: its GGUF type (module_schemes), None when the config does not state it}
-        schemes = (q.get("module_schemes") or {}) if q else {}
-        linears = [k[: -len(".qweight")] for k in src.keys() if k.endswith(".qweight")] if q else []
-        self.quantized = {m: schemes.get(m, {}).get("gguf_type") for m in linears}
+        linears = [k[: -len(".qweight")] for k in src.keys() if k.endswith(".qweight") and k not in self.expert_keys]
+        self.quantized = {m: self.schemes.get(m, {}).get("gguf_type") for m in linears}
 
     def add(self, writer, key: str) -> None:
-        """Add the folder's tensor ``key`` to ``writer`` (a tied head and held blocks are not tensors of their own)."""
+        """Add the folder's tensor ``key`` to ``writer`` (a tied head and held blocks are not tensors of their own;
+        experts: ``add_experts``)."""
         module, _, leaf = key.rpartition(".")
-        if (key == "lm_head.weight" and self.tied) or leaf == gguf_types.HELD_BLOCKS:  # held blocks: with their weight
-            return
+        if (key == "lm_head.weight" and self.tied) or leaf == gguf_types.HELD_BLOCKS or key in self.expert_keys:
+            return  # held blocks: with their weight
         target, data = self._read(key, module, leaf)
         if target is None:
             raise FormatError(f"{key}: no llama.cpp tensor name for it in GGUF {self.src.arch!r}; the exporter cannot place it")
         permute = rotary_heads(self.src.arch, module, self.heads, self.kv_heads)
         if permute is not None:
             data = permute_rows(data, permute)
+        if self.src.arch in NORM_SHIFTED and target.endswith("norm.weight"):
+            data = data + 1
+        if ".ffn_gate_inp_shexp." in target:  # the shared expert's gate: [1, hidden] in HF, a vector in llama.cpp
+            data = data.reshape(-1)
         if leaf == "qweight":
             writer.add_tensor(target, data.contiguous().numpy(),
                               raw_dtype=self.gguf.GGMLQuantizationType[self.quantized[module]])
@@ -271,6 +275,8 @@ class _Tensors:
             kind = (gguf_types.embedding_type(run, cols, self.embedding_type) if q
                     else (self.embedding_type or self.float_type))
             return kind, gguf_types.embedding_type(run, cols, q.get("gguf_embedding_type")) if q else None
+        if ".ffn_gate_inp." in target:  # a MoE router: llama.cpp keeps it in F32
+            return "F32", None
         return self.float_type, None
 
     def _add_matrix(self, writer, key: str, target: str, data: torch.Tensor) -> None:
@@ -281,10 +287,27 @@ class _Tensors:
             if blocks is None:
                 blocks = pack_rows(kind, *rtn_block_quantize(kind, data))
             writer.add_tensor(target, blocks.numpy(), raw_dtype=self.gguf.GGMLQuantizationType[kind])
-        elif kind == "BF16":
+        else:
+            self._add_float(writer, target, data, kind)
+
+    def _add_float(self, writer, target: str, data: torch.Tensor, kind: str) -> None:
+        if kind == "BF16":
             writer.add_tensor(target, _float_array(data, kind), raw_dtype=self.gguf.GGMLQuantizationType.BF16)
         else:
             writer.add_tensor(target, _float_array(data, kind))
+
+    def add_experts(self, writer) -> None:
+        """The folder's experts (``gguf_experts``) as llama.cpp's 3-D expert tensors: float weights in ``float_type``;
+        quantized experts' GGUF blocks as they are (``stack_expert_blocks``), in the checkpoint's type."""
+        for name, t in self.experts.items():
+            parts = [self.src.tensor(k) for k in t.keys]
+            if t.leaf == "qweight":
+                blocks = take_part(t, stack_expert_blocks(parts[0] if t.stacked else parts))
+                kind = expert_type(self.schemes, t, blocks.shape[0])
+                writer.add_tensor(name, blocks.numpy(), raw_dtype=self.gguf.GGMLQuantizationType[kind])
+            else:
+                weights = parts[0] if t.stacked else torch.stack(parts)
+                self._add_float(writer, name, take_part(t, weights.float()), self.float_type)
 
 
 def _held_blocks(src: _Source, key: str, kind: str) -> torch.Tensor | None:
