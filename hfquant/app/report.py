@@ -161,8 +161,8 @@ def write_sensitivity(folder: Path, table: dict, allocation: dict | None = None)
 
 def stored_average_bits(folder: Path) -> dict:
     """Measured from the saved safetensors: bits of ``weight`` + ``scales`` + ``zeros`` + ``g_idx`` of every
-    W4A16 module, over its ``in * out`` weights; for a GGUF folder (no safetensors), the bytes of the decoder
-    layers' block-type weights over their values. Returns ``{"avg_bits", "modules", "weights"}``."""
+    W4A16 module, over its ``in * out`` weights (an MoE's stacked experts: ``experts * in * out``); for a GGUF
+    folder (no safetensors), the bytes of the decoder layers' block-type weights over their values. Returns ``{"avg_bits", "modules", "weights"}``."""
     ggufs = sorted(Path(folder).glob("*.gguf"))
     if ggufs and not any(Path(folder).glob("*.safetensors")):
         linears = read_gguf_header(ggufs[0])["linears"]
@@ -180,7 +180,8 @@ def stored_average_bits(folder: Path) -> dict:
             continue  # a float Linear (no scales/zeros/g_idx)
         count += 1
         bits += sum(nbytes * 8 for _, nbytes in parts.values())
-        weights += parts["g_idx"][0][0] * parts["scales"][0][0]
+        g_idx, scales = parts["g_idx"][0], parts["scales"][0]  # [in], [out, G]; stacked experts: [E, in], [E, out, G]
+        weights += g_idx[-1] * scales[-2] * (scales[0] if len(scales) == 3 else 1)
     return {"avg_bits": bits / weights if weights else None, "modules": count, "weights": weights}
 
 

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from hfquant.calibration.distributed import Dist
+from hfquant.nn.expert_linear import ExpertLinear
 
 
 class StopForward(Exception):
@@ -56,9 +58,13 @@ class HessianStat:
     cross: torch.Tensor | None = None
     cross_pending: list = field(default_factory=list, repr=False)
 
-    def add(self, x: torch.Tensor, x_float: torch.Tensor | None = None) -> None:
-        """Add one batch's inputs ``x``; with a ``cross`` sum, also ``(x_float - x)^T x`` (same shape as ``x``)."""
+    def add(self, x: torch.Tensor, x_float: torch.Tensor | None = None, weights: torch.Tensor | None = None) -> None:
+        """Add one batch's inputs ``x``; with a ``cross`` sum, also ``(x_float - x)^T x`` (same shape as ``x``).
+        ``weights`` (one per row of ``x``, e.g. an expert's routing weights): ``sum w^2 x^T x`` instead, the rows
+        scaled by the factor their output error is scaled by."""
         x = x.detach().reshape(-1, x.shape[-1]).to(device=self.h.device, dtype=torch.float32)
+        if weights is not None:
+            x = x * weights.detach().reshape(-1, 1).to(device=x.device, dtype=torch.float32)
         c = None
         if self.cross is not None:
             d = x_float.detach().reshape(x.shape).to(device=x.device, dtype=torch.float32) - x
@@ -95,10 +101,49 @@ class HessianStat:
 
 @dataclass
 class Group:
-    """Modules of one block that read the same input, in execution order."""
+    """Modules of one block that read the same input, in execution order. ``tokens``: the rows of input its
+    statistics saw (set before its solve)."""
 
     names: list[str]
     modules: list[nn.Module] = field(repr=False)
+    tokens: int = 0
+
+    @property
+    def expert(self) -> ExpertLinear | None:
+        """The group's ``ExpertLinear`` (one expert's projection of a fused MoE module, alone in its group), or
+        ``None``."""
+        m = self.modules[0]
+        return m if isinstance(m, ExpertLinear) else None
+
+
+def plan_stages(groups: list[Group], true_sequential: bool) -> list[list[Group]]:
+    """The stages a block's groups are solved in: one per group with ``true_sequential`` (all in one without), except
+    that one projection of every expert of a fused MoE module is one stage, at its first expert's place (a pass over
+    the calibration batches collects every expert's statistics; later stages see them all quantized), its groups in
+    expert order."""
+    stages: list[list[Group]] = []
+    by_key: dict[tuple, list[Group]] = {}
+    for g in groups:
+        e = g.expert
+        key = None if e is None else (id(e._owner), e.proj)
+        if key is not None and key in by_key:
+            by_key[key].append(g)
+            continue
+        stages.append([g])
+        if key is not None:
+            by_key[key] = stages[-1]
+    for stage in by_key.values():  # expert order, not call order: the same on every process
+        stage.sort(key=lambda g: g.expert.index)
+    return stages if true_sequential else [[g for stage in stages for g in stage]]
+
+
+def add_idle_experts(groups: list[Group], uncalled: list[str],
+                     modules: dict[str, nn.Module]) -> tuple[list[Group], list[str]]:
+    """Experts the router never chose on these batches still get a group (statistics of zero tokens, so the run's
+    fallback rule decides; with several processes another one may have routed tokens to them, and every process
+    must reduce the same groups). Returns the groups and the names still uncalled."""
+    idle = [n for n in uncalled if isinstance(modules[n], ExpertLinear)]
+    return groups + [Group([n], [modules[n]]) for n in idle], [n for n in uncalled if n not in idle]
 
 
 @contextmanager
@@ -134,8 +179,11 @@ def call_block(block: nn.Module, inp: BlockInputs):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def discover_groups(block: nn.Module, modules: dict[str, nn.Module], inp: BlockInputs) -> tuple[list[Group], list[str]]:
-    """Group ``modules`` by the input tensor they read, in call order. Returns (groups, never-called names)."""
+def discover_groups(block: nn.Module, modules: dict[str, nn.Module],
+                    inputs: Sequence[BlockInputs]) -> tuple[list[Group], list[str]]:
+    """Group ``modules`` by the input tensor they read, in call order, running the block on the first batch of
+    ``inputs``, then on the next ones while some module has not been called (experts the router has not chosen
+    yet). Returns (groups, names never called on any batch)."""
     seen: dict[int, list[str]] = {}
     keep_alive = []
     order: list[int] = []
@@ -151,10 +199,14 @@ def discover_groups(block: nn.Module, modules: dict[str, nn.Module], inp: BlockI
             if _name not in seen[key]:
                 seen[key].append(_name)
         handles.append(m.register_forward_pre_hook(pre))
+    called: set[str] = set()
     with hooked(handles), torch.no_grad():
-        call_block(block, inp)
+        for inp in inputs:
+            call_block(block, inp)
+            called = {n for k in order for n in seen[k]}
+            if len(called) == len(modules):
+                break
     groups = [Group(seen[k], [modules[n] for n in seen[k]]) for k in order]
-    called = {n for g in groups for n in g.names}
     return groups, [n for n in modules if n not in called]
 
 

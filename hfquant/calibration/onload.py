@@ -28,6 +28,11 @@ from safetensors import safe_open
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+try:  # transformers >= 5: the conversions it loads checkpoints with (an MoE's per-expert tensors merged)
+    from transformers.core_model_loading import revert_weight_conversion
+except ImportError:  # pragma: no cover - older transformers: every tensor is stored under its own name
+    revert_weight_conversion = None
+
 from hfquant.nn.graph import find_blocks
 from hfquant.core.errors import ConfigError
 
@@ -91,8 +96,8 @@ class LayerLoader:
             if name not in self.files:
                 if name in self.tied:
                     continue  # tied to its source; tie_weights() links it
-                raise ConfigError(f"hfquant: tensor {name!r} is not in the checkpoint's safetensors files; this "
-                                  "model's checkpoint layout is not supported layer-wise (use layerwise: false)")
+                self._load_converted(name, state[name])
+                continue
             by_file.setdefault(self.files[name], []).append(name)
         for file, file_names in by_file.items():
             with safe_open(str(file), "pt") as f:
@@ -106,6 +111,28 @@ class LayerLoader:
         if self.tied:
             self.model.tie_weights()
         self.seconds += time.perf_counter() - t0
+
+    def _load_converted(self, name: str, meta: torch.Tensor) -> None:
+        """A tensor the checkpoint stores under other names, as transformers converts them when loading (an MoE's
+        per-expert ``experts.<e>.w1/w3.weight`` merged into ``experts.gate_up_proj``; renamed modules): transformers'
+        own reverse conversion, run on a tensor of element indices, says which stored tensor fills which elements."""
+        probe = {name: torch.arange(meta.numel(), dtype=torch.int64, device="cpu").reshape(meta.shape)}
+        sources = revert_weight_conversion(self.model, probe) if revert_weight_conversion is not None else {}
+        if not sources or any(key not in self.files for key in sources):
+            raise ConfigError(f"hfquant: tensor {name!r} is not in the checkpoint's safetensors files; this "
+                              "model's checkpoint layout is not supported layer-wise (use layerwise: false)")
+        flat, filled = None, 0
+        for key, index in sources.items():
+            with safe_open(str(self.files[key]), "pt") as f:
+                t = f.get_tensor(key)
+            if flat is None:
+                flat = torch.empty(meta.numel(), dtype=self.dtype if t.is_floating_point() else t.dtype, device="cpu")
+            flat[index.reshape(-1)] = t.reshape(-1).to(flat.dtype)
+            filled += index.numel()
+        if filled != meta.numel():
+            raise ConfigError(f"hfquant: tensor {name!r} is only partly in the checkpoint's safetensors files "
+                              f"({filled} of {meta.numel()} values); load it whole (layerwise: false)")
+        set_module_tensor_to_device(self.model, name, self.device, value=flat.reshape(meta.shape))
 
     def _unload(self, names: list[str]) -> None:
         params = {n for n, _ in self.model.named_parameters(remove_duplicate=False)}

@@ -37,8 +37,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from hfquant.calibration.blocks import (BlockInputs, call_block, capture_block_inputs, discover_groups,
-                                        float_group_inputs, Group, HessianStat, hooked, replaying, StopForward)
+from hfquant.calibration.blocks import (add_idle_experts, BlockInputs, call_block, capture_block_inputs, discover_groups,
+                                        float_group_inputs, Group, HessianStat, hooked, plan_stages, replaying,
+                                        StopForward)
 from hfquant.calibration.distributed import Dist
 from hfquant.calibration.spill import HiddenStore
 from hfquant.nn.graph import find_blocks, in_out_features, quantizable_modules
@@ -133,7 +134,9 @@ class _BlockRun:
         stats = []
         for g in stage:
             cols = in_out_features(g.modules[0])[0]
-            cross = torch.zeros(cols, cols, device=device) if self.float_block is not None else None
+            # An expert's rows in the float model are other tokens (its router chose differently): no cross term.
+            crossed = self.float_block is not None and g.expert is None
+            cross = torch.zeros(cols, cols, device=device) if crossed else None
             stats.append(HessianStat(torch.zeros(cols, cols, device=device), dist=self.dist, cross=cross))
         return stats
 
@@ -143,9 +146,12 @@ class _BlockRun:
         stats = self.new_stats(stage)
         pending = [len(stage)]
         handles = []
-        for k, (g, st) in enumerate(zip(stage, stats)):
+        crossed = [g.names[0] for g, st in zip(stage, stats) if st.cross is not None]
+        for g, st in zip(stage, stats):
+            k = crossed.index(g.names[0]) if st.cross is not None else None
+
             def pre(_m, args, _st=st, _k=k):
-                _st.add(args[0], self.float_x[_k] if self.float_x else None)
+                _st.add(args[0], self.float_x[_k] if _k is not None else None, getattr(_m, "row_weights", None))
                 pending[0] -= 1
                 if pending[0] == 0:
                     raise StopForward
@@ -160,9 +166,8 @@ class _BlockRun:
             for b in range(len(self.inputs)):
                 self.batch[0] = b
                 pending[0] = len(stage)
-                if self.float_block is not None:
-                    self.float_x[:] = float_group_inputs(self.float_block, [g.names[0] for g in stage],
-                                                         self.float_stream.inputs[b])
+                if crossed:
+                    self.float_x[:] = float_group_inputs(self.float_block, crossed, self.float_stream.inputs[b])
                 try:
                     call_block(self.block, self.inputs[b])
                 except StopForward:
@@ -178,6 +183,7 @@ class _BlockRun:
         """Reduce each group's statistics over the processes and ``solve`` it; its modules are then quantized."""
         for g, st in zip(stage, stats):
             st.reduce()
+            g.tokens = st.n
             if self.float_block is None:
                 solve(self.block_name, g, st.normalized())
             else:
@@ -233,10 +239,10 @@ def run_block(block: nn.Module, block_name: str, modules: dict[str, nn.Module], 
     """
     options = options or BlockRunOptions()
     dist = options.dist or Dist()
-    groups, uncalled = discover_groups(block, modules, stream.inputs[0])
+    groups, uncalled = add_idle_experts(*discover_groups(block, modules, stream.inputs), modules)
     for name in uncalled:
         logger.warning("%s.%s was not called during calibration; it is quantized without data (RTN)", block_name, name)
-    stages = [[g] for g in groups] if true_sequential else [groups]
+    stages = plan_stages(groups, true_sequential)
     run = _BlockRun(block, block_name, stream, float_stream, options, dist)
     for stage in stages:
         run.stage(stage, solve)

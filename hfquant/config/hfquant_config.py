@@ -159,6 +159,8 @@ class HFQuantConfig(QuantizationConfigMixin):
         """The flat fields (``config.json``); in-memory datasets and tokenizer objects become ``None``."""
         out = {}
         for key, value in self._flat_items():
+            if key in OMITTED_AT_DEFAULT and value == DEFAULTS.get(key):
+                continue  # newer fields: config.json files of runs that do not use them stay as they were
             if key in ("dataset", "tokenizer") and not isinstance(value, str):
                 value = None
             if isinstance(value, tuple):
@@ -228,6 +230,8 @@ FIELDS: tuple[FieldSpec, ...] = field_table(HFQuantConfig)
 _BY_FLAT: dict[str, FieldSpec] = {s.flat: s for s in FIELDS}
 # name -> default; the order is the order of to_dict().
 DEFAULTS: dict[str, Any] = {s.flat: s.default for s in FIELDS}
+# Fields added after checkpoints were first saved: left out of ``to_dict`` while at their defaults.
+OMITTED_AT_DEFAULT = frozenset({"expert_tokens", "expert_min_tokens", "bits_per_weight"})
 # The GGUF fields of the weight-only methods.
 GGUF_FIELDS: tuple[str, ...] = tuple(s.flat for s in FIELDS if s.section == "gguf")
 # The quantization fields each method reads. A field another method reads, given for this one, would be ignored, so

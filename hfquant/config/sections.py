@@ -197,6 +197,11 @@ class CalibrationArgs(Section):
         seed: seed of the window sampler.
         batch_size: windows per forward pass during calibration (flat: ``calibration_batch_size``).
         tokenizer: tokenizer name/path (or object, not saved); defaults to the model's own.
+        expert_tokens: Mixture-of-Experts models: the tokens each expert's statistics come from: ``"routed"`` (the
+            tokens the router sends to it, weighted by their routing weights) or ``"all"`` (every token, unweighted,
+            for experts the calibration text rarely reaches; the block's output still uses the routed ones).
+        expert_min_tokens: an expert whose projection sees fewer routed tokens than this is rounded to nearest on
+            its format's grid instead (one report line each).
     """
 
     dataset: Any = field(default=None, metadata=read_by())
@@ -208,8 +213,14 @@ class CalibrationArgs(Section):
     seed: int = field(default=0, metadata=read_by())
     batch_size: int = field(default=8, metadata=read_by(flat="calibration_batch_size"))
     tokenizer: Any = field(default=None, metadata=read_by())
+    expert_tokens: str = field(default="routed", metadata=read_by())
+    expert_min_tokens: int = field(default=16, metadata=read_by())
 
     def validate(self) -> None:
+        if self.expert_tokens not in ("routed", "all"):
+            self._bad("expert_tokens", "'routed' (the tokens the router sends to each expert) or 'all'")
+        if not _is_int(self.expert_min_tokens) or self.expert_min_tokens < 0:
+            self._bad("expert_min_tokens", "an integer >= 0 (0: every expert with a token gets GPTQ), e.g. 16")
         for name in ("num_samples", "seq_len", "batch_size"):
             if not _is_int(getattr(self, name)) or getattr(self, name) <= 0:
                 self._bad(name, "a positive integer")
@@ -282,6 +293,9 @@ class MixedArgs(Section):
         module_schemes: written by the run: the resolved ``{module: {bits, group_size, sym, method}}`` of
             every quantized module when overrides or ``bits="auto"`` were used; reload builds each module
             from it. Given at quantization time, it is used as is (exact names, no patterns).
+        bits_per_weight: written by the run: the checkpoint's stored bits per weight over every linear-algebra
+            weight, quantized or left float (experts, routers and the output head included; embeddings and norms
+            not), as ``hfquant.quantize.coverage`` counts them.
     """
 
     overrides: dict | None = field(default=None, metadata=read_by("gptq", "rtn", "smoothquant"))
@@ -290,6 +304,7 @@ class MixedArgs(Section):
     candidates: list | None = field(default=None, metadata=read_by("gptq"))
     fisher_windows: int = field(default=16, metadata=read_by("gptq"))
     module_schemes: dict | None = field(default=None, metadata=read_by())
+    bits_per_weight: float | None = field(default=None, metadata=read_by())
 
     def validate(self) -> None:
         self.check_patterns()

@@ -121,7 +121,7 @@ class GGUFBlocks(WeightFormat):
 
 
     def module_error(self, name: str, module) -> str | None:
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, torch.nn.Linear) or getattr(module, "linear_view", False):  # an MoE expert's projection
             return None
         return (f"quantization.gguf_type: {name} is a {type(module).__name__}, not an nn.Linear; GGUF blocks hold "
                 "Linear weights (Llama-family models), so quantize this model without gguf_type")

@@ -9,6 +9,8 @@ from hfquant.core.errors import ConfigError
 from hfquant.core.int_grid import IntGrid
 from hfquant.core.weight_format import format_from_config, format_from_fields
 from hfquant.formats.gptq import checkpoint_keys, GPTQImportLinear, GPTQLayout
+from hfquant.formats.gptq_experts import expert_import_skeletons, fill_imported_experts_
+from hfquant.nn.experts import experts_layout, find_experts, quant_experts_skeleton
 from hfquant.nn.graph import in_out_features, is_quantizable, output_head_name, set_submodule
 from hfquant.nn.stored import skeleton
 from hfquant.nn.w8a8 import QuantLinearW8A8
@@ -19,6 +21,7 @@ def hfquant_skeletons(model, cfg, keep, dtype, checkpoint_files) -> None:
     module of the format its scheme (``module_schemes``, else the config's) stores (``hfquant.nn.stored.skeleton``),
     or a ``QuantLinearW8A8`` for SmoothQuant."""
     head = output_head_name(model) if cfg.lm_head_bits is not None else None
+    _experts_skeletons(model, cfg, keep, dtype, checkpoint_files)
     for name, module in list(model.named_modules()):
         if not name or not is_quantizable(module) or not (keep(name) or name == head):
             continue
@@ -33,6 +36,32 @@ def hfquant_skeletons(model, cfg, keep, dtype, checkpoint_files) -> None:
     run_format = format_from_config(cfg)
     if run_format is not None:
         run_format.load_extras_(model, cfg, checkpoint_keys(checkpoint_files))
+
+
+def _experts_skeletons(model, cfg, keep, dtype, checkpoint_files) -> None:
+    """Each fused experts module the checkpoint holds quantized (``<experts>.<proj>.<tensor>`` keys) becomes an empty
+    ``QuantExperts``: per projection, one expert's module skeleton (its scheme: expert 0's entry, all experts of a
+    projection share one) stacked ``num_experts`` times, or the fused float tensor of a projection saved float."""
+    experts = {n: m for n, m in find_experts(model).items() if experts_layout(m) is not None}
+    if not experts:
+        return
+    keys = checkpoint_keys(checkpoint_files)
+    for name, module in experts.items():
+        layout = experts_layout(module)
+        stacked = {p: keep(f"{name}.{p}") and any(k.startswith(f"{name}.{p}.") for k in keys) for p in layout.projections}
+        if not any(stacked.values()):
+            continue
+        templates = {}
+        for p in layout.projections:
+            in_f, out_f = layout.dims(module, p)
+            if not stacked[p]:  # saved float (its fused tensor)
+                templates[p] = None
+            elif cfg.method == "smoothquant":
+                with torch.device("meta"):
+                    templates[p] = QuantLinearW8A8(in_f, out_f, bias=layout.has_bias, dtype=dtype)
+            else:
+                templates[p] = skeleton(_stored_format(cfg, f"{name}.0.{p}", None), in_f, out_f, layout.has_bias, dtype)
+        set_submodule(model, name, quant_experts_skeleton(module, layout, templates))
 
 
 def _stored_format(cfg, name: str, head: str | None):
@@ -56,7 +85,8 @@ def gptq_skeletons(model, cfg, dtype, checkpoint_files) -> None:
                           "checkpoint's safetensors files; is it a GPTQ checkpoint (safetensors only)?")
     tied = {k.rsplit(".", 1)[0] for k in getattr(model, "all_tied_weights_keys", {}) or {}}
     layout = GPTQLayout(cfg.bits, cfg.group_size, cfg.checkpoint_format)
-    for name in names:
+    experts = expert_import_skeletons(model, keys, layout, dtype, checkpoint_files)  # an MoE's per-expert Linears
+    for name in (n for n in names if n not in experts):
         try:
             module = model.get_submodule(name)
         except AttributeError:
@@ -70,7 +100,8 @@ def gptq_skeletons(model, cfg, dtype, checkpoint_files) -> None:
 
 
 def convert_gptq_skeletons(model) -> None:
-    """Replace the GPTQ skeletons by ``QuantLinearWeightOnly`` modules."""
+    """Replace the GPTQ skeletons by ``QuantLinearWeightOnly`` modules; fill the imported experts modules."""
+    fill_imported_experts_(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, GPTQImportLinear):
             set_submodule(model, name, module.to_w4a16())

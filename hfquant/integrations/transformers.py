@@ -33,6 +33,7 @@ from hfquant.core.errors import ConfigError
 from hfquant.formats.save_hook import install_save_format_hook
 from hfquant.formats.skeletons import convert_gptq_skeletons, gptq_skeletons, hfquant_skeletons
 from hfquant.kernels.jit_build import build_seconds
+from hfquant.nn.experts import QuantExperts
 from hfquant.nn.graph import is_quantizable, output_head_name
 from hfquant.quantize.entry import quantize_loaded_model_
 from hfquant.quantize.freeze import freeze_
@@ -55,6 +56,14 @@ def quantized_predicate(left_float: list[str]) -> Callable[[str], bool]:
     (transformers' matching: a prefix up to a module boundary, a regex, or a suffix)."""
     patterns = list(left_float)
     return lambda name: should_convert_module(name, patterns)
+
+
+def keep_internal_names(model) -> None:
+    """A model with quantized experts saves its tensors under the names it holds them by. transformers would save an
+    MoE under its checkpoints' older per-expert names (reversing the conversions it loads them with), which the
+    stacked quantized tensors do not have; and reload reads these names as they are."""
+    if any(isinstance(m, QuantExperts) for m in model.modules()):
+        model._weight_conversions = []
 
 
 def _own_copy(config):
@@ -122,6 +131,7 @@ class HFQuantQuantizer(HfQuantizer):
                 # The config now describes an hfquant model: its Linears left float listed by name.
                 cfg.checkpoint_format = "hfquant"
                 cfg.modules_to_not_convert = sorted(n for n, m in model.named_modules() if n and is_quantizable(m))
+            keep_internal_names(model)
             freeze_(model)
             return model
 
@@ -132,10 +142,14 @@ class HFQuantQuantizer(HfQuantizer):
         if module_schemes is not None:
             cfg.module_schemes = module_schemes
         # Record the resolved skip list so a reload rebuilds exactly the same modules.
-        kept = set(self.modules_to_not_convert) | set(self.report.get("skipped", []))
+        kept = (set(self.modules_to_not_convert) | set(self.report.get("skipped", []))
+                | set(self.report.get("routers", [])))
         if cfg.lm_head_bits is not None:
             kept.discard(output_head_name(model))
         cfg.modules_to_not_convert = sorted(kept)
+        if "weights" in self.report:
+            cfg.bits_per_weight = self.report["weights"]["bits_per_weight"]
+        keep_internal_names(model)
         model.config.quantization_config = cfg
         model.hfquant_report = self.report
         freeze_(model)

@@ -66,8 +66,18 @@ def losses_of(table: dict) -> list[list[float]]:
     return [[x / (m["energy"] or 1.0) for x in m["gptq"]] for m in table["modules"].values()]
 
 
+def _units(names: list[str], table: dict) -> dict[str, list[int]]:
+    """Allocation units -> indices of their modules: a module on its own, or every expert of one projection of an
+    MoE experts module (``unit`` in the table: they are stored stacked, so they share one scheme)."""
+    units: dict[str, list[int]] = {}
+    for i, n in enumerate(names):
+        units.setdefault(table["modules"][n].get("unit", n), []).append(i)
+    return units
+
+
 def allocate_bits(table: dict, target_avg_bits: float, scale_bits: int = 32) -> tuple[dict[str, dict], float]:
-    """Allocation ``{module: {bits, group_size}}`` with stored average bits <= ``target_avg_bits``, and that average."""
+    """Allocation ``{module: {bits, group_size}}`` with stored average bits <= ``target_avg_bits``, and that average.
+    The experts of one MoE projection are one unit: their losses and costs add up, and they get one scheme."""
     names, costs, weights = candidate_costs(table, scale_bits)
     budget = math.floor(target_avg_bits * weights)
 
@@ -75,10 +85,15 @@ def allocate_bits(table: dict, target_avg_bits: float, scale_bits: int = 32) -> 
     if budget < sum(min(c) for c in costs):
         raise ConfigError(f"quantization.target_avg_bits: {target_avg_bits} is below {lo:.4f}, the smallest average "
                           "the candidates allow (counting scales, zeros and g_idx); raise it or add cheaper candidates")
-    pick = allocate(losses_of(table), costs, budget)
-    chosen = {n: dict(table["candidates"][j]) for n, j in zip(names, pick)}
-    avg = sum(costs[i][j] for i, j in enumerate(pick)) / weights
-    return chosen, avg
+    units, losses = _units(names, table), losses_of(table)
+    unit_losses = [[sum(losses[i][j] for i in members) for j in range(len(table["candidates"]))]
+                   for members in units.values()]
+    unit_costs = [[sum(costs[i][j] for i in members) for j in range(len(table["candidates"]))]
+                  for members in units.values()]
+    pick = allocate(unit_losses, unit_costs, budget)
+    chosen = {names[i]: dict(table["candidates"][j]) for members, j in zip(units.values(), pick) for i in members}
+    avg = sum(unit_costs[u][j] for u, j in enumerate(pick)) / weights
+    return {n: chosen[n] for n in names}, avg
 
 
 def average_range(table: dict, scale_bits: int = 32) -> tuple[float, float]:

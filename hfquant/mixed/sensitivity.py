@@ -24,7 +24,8 @@ The table is a JSON-able dict::
 
     {"candidates": [{"bits", "group_size"}, ...],
      "modules": {name: {"in": int, "out": int, "energy": float, "gptq": [L per candidate], "rtn": [...],
-                        "fisher_gptq": [estimated loss increase per candidate], "fisher_rtn": [...]}},
+                        "fisher_gptq": [estimated loss increase per candidate], "fisher_rtn": [...],
+                        "unit": str}},   # unit: an MoE expert's projection, allocated with its siblings
      "fisher_windows": int, "seconds": float}   # the fisher_* keys only when measured
 """
 
@@ -158,6 +159,9 @@ def measure_sensitivity(model: nn.Module, batches: list[torch.Tensor], keep: Cal
                                                           for n, w in zip(full, weights)])
         for n, w, entry in zip(full, weights, found):
             modules[n] = {"in": w.shape[1], "out": w.shape[0], **entry}
+            if group.expert is not None:  # an MoE's experts of one projection are stored stacked: one scheme
+                prefix, _, proj = n.rsplit(".", 2)
+                modules[n]["unit"] = f"{prefix}.{proj}"
 
     calibrate_blocks_(model, batches, keep, solve, true_sequential=False, options=BlockRunOptions(progress=progress))
     order = [n for n in quantizable_modules(model, keep) if n in modules]

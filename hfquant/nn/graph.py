@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from hfquant.nn.expert_linear import ExpertLinear
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """GPT-2 style ``Conv1D`` (weight ``[in, out]``, ``y = x W + b``), recognised without importing transformers."""
@@ -14,8 +16,8 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_quantizable(module: nn.Module) -> bool:
-    """``nn.Linear`` or ``Conv1D``."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """``nn.Linear``, ``Conv1D``, or one expert's projection of a fused MoE module (``ExpertLinear``)."""
+    return isinstance(module, (nn.Linear, ExpertLinear)) or is_conv1d(module)
 
 
 def float_weight(module: nn.Module) -> torch.Tensor:

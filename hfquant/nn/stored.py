@@ -34,6 +34,11 @@ def module_class(fmt: WeightFormat) -> type:
     return _MODULES.get(fmt.kind, QuantLinearStored)
 
 
+def quantized_classes() -> tuple[type, ...]:
+    """Every module class that holds a weight format (registered ones and ``QuantLinearStored``)."""
+    return (*_MODULES.values(), QuantLinearStored)
+
+
 def quantized_module(linear: nn.Module, fmt: WeightFormat, stored: tuple[torch.Tensor, ...]) -> nn.Module:
     """The quantized module replacing ``linear``, holding ``stored`` (``fmt``'s stored tensors)."""
     return module_class(fmt).from_stored(linear, fmt, stored)

@@ -24,7 +24,10 @@ from hfquant.core.errors import CalibrationError, ConfigError
 from hfquant.core.int_grid import IntGrid
 from hfquant.core.weight_format import format_from_config, Scheme
 from hfquant.mixed import resolve
+from hfquant.nn.experts import (experts_layout, find_experts, fuse_experts_, fused_weights, router_names,
+                                RoutedExperts, unfuse_experts_, unknown_layout_error)
 from hfquant.nn.graph import is_quantizable, output_head_name
+from hfquant.quantize.coverage import coverage, unexplained_float
 from hfquant.quantize.w8a8 import quantize_w8a8_, SmoothQuantSettings, W8A8RunOptions
 from hfquant.quantize.weight_only import quantize_gptq_, quantize_rtn_, reports_as_dicts, RunOptions
 
@@ -72,6 +75,12 @@ def check_model_for_config(model, config, keep: Callable[[str], bool]) -> None:
     """What the architecture alone must allow for ``config`` (works on a meta-device skeleton, before any weight is
     read): every module to quantize can take the run's weight format (``WeightFormat.module_error``; GGUF blocks are
     rows of an ``nn.Linear`` weight, GPT-2's ``Conv1D`` stores its weight transposed). Raises ``ConfigError``."""
+    for name, module in find_experts(model).items():
+        if experts_layout(module) is None and any(keep(f"{name}.{p}") for p in fused_weights(module)):
+            raise ConfigError(unknown_layout_error(name, module))
+    error = unexplained_float(model, keep, head_quantized=config.lm_head_bits is not None)
+    if error is not None:
+        raise ConfigError(error)
     fmt = format_from_config(config)
     if fmt is None:
         return
@@ -126,6 +135,45 @@ class _Run:
         self.report: dict = {"method": config.method, "torch": torch.__version__, "machine": platform.machine()}
         self.schemes = None
 
+    def prepare_experts(self) -> None:
+        """MoE models: routers stay float; every experts module to quantize is run as one Linear per expert and
+        projection (``hfquant.nn.experts``), with ``calibration.expert_tokens``'s choice of tokens."""
+        model, config = self.model, self.config
+        routers = router_names(model)
+        if routers:
+            self.report["routers"] = routers
+            self.keep = (lambda n, _keep=self.keep, _r=frozenset(routers): _keep(n) and n not in _r)
+        check_model_for_config(model, config, self.keep)  # an unknown experts layout: one line, before anything
+        if not find_experts(model):
+            return
+        for name in unfuse_experts_(model, self.keep):
+            model.get_submodule(name).all_tokens = config.expert_tokens == "all"
+
+    def check_expert_schemes(self) -> None:
+        """Every expert of one projection has one scheme (they are stored stacked): checked before calibration."""
+        for name, module in self.model.named_modules():
+            if not isinstance(module, RoutedExperts):
+                continue
+            for proj in module.layout.projections:
+                names = [f"{name}.{e}.{proj}" for e in range(module.layout.num_experts)]
+                kinds = {(self.keep(n), repr((self.schemes or {}).get(n))) for n in names}
+                if len(kinds) > 1:
+                    raise ConfigError(f"hfquant: overrides or modules_to_not_convert give the experts of {name}.{proj} "
+                                      "different schemes; its experts are stored stacked and must share one: write "
+                                      f"the pattern for the whole module (e.g. '{name}.*')")
+
+    def finish_experts(self) -> None:
+        """Put every experts module back in one piece (``QuantExperts``), then count what the model holds."""
+        problems = fuse_experts_(self.model)
+        if problems:
+            name, problem = next(iter(problems.items()))
+            raise ConfigError(f"hfquant: {name}: {problem} (its experts are stored stacked and must share one "
+                              "scheme)")
+        for m in self.model.modules():
+            if isinstance(m, RoutedExperts):
+                m.all_tokens = False
+        self.report["weights"] = coverage(self.model, self.keep, head_quantized=self.config.lm_head_bits is not None)
+
     def check(self) -> None:
         config, request = self.config, self.request
         if config.method == "smoothquant" and request.activations != "device":
@@ -137,6 +185,7 @@ class _Run:
         check_model_for_config(self.model, config, self.keep)
 
     def run(self) -> Quantized:
+        self.prepare_experts()
         self.check()
         config, model = self.config, self.model
         head = _lm_head_to_quantize(model, config)  # checked before the run, not after a long calibration
@@ -144,6 +193,7 @@ class _Run:
             self.schemes, skipped, conflicts = resolve.resolve_for_model(model, config, self.keep)
             self.report.update(skipped=skipped, override_conflicts=conflicts)
             self.keep = (lambda n, _keep=self.keep, _skip=frozenset(skipped): _keep(n) and n not in _skip)
+            self.check_expert_schemes()
         model.eval()
         if config.method == "rtn":
             modules = reports_as_dicts(self.rtn())
@@ -160,6 +210,7 @@ class _Run:
         extra = fmt.finish_model_(model, config) if fmt is not None else None
         if extra is not None:
             self.report[fmt.kind] = extra
+        self.finish_experts()
         self.report["damp_retries"] = sum(m.get("damp_retries", 0) for m in modules)
         return Quantized(self.report, module_schemes)
 
@@ -204,7 +255,8 @@ class _Run:
         hidden = make_store(request.activations, device, request.offload_folder)
         timings: dict = {}
         options = RunOptions(progress=request.progress, store=request.store, hidden=hidden, dist=self.dist,
-                             onload=request.onload, cache_outputs=request.activations != "disk", timings=timings)
+                             onload=request.onload, cache_outputs=request.activations != "disk", timings=timings,
+                             expert_min_tokens=config.expert_min_tokens)
         t1 = time.perf_counter()
         try:
             modules = reports_as_dicts(quantize_gptq_(model, batches, self.keep, resolve.default_scheme(config),

@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from hfquant.calibration.distributed import Dist, solve_shared
 from hfquant.nn.graph import find_blocks, float_weight, quantizable_modules, set_float_weight_, set_submodule
-from hfquant.calibration.blocks import BlockInputs, call_block, capture_block_inputs, discover_groups, HessianStat
+from hfquant.calibration.blocks import (add_idle_experts, BlockInputs, call_block, capture_block_inputs,
+                                        discover_groups, HessianStat)
 from hfquant.quantize.smoothing import find_producers, fold_, missing_known_groups, relative_change
 from hfquant.core.gptq import gptq_solve, GPTQResult, HessianFactor, prepare_hessian, SolveArgs
 from hfquant.core.int_grid import IntGrid
@@ -298,7 +299,7 @@ class _BlockPass:
     def collect(self, modules, inputs: list[BlockInputs]) -> list:
         """Find the groups, run the float block over every batch with their statistics hooked; return its outputs."""
         block = self.block
-        groups, _ = discover_groups(block, modules, inputs[0])
+        groups, _ = add_idle_experts(*discover_groups(block, modules, inputs), modules)
         self.groups = find_producers(block, groups, lambda: call_block(block, inputs[0]))
         handles = []
         for g in self.groups:

@@ -19,6 +19,8 @@ from hfquant.calibration.distributed import Dist, solve_shared
 from hfquant.calibration.sequential import BlockCallbacks, BlockRunOptions, calibrate_blocks_
 from hfquant.core.gptq import gptq_solve, GPTQResult, prepare_hessian
 from hfquant.core.weight_format import Scheme
+from hfquant.nn.expert_linear import ExpertLinear
+from hfquant.nn.experts import fuse_experts_
 from hfquant.nn.graph import find_blocks, float_weight, in_out_features, is_conv1d, quantizable_modules, set_float_weight_, set_submodule
 from hfquant.nn.stored import quantized_module, storage_dtype
 from hfquant.quantize.reconstruct import reconstruct_block_, RoundedWeight
@@ -47,7 +49,8 @@ class RunOptions:
     ``hidden`` (a ``HiddenStore``) keeps the activations between blocks; ``dist`` reduces statistics over
     calibration processes; ``onload`` (a ``hfquant.calibration.onload.LayerLoader``) loads each block's float
     weights when its turn comes; ``cache_outputs`` is as in ``BlockRunOptions``; ``timings`` (a dict) receives
-    ``solve_seconds``, the time spent in the solves (and their broadcasts)."""
+    ``solve_seconds``, the time spent in the solves (and their broadcasts); an expert's projection that saw fewer
+    than ``expert_min_tokens`` routed tokens is rounded to nearest instead of solved."""
 
     progress: bool = True
     store: object = None
@@ -56,6 +59,7 @@ class RunOptions:
     onload: object = None
     cache_outputs: bool = True
     timings: dict | None = None
+    expert_min_tokens: int = 0
 
 
 Schemes = dict  # module name -> Scheme; modules not in it use the run's scheme
@@ -201,6 +205,12 @@ class _GPTQRun:
         ``cross``: the group's asymmetric-calibration term, shared like the Hessian; used in a GPTAQ run only (a
         run with block reconstruction alone carries the float stream for its targets, not for the solves)."""
         t0 = time.perf_counter()
+        least = max(self.options.expert_min_tokens, 1)
+        if group.expert is not None and group.tokens < least:
+            for short, module in zip(group.names, group.modules):
+                self.fallback_in_block(f"{block_name}.{short}", module, note=(
+                    f"expert fallback: {group.tokens} routed tokens (expert_min_tokens {least}); rounded to nearest"))
+            return
         units = []
         for short, module in zip(group.names, group.modules):
             name = f"{block_name}.{short}"
@@ -231,12 +241,16 @@ class _GPTQRun:
             timings["solve_seconds"] = timings.get("solve_seconds", 0.0) + time.perf_counter() - t0
 
     def refine(self, block_name: str, block: nn.Module, inputs, targets) -> None:
-        """Block reconstruction (``hfquant.quantize.reconstruct``) of the block's GPTQ-solved modules; their
-        stored codes and scales and their weights are replaced when it lowers the block's output error."""
+        """Block reconstruction (``hfquant.quantize.reconstruct``) of the block's GPTQ-solved modules (not an MoE's
+        routed experts); their stored codes and scales and their weights are replaced when it lowers the block's
+        output error."""
         names = [n for n in self.pre if n.startswith(block_name + ".")]
         units = []
         for name in names:
             module, codes, scales, zeros, g_idx = self.results[name]
+            if isinstance(module, ExpertLinear):  # routed experts keep GPTQ's result (their weights are views)
+                del self.pre[name]
+                continue
             g = g_idx.long()
             units.append(RoundedWeight(name[len(block_name) + 1:], self.pre.pop(name), zeros.float()[:, g], scales.float(),
                                        g, 2 ** self.scheme_of(name).bits - 1, module.weight.dtype,
@@ -275,6 +289,7 @@ class _GPTQRun:
             if f"{block_name}.{n}" not in self.results and f"{block_name}.{n}" not in self.reports:
                 self.fallback(f"{block_name}.{n}", m)
         self.swap(block_name)
+        fuse_experts_(self.blocks[index])  # the experts' float weights go as soon as all are quantized
         if self.options.onload is not None:
             self.options.onload.block_done(index)
 

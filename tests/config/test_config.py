@@ -183,10 +183,11 @@ def test_the_field_table_has_small_sections_and_states_the_methods_once():
     top = dataclasses.fields(HFQuantConfig)
     assert len(top) <= 12
     assert {n: len(dataclasses.fields(s)) for n, s in SECTIONS.items()} == {
-        "gptq": 13, "calibration": 9, "smoothquant": 3, "mixed": 6, "gguf": 3}
+        "gptq": 13, "calibration": 11, "smoothquant": 3, "mixed": 7, "gguf": 3}
     assert [f.name for f in dataclasses.fields(SECTIONS["calibration"])] == [
-        "dataset", "config", "split", "column", "num_samples", "seq_len", "seed", "batch_size", "tokenizer"]
-    assert len(FIELDS) == len(DEFAULTS) == 39 and list(DEFAULTS) == [s.flat for s in FIELDS]
+        "dataset", "config", "split", "column", "num_samples", "seq_len", "seed", "batch_size", "tokenizer",
+        "expert_tokens", "expert_min_tokens"]
+    assert len(FIELDS) == len(DEFAULTS) == 42 and list(DEFAULTS) == [s.flat for s in FIELDS]
     assert GGUF_FIELDS == ("gguf_type", "gguf_head_type", "gguf_embedding_type")
     for spec in FIELDS:
         assert {m for m, fields in METHOD_FIELDS.items() if spec.flat in fields} == set(spec.methods)

@@ -98,7 +98,7 @@ def _llama_block_check(tiny_models, outlier_channel=None, arch="llama", norm_nam
     batches = [torch.randint(0, model.config.vocab_size, (2, 16), generator=gen)]
     inputs = capture_block_inputs(model, block, batches)
     modules = quantizable_modules(block, lambda _n: True, prefix="block")
-    groups, _ = discover_groups(block, modules, inputs[0])
+    groups, _ = discover_groups(block, modules, inputs)
     groups = find_producers(block, groups, lambda: call_block(block, inputs[0]))
     g = next(g for g in groups if g.norm_name == norm_name)
     seen = []
