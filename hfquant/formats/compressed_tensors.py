@@ -17,6 +17,10 @@ load differently is never written. The config block is written by the library's
 Per-module schemes (``module_schemes``, from overrides or ``bits: auto``) become one config group per
 distinct ``(bits, group_size, sym)``, each targeting its modules by exact name.
 
+Mixture-of-Experts checkpoints: each expert's projection is written as its own Linear (``weight_packed`` ...) under
+the names of the family's checkpoints (``hfquant.formats.export_experts``), what vLLM and transformers load MoE
+compressed-tensors checkpoints by; the routers are listed in ``ignore``.
+
 Refused (``FormatError``): groups that do not divide ``in_features`` (compressed-tensors' group strategy
 requires it), act-order with a non-monotone ``g_idx`` (``actorder="group"`` was removed from
 compressed-tensors 0.20), GPT-2 ``Conv1D`` modules, and zero points outside the signed range.
@@ -34,6 +38,7 @@ from hfquant.core.errors import FormatError
 from hfquant.core.grids import dequantize_grouped
 from hfquant.core.packing import unpack_codes
 from hfquant.formats.files import write_json
+from hfquant.nn.experts import router_names
 
 
 def _import_ct():
@@ -108,6 +113,31 @@ def _w8a8_state(name: str, t: dict, q) -> dict:
     return state
 
 
+def _groups(q, w8a8: bool, scheme_key: dict[str, str]):
+    """``(config groups, exported Linear -> its scheme)``: one group targeting ``Linear`` for one scheme, else one
+    group per distinct ``(bits, group_size, sym)`` targeting its Linears by exported name."""
+    by_key: dict[tuple, list[str]] = {}
+    for name, key in scheme_key.items():
+        mq = _module_q(q, key)
+        by_key.setdefault((mq.bits, mq.group_size, mq.sym) if not w8a8 else (), []).append(name)
+    if len(by_key) == 1:
+        group = _scheme(_module_q(q, next(iter(scheme_key.values()))), w8a8)
+        return {"group_0": group}, dict.fromkeys(scheme_key, group)
+    groups, scheme_of = {}, {}
+    for i, names in enumerate(by_key.values()):
+        groups[f"group_{i}"] = _scheme(_module_q(q, scheme_key[names[0]]), w8a8, targets=sorted(names))
+        scheme_of.update(dict.fromkeys(names, groups[f"group_{i}"]))
+    return groups, scheme_of
+
+
+def _ignore(ckpt) -> list[str]:
+    """The config's ``ignore``: the model's Linears left float and the MoE routers (kept float; some are not
+    ``nn.Linear`` in transformers but are Linears in vLLM), under their exported names."""
+    model, names = ckpt.meta_model(), ckpt.export_names()
+    floats = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in names.modules]
+    return sorted({names.rename_module(n) for n in floats + router_names(model)})
+
+
 def ct_writer(ckpt):
     """``(convert(name, tensors) -> compressed-tensors tensors, write_config(config, folder))`` for an ``HFQuantCheckpoint``."""
     _import_ct()
@@ -117,32 +147,19 @@ def ct_writer(ckpt):
     from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus
 
     q = ckpt.qconfig
-    model = ckpt.meta_model()
+    model, names = ckpt.meta_model(), ckpt.export_names()
     types = dict(model.named_modules())
-    for name in ckpt.modules:
+    for name in names.modules:
         if not isinstance(types.get(name), nn.Linear):
             kind = type(types.get(name)).__name__
             raise FormatError(f"{name}: is a {kind}, not nn.Linear; compressed-tensors export supports Linear modules only")
-    quantized = set(ckpt.modules)
-    ignore = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in quantized)
-    by_key: dict[tuple, list[str]] = {}
-    for name in ckpt.modules:
-        mq = _module_q(q, name)
-        by_key.setdefault((mq.bits, mq.group_size, mq.sym) if not ckpt.w8a8 else (), []).append(name)
-    if len(by_key) == 1:
-        only = _module_q(q, ckpt.modules[0])
-        groups = {"group_0": _scheme(only, ckpt.w8a8)}
-        scheme_of = dict.fromkeys(ckpt.modules, groups["group_0"])
-    else:  # mixed precision: one group per scheme, targeting its modules by name
-        groups, scheme_of = {}, {}
-        for i, names in enumerate(by_key.values()):
-            groups[f"group_{i}"] = _scheme(_module_q(q, names[0]), ckpt.w8a8, targets=names)
-            scheme_of.update(dict.fromkeys(names, groups[f"group_{i}"]))
+    scheme_key = names.quantized()  # exported Linear -> its module_schemes name
+    groups, scheme_of = _groups(q, ckpt.w8a8, scheme_key)
     compressor = BaseCompressor.get_value_from_registry(next(iter(groups.values())).format)
 
     def convert(name, t):
         scheme = scheme_of[name]
-        state = (_w8a8_state if ckpt.w8a8 else _w4a16_state)(name, t, _module_q(q, name))
+        state = (_w8a8_state if ckpt.w8a8 else _w4a16_state)(name, t, _module_q(q, scheme_key[name]))
         packed = compressor.compress(dict(state), scheme)
         back = compressor.decompress(dict(packed), scheme)["weight"]
         if not torch.equal(back.float(), state["weight"].float()):
@@ -153,7 +170,7 @@ def ct_writer(ckpt):
             out[f"{name}.bias"] = t["bias"]
         return out
 
-    qc = QuantizationConfig(config_groups=groups, format=next(iter(groups.values())).format, ignore=ignore,
+    qc = QuantizationConfig(config_groups=groups, format=next(iter(groups.values())).format, ignore=_ignore(ckpt),
                             quantization_status=QuantizationStatus.COMPRESSED)
 
     def write_config(config: dict, folder) -> None:

@@ -6,6 +6,11 @@ names, and replaces ``quantization_config`` in ``config.json``. Other files (tok
 config, ...) are copied. The model's module types (Linear vs GPT-2 ``Conv1D``, which Linears exist,
 the decoder blocks) come from instantiating the architecture on the meta device.
 
+A checkpoint with quantized Mixture-of-Experts experts (saved under transformers' internal names, fused
+``[experts, ...]`` projections) is written under the names of the family's own checkpoints, one Linear per
+expert and projection, and its other tensors renamed as transformers renames them when it saves the float
+model (``hfquant.formats.export_experts``).
+
 The output is written to a temporary folder next to ``out_dir`` and renamed into place at the end, so a
 failed export leaves nothing half-written, and an existing non-empty ``out_dir`` is never touched.
 """
@@ -28,6 +33,7 @@ from hfquant.config import HFQuantConfig
 from hfquant.core.errors import FormatError
 from hfquant.core.weight_format import format_from_fields
 from hfquant.formats.compressed_tensors import ct_writer
+from hfquant.formats.export_experts import export_names, ExportNames, piece_tensors
 from hfquant.formats.files import place
 from hfquant.formats.gguf import export_gguf, GGUF_FILE, write_gguf
 from hfquant.formats.gptq import gptq_writer
@@ -68,6 +74,24 @@ class HFQuantCheckpoint:
         marker = "input_scale" if self.w8a8 else "zeros"
         self.modules = sorted(k[: -len(marker) - 1] for k in weight_map if k.endswith("." + marker))
         self._handles: dict[str, object] = {}
+        self._meta = None
+        self._names: ExportNames | None = None
+
+    @property
+    def module_of(self) -> dict[str, str | None]:
+        """Every tensor key -> the quantized module it belongs to (``None`` for the other tensors)."""
+        modules, local = set(self.modules), (*_W4A16_KEYS, *_W8A8_KEYS, "bias")
+        out = {}
+        for key in self.weight_map:
+            prefix, _, tail = key.rpartition(".")
+            out[key] = prefix if prefix in modules and tail in local else None
+        return out
+
+    def export_names(self) -> ExportNames:
+        """Where each tensor goes in a GPTQ / compressed-tensors export (``hfquant.formats.export_experts``)."""
+        if self._names is None:
+            self._names = export_names(self.meta_model(), self.module_of, self.modules, self.w8a8)
+        return self._names
 
     def tensor(self, key: str) -> torch.Tensor:
         name = self.weight_map[key]
@@ -84,7 +108,12 @@ class HFQuantCheckpoint:
         return out
 
     def meta_model(self):
-        """The architecture on the meta device (module types and names only; no weights are read)."""
+        """The architecture on the meta device (module types and names only; no weights are read), built once."""
+        if self._meta is None:
+            self._meta = self._build_meta_model()
+        return self._meta
+
+    def _build_meta_model(self):
         cfg_dict = {k: v for k, v in self.config.items() if k != "quantization_config"}
         config = transformers.AutoConfig.for_model(**cfg_dict)
         archs = getattr(config, "architectures", None) or []
@@ -100,14 +129,22 @@ def _check_out_dir(out: Path) -> None:
         raise FormatError(f"{out}: already exists and is not an empty folder; choose a new output folder (nothing was written)")
 
 
+def _converted(ckpt: HFQuantCheckpoint, name: str, convert_module) -> dict[str, torch.Tensor]:
+    """The export's tensors of quantized module ``name``: one Linear, or every expert's Linears of a fused
+    projection, each converted by ``convert_module(exported name, hfquant tensors)``."""
+    names, tensors = ckpt.export_names(), ckpt.module_tensors(name)
+    if name not in names.experts:
+        return convert_module(names.modules[name], tensors)
+    out: dict[str, torch.Tensor] = {}
+    for piece in names.experts[name]:
+        out.update(convert_module(piece.name, piece_tensors(tensors, piece)))
+    return out
+
+
 def _write_shards(ckpt: HFQuantCheckpoint, tmp: Path, convert_module) -> None:
-    """Write ``tmp``'s shards: each quantized module's tensors converted by ``convert_module(name, tensors)``
-    (-> dict of full key -> tensor), in the shard that held its ``weight``; all other tensors copied."""
-    module_of = {}
-    for name in ckpt.modules:
-        for k in list(ckpt.weight_map):
-            if k.startswith(name + ".") and k[len(name) + 1:] in (*_W4A16_KEYS, *_W8A8_KEYS, "bias"):
-                module_of[k] = name
+    """Write ``tmp``'s shards: each quantized module's tensors converted (``_converted``) in the shard that held
+    its ``weight``; all other tensors copied, under their exported names (``HFQuantCheckpoint.export_names``)."""
+    module_of, renamed = ckpt.module_of, ckpt.export_names().tensors
     shards: dict[str, list[str]] = {}
     for key, shard in ckpt.weight_map.items():
         shards.setdefault(shard, []).append(key)
@@ -116,11 +153,11 @@ def _write_shards(ckpt: HFQuantCheckpoint, tmp: Path, convert_module) -> None:
     for shard, keys in sorted(shards.items()):
         out: dict[str, torch.Tensor] = {}
         for key in keys:
-            name = module_of.get(key)
+            name = module_of[key]
             if name is None:
-                out[key] = ckpt.tensor(key)
+                out[renamed[key]] = ckpt.tensor(key)
             elif key == f"{name}.weight":
-                out.update(convert_module(name, ckpt.module_tensors(name)))
+                out.update(_converted(ckpt, name, convert_module))
         out = {k: v.contiguous() for k, v in out.items()}
         save_file(out, str(tmp / shard), metadata={"format": "pt"})
         for k, v in out.items():

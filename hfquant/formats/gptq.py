@@ -17,6 +17,11 @@ Per quantized Linear with ``in`` inputs, ``out`` outputs, ``b`` bits and ``G = c
 hfquant's own packing (``hfquant.core.packing``) is the same bit stream per output row, so conversion is
 a reshape + transpose of the words (no bit shuffling): ``qweight[chunk * b + w, o] == packed[o, chunk, w]``.
 
+Mixture-of-Experts checkpoints: each expert's projection is written as its own Linear under the names of the
+family's checkpoints (``hfquant.formats.export_experts``; e.g. Mixtral ``block_sparse_moe.experts.<e>.w1``),
+exactly as a dense Linear; routers stay float (``modules_in_block_to_quantize`` leaves them out where a float Linear
+sits in the blocks).
+
 What the layout cannot express (export refuses with ``FormatError``): activation quantization (W8A8),
 ``in * b`` or ``out * b`` not a multiple of 32, zero point 0 in v1 (``-1`` does not fit; use
 ``gptq_v2``), and scales outside float16's range.
@@ -198,35 +203,53 @@ def gptq_quantization_config(layout: GPTQLayout, *, sym: bool, desc_act: bool, t
 
 
 def _block_layout(ckpt):
-    """``(block_name, modules_in_block_to_quantize or None)`` for the GPTQ config; refuses layouts it cannot state."""
-    model = ckpt.meta_model()
+    """``(block_name, modules_in_block_to_quantize or None)`` for the GPTQ config; refuses layouts it cannot state.
+
+    The list (relative to a block, one group) is written when some Linear inside the blocks stays float (e.g. a
+    shared expert's gate): it names every quantized Linear of any block (per-expert Linears included, under their
+    exported names), so it must not name one that another block keeps float."""
+    model, names = ckpt.meta_model(), ckpt.export_names()
     quantizable = {n for n, m in model.named_modules() if n and is_quantizable(m)}
-    missing = sorted(set(ckpt.modules) - quantizable)
+    missing = sorted(set(names.modules) - quantizable)
     if missing:
         raise FormatError(f"{missing[0]}: quantized in the checkpoint but not a Linear of the model built from config.json")
     try:
         block_name, blocks = find_blocks(model)
     except ValueError:
         raise FormatError("no repeated decoder blocks found; the GPTQ config cannot name the quantized modules") from None
-    per_block = []
-    for i in range(len(blocks)):
-        prefix = f"{block_name}.{i}."
-        per_block.append(frozenset(n[len(prefix):] for n in ckpt.modules if n.startswith(prefix)))
-    inside = {n for n in ckpt.modules if any(n.startswith(f"{block_name}.{i}.") for i in range(len(blocks)))}
-    outside = sorted(set(ckpt.modules) - inside)
+    prefixes = [f"{block_name}.{i}." for i in range(len(blocks))]
+
+    def relative(name):
+        return next((name[len(p):] for p in prefixes if name.startswith(p)), None)
+
+    exported = names.quantized()
+    outside = sorted(n for n in exported if relative(n) is None)
     if outside:
         raise FormatError(f"{outside[0]}: quantized outside the decoder blocks ({block_name}); the GPTQ layout exported "
                           "here covers block Linears only; re-quantize with it in modules_to_not_convert")
-    if len(set(per_block)) != 1:
-        raise FormatError("the blocks quantize different sets of Linears; a GPTQ config states one set for all blocks")
-    first = f"{block_name}.0."
-    block_linears = {n[len(first):] for n in quantizable if n.startswith(first)}
-    subset = None if per_block[0] >= block_linears else [sorted(per_block[0])]
-    return block_name, subset
+    used = {relative(n) for n in exported}
+    floats = {relative(names.rename_module(n)) for n in quantizable - set(names.modules)} - {None}
+    both = sorted(used & floats)
+    if both:
+        raise FormatError(f"{both[0]}: quantized in some blocks and float in others; a GPTQ config states one set of "
+                          "Linears for all blocks; quantize it everywhere or nowhere")
+    return block_name, ([sorted(used)] if floats else None)
+
+
+def _uses_act_order(ckpt, group_size: int) -> bool:
+    """Whether some module's ``g_idx`` (``[in]``, or ``[experts, in]`` for stacked experts) is not ``i // g``."""
+    for name in ckpt.modules:
+        g_idx = ckpt.tensor(f"{name}.g_idx")
+        in_f = g_idx.shape[-1]
+        g = in_f if group_size == -1 else group_size
+        if not bool((g_idx.long() == torch.arange(in_f, device=g_idx.device) // g).all()):
+            return True
+    return False
 
 
 def gptq_writer(ckpt, checkpoint_format: str = "gptq"):
-    """``(convert(name, tensors) -> GPTQ tensors, write_config(config, folder))`` for an ``HFQuantCheckpoint``."""
+    """``(convert(name, tensors) -> GPTQ tensors, write_config(config, folder))`` for an ``HFQuantCheckpoint``
+    (``name``: the Linear's exported name, a per-expert one for stacked experts)."""
     q = ckpt.qconfig
     if ckpt.w8a8:
         raise FormatError("W8A8 (SmoothQuant) checkpoint: the GPTQ layout is weight-only and cannot store int8 "
@@ -237,15 +260,8 @@ def gptq_writer(ckpt, checkpoint_format: str = "gptq"):
                           "for the whole model; export to compressed-tensors (one config group per scheme) instead")
     zero_offset(checkpoint_format)
     block_name, subset = _block_layout(ckpt)
-    desc_act = False
-    for name in ckpt.modules:
-        g_idx = ckpt.tensor(f"{name}.g_idx")
-        g = g_idx.numel() if q.group_size == -1 else q.group_size
-        if not torch.equal(g_idx.long(), torch.arange(g_idx.numel(), device=g_idx.device) // g):
-            desc_act = True
-            break
-
-    partial = [n for n in ckpt.modules if q.group_size != -1 and ckpt.tensor(f"{n}.g_idx").numel() % q.group_size]
+    desc_act = _uses_act_order(ckpt, q.group_size)
+    partial = [n for n in ckpt.modules if q.group_size != -1 and ckpt.tensor(f"{n}.g_idx").shape[-1] % q.group_size]
     if partial:
         warnings.warn(f"GPTQ export: {len(partial)} modules (e.g. {partial[0]}) have in_features not a multiple of "
                       f"group_size={q.group_size}; the file is valid GPTQ (ceil groups), but vLLM and gptqmodel refuse "

@@ -35,6 +35,7 @@ from hfquant.core.errors import HFQuantError
 from hfquant.formats.export import SAFE_INDEX
 from hfquant.formats.files import CheckpointError, tensor_headers
 from hfquant.formats.gptq import GPTQImportLinear
+from hfquant.formats.gptq_experts import imported_experts
 from hfquant.formats.load import gptq_to_hfquant_config, read_gptq_config
 from hfquant.integrations.transformers import HFQuantQuantizer
 from hfquant.core.weight_format import WeightFormat
@@ -227,12 +228,13 @@ def _compare(folder: Path, model, stored: dict, listed_by: str) -> None:
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     ignorable = [re.compile(p) for p in getattr(model, "_keys_to_ignore_on_load_missing", None) or []]
     stored_as, converted, patterns = _rename(model, stored, expected)
+    imported = tuple(f"{n}." for n in imported_experts(model))  # filled from per-expert GPTQ Linears, not by name
     bad = []  # model keys missing or not fitting, in model order
     for key, tensor in expected.items():
         source = stored_as.get(key)
         if source is None:
             optional = (key in tied or key in converted or any(p.search(key) for p in ignorable)
-                        or _produced_by(key, patterns))
+                        or _produced_by(key, patterns) or key.startswith(imported or ("\0",)))
             if not optional:
                 bad.append(key)
         elif not _fits(stored[source], tensor):
