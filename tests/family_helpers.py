@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 import transformers as tf
 
-from helpers import tiny_tokenizer, VOCAB
+from helpers import tiny_tokenizer
 from moe_helpers import ATTN, MOE_FAMILIES, moe_config, save_moe_model
 
 DENSE_FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3", "gemma3", "phi3", "granite")
 FAMILIES = DENSE_FAMILIES + MOE_FAMILIES
 
-_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=256, vocab_size=VOCAB)
+_SIZES = ATTN
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 64, "rope_theta": 500000.0}
 # How the GGUF leg's model differs from the GPTQ leg's (the families not named use the same config).
@@ -37,10 +36,8 @@ GGUF_LEG_DIFFERS = {
     "qwen2_moe": "expert widths 1408 / shared 5632, the config defaults the loader falls back to; quantized by RTN "
                  "(GPTQ on the 5632-wide shared expert takes over a minute on a CPU)",
     "qwen3_moe": "expert width 768, the config default the loader falls back to; quantized by RTN (time)",
-    "olmoe": "expert width 64 (at 48, down_proj's rows do not fit Q4_0's 32-blocks and hfquant refuses experts "
-             "with one projection float)",
-    "granitemoe": "expert width 64 (at 48, down_proj's rows do not fit Q4_0's 32-blocks and hfquant refuses experts "
-                  "with one projection float)",
+    "olmoe": "expert width 64 (at 48, down_proj's rows fit no Q4_0 32-block and would stay float)",
+    "granitemoe": "expert width 64 (at 48, down_proj's rows fit no Q4_0 32-block and would stay float)",
 }
 GGUF_LEG_METHOD = {"qwen2_moe": "rtn", "qwen3_moe": "rtn"}  # else GPTQ
 # What each tiny model exercises, for the table's notes.

@@ -59,15 +59,13 @@ def _file_of(files) -> dict[str, str]:
     return out
 
 
-def _read(files: dict[str, str], key: str) -> torch.Tensor | None:
-    if key not in files:
-        return None
-    with safe_open(files[key], "pt") as h:
-        return h.get_tensor(key)
-
-
 def _piece(files: dict[str, str], piece: ExpertPiece, layout: GPTQLayout):
-    t = {k: _read(files, f"{piece.name}.{k}") for k in ("qweight", "qzeros", "scales", "g_idx")}
+    """One per-expert Linear's GPTQ tensors, read with one open per file, as hfquant's packed tensors."""
+    keys = {k: f"{piece.name}.{k}" for k in ("qweight", "qzeros", "scales", "g_idx")}
+    t: dict[str, torch.Tensor | None] = dict.fromkeys(keys)
+    for file in {files[key] for key in keys.values() if key in files}:
+        with safe_open(file, "pt") as h:
+            t.update({k: h.get_tensor(key) for k, key in keys.items() if files.get(key) == file})
     return gptq_to_packed(piece.name, t["qweight"], t["qzeros"], t["scales"], t["g_idx"], layout.bits,
                           layout.group_size, layout.checkpoint_format)
 

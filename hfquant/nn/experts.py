@@ -191,9 +191,10 @@ class StackedExperts(nn.Module):
 
     def expert(self, e: int) -> nn.Module:
         key, views = self._views
-        if key != self._key():
+        now = self._key()
+        if key != now:
             views = [self._view(i) for i in range(self.num_experts)]
-            self._views = (self._key(), views)
+            self._views = (now, views)
         return views[e]
 
     def _view(self, e: int) -> nn.Module:

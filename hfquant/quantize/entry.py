@@ -143,10 +143,11 @@ class _Run:
         if routers:
             self.report["routers"] = routers
             self.keep = (lambda n, _keep=self.keep, _r=frozenset(routers): _keep(n) and n not in _r)
-        check_model_for_config(model, config, self.keep)  # an unknown experts layout: one line, before anything
-        if not find_experts(model):
-            return
-        for name in unfuse_experts_(model, self.keep):
+        try:
+            unfused = unfuse_experts_(model, self.keep)
+        except ValueError as exc:  # an experts layout hfquant does not know: one line, before anything
+            raise ConfigError(str(exc)) from None
+        for name in unfused:
             model.get_submodule(name).all_tokens = config.expert_tokens == "all"
 
     def check_expert_schemes(self) -> None:

@@ -21,7 +21,9 @@ import math
 import pytest
 import torch
 import transformers as tf
+from family_helpers import family_config
 from helpers import tiny_tokenizer, VOCAB
+from moe_helpers import ATTN
 from safetensors.torch import load_file, save_file
 from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
 
@@ -34,33 +36,17 @@ from hfquant.formats.gguf_experts import expert_type, ExpertTensor, stack_expert
 
 gguf = pytest.importorskip("gguf")
 
-_SIZES = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=256, vocab_size=VOCAB)
-_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 64, "rope_theta": 500000.0}
+_SIZES = ATTN
+# This file's family names -> the family test's (``family_helpers``), whose GGUF-leg configs these are.
+_FAMILY_TEST_NAME = {"qwen3": "qwen3", "gemma3": "gemma3", "phi3": "phi3", "llama3_rope": "llama3",
+                     "granite": "granite", "qwen2_moe": "qwen2_moe", "qwen3_moe": "qwen3_moe"}
 
 
 def _config(family: str):
-    if family == "qwen3":
-        return tf.Qwen3Config(intermediate_size=128, head_dim=128, **_SIZES)
-    if family == "gemma3":  # 6 layers: llama.cpp's (and transformers' default) pattern, 5 sliding then 1 global
-        sizes = {**_SIZES, "num_hidden_layers": 6, "num_attention_heads": 2, "num_key_value_heads": 1}
-        return tf.Gemma3TextConfig(intermediate_size=128, sliding_window=8, **sizes)
-    if family == "phi3":
-        return tf.Phi3Config(intermediate_size=128, pad_token_id=0, original_max_position_embeddings=256, **_SIZES)
-    if family == "llama3_rope":
-        return tf.LlamaConfig(intermediate_size=128, rope_parameters=dict(_LLAMA3_ROPE), **_SIZES)
-    if family == "granite":
-        return tf.GraniteConfig(intermediate_size=128, embedding_multiplier=12.0, residual_multiplier=0.22,
-                                attention_multiplier=0.0625, logits_scaling=8.0, **_SIZES)
-    if family == "mixtral":
+    if family == "mixtral":  # narrower experts than the family test's
         return tf.MixtralConfig(intermediate_size=64, num_local_experts=4, num_experts_per_tok=2, **_SIZES)
-    if family == "qwen2_moe":
-        return tf.Qwen2MoeConfig(intermediate_size=128, moe_intermediate_size=1408,
-                                 shared_expert_intermediate_size=5632, num_experts=4, num_experts_per_tok=2, **_SIZES)
-    if family == "qwen3_moe":
-        return tf.Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=768, num_experts=4, num_experts_per_tok=2,
-                                 head_dim=16, norm_topk_prob=True, **_SIZES)
+    if family in _FAMILY_TEST_NAME:
+        return family_config(_FAMILY_TEST_NAME[family], gguf_leg=True)
     raise ValueError(family)
 
 
