@@ -10,6 +10,7 @@ from hfquant.config.constants import (
 from hfquant.core.errors import ConfigError
 from hfquant.core.gguf_blocks import BLOCK_TYPES
 from hfquant.core.gguf_grids import symmetric
+from hfquant.core.gguf_types import base_type
 
 
 def _bad(cfg, field: str, expected: str):
@@ -38,7 +39,7 @@ def apply_quality(cfg) -> None:
 def apply_gguf_type(cfg) -> None:
     """Check ``gguf_type`` against the fields it fixes, then set them from the type."""
     cfg.gguf.check_type()
-    bt = BLOCK_TYPES["Q4_K" if cfg.gguf.type == "Q4_K_M" else cfg.gguf.type]
+    bt = BLOCK_TYPES[base_type(cfg.gguf.type)]
     fixed = {"bits": bt.bits, "group_size": bt.group_size, "sym": symmetric(bt.name)}
     for key, value in fixed.items():
         if key in cfg._given and getattr(cfg.gptq, key) != value:

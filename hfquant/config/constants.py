@@ -6,14 +6,15 @@ from typing import Any, NoReturn
 
 from hfquant.core.errors import ConfigError
 from hfquant.core.gguf_blocks import BLOCK_TYPES
+from hfquant.core.gguf_types import MIXES
 
 QUANT_METHOD = "hfquant"
 METHODS = ("gptq", "rtn", "smoothquant")
 WEIGHT_METHODS = ("rtn", "gptq")
 ACTIVATION_SCHEMES = ("dynamic", "static")
 SAVE_FORMATS = ("hfquant", "gptq", "compressed-tensors", "gguf")
-# gguf_type values: a block type, or "Q4_K_M" (llama.cpp's mix around Q4_K; hfquant.core.gguf_types).
-GGUF_TYPES = (*BLOCK_TYPES, "Q4_K_M")
+# gguf_type values: a block type, or one of llama.cpp's mixes (Q4_K_M, Q3_K_M, Q3_K_S; hfquant.core.gguf_types).
+GGUF_TYPES = (*BLOCK_TYPES, *MIXES)
 # gguf_head_type / gguf_embedding_type values (export only: the head and embeddings are rounded to nearest).
 GGUF_TENSOR_TYPES = (*BLOCK_TYPES, "F16", "BF16", "F32")
 CHECKPOINT_FORMATS = ("hfquant", "gptq", "gptq_v2")

@@ -245,12 +245,14 @@ class GGUFArgs(Section):
     """Quantize (GPTQ or RTN) onto llama.cpp's GGUF grids.
 
     Args:
-        type: ``"Q8_0"``, ``"Q4_0"``, ``"Q5_0"``, ``"Q4_1"``, ``"Q4_K"``, ``"Q6_K"``, or ``"Q4_K_M"`` (llama.cpp's
-            mix: Q4_K, with Q6_K for some layers' attn_v and ffn_down) (flat: ``gguf_type``). It sets bits, group
+        type: a block type (``"Q8_0"``, ``"Q4_0"``, ``"Q5_0"``, ``"Q4_1"``, ``"Q5_1"``, ``"Q3_K"``, ``"Q4_K"``,
+            ``"Q5_K"``, ``"Q6_K"``) or one of llama.cpp's mixes: ``"Q4_K_M"`` (Q4_K, with Q6_K for some layers'
+            attn_v and ffn_down), ``"Q3_K_M"`` (Q3_K, with Q4_K / Q5_K for attn_v, ffn_down and attn_output),
+            ``"Q3_K_S"`` (Q3_K) (flat: ``gguf_type``; rules: ``hfquant.core.gguf_types``). It sets bits, group
             size and grid (given ``bits``/``group_size``/``sym`` must agree); tensors whose row length the type
-            cannot hold fall back as llama.cpp does (Q4_K -> Q5_0, Q6_K -> Q8_0). The modules hold the GGUF blocks
-            (``QuantLinearGGUF``); ``save_format: gguf`` or ``hfquant export --format gguf`` writes the ``.gguf``
-            file.
+            cannot hold fall back as llama.cpp does (Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0). The
+            modules hold the GGUF blocks (``QuantLinearGGUF``); ``save_format: gguf`` or ``hfquant export --format
+            gguf`` writes the ``.gguf`` file.
         head_type / embedding_type: the output head's and token embeddings' type in the GGUF file (rounded to
             nearest at export); ``None`` follows llama.cpp (head Q6_K, or Q8_0 when its rows are not a multiple of
             256; untied embeddings in ``type``'s type) (flat: ``gguf_head_type``, ``gguf_embedding_type``).

@@ -1,8 +1,9 @@
-"""Bit-exact packing of llama.cpp GGUF quantized blocks (Q8_0, Q4_0, Q5_0, Q4_1, Q4_K, Q6_K).
+"""Bit-exact packing of llama.cpp GGUF quantized blocks (Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, Q3_K, Q4_K, Q5_K, Q6_K).
 
 A GGUF quantized row of ``cols`` weights is ``cols // block_values`` blocks stored back to back, each
 ``block_bytes`` long. Every multi-byte field is little-endian; ``d``, ``m`` and ``dmin`` are IEEE fp16.
-Inside one block, ``q[i]`` is the code of the block's ``i``-th weight:
+Inside one block, ``q[i]`` is the code of the block's ``i``-th weight. ``_LAYOUT`` lists each type's fields in
+file order (name, bytes):
 
 * ``Q8_0`` (32 values, 34 bytes): ``d``, ``int8 qs[32]`` with ``qs[i] = q[i]``. Codes are *signed*
   (-128..127). ``y = q * d``.
@@ -11,6 +12,7 @@ Inside one block, ``q[i]`` is the code of the block's ``i``-th weight:
 * ``Q5_0`` (32 values, 22 bytes): ``d``, ``uint32 qh`` whose bit ``j`` is bit 4 of ``q[j]``, then ``qs[16]``
   holding the low four bits of the codes as in ``Q4_0``. ``y = (q - 16) * d``.
 * ``Q4_1`` (32 values, 20 bytes): ``d``, ``m``, ``qs[16]`` as in ``Q4_0``. ``y = q * d + m``.
+* ``Q5_1`` (32 values, 24 bytes): ``d``, ``m``, ``qh``, ``qs[16]`` as in ``Q5_0``. ``y = q * d + m``.
 * ``Q4_K`` (256 values in 8 sub-blocks of 32, 144 bytes): ``d``, ``dmin``, ``scales[12]``, ``qs[128]``.
   Sub-block ``j`` has 6-bit ``sc[j]`` and ``mn[j]``; ``scales`` packs them as::
 
@@ -18,10 +20,17 @@ Inside one block, ``q[i]`` is the code of the block's ``i``-th weight:
       j >= 4: sc = scales[j + 4] & 15 | scales[j - 4] >> 6 << 4
               mn = scales[j + 4] >> 4 | scales[j] >> 6 << 4
 
-  i.e. bytes 0..3 hold ``sc[0..3]`` plus the top two bits of ``sc[4..7]``, bytes 4..7 hold ``mn[0..3]``
-  plus the top two bits of ``mn[4..7]``, bytes 8..11 the low nibbles of ``sc[4..7]`` (low) and
-  ``mn[4..7]`` (high). ``qs`` covers the block in 64-value chunks ``c``:
-  ``qs[32c + l] = q[64c + l] | q[64c + 32 + l] << 4``. ``y = (d * sc) * q - (dmin * mn)``.
+  ``qs`` covers the block in 64-value chunks ``c``: ``qs[32c + l] = q[64c + l] | q[64c + 32 + l] << 4``.
+  ``y = (d * sc) * q - (dmin * mn)``.
+* ``Q5_K`` (256 values in 8 sub-blocks of 32, 176 bytes): ``d``, ``dmin``, ``scales[12]`` as in ``Q4_K``,
+  ``qh[32]``, ``qs[128]`` holding the low four bits as in ``Q4_K``; bit ``s`` of ``qh[l]`` is bit 4 of
+  ``q[32s + l]``. ``y = (d * sc) * q - (dmin * mn)``, codes 0..31.
+* ``Q3_K`` (256 values in 16 groups of 16, 110 bytes): ``hmask[32]``, ``qs[64]``, ``scales[12]``, ``d`` last.
+  Bit ``s`` of ``hmask[l]`` is bit 2 of ``q[32s + l]``; the block is two halves ``h`` of 128 values with
+  ``qs[32h + l] = sum over s in 0..3 of (q[128h + 32s + l] & 3) << 2s``. Group ``g`` has the signed 6-bit scale
+  ``sc[g]`` (-32..31) stored as ``u = sc + 32``: the low nibble of ``u[g]`` is nibble ``g // 8`` of
+  ``scales[g % 8]``, its top two bits are bits ``2 * (g // 4)`` of ``scales[8 + g % 4]``.
+  ``y = (d * sc[g]) * (q - 4)``, codes 0..7.
 * ``Q6_K`` (256 values in 16 groups of 16, 210 bytes): ``ql[128]``, ``qh[64]``, ``int8 scales[16]``, and
   ``d`` *last*. The block is two halves ``h`` of 128 values; with ``l`` in 0..63 and ``k`` in 0..31::
 
@@ -61,24 +70,41 @@ BLOCK_TYPES: dict[str, BlockType] = {
     "Q4_0": BlockType("Q4_0", 2, 32, 18, 32, 4, 15),
     "Q5_0": BlockType("Q5_0", 6, 32, 22, 32, 5, 31),
     "Q4_1": BlockType("Q4_1", 3, 32, 20, 32, 4, 15),
+    "Q5_1": BlockType("Q5_1", 7, 32, 24, 32, 5, 31),
+    "Q3_K": BlockType("Q3_K", 11, 256, 110, 16, 3, 7),
     "Q4_K": BlockType("Q4_K", 12, 256, 144, 32, 4, 15),
+    "Q5_K": BlockType("Q5_K", 13, 256, 176, 32, 5, 31),
     "Q6_K": BlockType("Q6_K", 14, 256, 210, 16, 6, 63),
 }
 
+_F16 = (1, torch.float16, None)
+_K_SCALES = {"d": _F16, "dmin": _F16, "sc": (8, torch.uint8, (0, 63)), "mn": (8, torch.uint8, (0, 63))}
 # Parameters of each type: name -> (entries per block, dtype, allowed range or None for fp16).
 _PARAMS: dict[str, dict[str, tuple[int, torch.dtype, tuple[int, int] | None]]] = {
-    "Q8_0": {"d": (1, torch.float16, None)},
-    "Q4_0": {"d": (1, torch.float16, None)},
-    "Q5_0": {"d": (1, torch.float16, None)},
-    "Q4_1": {"d": (1, torch.float16, None), "m": (1, torch.float16, None)},
-    "Q4_K": {
-        "d": (1, torch.float16, None),
-        "dmin": (1, torch.float16, None),
-        "sc": (8, torch.uint8, (0, 63)),
-        "mn": (8, torch.uint8, (0, 63)),
-    },
-    "Q6_K": {"d": (1, torch.float16, None), "sc": (16, torch.int8, (-128, 127))},
+    "Q8_0": {"d": _F16},
+    "Q4_0": {"d": _F16},
+    "Q5_0": {"d": _F16},
+    "Q4_1": {"d": _F16, "m": _F16},
+    "Q5_1": {"d": _F16, "m": _F16},
+    "Q3_K": {"d": _F16, "sc": (16, torch.int8, (-32, 31))},
+    "Q4_K": _K_SCALES,
+    "Q5_K": _K_SCALES,
+    "Q6_K": {"d": _F16, "sc": (16, torch.int8, (-128, 127))},
 }
+
+# Each type's fields in file order: (name, bytes). "d", "m", "dmin" are fp16.
+_LAYOUT: dict[str, list[tuple[str, int]]] = {
+    "Q8_0": [("d", 2), ("qs", 32)],
+    "Q4_0": [("d", 2), ("qs", 16)],
+    "Q5_0": [("d", 2), ("qh", 4), ("qs", 16)],
+    "Q4_1": [("d", 2), ("m", 2), ("qs", 16)],
+    "Q5_1": [("d", 2), ("m", 2), ("qh", 4), ("qs", 16)],
+    "Q3_K": [("hmask", 32), ("qs", 64), ("scales", 12), ("d", 2)],
+    "Q4_K": [("d", 2), ("dmin", 2), ("scales", 12), ("qs", 128)],
+    "Q5_K": [("d", 2), ("dmin", 2), ("scales", 12), ("qh", 32), ("qs", 128)],
+    "Q6_K": [("ql", 128), ("qh", 64), ("sc", 16), ("d", 2)],
+}
+_HALF = ("d", "m", "dmin")
 
 
 def block_type(name: str) -> BlockType:
@@ -127,18 +153,78 @@ def _check(bt: BlockType, codes: torch.Tensor, params: dict[str, torch.Tensor]) 
     return codes.to(torch.int32).reshape(rows, nb, bt.block_values), out
 
 
-def _f16_bytes(x: torch.Tensor) -> torch.Tensor:
-    """fp16 [rows, blocks, 1] -> its little-endian bytes, uint8 [rows, blocks, 2]."""
-    return x.contiguous().view(torch.uint8)
+def _join(fields: torch.Tensor, width: int) -> torch.Tensor:
+    """int32 ``[..., k, n]`` fields of ``width`` bits -> uint8 ``[..., n]``: field ``i`` at bits ``width * i``."""
+    shifts = torch.arange(0, fields.shape[-2] * width, width, dtype=torch.int32, device=fields.device)
+    return (fields << shifts.reshape(-1, 1)).sum(-2).to(torch.uint8)
 
 
-def _f16(b: torch.Tensor) -> torch.Tensor:
-    """uint8 [rows, blocks, 2] -> fp16 [rows, blocks] (a copy, never a view of the packed data)."""
-    return b.clone(memory_format=torch.contiguous_format).view(torch.float16).squeeze(-1)
+def _split(b: torch.Tensor, k: int, width: int) -> torch.Tensor:
+    """uint8 ``[..., n]`` -> int32 ``[..., k, n]``: the ``k`` fields of ``width`` bits (inverse of ``_join``)."""
+    shifts = torch.arange(0, k * width, width, dtype=torch.int32, device=b.device).reshape(-1, 1)
+    return b.int().unsqueeze(-2) >> shifts & ((1 << width) - 1)
 
 
-def _nibbles(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    return (lo | hi << 4).to(torch.uint8)
+def _encode(name: str, q: torch.Tensor, p: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The code and sub-scale fields of ``name``'s blocks (uint8 ``[rows, blocks, bytes]``) from int32 codes
+    ``[rows, blocks, block_values]`` and per-block params."""
+    rows, nb, _ = q.shape
+    low = q & 15
+    if name == "Q8_0":
+        return {"qs": q.to(torch.int8).view(torch.uint8)}
+    if BLOCK_TYPES[name].block_values == 32:  # Q4_0, Q4_1, Q5_0, Q5_1
+        out = {"qs": _join(low.reshape(rows, nb, 2, 16), 4)}
+        if name in ("Q5_0", "Q5_1"):  # bit j of the uint32: byte j // 8, bit j % 8
+            out["qh"] = _join((q >> 4).reshape(rows, nb, 4, 8).transpose(-1, -2), 1)
+        return out
+    if name in ("Q4_K", "Q5_K"):
+        sc, mn = p["sc"].int(), p["mn"].int()
+        scales = torch.cat([sc[..., :4] | (sc[..., 4:] >> 4) << 6, mn[..., :4] | (mn[..., 4:] >> 4) << 6,
+                            (sc[..., 4:] & 15) | (mn[..., 4:] & 15) << 4], dim=-1).to(torch.uint8)
+        out = {"scales": scales, "qs": _join(low.reshape(rows, nb, 4, 2, 32), 4).reshape(rows, nb, 128)}
+        if name == "Q5_K":
+            out["qh"] = _join((q >> 4).reshape(rows, nb, 8, 32), 1)
+        return out
+    if name == "Q3_K":
+        u = p["sc"].int() + 32
+        scales = torch.cat([_join((u & 15).reshape(rows, nb, 2, 8), 4), _join((u >> 4).reshape(rows, nb, 4, 4), 2)], -1)
+        return {"hmask": _join((q >> 2 & 1).reshape(rows, nb, 8, 32), 1), "scales": scales,
+                "qs": _join((q & 3).reshape(rows, nb, 2, 4, 32), 2).reshape(rows, nb, 64)}
+    # Q6_K
+    return {"ql": _join(low.reshape(rows, nb, 2, 2, 64), 4).reshape(rows, nb, 128),
+            "qh": _join((q >> 4).reshape(rows, nb, 2, 4, 32), 2).reshape(rows, nb, 64),
+            "sc": p["sc"].view(torch.uint8)}
+
+
+def _decode(name: str, f: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Inverse of ``_encode``: int32 codes ``[rows, blocks, block_values]`` and the sub-scale params per block."""
+    rows, nb, _ = next(iter(f.values())).shape
+    if name == "Q8_0":
+        return f["qs"].view(torch.int8).int(), {}
+    if BLOCK_TYPES[name].block_values == 32:
+        q = _split(f["qs"], 2, 4).reshape(rows, nb, 32)
+        if name in ("Q5_0", "Q5_1"):
+            q = q | _split(f["qh"], 8, 1).transpose(-1, -2).reshape(rows, nb, 32) << 4
+        return q, {}
+    if name in ("Q4_K", "Q5_K"):
+        s = f["scales"].int()
+        s0, s1, s2 = s[..., :4], s[..., 4:8], s[..., 8:]
+        sc = torch.cat([s0 & 63, (s2 & 15) | (s0 >> 6) << 4], dim=-1).to(torch.uint8)
+        mn = torch.cat([s1 & 63, (s2 >> 4) | (s1 >> 6) << 4], dim=-1).to(torch.uint8)
+        q = _split(f["qs"].reshape(rows, nb, 4, 32), 2, 4).reshape(rows, nb, 256)
+        if name == "Q5_K":
+            q = q | _split(f["qh"], 8, 1).reshape(rows, nb, 256) << 4
+        return q, {"sc": sc, "mn": mn}
+    if name == "Q3_K":
+        s = f["scales"]
+        u = _split(s[..., :8], 2, 4).reshape(rows, nb, 16) | _split(s[..., 8:], 4, 2).reshape(rows, nb, 16) << 4
+        q = _split(f["qs"].reshape(rows, nb, 2, 32), 4, 2).reshape(rows, nb, 256)
+        q = q | _split(f["hmask"], 8, 1).reshape(rows, nb, 256) << 2
+        return q, {"sc": (u - 32).to(torch.int8)}
+    # Q6_K
+    low = _split(f["ql"].reshape(rows, nb, 2, 64), 2, 4).reshape(rows, nb, 256)
+    high = _split(f["qh"].reshape(rows, nb, 2, 32), 4, 2).reshape(rows, nb, 256)
+    return low | high << 4, {"sc": f["sc"].clone(memory_format=torch.contiguous_format).view(torch.int8)}
 
 
 def pack_rows(name: str, codes: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -146,37 +232,11 @@ def pack_rows(name: str, codes: torch.Tensor, params: dict[str, torch.Tensor]) -
     bt = block_type(name)
     q, p = _check(bt, codes, params)
     rows, nb, _ = q.shape
-    d = _f16_bytes(p["d"])
-    if name == "Q8_0":
-        parts = [d, q.to(torch.int8).view(torch.uint8)]
-    elif name in ("Q4_0", "Q4_1"):
-        qs = _nibbles(q[..., :16], q[..., 16:])
-        parts = [d, qs] if name == "Q4_0" else [d, _f16_bytes(p["m"]), qs]
-    elif name == "Q5_0":
-        weights = 1 << torch.arange(8, dtype=torch.int32, device=q.device)
-        qh = ((q >> 4 & 1).reshape(rows, nb, 4, 8) * weights).sum(-1).to(torch.uint8)
-        low = q & 15
-        parts = [d, qh, _nibbles(low[..., :16], low[..., 16:])]
-    elif name == "Q4_K":
-        sc, mn = p["sc"].to(torch.int32), p["mn"].to(torch.int32)
-        scales = torch.cat(
-            [
-                sc[..., :4] | (sc[..., 4:] >> 4) << 6,
-                mn[..., :4] | (mn[..., 4:] >> 4) << 6,
-                (sc[..., 4:] & 15) | (mn[..., 4:] & 15) << 4,
-            ],
-            dim=-1,
-        ).to(torch.uint8)
-        q4 = q.reshape(rows, nb, 4, 2, 32)
-        qs = _nibbles(q4[..., 0, :], q4[..., 1, :]).reshape(rows, nb, 128)
-        parts = [d, _f16_bytes(p["dmin"]), scales, qs]
-    else:  # Q6_K
-        low = (q & 15).reshape(rows, nb, 2, 2, 64)
-        ql = _nibbles(low[..., 0, :], low[..., 1, :]).reshape(rows, nb, 128)
-        shifts = torch.arange(0, 8, 2, dtype=torch.int32, device=q.device).reshape(4, 1)
-        qh = ((q >> 4).reshape(rows, nb, 2, 4, 32) << shifts).sum(-2).to(torch.uint8).reshape(rows, nb, 64)
-        parts = [ql, qh, p["sc"].view(torch.uint8), d]
-    return torch.cat(parts, dim=-1).reshape(rows, nb * bt.block_bytes)
+    fields = _encode(name, q, p)
+    for key in _HALF:
+        if key in p:  # fp16 [rows, blocks, 1] -> its little-endian bytes
+            fields[key] = p[key].contiguous().view(torch.uint8)
+    return torch.cat([fields[key] for key, _ in _LAYOUT[name]], dim=-1).reshape(rows, nb * bt.block_bytes)
 
 
 def unpack_rows(name: str, data: torch.Tensor, cols: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -190,37 +250,15 @@ def unpack_rows(name: str, data: torch.Tensor, cols: int) -> tuple[torch.Tensor,
         )
     rows = data.shape[0]
     b = data.reshape(rows, nb, bt.block_bytes)
-    if name == "Q6_K":
-        ql = b[..., :128].int().reshape(rows, nb, 2, 64)
-        qh = b[..., 128:192].int().reshape(rows, nb, 2, 1, 32)
-        shifts = torch.arange(0, 8, 2, dtype=torch.int32, device=data.device).reshape(4, 1)
-        low = torch.stack([ql & 15, ql >> 4], dim=-2).reshape(rows, nb, 2, 128)
-        high = (qh >> shifts & 3).reshape(rows, nb, 2, 128)
-        q = low | high << 4
-        params = {"d": _f16(b[..., 208:]), "sc": b[..., 192:208].clone(memory_format=torch.contiguous_format).view(torch.int8)}
-        params["sc"] = params["sc"].reshape(rows, nb * 16)
-        return q.reshape(rows, cols), params
-
-    params = {"d": _f16(b[..., :2])}
-    if name == "Q8_0":
-        q = b[..., 2:].view(torch.int8).int()
-    elif name == "Q4_K":
-        params["dmin"] = _f16(b[..., 2:4])
-        s = b[..., 4:16].int()
-        s0, s1, s2 = s[..., :4], s[..., 4:8], s[..., 8:]
-        params["sc"] = torch.cat([s0 & 63, (s2 & 15) | (s0 >> 6) << 4], dim=-1).to(torch.uint8).reshape(rows, nb * 8)
-        params["mn"] = torch.cat([s1 & 63, (s2 >> 4) | (s1 >> 6) << 4], dim=-1).to(torch.uint8).reshape(rows, nb * 8)
-        qs = b[..., 16:].int().reshape(rows, nb, 4, 1, 32)
-        q = torch.cat([qs & 15, qs >> 4], dim=-2)
-    else:  # Q4_0, Q4_1, Q5_0: qs is the last 16 bytes
-        if name == "Q4_1":
-            params["m"] = _f16(b[..., 2:4])
-        qs = b[..., bt.block_bytes - 16 :].int()
-        q = torch.cat([qs & 15, qs >> 4], dim=-1)
-        if name == "Q5_0":
-            bit = torch.arange(8, dtype=torch.int32, device=data.device)
-            q = q | (b[..., 2:6].int().unsqueeze(-1) >> bit & 1).reshape(rows, nb, 32) << 4
-    return q.reshape(rows, cols), params
+    fields, at = {}, 0
+    for key, size in _LAYOUT[name]:
+        fields[key] = b[..., at:at + size]
+        at += size
+    q, params = _decode(name, fields)
+    for key in _HALF:
+        if key in fields:  # a copy, never a view of the packed data
+            params[key] = fields[key].clone(memory_format=torch.contiguous_format).view(torch.float16).squeeze(-1)
+    return q.reshape(rows, cols), {k: v.reshape(rows, -1) for k, v in params.items()}
 
 
 def _dequantize(bt: BlockType, q: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -233,15 +271,15 @@ def _dequantize(bt: BlockType, q: torch.Tensor, p: dict[str, torch.Tensor]) -> t
         y = d * (q - 8).float()
     elif bt.name == "Q5_0":
         y = d * (q - 16).float()
-    elif bt.name == "Q4_1":
+    elif bt.name in ("Q4_1", "Q5_1"):
         y = d * q.float() + p["m"].float()
-    elif bt.name == "Q4_K":
+    elif bt.name in ("Q4_K", "Q5_K"):
         d1 = (d * p["sc"].float()).unsqueeze(-1)
         m1 = (p["dmin"].float() * p["mn"].float()).unsqueeze(-1)
         y = d1 * q.reshape(rows, nb, 8, 32).float() - m1
-    else:  # Q6_K
+    else:  # Q3_K, Q6_K: groups of 16, a constant zero
         d1 = (d * p["sc"].float()).unsqueeze(-1)
-        y = d1 * (q - 32).reshape(rows, nb, 16, 16).float()
+        y = d1 * (q - (4 if bt.name == "Q3_K" else 32)).reshape(rows, nb, 16, 16).float()
     return y.reshape(rows, nb * bt.block_values)
 
 

@@ -1,5 +1,5 @@
-"""``GGUFBlocks``: a weight stored as llama.cpp GGUF blocks of one type (Q8_0, Q4_0, Q5_0, Q4_1, Q4_K, Q6_K), and the
-grid policy GPTQ quantizes it on.
+"""``GGUFBlocks``: a weight stored as llama.cpp GGUF blocks of one type (Q8_0, Q4_0, Q5_0, Q4_1, Q5_1, Q3_K, Q4_K,
+Q5_K, Q6_K), and the grid policy GPTQ quantizes it on.
 
 Stored tensors (``fields``): ``blocks`` uint8 ``[rows, cols / block_values * block_bytes]``, each row the type's
 blocks exactly as a GGUF file stores them (``hfquant.core.gguf_blocks``). ``QuantLinearGGUF`` holds it. The run's
@@ -148,7 +148,7 @@ def round_gguf_embeddings_(model, config) -> dict:
     GGUF file stores them in (``gguf_types.embedding_modules``: llama.cpp's choice or the config's), so the model
     hfquant evaluates is the one llama.cpp runs. For a block type the blocks are kept in the module's
     ``HELD_BLOCKS`` buffer (saved with the model), and the GGUF writer copies them: rounding the rounded weight
-    again is not the identity for Q4_K and Q6_K (their scales are searched), so only the kept blocks give the file
+    again is not the identity for the k-quants (their scales are searched), so only the kept blocks give the file
     exactly the weight evaluated here. Returns ``{"head": type, "embeddings": type}``."""
     types = gguf_types.embedding_modules(model, config)
     for name, kind in types.items():

@@ -1,30 +1,44 @@
 """Which GGUF type each tensor gets: llama.cpp's rules (``llama-quant.cpp``, ``llama_tensor_get_type``) for the
-types hfquant writes, restated here for Llama-family module names.
+types hfquant writes, restated here for Llama-family module names (dense models).
 
 * A requested type whose block does not divide the tensor's row length falls back as llama.cpp falls back:
-  Q4_K -> Q5_0, Q6_K -> Q8_0; a row length that is not a multiple of 32 at all -> F16 (the module stays float).
-* ``Q4_K_M``: Q4_K everywhere, but Q6_K for ``attn_v`` (``v_proj``) and ``ffn_down`` (``down_proj``) in the
-  layers where llama.cpp's ``use_more_bits(i, n)`` holds: the first and last eighth of the layers and every
-  third one between.
+  Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0; a row length that is not a multiple of 32 at all -> F16
+  (the module stays float).
+* The mixes (``MIXES``) are built around one block type. ``Q4_K_M``: Q4_K everywhere, but Q6_K for ``attn_v``
+  (``v_proj``, or a fused ``qkv_proj``) and ``ffn_down`` (``down_proj``) in the layers where llama.cpp's
+  ``use_more_bits(i, n)`` holds: the first and last eighth of the layers and every third one between.
+  ``Q3_K_M``: Q3_K everywhere, but ``attn_v`` Q5_K in its first two layers and Q4_K after, ``ffn_down`` Q5_K in
+  the first sixteenth of the layers (``i < n // 16``) and Q4_K after, ``attn_output`` (``o_proj``) Q4_K.
+  ``Q3_K_S``: Q3_K everywhere (llama.cpp's Q3_K_S rules concern 8-expert models only).
 * The output head (and the token embeddings when they are tied to it) is Q6_K, or Q8_0 when its rows are not
   a multiple of 256 (and Q8_0 stays Q8_0); untied token embeddings take the run's type.
+
+Not restated: llama.cpp's rules for 8-expert MoE models (``n_expert == 8``), 70B models (``attn_v`` of Q3_K_M / Q4_K_M
+bumped to Q5_K) and Falcon.
 
 The head and embeddings are rounded to their type in the hfquant model too (``round_gguf_embeddings_``), which keeps
 the blocks it de-quantized in a buffer ``HELD_BLOCKS`` (uint8 ``[rows, row bytes]``, the file's bytes) of the
 module that owns the weight (``embedding_modules``): the GGUF writer copies them, since rounding the rounded weight
-again is not the identity for the types with searched scales (Q4_K, Q6_K).
+again is not the identity for the types with searched scales (Q3_K, Q4_K, Q5_K, Q6_K).
 """
 
 from __future__ import annotations
 
+import re
+
 from hfquant.core.gguf_blocks import BLOCK_TYPES
 
-_FALLBACK = {"Q4_K": "Q5_0", "Q6_K": "Q8_0"}
+_FALLBACK = {"Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+# gguf_type values that are llama.cpp mixes: name -> the block type it is built around.
+MIXES = {"Q4_K_M": "Q4_K", "Q3_K_M": "Q3_K", "Q3_K_S": "Q3_K"}
+# The module-name suffixes of llama.cpp's tensor categories the mixes treat apart.
+_ROLES = {"attn_v": ("v_proj", "qkv_proj"), "ffn_down": ("down_proj",), "attn_output": ("o_proj",)}
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
 def base_type(gguf_type: str) -> str:
     """The block type a (possibly mixed) ``gguf_type`` is built around."""
-    return "Q4_K" if gguf_type == "Q4_K_M" else gguf_type
+    return MIXES.get(gguf_type, gguf_type)
 
 
 def fit_row(gguf_type: str, cols: int) -> str:
@@ -43,22 +57,46 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
+def _role(name: str) -> str | None:
+    leaf = name.rpartition(".")[2]
+    return next((role for role, leaves in _ROLES.items() if leaf in leaves), None)
+
+
+def _mix_rule(gguf_type: str, role: str | None, i: int, n: int) -> str | None:
+    """The type llama.cpp's mix ``gguf_type`` gives the ``i``-th of ``n`` tensors of ``role`` (``None``: the base)."""
+    if gguf_type == "Q4_K_M" and role in ("attn_v", "ffn_down") and use_more_bits(i, n):
+        return "Q6_K"
+    if gguf_type == "Q3_K_M":
+        if role == "attn_v":
+            return "Q5_K" if i < 2 else "Q4_K"
+        if role == "ffn_down":
+            return "Q5_K" if i < n // 16 else "Q4_K"
+        if role == "attn_output":
+            return "Q4_K"
+    return None
+
+
 def module_types(modules: dict[str, int], gguf_type: str) -> dict[str, str]:
     """The GGUF type of each weight, ``modules`` being name -> row length (input features) in model order.
 
-    ``v_proj`` and ``down_proj`` are counted in order, as llama.cpp counts ``attn_v`` and ``ffn_down``."""
+    ``attn_v`` tensors are counted in order, as llama.cpp counts them; an ``ffn_down``'s index is its layer's (from
+    ``layers.<i>.`` in its name, of ``1 +`` the largest such index layers), which is llama.cpp's counter for dense
+    models and its layer for MoE experts; a name without a layer index is counted in order."""
     base = base_type(gguf_type)
-    counts = {role: sum(n.endswith("." + role) for n in modules) for role in ("v_proj", "down_proj")}
-    seen = dict.fromkeys(counts, 0)
+    roles = {name: _role(name) for name in modules}
+    layers = {name: int(m.group(1)) for name in modules if (m := _LAYER.search(name))}
+    counts = {role: sum(r == role for r in roles.values()) for role in _ROLES}
+    n_layers = max(layers.values(), default=-1) + 1
+    seen = dict.fromkeys(_ROLES, 0)
     out = {}
     for name, cols in modules.items():
-        t = base
-        for role in counts:
-            if name.endswith("." + role):
-                if gguf_type == "Q4_K_M" and use_more_bits(seen[role], counts[role]):
-                    t = "Q6_K"
-                seen[role] += 1
-        out[name] = fit_row(t, cols)
+        role = roles[name]
+        i, n = (seen[role], counts[role]) if role else (0, 0)
+        if role == "ffn_down" and name in layers:
+            i, n = layers[name], n_layers
+        if role:
+            seen[role] += 1
+        out[name] = fit_row(_mix_rule(gguf_type, role, i, n) or base, cols)
     return out
 
 

@@ -52,8 +52,9 @@ FLOAT_TYPES = ("F32", "F16", "BF16")
 _PRE_BY_VOCAB = {("llama", 49152): "smollm", ("llama", 128256): "llama-bpe"}
 _PRE_BY_TYPE = {"qwen2": "qwen2", "qwen3": "qwen2", "qwen2_moe": "qwen2", "qwen3_moe": "qwen2"}
 _FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q4_0": "MOSTLY_Q4_0",
-               "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q8_0": "MOSTLY_Q8_0", "Q4_K": "MOSTLY_Q4_K_S",
-               "Q4_K_M": "MOSTLY_Q4_K_M", "Q6_K": "MOSTLY_Q6_K"}
+               "Q4_1": "MOSTLY_Q4_1", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0",
+               "Q3_K": "MOSTLY_Q3_K_S", "Q3_K_S": "MOSTLY_Q3_K_S", "Q3_K_M": "MOSTLY_Q3_K_M", "Q4_K": "MOSTLY_Q4_K_S",
+               "Q4_K_M": "MOSTLY_Q4_K_M", "Q5_K": "MOSTLY_Q5_K_S", "Q6_K": "MOSTLY_Q6_K"}
 
 
 def run_label(config: dict) -> str:

@@ -55,7 +55,7 @@ def read_gguf_header(file: str | os.PathLike) -> dict:
 def load_gguf(path: str | os.PathLike, *, dtype: torch.dtype = torch.float32, float_ok: bool = False):
     """Load a GGUF file (``.gguf`` path, or a folder holding one ``.gguf``) into hfquant modules: transformers'
     GGUF loader builds the model (config, tokenizer-free; norms and embeddings de-quantized), then every Linear
-    stored as Q8_0, Q4_0, Q5_0, Q4_1, Q4_K or Q6_K becomes a ``QuantLinearGGUF`` holding the file's blocks
+    stored in a block type of ``gguf_blocks.BLOCK_TYPES`` becomes a ``QuantLinearGGUF`` holding the file's blocks
     exactly (q/k rows back in the HF rotary layout); the head's and token embeddings' blocks are kept beside their
     de-quantized weights (``gguf_types.HELD_BLOCKS``). ``model.config.quantization_config`` records each tensor's
     type, so the model saves (hfquant layout), reloads and exports back to GGUF byte for byte.

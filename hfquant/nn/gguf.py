@@ -1,4 +1,4 @@
-"""``QuantLinearGGUF``: a Linear whose weight is stored as llama.cpp GGUF blocks (Q8_0, Q4_0, Q5_0, Q4_1, Q4_K, Q6_K).
+"""``QuantLinearGGUF``: a Linear whose weight is stored as llama.cpp GGUF blocks (``gguf_blocks.BLOCK_TYPES``).
 
 Tensors (all saved; names and shapes are the checkpoint format):
 
@@ -27,7 +27,7 @@ class QuantLinearGGUF(nn.Module):
     """Linear with GGUF block-quantized weights.
 
     Args:
-        in_features: input features (a multiple of the type's block size: 32, or 256 for Q4_K and Q6_K).
+        in_features: input features (a multiple of the type's block size: 32, or 256 for the k-quants).
         out_features: output features.
         gguf_type: the block type, e.g. ``"Q4_K"``.
         bias: whether there is a bias.

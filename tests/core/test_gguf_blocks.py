@@ -7,9 +7,10 @@ import torch
 from hfquant.core.gguf_blocks import BLOCK_TYPES, dequantize_codes, dequantize_rows, pack_rows, unpack_rows
 
 ALL = list(BLOCK_TYPES)
-QUANTIZABLE = ["Q8_0", "Q4_0", "Q5_0", "Q4_1"]  # the types gguf-py can quantize
+QUANTIZABLE = ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1"]  # the types gguf-py can quantize
 # byte offsets of the fp16 fields inside one block
-FP16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q5_0": [0], "Q4_1": [0, 2], "Q4_K": [0, 2], "Q6_K": [208]}
+FP16_FIELDS = {"Q8_0": [0], "Q4_0": [0], "Q5_0": [0], "Q4_1": [0, 2], "Q5_1": [0, 2], "Q3_K": [108], "Q4_K": [0, 2],
+               "Q5_K": [0, 2], "Q6_K": [208]}
 
 
 @pytest.fixture
@@ -42,14 +43,16 @@ def _random_codes_params(name, rows, cols, seed):
     codes = torch.randint(lo, bt.maxq + 1, (rows, cols), generator=g, dtype=torch.int32)
     nb = cols // bt.block_values
     params = {"d": torch.randn(rows, nb, generator=g).half()}
-    if name == "Q4_1":
+    if name in ("Q4_1", "Q5_1"):
         params["m"] = torch.randn(rows, nb, generator=g).half()
-    if name == "Q4_K":
+    if name in ("Q4_K", "Q5_K"):
         params["dmin"] = torch.randn(rows, nb, generator=g).half()
         params["sc"] = torch.randint(0, 64, (rows, nb * 8), generator=g, dtype=torch.uint8)
         params["mn"] = torch.randint(0, 64, (rows, nb * 8), generator=g, dtype=torch.uint8)
     if name == "Q6_K":
         params["sc"] = torch.randint(-128, 128, (rows, nb * 16), generator=g, dtype=torch.int8)
+    if name == "Q3_K":
+        params["sc"] = torch.randint(-32, 32, (rows, nb * 16), generator=g, dtype=torch.int8)
     return codes, params
 
 
@@ -155,8 +158,8 @@ def test_bad_cols():
 
 
 def test_unknown_type():
-    with pytest.raises(ValueError, match="Q3_K") as e:
-        pack_rows("Q3_K", torch.zeros(1, 256, dtype=torch.int32), {})
+    with pytest.raises(ValueError, match="Q2_K") as e:
+        pack_rows("Q2_K", torch.zeros(1, 256, dtype=torch.int32), {})
     for name in ALL:
         assert name in str(e.value)
     with pytest.raises(ValueError, match="Q8_0, Q4_0"):
@@ -165,7 +168,8 @@ def test_unknown_type():
 
 @pytest.mark.parametrize(
     "name, bad",
-    [("Q8_0", 128), ("Q8_0", -129), ("Q4_0", 16), ("Q4_0", -1), ("Q5_0", 32), ("Q4_1", 16), ("Q4_K", 16), ("Q6_K", 64)],
+    [("Q8_0", 128), ("Q8_0", -129), ("Q4_0", 16), ("Q4_0", -1), ("Q5_0", 32), ("Q4_1", 16), ("Q5_1", 32), ("Q3_K", 8),
+     ("Q4_K", 16), ("Q5_K", 32), ("Q6_K", 64)],
 )
 def test_codes_out_of_range(name, bad):
     bt = BLOCK_TYPES[name]

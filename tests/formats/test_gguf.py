@@ -50,7 +50,7 @@ def test_gptq_on_gguf_grids_beats_rtn_and_stores_what_it_saw(name, act_order):
     assert torch.equal(dequantize_rows(name, pack_rows(name, codes, params), w.shape[1]), res.dequantized())
 
 
-@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q5_0", "Q4_1"])
+@pytest.mark.parametrize("name", ["Q8_0", "Q4_0", "Q5_0", "Q4_1", "Q5_1"])
 def test_simple_grids_store_llama_cpps_scales(name):
     """The stored d (and m) are llama.cpp's reference choice: equal to gguf-py's quantizer's, byte for byte; the
     codes are the nearest on that stored grid, so the error is never above the reference's."""
@@ -118,7 +118,7 @@ def test_llama_cpp_type_rules_for_smollm2_shapes():
     (dict(gguf_type="Q4_1", sym=True), "sym"),
     (dict(gguf_type="Q4_0", desc_act=True, static_groups=False), "static_groups"),
     (dict(gguf_type="Q4_0", method="smoothquant"), "method"),
-    (dict(gguf_type="Q3_K"), "gguf_type"),
+    (dict(gguf_type="Q2_K"), "gguf_type"),
     (dict(save_format="gguf"), "save_format"),
     (dict(gguf_type="Q4_0", overrides={"re:.*": {"bits": 8}}), "overrides"),
     (dict(overrides={"re:.*": {"gguf_type": "Q8_0"}}), "gguf_type"),
