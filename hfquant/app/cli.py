@@ -278,6 +278,9 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="gguf: output head type (default: the checkpoint's gguf_head_type, else llama.cpp's choice)")
     p.add_argument("--embedding-type", default=None, choices=list(GGUF_TENSOR_TYPES),
                    help="gguf: untied token embeddings' type (default: llama.cpp's choice)")
+    p.add_argument("--accuracy-level", type=int, default=1, choices=[1, 2, 3, 4],
+                   help="onnx: MatMulNBits' activation arithmetic (1 float32, the hfquant model's numbers; "
+                        "4 int8, faster)")
 
 
 @_quiet_transformers
@@ -286,7 +289,7 @@ def _export(args) -> int:
     gguf = dict(float_type=args.float_type, head_type=args.head_type, embedding_type=args.embedding_type)
     try:
         path = export_checkpoint(args.dir, args.format, args.out, checkpoint_format=args.checkpoint_format,
-                                 **(gguf if args.format == "gguf" else {}))
+                                 accuracy_level=args.accuracy_level, **(gguf if args.format == "gguf" else {}))
     except OSError as exc:  # unreadable source, unwritable destination: bad input, one line
         _err(f"{args.dir} -> {args.out}: {exc.strerror or exc}")
         return 2

@@ -77,6 +77,9 @@ def check_formats(cfg) -> None:
         _bad(cfg, "save_format", f"one of {list(SAVE_FORMATS)}")
     if cfg.save_format == "gguf" and cfg.gguf.type is None:
         _bad(cfg, "save_format", "gguf only with gguf_type set (e.g. gguf_type: Q4_K_M), or another save_format")
+    if cfg.save_format == "onnx" and cfg.gguf.type is not None:
+        _bad(cfg, "save_format", "onnx only without gguf_type (ONNX Runtime does not read GGUF grids); use save_format "
+                                 "gguf, or bits / group_size for ONNX")
     cfg.gguf.validate()
     if cfg.checkpoint_format not in CHECKPOINT_FORMATS:
         _bad(cfg, "checkpoint_format", f"one of {list(CHECKPOINT_FORMATS)}")

@@ -12,7 +12,7 @@ QUANT_METHOD = "hfquant"
 METHODS = ("gptq", "rtn", "smoothquant")
 WEIGHT_METHODS = ("rtn", "gptq")
 ACTIVATION_SCHEMES = ("dynamic", "static")
-SAVE_FORMATS = ("hfquant", "gptq", "compressed-tensors", "gguf")
+SAVE_FORMATS = ("hfquant", "gptq", "compressed-tensors", "gguf", "onnx")
 # gguf_type values: a block type, or one of llama.cpp's mixes (Q4_K_M, Q3_K_M, Q3_K_S; hfquant.core.gguf_types).
 GGUF_TYPES = (*BLOCK_TYPES, *MIXES)
 # gguf_head_type / gguf_embedding_type values (export only: the head and embeddings are rounded to nearest).

@@ -51,8 +51,8 @@ class HFQuantConfig(QuantizationConfigMixin):
         smoothquant: ``SmoothQuantArgs`` (alpha, weight_method, activation_scheme).
         save_format: layout ``save_pretrained`` writes: ``"hfquant"`` (reloads with ``import hfquant``),
             ``"gptq"`` (GPTQ v1 ``qweight``/``qzeros``/``scales``/``g_idx``, read by transformers+gptqmodel,
-            vLLM, TGI), ``"compressed-tensors"`` (``pack-quantized`` W4A16, ``int-quantized`` W8A8) or ``"gguf"``
-            (with ``gguf_type``). See ``hfquant.formats``.
+            vLLM, TGI), ``"compressed-tensors"`` (``pack-quantized`` W4A16, ``int-quantized`` W8A8), ``"gguf"``
+            (with ``gguf_type``) or ``"onnx"`` (ONNX Runtime, weight-only: ``MatMulNBits``). See ``hfquant.formats``.
         checkpoint_format: layout of the pre-quantized weights being loaded: ``"hfquant"``, or ``"gptq"`` /
             ``"gptq_v2"`` when importing a GPTQ checkpoint (set by ``hfquant.formats.gptq_config``; it is
             reset to ``"hfquant"`` once the modules are converted).

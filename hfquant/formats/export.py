@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -37,8 +38,12 @@ from hfquant.formats.export_experts import export_names, ExportNames, piece_tens
 from hfquant.formats.files import place
 from hfquant.formats.gguf import export_gguf, GGUF_FILE, write_gguf
 from hfquant.formats.gptq import gptq_writer
+from hfquant.formats.onnx import build_onnx, check_onnx_exportable, check_onnx_graph, ONNX_FILE
+from hfquant.formats.onnx_w8a8 import rewrite_int8_matmuls, write_dequantized
 
-EXPORT_FORMATS = ("gptq", "compressed-tensors", "gguf")
+EXPORT_FORMATS = ("gptq", "compressed-tensors", "gguf", "onnx")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                    "generation_config.json", "chat_template.jinja")
 _W4A16_KEYS = ("weight", "scales", "zeros", "g_idx")
 _W8A8_KEYS = ("weight", "weight_scale", "input_scale")
 SAFE_INDEX = "model.safetensors.index.json"
@@ -183,12 +188,58 @@ def check_exportable(qconfig, fmt: str, folder: Path) -> None:
                               f"weight format is written as {list(wf.exports)}); keep save_format hfquant")
 
 
+def _onnx_source(ckpt: HFQuantCheckpoint, work: Path) -> tuple[str, dict | None]:
+    """What the builder reads, written into ``work``: hfquant's GPTQ export (weight-only), or a float copy of a
+    W8A8 checkpoint (``hfquant.formats.onnx_w8a8``). Returns the builder's precision and, for W8A8, the codes."""
+    if ckpt.w8a8:
+        return "fp32", write_dequantized(ckpt, work)
+    g = ckpt.qconfig.gptq.group_size
+    partial = [n for n in ckpt.modules if isinstance(g, int) and g > 0 and ckpt.tensor(f"{n}.g_idx").shape[-1] % g]
+    if partial:
+        cols = ckpt.tensor(f"{partial[0]}.g_idx").shape[-1]
+        raise FormatError(f"{ckpt.folder}: {len(partial)} Linears (e.g. {partial[0]}, {cols} inputs) end in a partial "
+                          f"group of {g}, which onnxruntime-genai's builder cannot read; quantize with a group_size "
+                          f"that divides the input width (e.g. {g // 2} for {cols}) to export to ONNX")
+    with warnings.catch_warnings():  # the GPTQ export's warnings are about other runtimes (vLLM, gptqmodel)
+        warnings.simplefilter("ignore")
+        convert_into(ckpt.folder, "gptq", work)
+    bits = ckpt.qconfig.gptq.bits
+    return ("int8" if bits == 8 else "int4"), None
+
+
+def _write_onnx(src_dir, tmp: Path, tokenizer_dir=None, accuracy_level: int = 1) -> None:
+    """The ONNX Runtime version of ``src_dir`` in ``tmp`` (``hfquant.formats.onnx``): what the builder reads
+    (``_onnx_source``), with the tokenizer beside it; then the W8A8 MatMuls are rewritten and the graph checked."""
+    ckpt = HFQuantCheckpoint(src_dir)
+    check_onnx_exportable(ckpt.qconfig, ckpt.folder, bool(ckpt.export_names().experts))
+    work = Path(tempfile.mkdtemp(prefix=f".{tmp.name}.source-", dir=tmp.parent))
+    try:
+        precision, codes = _onnx_source(ckpt, work)
+        for folder in [ckpt.folder] + ([Path(tokenizer_dir)] if tokenizer_dir else []):
+            for name in _TOKENIZER_FILES:
+                if (folder / name).is_file() and not (work / name).exists():
+                    shutil.copy2(folder / name, work / name)
+        build_onnx(work, tmp, precision, accuracy_level)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if codes is not None:
+        rewrite_int8_matmuls(tmp / ONNX_FILE, codes)
+    counts = check_onnx_graph(tmp / ONNX_FILE, len(ckpt.modules))
+    (tmp / "hfquant_onnx.json").write_text(json.dumps({
+        "quantization_config": ckpt.config["quantization_config"], "accuracy_level": accuracy_level,
+        "weights_by_op": counts}, indent=2))
+
+
 def convert_into(src_dir: str | os.PathLike, fmt: str, tmp: Path, checkpoint_format: str = "gptq",
-                 tokenizer_dir=None) -> None:
+                 tokenizer_dir=None, accuracy_level: int = 1) -> None:
     """Write the ``fmt`` version of hfquant checkpoint ``src_dir`` into the existing empty folder ``tmp``
-    (``tokenizer_dir``: where a GGUF export finds ``tokenizer.json`` when ``src_dir`` has none)."""
+    (``tokenizer_dir``: where a GGUF or ONNX export finds the tokenizer when ``src_dir`` has none;
+    ``accuracy_level``: ONNX only, ``hfquant.formats.onnx``)."""
     if fmt == "gguf":
         write_gguf(src_dir, tmp / GGUF_FILE, tokenizer_dir=tokenizer_dir)
+        return
+    if fmt == "onnx":
+        _write_onnx(src_dir, tmp, tokenizer_dir, accuracy_level)
         return
     ckpt = HFQuantCheckpoint(src_dir)
     check_exportable(ckpt.qconfig, fmt, ckpt.folder)
@@ -210,10 +261,12 @@ def convert_into(src_dir: str | os.PathLike, fmt: str, tmp: Path, checkpoint_for
 
 
 def export_checkpoint(src_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathLike,
-                      checkpoint_format: str = "gptq", **gguf_options) -> Path:
-    """Export the hfquant checkpoint ``src_dir`` to ``fmt`` (``"gptq"``, ``"compressed-tensors"`` or ``"gguf"``) in
-    ``out_dir``. For ``"gguf"`` (``hfquant.formats.gguf.export_gguf``, whose ``gguf_options`` it takes) ``src_dir``
-    may also be a float checkpoint, written in ``float_type``; the result is ``out_dir/model.gguf``.
+                      checkpoint_format: str = "gptq", accuracy_level: int = 1, **gguf_options) -> Path:
+    """Export the hfquant checkpoint ``src_dir`` to ``fmt`` (``"gptq"``, ``"compressed-tensors"``, ``"gguf"`` or
+    ``"onnx"``) in ``out_dir``. For ``"gguf"`` (``hfquant.formats.gguf.export_gguf``, whose ``gguf_options`` it
+    takes) ``src_dir`` may also be a float checkpoint, written in ``float_type``; the result is
+    ``out_dir/model.gguf``. For ``"onnx"`` (``hfquant.formats.onnx``) the result is ``model.onnx`` with its
+    weights file, ``genai_config.json`` and the tokenizer; ``accuracy_level`` is MatMulNBits' (1 or 4).
 
     ``out_dir`` must not exist or be an empty folder; the result is written to a temporary folder beside it
     and renamed into place, so a failure leaves nothing behind. ``checkpoint_format`` (GPTQ only):
@@ -230,7 +283,7 @@ def export_checkpoint(src_dir: str | os.PathLike, fmt: str, out_dir: str | os.Pa
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        convert_into(src_dir, fmt, tmp, checkpoint_format)
+        convert_into(src_dir, fmt, tmp, checkpoint_format, accuracy_level=accuracy_level)
         _check_out_dir(out)  # still missing or empty: place() only moves the finished folder in
         place(tmp, out)
     except BaseException:
@@ -258,7 +311,9 @@ def save_pretrained_as(save_hfquant: Callable[..., object], save_directory: str 
         save_hfquant(src, **kwargs)
         convert_into(src, fmt, dst, tokenizer_dir=tokenizer_dir)
         out.mkdir(exist_ok=True)
-        for old in list(out.glob("model*.safetensors")) + [out / SAFE_INDEX, out / "quantize_config.json", out / GGUF_FILE]:
+        olds = [out / SAFE_INDEX, out / "quantize_config.json", out / GGUF_FILE, out / ONNX_FILE,
+                out / f"{ONNX_FILE}.data", out / "genai_config.json", out / "hfquant_onnx.json"]
+        for old in list(out.glob("model*.safetensors")) + olds:
             if old.is_file():
                 old.unlink()
         for p in dst.iterdir():

@@ -16,13 +16,13 @@ class _SaveFormat:
     _hfquant_base: type  # the model's original class, set on each subclass
 
     def save_pretrained(self, save_directory, **kwargs):
-        """``save_pretrained`` of the model's class for ``save_format: hfquant`` (the default); for ``"gptq"``
-        and ``"compressed-tensors"`` the hfquant layout is written to a temporary folder and converted
-        (``hfquant.formats.export.save_pretrained_as``)."""
+        """``save_pretrained`` of the model's class for ``save_format: hfquant`` (the default); for ``"gptq"``,
+        ``"compressed-tensors"``, ``"gguf"`` and ``"onnx"`` the hfquant layout is written to a temporary folder and
+        converted (``hfquant.formats.export.save_pretrained_as``)."""
         fmt = getattr(getattr(self.config, "quantization_config", None), "save_format", "hfquant")
         if fmt == "hfquant":
             return super().save_pretrained(save_directory, **kwargs)
-        tokenizer_dir = getattr(self, "name_or_path", None) if fmt == "gguf" else None
+        tokenizer_dir = getattr(self, "name_or_path", None) if fmt in ("gguf", "onnx") else None
         return save_pretrained_as(super().save_pretrained, save_directory, fmt, tokenizer_dir=tokenizer_dir, **kwargs)
 
     def __reduce_ex__(self, protocol):
