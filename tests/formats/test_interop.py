@@ -349,7 +349,7 @@ def test_export_refusals(quantized, tmp_path):
     cases = [
         ("llama96-w8a8-dynamic", "gptq", "weight-only"),
         ("llama96-gptq-actorder-asym-g64", "compressed-tensors", "group_size"),  # 96 % 64 != 0
-        ("llama96-rtn-sym-g32", "onnx", "expected one of"),
+        ("llama96-rtn-sym-g32", "awq", "expected one of"),
     ]
     for case, fmt, words in cases:
         out = tmp_path / f"refused-{case}-{fmt}"
