@@ -61,8 +61,9 @@ def _require_builder() -> None:
     try:
         import onnxruntime_genai  # noqa: F401  (optional dependency: only checks that it is installed)
         import onnx  # noqa: F401
+        import onnx_ir  # noqa: F401  (the builder imports it but onnxruntime-genai does not declare it)
     except ImportError as exc:
-        raise FormatError(f"the ONNX export needs onnxruntime-genai and onnx ({exc.name} is missing); "
+        raise FormatError(f"the ONNX export needs onnxruntime-genai, onnx and onnx-ir ({exc.name} is missing); "
                           "pip install 'hfquant[onnx]'") from None
 
 
