@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,8 +37,8 @@ from hfquant.formats.export_experts import export_names, ExportNames, piece_tens
 from hfquant.formats.files import place
 from hfquant.formats.gguf import export_gguf, GGUF_FILE, write_gguf
 from hfquant.formats.gptq import gptq_writer
-from hfquant.formats.onnx import build_onnx, check_onnx_exportable, check_onnx_graph, ONNX_FILE
-from hfquant.formats.onnx_w8a8 import rewrite_int8_matmuls, write_dequantized
+from hfquant.formats.onnx import build_onnx, check_accuracy_level, check_onnx_exportable, check_onnx_graph, ONNX_FILE
+from hfquant.formats.onnx_rewrite import rewrite_matmuls, write_dequantized
 
 EXPORT_FORMATS = ("gptq", "compressed-tensors", "gguf", "onnx")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -188,42 +187,24 @@ def check_exportable(qconfig, fmt: str, folder: Path) -> None:
                               f"weight format is written as {list(wf.exports)}); keep save_format hfquant")
 
 
-def _onnx_source(ckpt: HFQuantCheckpoint, work: Path) -> tuple[str, dict | None]:
-    """What the builder reads, written into ``work``: hfquant's GPTQ export (weight-only), or a float copy of a
-    W8A8 checkpoint (``hfquant.formats.onnx_w8a8``). Returns the builder's precision and, for W8A8, the codes."""
-    if ckpt.w8a8:
-        return "fp32", write_dequantized(ckpt, work)
-    g = ckpt.qconfig.gptq.group_size
-    partial = [n for n in ckpt.modules if isinstance(g, int) and g > 0 and ckpt.tensor(f"{n}.g_idx").shape[-1] % g]
-    if partial:
-        cols = ckpt.tensor(f"{partial[0]}.g_idx").shape[-1]
-        raise FormatError(f"{ckpt.folder}: {len(partial)} Linears (e.g. {partial[0]}, {cols} inputs) end in a partial "
-                          f"group of {g}, which onnxruntime-genai's builder cannot read; quantize with a group_size "
-                          f"that divides the input width (e.g. {g // 2} for {cols}) to export to ONNX")
-    with warnings.catch_warnings():  # the GPTQ export's warnings are about other runtimes (vLLM, gptqmodel)
-        warnings.simplefilter("ignore")
-        convert_into(ckpt.folder, "gptq", work)
-    bits = ckpt.qconfig.gptq.bits
-    return ("int8" if bits == 8 else "int4"), None
-
-
 def _write_onnx(src_dir, tmp: Path, tokenizer_dir=None, accuracy_level: int = 1) -> None:
-    """The ONNX Runtime version of ``src_dir`` in ``tmp`` (``hfquant.formats.onnx``): what the builder reads
-    (``_onnx_source``), with the tokenizer beside it; then the W8A8 MatMuls are rewritten and the graph checked."""
+    """The ONNX Runtime version of ``src_dir`` in ``tmp`` (``hfquant.formats.onnx``): the builder's graph of a float
+    copy of the de-quantized checkpoint (with the tokenizer beside it), whose quantized MatMuls are then rewritten
+    over hfquant's codes (``hfquant.formats.onnx_rewrite``); the written graph is checked."""
+    check_accuracy_level(accuracy_level)
     ckpt = HFQuantCheckpoint(src_dir)
     check_onnx_exportable(ckpt.qconfig, ckpt.folder, bool(ckpt.export_names().experts))
     work = Path(tempfile.mkdtemp(prefix=f".{tmp.name}.source-", dir=tmp.parent))
     try:
-        precision, codes = _onnx_source(ckpt, work)
+        codes = write_dequantized(ckpt, work)
         for folder in [ckpt.folder] + ([Path(tokenizer_dir)] if tokenizer_dir else []):
             for name in _TOKENIZER_FILES:
                 if (folder / name).is_file() and not (work / name).exists():
                     shutil.copy2(folder / name, work / name)
-        build_onnx(work, tmp, precision, accuracy_level)
+        build_onnx(work, tmp, accuracy_level)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    if codes is not None:
-        rewrite_int8_matmuls(tmp / ONNX_FILE, codes)
+    rewrite_matmuls(tmp / ONNX_FILE, codes, accuracy_level)
     counts = check_onnx_graph(tmp / ONNX_FILE, len(ckpt.modules))
     (tmp / "hfquant_onnx.json").write_text(json.dumps({
         "quantization_config": ckpt.config["quantization_config"], "accuracy_level": accuracy_level,

@@ -1,22 +1,20 @@
-"""ONNX Runtime export: an hfquant weight-only checkpoint as an ONNX model that ``onnxruntime`` and
-``onnxruntime-genai`` run, its quantized Linears as ``com.microsoft.MatMulNBits`` with hfquant's own codes,
-scales and zero points.
+"""ONNX Runtime export: an hfquant checkpoint as an ONNX model that ``onnxruntime`` and ``onnxruntime-genai`` run,
+its quantized Linears as ``com.microsoft.MatMulNBits`` (weight-only) or per-token int8 ``MatMulInteger`` (W8A8)
+over hfquant's own codes, scales and zero points.
 
-The graph is not written here. hfquant writes its GPTQ export (``hfquant.formats.gptq``: static groups, so
-``g_idx`` is the plain ``i // group_size`` and is dropped) and hands that folder to onnxruntime-genai's model
-builder (``python -m onnxruntime_genai.models.builder -i GPTQ``), which reads GPTQ checkpoints, repacks every
-quantized Linear into ``MatMulNBits`` without rounding anything again, and writes the decoder with its KV cache
-(``GroupQueryAttention``), ``genai_config.json`` and the tokenizer files. Why that exporter: optimum-onnx (0.1)
-requires transformers < 4.58, and ``torch.onnx`` has no operator for a packed 4-bit Linear or a KV-cache layout
-ORT's generator reads; the builder reads an hfquant GPTQ export as it reads AutoGPTQ's.
+The graph is not written by hand. onnxruntime-genai's model builder (``python -m onnxruntime_genai.models.builder``)
+writes it -- the decoder, its KV cache as ``GroupQueryAttention``, fused q/k/v, ``genai_config.json`` and the
+tokenizer files -- from a float32 copy of the checkpoint whose quantized Linears hold their de-quantized weights;
+``hfquant.formats.onnx_rewrite`` then swaps each of their ``MatMul`` nodes for the quantized op over the codes,
+after checking that the float weight is exactly what the codes de-quantize to. Why that exporter: optimum-onnx
+(0.1) requires transformers < 4.58, and ``torch.onnx`` has no operator for a packed 4-bit Linear or a KV-cache
+layout ORT's generator reads. Why not the builder's own GPTQ reader (``-i GPTQ -p int4``): it stops on a partial
+last group (SmolLM2's 576 inputs in groups of 128) and re-reads scales as float16; the swap carries any static
+group size with float32 scales.
 
-The builder quantizes whatever the checkpoint left float unless told not to; hfquant keeps the output head and
-the embeddings float (as in the hfquant model) by excluding their nodes, and checks the written graph: every
-``MatMul`` with a constant weight other than the head is an error (nothing float in silence), and the number of
-``MatMulNBits`` weights must cover every quantized Linear of the checkpoint (fused q/k/v and gate/up count once).
-
-W8A8 (SmoothQuant) checkpoints take the builder's float graph of their de-quantized weights with every quantized
-``MatMul`` replaced by per-token int8 activations and ``MatMulInteger`` (``hfquant.formats.onnx_w8a8``).
+Nothing is float in silence: the head and the embeddings stay float as in the hfquant model (the builder is told
+not to touch them), every quantized Linear must find its MatMul, and the written graph is read back: a float weight
+``MatMul`` other than the head is an error.
 
 ``accuracy_level`` is MatMulNBits' attribute for the activations' arithmetic: 1 (float32, the default: the ONNX
 model computes what the hfquant model computes) or 4 (activations rounded to int8 per block inside the kernel,
@@ -67,14 +65,14 @@ def _require_builder() -> None:
                           "pip install 'hfquant[onnx]'") from None
 
 
-def build_onnx(src_dir: Path, out_dir: Path, precision: str, accuracy_level: int = 1) -> None:
-    """Run onnxruntime-genai's model builder on ``src_dir`` (a GPTQ folder, or a float one with ``precision``
-    ``"fp32"``; tokenizer files included), writing ``out_dir``; raise ``FormatError`` with the builder's last
-    line when it fails. Nothing the checkpoint left float is quantized by the builder (head and embeddings)."""
+def build_onnx(src_dir: Path, out_dir: Path, accuracy_level: int = 1) -> None:
+    """Run onnxruntime-genai's model builder on ``src_dir`` (a float32 folder, tokenizer files included), writing
+    ``out_dir`` in float32; raise ``FormatError`` with the builder's last line when it fails. The head and the
+    embeddings are excluded from anything the builder would quantize."""
     _require_builder()
     cache = out_dir.parent / f".{out_dir.name}.builder-cache"
     cmd = [sys.executable, "-m", BUILDER, "-i", str(src_dir), "-m", str(src_dir), "-o", str(out_dir),
-           "-p", precision, "-e", "cpu", "-c", str(cache), "--extra_options",
+           "-p", "fp32", "-e", "cpu", "-c", str(cache), "--extra_options",
            f"nodes_to_exclude={','.join(_FLOAT_NODES)}", f"accuracy_level={check_accuracy_level(accuracy_level)}",
            "hf_token=false"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}

@@ -163,9 +163,26 @@ def test_gguf_grids_and_experts_are_refused_in_one_line(tmp_path):
         HFQuantConfig(gguf_type="Q4_0", save_format="onnx")
 
 
-def test_a_partial_last_group_is_refused_before_anything_is_written(tiny_models, tmp_path):
-    _quantize(tiny_models["llama"], tmp_path / "hfquant", method="rtn", group_size=48)  # 64 inputs: 48 + 16
-    with pytest.raises(FormatError, match="partial group of 48") as err:
+@pytest.mark.parametrize("group_size, blocks", [(48, {16}), (-1, {64, 32})], ids=["partial-g48", "per-channel"])
+def test_any_static_group_size_exports_as_power_of_two_blocks(tiny_models, tmp_path, group_size, blocks):
+    """64 and 160 inputs in groups of 48 (the last one partial: 64 = 48 + 16, 160 = 3 x 48 + 16) or one group per
+    row: MatMulNBits blocks are the largest power of two dividing the group, each with its group's scale."""
+    model = _quantize(tiny_models["llama"], tmp_path / "hfquant", method="rtn", group_size=group_size, sym=False)
+    with torch.no_grad():
+        ref = model(PROMPT).logits[0].numpy()
+    out = export_checkpoint(tmp_path / "hfquant", "onnx", tmp_path / "onnx")
+    session = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
+    assert _rel(_run(session, PROMPT.numpy(), None, model.config)[0], ref) < REL
+    graph = onnx.load(str(out / ONNX_FILE), load_external_data=False).graph
+    assert {onnx.helper.get_attribute_value(a) for n in graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == "block_size"} == blocks
+
+
+@pytest.mark.parametrize("kw, match", [(dict(bits=3), "3-bit codes"),
+                                       (dict(method="gptq", desc_act=True, static_groups=False), "static_groups")])
+def test_what_matmulnbits_cannot_hold_is_refused_before_anything_is_written(tiny_models, tmp_path, kw, match):
+    _quantize(tiny_models["llama"], tmp_path / "hfquant", **{"method": "rtn", **kw})
+    with pytest.raises(FormatError, match=match) as err:
         export_checkpoint(tmp_path / "hfquant", "onnx", tmp_path / "onnx")
     assert "\n" not in str(err.value) and not (tmp_path / "onnx").exists()
 
