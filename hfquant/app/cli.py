@@ -12,6 +12,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -288,11 +289,14 @@ def _export(args) -> int:
     validate_checkpoint(args.dir)
     gguf = dict(float_type=args.float_type, head_type=args.head_type, embedding_type=args.embedding_type)
     try:
-        path = export_checkpoint(args.dir, args.format, args.out, checkpoint_format=args.checkpoint_format,
-                                 accuracy_level=args.accuracy_level, **(gguf if args.format == "gguf" else {}))
+        with warnings.catch_warnings(record=True) as caught:  # e.g. what vLLM refuses: one line each, below
+            path = export_checkpoint(args.dir, args.format, args.out, checkpoint_format=args.checkpoint_format,
+                                     accuracy_level=args.accuracy_level, **(gguf if args.format == "gguf" else {}))
     except OSError as exc:  # unreadable source, unwritable destination: bad input, one line
         _err(f"{args.dir} -> {args.out}: {exc.strerror or exc}")
         return 2
+    for w in caught:
+        print(f"hfquant: warning: {(str(w.message).splitlines() or [''])[0]}", file=sys.stderr)
     print(f"wrote a {args.format} checkpoint to {path}")
     return 0
 

@@ -24,7 +24,8 @@ sits in the blocks).
 
 What the layout cannot express (export refuses with ``FormatError``): activation quantization (W8A8),
 ``in * b`` or ``out * b`` not a multiple of 32, zero point 0 in v1 (``-1`` does not fit; use
-``gptq_v2``), and scales outside float16's range.
+``gptq_v2``), and scales outside float16's range. Valid GPTQ that vLLM refuses (a partial last group, an
+asymmetric grid) is exported with a one-line ``VLLMWarning`` that says what to do instead.
 """
 
 from __future__ import annotations
@@ -247,6 +248,37 @@ def _uses_act_order(ckpt, group_size: int) -> bool:
     return False
 
 
+class VLLMWarning(UserWarning):
+    """A GPTQ export that is valid GPTQ but that vLLM refuses to load (one line each, ``warn_vllm_refusals``)."""
+
+
+def _dividing_group_size(in_features: set[int], group_size: int) -> int:
+    """The largest power of two below ``group_size`` (down to 16) that divides every ``in_features``; else -1."""
+    g = group_size // 2
+    while g >= 16 and any(n % g for n in in_features):
+        g //= 2
+    return g if g >= 16 else -1
+
+
+def warn_vllm_refusals(ckpt, q) -> None:
+    """Warn (``VLLMWarning``, one line) about what vLLM refuses in this GPTQ export, as measured with vLLM 0.32
+    (``scripts/bench_vllm.py``): a partial last group (``in_features`` not a multiple of ``group_size``: vLLM allocates
+    ``in // g`` groups and stops on a bare ``AssertionError`` while loading; gptqmodel refuses it too) and an
+    asymmetric grid (vLLM: *Unsupported quantization config: bits=4, sym=False*)."""
+    sizes = {n: ckpt.tensor(f"{n}.g_idx").shape[-1] for n in ckpt.modules}
+    partial = [n for n in ckpt.modules if q.group_size != -1 and sizes[n] % q.group_size]
+    if partial:
+        g = _dividing_group_size(set(sizes.values()), q.group_size)
+        warnings.warn(f"GPTQ export: {len(partial)} modules (e.g. {partial[0]}, in_features {sizes[partial[0]]}) have "
+                      f"in_features not a multiple of group_size={q.group_size}; the file is valid GPTQ (ceil groups), but "
+                      "vLLM and gptqmodel refuse such layers (vLLM 0.32: a bare AssertionError while loading); for them "
+                      f"re-quantize with group_size={g}, which divides every in_features", VLLMWarning, stacklevel=3)
+    if not q.sym:
+        warnings.warn("GPTQ export: asymmetric grid (sym: false); vLLM 0.32 refuses asymmetric GPTQ (\"Unsupported "
+                      f"quantization config: bits={q.bits}, sym=False\"); for vLLM export as compressed-tensors, which "
+                      "vLLM reads asymmetric, or quantize with sym: true", VLLMWarning, stacklevel=3)
+
+
 def gptq_writer(ckpt, checkpoint_format: str = "gptq"):
     """``(convert(name, tensors) -> GPTQ tensors, write_config(config, folder))`` for an ``HFQuantCheckpoint``
     (``name``: the Linear's exported name, a per-expert one for stacked experts)."""
@@ -261,11 +293,7 @@ def gptq_writer(ckpt, checkpoint_format: str = "gptq"):
     zero_offset(checkpoint_format)
     block_name, subset = _block_layout(ckpt)
     desc_act = _uses_act_order(ckpt, q.group_size)
-    partial = [n for n in ckpt.modules if q.group_size != -1 and ckpt.tensor(f"{n}.g_idx").shape[-1] % q.group_size]
-    if partial:
-        warnings.warn(f"GPTQ export: {len(partial)} modules (e.g. {partial[0]}) have in_features not a multiple of "
-                      f"group_size={q.group_size}; the file is valid GPTQ (ceil groups), but vLLM and gptqmodel refuse "
-                      "such layers; for them re-quantize with a group_size that divides every in_features", stacklevel=2)
+    warn_vllm_refusals(ckpt, q)
 
     def convert(name, t):
         return to_gptq(name, t, q.bits, checkpoint_format)
