@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent / "hfquant"
 # Bottom to top; README's "Architecture" section shows the same list.
 LAYERS = ["core", "kernels", "nn", "config", "calibration", "eval", "mixed", "quantize", "formats",
           "integrations", "api", "app"]
-OPTIONAL = {"triton", "matplotlib", "compressed_tensors", "datasets", "evaluate", "gguf", "onnx", "onnxruntime_genai", "onnx_ir"}
+OPTIONAL = {"triton", "matplotlib", "compressed_tensors", "datasets", "evaluate", "gguf", "onnx", "onnxruntime_genai", "onnx_ir", "lm_eval"}
 LAZY_INTERNAL = {"hfquant.kernels.triton_kernels"}  # imports Triton, an optional dependency
 
 

@@ -24,12 +24,13 @@ import yaml
 from hfquant.app import pipeline, recipe
 from hfquant.app.hub import HubAuthError, HubError
 from hfquant.app.sensitivity import run_sensitivity
-from hfquant.app.recipe import check_repo_id, EVALUATION_DEFAULTS, HUB_DEFAULTS, validate_evaluation
-from hfquant.app.report import kernel_build_note, RECIPE, REPORT, SENSITIVITY_MD, table
+from hfquant.app.recipe import check_repo_id, HUB_DEFAULTS
+from hfquant.app.report import kernel_build_note, RECIPE, REPORT, SENSITIVITY_MD, table, task_table
 from hfquant.app.saved import checkpoint_lines, load_model, load_tokenizer, open_saved
 from hfquant.calibration.distributed import Dist, init_from_env
 from hfquant.config import GGUF_TENSOR_TYPES
 from hfquant.core.errors import HFQuantError
+from hfquant.eval.tasks import check_tasks, task_names
 from hfquant.formats import export_checkpoint
 from hfquant.formats.export import EXPORT_FORMATS
 from hfquant.formats.files import CheckpointError, read_json
@@ -136,7 +137,7 @@ def _sensitivity_args(p: argparse.ArgumentParser) -> None:
 
 def _sensitivity(args) -> int:
     resolved = recipe.load(args.recipe, args.set, args.output)
-    resolved["evaluation"] = {**resolved["evaluation"], "before": False, "after": False}
+    resolved["evaluation"] = {**resolved["evaluation"], "before": False, "after": False, "tasks": []}
     plan = pipeline.plan(resolved, overwrite=args.overwrite, recipe_file=args.recipe)
     table = run_sensitivity(plan, quiet=args.quiet)
     print(f"sensitivity of {len(table['modules'])} modules x {len(table['candidates'])} candidates in "
@@ -170,20 +171,20 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                         "else 16384)")
     p.add_argument("--dataset", help="evaluation text: local file or Hub dataset id (default: the saved recipe's "
                                      "evaluation.dataset, else the bundled WikiText-2 test)")
+    p.add_argument("--tasks", metavar="A,B", type=task_names, help="lm-eval tasks after the perplexity: bundled "
+                   "(alice_next) or lm-eval's (hellaswag: Hub data); none: none (default: the recipe's evaluation.tasks)")
+    p.add_argument("--limit", type=int, help="first LIMIT items of each task (default: evaluation.task_limit, all)")
+    p.add_argument("--num-fewshot", type=int, help="examples before each item (default: evaluation.num_fewshot)")
 
 
 @_quiet_transformers
 def _eval(args) -> int:
     checkpoint = open_saved(args.dir)
     folder = checkpoint.folder
-    ev = dict(EVALUATION_DEFAULTS)
-    saved = _saved_recipe(folder / RECIPE)
-    if saved:
-        ev.update(saved.get("evaluation") or {})
-    for key, value in (("seq_len", args.seq_len), ("max_tokens", args.max_tokens), ("dataset", args.dataset)):
-        if value is not None:
-            ev[key] = value
-    ev = validate_evaluation(ev)
+    ev = pipeline.eval_settings(_saved_recipe(folder / RECIPE), seq_len=args.seq_len, max_tokens=args.max_tokens,
+                                dataset=args.dataset, tasks=args.tasks, task_limit=args.limit,
+                                num_fewshot=args.num_fewshot)
+    check_tasks(ev["tasks"], "--tasks" if args.tasks else "evaluation.tasks")  # before the model loads
     tokenizer = load_tokenizer(checkpoint)
     ids, name = pipeline.evaluation_ids(ev, tokenizer)
     built = pipeline.build_kernels("cpu")  # the model loads on the CPU: its kernels first, outside the evaluation
@@ -196,6 +197,8 @@ def _eval(args) -> int:
     print(f"perplexity {ppl:.3f} on {name} ({n} windows x {ev['seq_len']} tokens) for {checkpoint.path}")
     if note := kernel_build_note(built, "the evaluation"):
         print(note)
+    if tasks := pipeline.run_tasks(model, tokenizer, ev):
+        print("\n" + task_table({**tasks, "before": None, "after": tasks["tasks"]}, ("", "score")))
     return 0
 
 
@@ -318,7 +321,7 @@ COMMANDS: dict[str, Command] = {
     "run": Command("quantize a model as a recipe says, evaluate it and save (and push) the result", _run_args, _run),
     "sensitivity": Command("measure per-module sensitivity to each candidate scheme (table, plot, card)",
                            _sensitivity_args, _sensitivity),
-    "eval": Command("perplexity of a saved checkpoint", _eval_args, _eval),
+    "eval": Command("perplexity (and lm-eval task accuracy) of a saved checkpoint", _eval_args, _eval),
     "inspect": Command("show a checkpoint's config, sizes and per-layer report", _inspect_args, _inspect),
     "push": Command("push an output folder to the Hugging Face Hub", _push_args, _push),
     "export": Command("write a saved hfquant checkpoint in the GPTQ, compressed-tensors or GGUF layout", _export_args,

@@ -20,14 +20,19 @@ from transformers import AutoModelForCausalLM
 from hfquant.api import quantize_, quantize_layerwise
 from hfquant.app.output import run_output
 from hfquant.app.publish import push
-from hfquant.app.recipe import dump, recipe_error, RecipeError  # noqa: F401 - RecipeError importable from here
-from hfquant.app.report import RECIPE, stored_average_bits, versions, write_card, write_report, write_sensitivity
+from hfquant.app.recipe import (  # noqa: F401 - RecipeError importable from here
+    dump, EVALUATION_DEFAULTS, recipe_error, RecipeError, validate_evaluation,
+)
+from hfquant.app.report import (
+    RECIPE, stored_average_bits, task_section, versions, write_card, write_report, write_sensitivity,
+)
 from hfquant.app.run_plan import eval_windows, evaluation_ids, load_kwargs, Plan, plan, run_device  # noqa: F401
 from hfquant.calibration.data import max_positions  # noqa: F401 - evaluation_ids, max_positions: importable here
 from hfquant.calibration.distributed import current
 from hfquant.calibration.onload import checkpoint_files, local_folder
 from hfquant.core.errors import HFQuantError
 from hfquant.eval.perplexity import perplexity
+from hfquant.eval.tasks import evaluate_tasks
 from hfquant.formats.files import checkpoint_bytes, place, tensor_headers
 from hfquant.kernels import cpu_ext
 
@@ -66,6 +71,23 @@ def load_model(recipe: dict, dist=None):
 
 def _perplexity(model, ids, ev, quiet: bool) -> float:
     return perplexity(model, None, ids, seq_len=ev["seq_len"], max_windows=eval_windows(ev, ids), progress=not quiet)
+
+
+def eval_settings(saved: dict | None, **given) -> dict:
+    """``hfquant eval``'s evaluation settings: the defaults, over them the saved recipe's (``saved``) ``evaluation``,
+    over those the command line's ``given`` ones (``None``: not given); validated, ``before`` and ``after`` on (the
+    checkpoint is evaluated whatever its run did)."""
+    ev = {**EVALUATION_DEFAULTS, **((saved or {}).get("evaluation") or {})}
+    ev.update({key: value for key, value in given.items() if value is not None})
+    return validate_evaluation({**ev, "before": True, "after": True})
+
+
+def run_tasks(model, tokenizer, ev: dict) -> dict | None:
+    """lm-eval results of ``model`` on ``evaluation.tasks`` (``hfquant.eval.tasks``); ``None`` when none are named."""
+    if not ev["tasks"]:
+        return None
+    return evaluate_tasks(model, tokenizer, ev["tasks"], limit=ev["task_limit"], num_fewshot=ev["num_fewshot"],
+                          batch_size=ev["task_batch_size"])
 
 
 def execute(p: Plan, quiet: bool = False) -> dict:
@@ -111,7 +133,7 @@ def _load(p: Plan, timings: dict, dist) -> tuple[object | None, int]:
     recipe, ev = p.recipe, p.recipe["evaluation"]
     if p.recipe["calibration"]["layerwise"]:
         if ev["before"] and dist.is_main:
-            logger.info("calibration.layerwise: the float model is never loaded whole; skipping its perplexity")
+            logger.info("calibration.layerwise: the float model is never loaded whole; skipping its evaluation")
         return None, _checkpoint_float_bytes(recipe)
     t0 = time.perf_counter()
     model = load_model(recipe, dist)
@@ -120,19 +142,33 @@ def _load(p: Plan, timings: dict, dist) -> tuple[object | None, int]:
     return model, sum(t.numel() * t.element_size() for t in unique.values())
 
 
-def _evaluate_before(p: Plan, model, store, timings: dict, quiet: bool, dist) -> float | None:
-    """Perplexity of the float model (main process, whole model loaded), or the one a resumed run saved with the
-    same evaluation settings; ``None`` when it is not measured."""
+def _saved(store, key: str, ev: dict):
+    """A value a resumed run saved with the same evaluation settings (``None`` when there is none)."""
+    saved = store.get(key) if store is not None else None
+    return saved["value"] if saved and saved["evaluation"] == ev else None
+
+
+def _evaluate_before(p: Plan, model, store, timings: dict, quiet: bool, dist) -> dict:
+    """``{"perplexity", "tasks"}`` of the float model (main process, whole model loaded), or those a resumed run saved
+    with the same evaluation settings; ``None`` each when it is not measured. The tasks run after the perplexity."""
     ev = p.recipe["evaluation"]
-    saved = store.get("ppl_before") if store is not None else None
-    before = saved["value"] if saved and saved["evaluation"] == ev else None  # same evaluation settings only
-    if ev["before"] and before is None and model is not None and dist.is_main:
+    before = {"perplexity": _saved(store, "ppl_before", ev), "tasks": _saved(store, "tasks_before", ev)}
+    if not (ev["before"] and model is not None and dist.is_main):
+        return before
+    if before["perplexity"] is None:
         logger.info("perplexity of the float model")
         t0 = time.perf_counter()
-        before = _perplexity(model, p.eval_ids, ev, quiet)
+        before["perplexity"] = _perplexity(model, p.eval_ids, ev, quiet)
         timings["eval_before"] = time.perf_counter() - t0
         if store is not None:
-            store.put("ppl_before", {"evaluation": ev, "value": before})
+            store.put("ppl_before", {"evaluation": ev, "value": before["perplexity"]})
+    if ev["tasks"] and before["tasks"] is None:
+        logger.info("lm-eval tasks of the float model: %s", ", ".join(ev["tasks"]))
+        t0 = time.perf_counter()
+        before["tasks"] = run_tasks(model, p.tokenizer, ev)
+        timings["tasks_before"] = time.perf_counter() - t0
+        if store is not None:
+            store.put("tasks_before", {"evaluation": ev, "value": before["tasks"]})
     return before
 
 
@@ -154,15 +190,22 @@ def _quantize(p: Plan, model, store, timings: dict, quiet: bool, dist) -> tuple[
     return model, qreport
 
 
-def _evaluate_after(p: Plan, model, timings: dict, quiet: bool) -> float | None:
-    """Perplexity of the quantized model (``None`` when ``evaluation.after`` is off)."""
+def _evaluate_after(p: Plan, model, timings: dict, quiet: bool) -> dict:
+    """``{"perplexity", "tasks"}`` of the quantized model, the tasks after the perplexity (``None`` each when
+    ``evaluation.after`` is off; tasks ``None`` when none are named)."""
     ev = p.recipe["evaluation"]
+    after = {"perplexity": None, "tasks": None}
     if not ev["after"]:
-        return None
+        return after
     logger.info("perplexity of the quantized model")
     t0 = time.perf_counter()
-    after = _perplexity(model, p.eval_ids, ev, quiet)
+    after["perplexity"] = _perplexity(model, p.eval_ids, ev, quiet)
     timings["eval_after"] = time.perf_counter() - t0
+    if ev["tasks"]:
+        logger.info("lm-eval tasks of the quantized model: %s", ", ".join(ev["tasks"]))
+        t0 = time.perf_counter()
+        after["tasks"] = run_tasks(model, p.tokenizer, ev)
+        timings["tasks_after"] = time.perf_counter() - t0
     return after
 
 
@@ -179,10 +222,11 @@ def _save(p: Plan, model, qreport: dict, partial: Path, timings: dict) -> None:
     timings["save"] = time.perf_counter() - t0
 
 
-def _report(p: Plan, config, qreport: dict, source_bytes: int, before: float | None, after: float | None,
+def _report(p: Plan, config, qreport: dict, source_bytes: int, before: dict, after: dict,
             partial: Path, timings: dict) -> dict:
     """``report.json``: the run's settings, the resolved quantization ``config`` (the saved model's, with its skip
-    list and per-module schemes), perplexities, sizes, timings and the quantization report."""
+    list and per-module schemes), perplexities, task results (``before``/``after``: ``_evaluate_before``'s dicts),
+    sizes, timings and the quantization report."""
     recipe, ev = p.recipe, p.recipe["evaluation"]
     windows = eval_windows(ev, p.eval_ids) if p.eval_ids is not None else 0
     report = {
@@ -190,7 +234,8 @@ def _report(p: Plan, config, qreport: dict, source_bytes: int, before: float | N
         "dtype": recipe["dtype"],
         "config": config.to_dict(),
         "evaluation": {"dataset": p.eval_name, "seq_len": ev["seq_len"], "windows": windows,
-                       "tokens": windows * ev["seq_len"], "before": before, "after": after},
+                       "tokens": windows * ev["seq_len"], "before": before["perplexity"],
+                       "after": after["perplexity"]},
         "source_mib": round(source_bytes / 2**20, 1),
         "checkpoint_bytes": checkpoint_bytes(partial),
         "damp_retries": qreport.get("damp_retries", 0),
@@ -200,6 +245,9 @@ def _report(p: Plan, config, qreport: dict, source_bytes: int, before: float | N
         "quantization": {k: v for k, v in qreport.items() if k not in ("modules", "auto")},
         "layers": qreport.get("modules", []),
     }
+    tasks = task_section(before["tasks"], after["tasks"])
+    if tasks:
+        report["tasks"] = tasks
     if config.module_schemes:
         report["stored_bits"] = stored_average_bits(partial)
     auto = qreport.get("auto")

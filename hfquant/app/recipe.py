@@ -10,7 +10,7 @@ The schema is strict and maps one-to-one onto the objects a run builds:
 - ``calibration``: the fields of ``CalibrationArgs``, by their names (``CALIBRATION_FIELDS`` maps them to the flat
   ones), and how the run holds the model and its activations (``LOADING_DEFAULTS``: ``layerwise``,
   ``activations``, ``offload_folder``);
-- ``evaluation``: perplexity before/after (``EVALUATION_DEFAULTS``);
+- ``evaluation``: perplexity and lm-eval task accuracy, before/after (``EVALUATION_DEFAULTS``);
 - ``hub``: where ``upload_folder`` pushes (``HUB_DEFAULTS``).
 
 Every problem raises ``RecipeError`` (a ``ConfigError``) whose one-line message starts with the key path
@@ -66,14 +66,18 @@ LOADING_DEFAULTS: dict[str, Any] = {
     "offload_folder": None,  # parent of the temporary folder for activations: disk (default: system temp)
 }
 EVALUATION_DEFAULTS: dict[str, Any] = {
-    "before": True,        # perplexity of the float model
-    "after": True,         # perplexity of the quantized model
+    "before": True,        # evaluate the float model (perplexity, and the tasks)
+    "after": True,         # evaluate the quantized model (perplexity, and the tasks)
     "dataset": None,       # None: bundled WikiText-2 test.txt
     "config": None,
     "split": None,
     "column": None,
     "seq_len": 512,
     "max_tokens": 16384,   # first max_tokens // seq_len windows (PPL-16K); null: every whole window
+    "tasks": [],           # lm-eval task names (hfquant.eval.tasks), run after the perplexity; [] none
+    "task_limit": None,    # first task_limit items of each task; null: all
+    "num_fewshot": None,   # examples in front of each item; null: each task's default
+    "task_batch_size": 8,  # lm-eval requests per forward pass
 }
 HUB_DEFAULTS: dict[str, Any] = {
     "repo_id": None,       # set it (or pass --push-to-hub) to push after the run
@@ -250,7 +254,28 @@ def validate_evaluation(e: dict) -> dict:
     for key in ("config", "split", "column"):
         if ev[key] is not None and (not isinstance(ev[key], str) or not ev[key].strip()):
             raise recipe_error(f"evaluation.{key}", f"must be a non-empty string or null, got {_type_name(ev[key])}")
+    _validate_tasks(ev)
     return ev
+
+
+def _validate_tasks(ev: dict) -> None:
+    """``evaluation.tasks`` and the keys that go with it (names are checked against lm-eval by the run's plan)."""
+    tasks = ev["tasks"]
+    if tasks is None:
+        tasks = ev["tasks"] = []
+    if not isinstance(tasks, list) or not all(isinstance(t, str) and re.fullmatch(r"[\w.:\-]+", t) for t in tasks):
+        raise recipe_error("evaluation.tasks", f"must be a list of lm-eval task names, e.g. [alice_next, hellaswag], "
+                                               f"got {tasks!r}")
+    if len(set(tasks)) != len(tasks):
+        raise recipe_error("evaluation.tasks", f"names a task twice ({tasks!r}); give each once")
+    if tasks and not (ev["before"] or ev["after"]):
+        raise recipe_error("evaluation.tasks", "no model would be evaluated (evaluation.before and evaluation.after "
+                                               "are false); set evaluation.after: true or remove the tasks")
+    for key, low in (("task_limit", 1), ("num_fewshot", 0), ("task_batch_size", 1)):
+        value = ev[key]
+        if (value is not None or key == "task_batch_size") and (not _is_int(value) or value < low):
+            hint = "" if key == "task_batch_size" else " or null"
+            raise recipe_error(f"evaluation.{key}", f"must be an integer >= {low}{hint}, got {value!r}")
 
 
 def _loading(c: dict, method: str) -> dict:

@@ -58,7 +58,50 @@ def table(report: dict) -> str:
             (f"| {desc} | {_ppl(ev.get('after'))} | {report['checkpoint_bytes'] / 2**20:.1f} | "
              f"{timing.get('quantize', q.get('quantization_seconds', 0)):.1f} |")]
     note = kernel_build_note(timing.get("kernel_build", q.get("kernel_build_seconds", 0.0)))
-    return "\n".join(rows + (["", note] if note else []))
+    tasks = task_table(report.get("tasks"))
+    return "\n".join(rows + (["", note] if note else []) + (["", tasks] if tasks else []))
+
+
+def task_section(before: dict | None, after: dict | None) -> dict | None:
+    """``report.json``'s ``tasks`` from ``hfquant.eval.tasks.evaluate_tasks``' results of the float (``before``) and
+    quantized (``after``) models: lm-eval's version, the item limit and few-shot setting, and each model's rows
+    (``None`` for a model not evaluated); ``None`` when neither was."""
+    first = before or after
+    if not first:
+        return None
+    return {"lm_eval": first["lm_eval"], "limit": first["limit"], "num_fewshot": first["num_fewshot"],
+            "before": before["tasks"] if before else None, "after": after["tasks"] if after else None}
+
+
+_ROW_KEYS = ("n", "num_fewshot", "version")
+
+
+def _score(row: dict | None, metric: str) -> str:
+    if not row or row.get(metric) is None:
+        return "—"
+    err = row.get(f"{metric}_stderr")
+    return f"{row[metric]:.4f}" + (f" ± {err:.4f}" if err is not None else "")
+
+
+def task_table(tasks: dict | None, labels: tuple[str, str] = ("float (before)", "quantized (after)")) -> str:
+    """The lm-eval table (Markdown) of a report's ``tasks`` section: one row per task and metric, the float and the
+    quantized model's score ± standard error side by side (a column only for a model that was evaluated); ``""``
+    without tasks."""
+    if not tasks:
+        return ""
+    sides = [(label, tasks.get(key) or {}) for label, key in zip(labels, ("before", "after")) if tasks.get(key)]
+    if not sides:
+        return ""
+    rows = ["| task | metric | items | shots | " + " | ".join(label for label, _ in sides) + " |",
+            "|---|---|---|---|" + "---|" * len(sides)]
+    for name in dict.fromkeys(n for _, side in sides for n in side):
+        ref = next(side[name] for _, side in reversed(sides) if name in side)
+        for metric in (k for k in ref if k not in _ROW_KEYS and not k.endswith("_stderr")):
+            scores = " | ".join(_score(side.get(name), metric) for _, side in sides)
+            rows.append(f"| {name} | {metric} | {ref.get('n', '—')} | {ref.get('num_fewshot', '—')} | {scores} |")
+    limit = f"; the first {tasks['limit']} items of each task" if tasks.get("limit") else ""
+    return "\n".join(rows + ["", f"Task accuracy: lm-eval {tasks.get('lm_eval', '?')}, run in-process on the model "
+                                  f"itself{limit}; ± is lm-eval's standard error."])
 
 
 KERNEL_BUILD_SHOWN = 1.0  # seconds: loading a finished build takes ~0.02 s, building hfquant's CPU kernels ~40 s

@@ -1,8 +1,8 @@
 """The plan of an ``hfquant run``: every check that needs no model weights, done before anything is loaded or written.
 
 ``plan`` checks the recipe, the model config (and, for a local folder, its tensors), the tokenizer, the calibration
-and evaluation text, the output folder and the resume state, and writes nothing, so bad input fails in seconds and
-leaves the disk untouched. ``hfquant.app.pipeline.execute`` then does the work.
+and evaluation text, the lm-eval tasks, the output folder and the resume state, and writes nothing, so bad input
+fails in seconds and leaves the disk untouched. ``hfquant.app.pipeline.execute`` then does the work.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from hfquant.config import DEFAULT_CANDIDATES
 from hfquant.core.errors import CalibrationError, ConfigError, HFQuantError
 from hfquant.core.schemes import resolve
 from hfquant.core.weight_format import format_from_config
+from hfquant.eval.tasks import check_tasks
 from hfquant.formats.files import (
     check_output_dir,
     check_output_location,
@@ -163,6 +164,9 @@ def plan(recipe: dict, *, overwrite: bool = False, resume: bool = False, push_re
     _check_run_options(recipe, config.method, out, overwrite, resume, dist)
     mcfg = _checked_model_config(recipe, config)
     tokenizer, windows, eval_ids, eval_name = _tokens(recipe, config)
+    ev = recipe["evaluation"]
+    if ev["tasks"] and (ev["before"] or ev["after"]) and dist.is_main:  # lm-eval, the names, their data
+        check_tasks(ev["tasks"])
     return Plan(recipe, config, out, tokenizer, windows, eval_ids, eval_name, resume, push_repo,
                 resume_parts(recipe, mcfg, windows),
                 time.perf_counter() - t0)

@@ -1,8 +1,10 @@
-"""Evaluation: perplexity on non-overlapping windows, also as a local ``evaluate`` metric."""
+"""Evaluation: perplexity on non-overlapping windows, also as a local ``evaluate`` metric; task accuracy through
+lm-eval (``hfquant.eval.tasks``, optional dependency)."""
 
 from pathlib import Path
 
 from hfquant.eval.perplexity import perplexity
+from hfquant.eval.tasks import bundled_tasks, check_tasks, evaluate_tasks, TaskError
 
 # The local ``evaluate`` metric module (``hfquant/eval/metrics/perplexity``), loaded by path.
 PERPLEXITY_PATH = str(Path(__file__).resolve().parent / "metrics" / "perplexity")
@@ -15,4 +17,4 @@ def load_metric():
     return evaluate.load(PERPLEXITY_PATH)
 
 
-__all__ = ["load_metric", "perplexity"]
+__all__ = ["bundled_tasks", "check_tasks", "evaluate_tasks", "load_metric", "perplexity", "TaskError"]

@@ -205,3 +205,55 @@ def test_inspect_of_a_float_model_says_it_is_not_quantized(tiny_models, capsys):
     code, stdout, err = run_cli(["inspect", tiny_models["llama"]], capsys)
     assert code == 0, err
     assert "not an hfquant checkpoint" in stdout and "quantized modules: 0" in stdout and "no report.json" in stdout
+
+
+def test_tasks_run_before_and_after_into_report_card_and_eval(tiny_models, tmp_path, capsys):
+    """``evaluation.tasks``: the bundled task on the float model (before) and on the quantized one (after), after
+    the perplexity; the rows land in report.json, the printed table and the model card, and ``hfquant eval`` of the
+    saved checkpoint (its recipe's tasks) gives the report's after numbers."""
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], tmp_path / "out", quantization={"method": "rtn"},
+                          evaluation={"tasks": ["alice_next"], "task_limit": 4})
+    code, stdout, err = run_cli(["--quiet", "run", recipe], capsys)
+    assert code == 0, err
+    out = tmp_path / "out"
+    report = json.loads((out / "report.json").read_text())
+    tasks = report["tasks"]
+    assert tasks["lm_eval"].startswith("0.4.") and tasks["limit"] == 4 and tasks["num_fewshot"] is None
+    rows = [tasks["before"]["alice_next"], tasks["after"]["alice_next"]]
+    for row in rows:
+        assert (row["n"], row["num_fewshot"]) == (4, 0)
+        for metric in ("acc", "acc_norm"):
+            assert 0.0 <= row[metric] <= 1.0 and row[metric] * 4 == pytest.approx(round(row[metric] * 4))
+            assert row[f"{metric}_stderr"] is not None
+    assert report["timings"]["tasks_before"] > 0 and report["timings"]["tasks_after"] > 0
+    line = f"| alice_next | acc | 4 | 0 | {rows[0]['acc']:.4f} ± {rows[0]['acc_stderr']:.4f} | {rows[1]['acc']:.4f}"
+    assert line in stdout and line in (out / "README.md").read_text()
+    assert "first 4 items of each task" in (out / "README.md").read_text()
+    code, stdout, err = run_cli(["--quiet", "eval", out], capsys)
+    assert code == 0, err
+    assert f"| alice_next | acc_norm | 4 | 0 | {rows[1]['acc_norm']:.4f} ± {rows[1]['acc_norm_stderr']:.4f} |" in stdout
+    code, stdout, err = run_cli(["--quiet", "eval", out, "--tasks", "none"], capsys)
+    assert code == 0 and "perplexity" in stdout and "alice_next" not in stdout, err
+
+
+def test_a_hub_task_offline_fails_before_anything_is_loaded(tiny_models, tmp_path, capsys, monkeypatch):
+    """Offline, a task whose data is on the Hub stops the run at its plan (exit 2, one line, nothing written); lm-eval's
+    index is cut down to the bundled tasks and its hellaswag folder (indexing all of it takes seconds)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    import hfquant.eval.tasks as tasks
+
+    hellaswag = Path(lm_eval.__file__).parent / "tasks" / "hellaswag"
+    monkeypatch.setattr(tasks, "_manager", lambda include_defaults: TaskManager(
+        include_path=[str(tasks.TASKS_DIR), str(hellaswag)], include_defaults=False))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_models["llama"], tmp_path / "out",
+                          evaluation={"tasks": ["alice_next", "hellaswag"]})
+    code, stdout, err = run_cli(["run", recipe], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("hfquant: error: evaluation.tasks: task 'hellaswag' needs its data set from the Hugging Face "
+                          "Hub") and "HF_HUB_OFFLINE" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml"]
+    code, _, err = run_cli(["eval", tiny_models["llama"], "--tasks", "hellaswag"], capsys)
+    assert code == 2 and err.startswith("hfquant: error: --tasks: task 'hellaswag' needs its data set"), err

@@ -156,3 +156,31 @@ def test_calibration_keys_are_the_calibration_section_fields():
 
     assert list(recipe.CALIBRATION_FIELDS) == [f.name for f in dataclasses.fields(CalibrationArgs)]
     assert recipe.CALIBRATION_FIELDS["batch_size"] == "calibration_batch_size"
+
+
+@pytest.mark.parametrize("evaluation, message", [
+    ({"tasks": "alice_next"}, "evaluation.tasks: must be a list of lm-eval task names, e.g. [alice_next, hellaswag], "
+                              "got 'alice_next'"),
+    ({"tasks": ["alice_next", 3]}, "evaluation.tasks: must be a list of lm-eval task names"),
+    ({"tasks": ["alice next"]}, "evaluation.tasks: must be a list of lm-eval task names"),
+    ({"tasks": ["alice_next", "alice_next"]}, "evaluation.tasks: names a task twice"),
+    ({"tasks": ["alice_next"], "before": False, "after": False}, "evaluation.tasks: no model would be evaluated"),
+    ({"task_limit": 0}, "evaluation.task_limit: must be an integer >= 1 or null, got 0"),
+    ({"task_limit": True}, "evaluation.task_limit: must be an integer >= 1 or null, got True"),
+    ({"num_fewshot": -1}, "evaluation.num_fewshot: must be an integer >= 0 or null, got -1"),
+    ({"task_batch_size": None}, "evaluation.task_batch_size: must be an integer >= 1, got None"),
+    ({"task": ["alice_next"]}, "evaluation.task: unknown key"),
+])
+def test_bad_task_settings_fail_in_one_line(tmp_path, tiny_models, evaluation, message):
+    with pytest.raises(ConfigError) as e:
+        recipe.validate(_tiny(tmp_path, tiny_models, evaluation=evaluation))
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+def test_tasks_default_to_none_and_resolve_with_their_settings(tmp_path, tiny_models):
+    assert recipe.validate(_tiny(tmp_path, tiny_models))["evaluation"]["tasks"] == []
+    ev = recipe.validate(_tiny(tmp_path, tiny_models, evaluation={"tasks": ["alice_next", "hellaswag"], "after": False,
+                                                                  "task_limit": 50, "num_fewshot": 0}))["evaluation"]
+    assert (ev["tasks"], ev["task_limit"], ev["num_fewshot"], ev["task_batch_size"]) == (
+        ["alice_next", "hellaswag"], 50, 0, 8)
+    assert recipe.validate(_tiny(tmp_path, tiny_models, evaluation={"tasks": None}))["evaluation"]["tasks"] == []
