@@ -10,8 +10,9 @@ Kinds (``KINDS``; a new one is one class here with ``read``, ``weight``, ``cat``
 
 - ``NBits`` -- weight-only (GPTQ, RTN; 4 or 8 bits, sym or asym): ``com.microsoft.MatMulNBits`` with hfquant's codes,
   scales and zero points. Its blocks are the largest power of two (16..128) dividing the group size, each block
-  carrying its group's scale and zero point, so any static group size exports, including a partial last group
-  (576 inputs in groups of 128: five blocks, the last one half used) and one group per row.
+  carrying its group's scale and zero point, so any static group size that is a multiple of 16 exports, including
+  a partial last group (576 inputs in groups of 128: five blocks, the last one half used), and one group per row
+  (blocks of 128, every one with the row's scale).
 - ``PerTokenInt8`` -- W8A8 (SmoothQuant, dynamic activations): ONNX's dynamic-quantization ops take one scale per
   tensor, so per-token int8 quantization is written from standard ops, in ``hfquant.kernels.w8a8``'s order::
 
@@ -57,8 +58,13 @@ class NBits:
         if not torch.equal(g_idx, torch.arange(g_idx.numel()) // max(group, 1)):
             raise FormatError(f"{name}: act-order groups without static_groups (g_idx is not i // group_size); "
                               "MatMulNBits blocks hold consecutive inputs; quantize with static_groups: true")
-        return cls(unpack_codes(t["weight"], bits, g_idx.numel()).to(torch.uint8), t["scales"].float(),
-                   t["zeros"].to(torch.uint8), group, bits)
+        out = cls(unpack_codes(t["weight"], bits, g_idx.numel()).to(torch.uint8), t["scales"].float(),
+                  t["zeros"].to(torch.uint8), group, bits)
+        try:
+            out.block()  # a group size MatMulNBits cannot carry fails here, before the builder runs
+        except FormatError as exc:
+            raise FormatError(f"{name}: {exc}") from None
+        return out
 
     def weight(self) -> torch.Tensor:
         idx = torch.arange(self.codes.shape[1]) // self.group
@@ -73,8 +79,9 @@ class NBits:
                    parts[0].group, parts[0].bits)
 
     def block(self) -> int:
+        """The largest power of two (16..128) dividing the group size; any for one group per row."""
         b = MAX_BLOCK
-        while b >= 16 and self.group % b:
+        while b >= 16 and self.group % b and self.group < self.codes.shape[1]:
             b //= 2
         if b < 16:
             raise FormatError(f"group size {self.group} has no power-of-two divisor from 16 to {MAX_BLOCK}, the "

@@ -17,6 +17,7 @@ from hfquant import HFQuantConfig
 from hfquant.core.errors import ConfigError, FormatError
 from hfquant.formats.export import export_checkpoint
 from hfquant.formats.onnx import check_onnx_exportable, check_onnx_graph, ONNX_FILE
+from hfquant.formats.onnx_rewrite import NBits
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -117,18 +118,26 @@ def test_onnxruntime_genai_greedy_generation_equals_transformers(exported):
     assert tokens == expected
 
 
-@pytest.mark.parametrize("kw", [dict(method="rtn", sym=False), dict(method="rtn", bits=8)], ids=["asym4", "int8"])
-def test_asymmetric_and_8_bit_checkpoints(tiny_models, tmp_path, kw):
-    model = _quantize(tiny_models["llama"], tmp_path / "hfquant", **kw)
+@pytest.mark.parametrize("kw, attribute, values", [
+    ({"sym": False}, "bits", {4}),
+    ({"bits": 8}, "bits", {8}),
+    # 64 and 160 inputs in groups of 48, the last one partial (64 = 48 + 16, 160 = 3 x 48 + 16): blocks of 16
+    ({"group_size": 48, "sym": False}, "block_size", {16}),
+    # one group per row: blocks of 128, each with the row's scale
+    ({"group_size": -1, "sym": False}, "block_size", {128}),
+], ids=["asym4", "int8", "partial-g48", "per-channel"])
+def test_asymmetric_8_bit_and_any_static_group_size(tiny_models, tmp_path, kw, attribute, values):
+    """MatMulNBits blocks are the largest power of two (16..128) dividing the group, each with its group's scale
+    and zero point: any static group size exports with the hfquant model's logits."""
+    model = _quantize(tiny_models["llama"], tmp_path / "hfquant", method="rtn", **kw)
     with torch.no_grad():
         ref = model(PROMPT).logits[0].numpy()
     out = export_checkpoint(tmp_path / "hfquant", "onnx", tmp_path / "onnx")
     session = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
     assert _rel(_run(session, PROMPT.numpy(), None, model.config)[0], ref) < REL
     graph = onnx.load(str(out / ONNX_FILE), load_external_data=False).graph
-    bits = {onnx.helper.get_attribute_value(a) for n in graph.node if n.op_type == "MatMulNBits"
-            for a in n.attribute if a.name == "bits"}
-    assert bits == {kw.get("bits", 4)}
+    assert {onnx.helper.get_attribute_value(a) for n in graph.node if n.op_type == "MatMulNBits"
+            for a in n.attribute if a.name == attribute} == values
 
 
 def test_save_format_onnx_writes_a_runnable_model(tiny_models, tmp_path):
@@ -163,21 +172,6 @@ def test_gguf_grids_and_experts_are_refused_in_one_line(tmp_path):
         HFQuantConfig(gguf_type="Q4_0", save_format="onnx")
 
 
-@pytest.mark.parametrize("group_size, blocks", [(48, {16}), (-1, {64, 32})], ids=["partial-g48", "per-channel"])
-def test_any_static_group_size_exports_as_power_of_two_blocks(tiny_models, tmp_path, group_size, blocks):
-    """64 and 160 inputs in groups of 48 (the last one partial: 64 = 48 + 16, 160 = 3 x 48 + 16) or one group per
-    row: MatMulNBits blocks are the largest power of two dividing the group, each with its group's scale."""
-    model = _quantize(tiny_models["llama"], tmp_path / "hfquant", method="rtn", group_size=group_size, sym=False)
-    with torch.no_grad():
-        ref = model(PROMPT).logits[0].numpy()
-    out = export_checkpoint(tmp_path / "hfquant", "onnx", tmp_path / "onnx")
-    session = ort.InferenceSession(str(out / ONNX_FILE), providers=["CPUExecutionProvider"])
-    assert _rel(_run(session, PROMPT.numpy(), None, model.config)[0], ref) < REL
-    graph = onnx.load(str(out / ONNX_FILE), load_external_data=False).graph
-    assert {onnx.helper.get_attribute_value(a) for n in graph.node if n.op_type == "MatMulNBits"
-            for a in n.attribute if a.name == "block_size"} == blocks
-
-
 @pytest.mark.parametrize("kw, match", [(dict(bits=3), "3-bit codes"),
                                        (dict(method="gptq", desc_act=True, static_groups=False), "static_groups")])
 def test_what_matmulnbits_cannot_hold_is_refused_before_anything_is_written(tiny_models, tmp_path, kw, match):
@@ -185,6 +179,32 @@ def test_what_matmulnbits_cannot_hold_is_refused_before_anything_is_written(tiny
     with pytest.raises(FormatError, match=match) as err:
         export_checkpoint(tmp_path / "hfquant", "onnx", tmp_path / "onnx")
     assert "\n" not in str(err.value) and not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.parametrize("bits, k, group", [(4, 80, 48), (4, 96, 32), (8, 80, 48), (4, 200, 200)])
+def test_matmulnbits_node_computes_x_times_the_dequantized_weight(bits, k, group):
+    """One MatMulNBits node from ``NBits`` (random codes, asymmetric zero points, partial last group, odd block
+    counts) run by onnxruntime equals ``x @ W.T`` with W the de-quantized codes: the packing of codes, scales and
+    zero points is what the kernel reads."""
+    g = torch.Generator().manual_seed(bits + k + group)
+    n, groups = 24, -(-k // group)
+    w = NBits(torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8), torch.rand(n, groups, generator=g) + 0.1,
+              torch.randint(0, 2**bits, (n, groups), generator=g, dtype=torch.uint8), group, bits)
+    h = onnx.helper
+    node = h.make_node("MatMul", ["x", "w"], ["y"], name="/model/layers.0/mlp/down_proj/MatMul")
+    nodes, inits = w.nodes(h, onnx.numpy_helper, node, "/model/layers.0/mlp/down_proj", 21, 1)
+    graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, k])],
+                         [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, n])], inits)
+    model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21), h.make_opsetid("com.microsoft", 1)])
+    x = torch.randn(3, k, generator=g)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x.numpy()})[0]
+    assert _rel(y, (x @ w.weight().t()).numpy()) < 1e-5
+
+
+def test_a_group_size_without_a_power_of_two_block_is_refused():
+    w = NBits(torch.zeros(8, 144, dtype=torch.uint8), torch.ones(8, 2), torch.zeros(8, 2, dtype=torch.uint8), 72, 4)
+    with pytest.raises(FormatError, match="multiple of 16"):
+        w.block()
 
 
 def test_a_float_weight_matmul_in_the_graph_is_an_error(tmp_path):
