@@ -92,7 +92,12 @@ class GGUFBlocks(WeightFormat):
         if perm is not None and not static:
             raise ValueError(f"GGUF {self.gguf_type}: act-order needs static_groups (a GGUF block holds consecutive "
                              "columns)")
-        return BlockTypeGrids(w, self.gguf_type, perm, static)
+        # GPTQ's loss weight of each column (1 / U_jj^2, processing order), in the original order: the statistic of
+        # llama.cpp's importance matrix, weighing the scale search of the types that have one
+        importance = hinv.diagonal().pow(-2)
+        if perm is not None:
+            importance = importance[torch.argsort(perm)]
+        return BlockTypeGrids(w, self.gguf_type, perm, static, importance)
 
     def dequantize(self, stored: tuple[torch.Tensor, ...], cols: int) -> torch.Tensor:
         return dequantize_rows(self.gguf_type, stored[0], cols)
@@ -178,7 +183,8 @@ class BlockTypeGrids(OriginalGroups):
     weight with ``static`` (act-order columns are quantized on their original group's grid), else when the span's
     first column comes up, on the weights as updated so far. ``stored`` packs the codes with the fitted parameters."""
 
-    def __init__(self, w: torch.Tensor, name: str, perm: torch.Tensor | None, static: bool):
+    def __init__(self, w: torch.Tensor, name: str, perm: torch.Tensor | None, static: bool,
+                 importance: torch.Tensor | None = None):
         self.bt = block_type(name)
         rows, cols = w.shape
         if cols % self.bt.block_values:
@@ -188,10 +194,13 @@ class BlockTypeGrids(OriginalGroups):
         self.offsets = torch.zeros_like(self.scales)
         self.spans: list[BlockGrid | None] = [None] * (cols // self.span)
         self._set_order(perm)
-        self.static = static
+        self.static, self.importance = static, importance
         if static:
             for k in range(len(self.spans)):
-                self._record(k, fit_block_grid(name, w[:, k * self.span:(k + 1) * self.span]))
+                self._record(k, fit_block_grid(name, w[:, k * self.span:(k + 1) * self.span], self._importance(k)))
+
+    def _importance(self, k: int) -> torch.Tensor | None:
+        return None if self.importance is None else self.importance[k * self.span:(k + 1) * self.span]
 
     def _record(self, k: int, grid: BlockGrid) -> None:
         self.spans[k] = grid
@@ -201,7 +210,8 @@ class BlockTypeGrids(OriginalGroups):
 
     def column_grid(self, j: int, block):
         if not self.static and j % self.span == 0:
-            self._record(j // self.span, fit_block_grid(self.name, block.updated_columns(j, j + self.span)))
+            self._record(j // self.span, fit_block_grid(self.name, block.updated_columns(j, j + self.span),
+                                                        self._importance(j // self.span)))
         k = self.group_of(j)
         scale, offset = self.scales[:, k], self.offsets[:, k]
         zero, lo, hi = code_layout(self.name)

@@ -27,7 +27,9 @@ super-block for the k-quants, whose sub-scales are quantized together). The choi
 reference quantizers (``ggml-quants.c``), described in its source and re-derived here:
 
 * Q8_0: ``d = absmax / 127``. Q4_0 / Q5_0: ``d = -m / 8`` (``/ 16``) with ``m`` the block's largest-magnitude
-  weight, sign kept, so that weight sits exactly on the code ``0``. Q4_1 / Q5_1: ``d = (max - min) / 15``
+  weight, sign kept, so that weight sits exactly on the code ``0``; calibrated (GPTQ), the importance-weighted
+  search of llama.cpp's ``make_qx_quants`` with an importance matrix instead (weights ``imp_j * sqrt(sigma^2 +
+  x_j^2)``, ``imp`` from GPTQ's Hessian). Q4_1 / Q5_1: ``d = (max - min) / 15``
   (``/ 31``), ``m = min``.
 * Q4_K / Q5_K: per 32-value sub-block, a weighted least-squares search over candidate inverse scales
   ``(nmax + rmin + k / 10) / (max - min)`` (Q4_K: ``nmax = 15``, ``rmin = -1``, ``k`` in 0..20; Q5_K: 31, -0.5,
@@ -227,9 +229,32 @@ def _fit_q3k_sub_blocks(x: torch.Tensor) -> torch.Tensor:
     return torch.where(dead | (suml2 <= 0), torch.zeros_like(scale), scale)
 
 
-def _fit_simple(name: str, groups: torch.Tensor) -> BlockGrid:
-    """Q8_0, Q4_0, Q5_0 (``d`` only) and Q4_1, Q5_1 (``d`` and ``m``) on ``groups`` ``[rows, groups, 32]``."""
+def _fit_qx_weighted(x: torch.Tensor, weights: torch.Tensor, nmax: int) -> torch.Tensor:
+    """The scale of each block of ``x`` ``[..., 32]`` on levels ``-nmax..nmax-1`` that minimizes the ``weights``-
+    weighted squared error over llama.cpp's candidates (``make_qx_quants`` with an importance matrix): for the
+    inverse scales ``-(nmax + k / 10) / m`` (``k`` in -9..9, ``m`` the signed maximum) the levels are rounded and the
+    least-squares scale ``sum w x L / sum w L^2`` kept where ``(sum w x L)^2 / sum w L^2`` is largest."""
+    m = _signed_max(x)
+    best_score = torch.full(m.shape, -1.0, device=x.device)
+    best = torch.zeros_like(m)
+    for k in (0, *range(-9, 0), *range(1, 10)):
+        levels = torch.clamp(torch.round(x * (-(nmax + 0.1 * k) * _safe_inverse(m))[..., None]), -nmax, nmax - 1)
+        sumlx, suml2 = (weights * x * levels).sum(-1), (weights * levels * levels).sum(-1)
+        score = torch.where(suml2 > 0, sumlx * sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), -1.0)
+        take = score > best_score
+        best = torch.where(take, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), best)
+        best_score = torch.where(take, score, best_score)
+    return torch.where(m == 0, torch.zeros_like(best), best)
+
+
+def _fit_simple(name: str, groups: torch.Tensor, importance: torch.Tensor | None = None) -> BlockGrid:
+    """Q8_0, Q4_0, Q5_0 (``d`` only) and Q4_1, Q5_1 (``d`` and ``m``) on ``groups`` ``[rows, groups, 32]``;
+    with ``importance`` ``[groups, 32]`` (calibrated columns), Q4_0 / Q5_0's ``d`` is the weighted search."""
     zeros = torch.zeros(groups.shape[:2], device=groups.device)
+    if importance is not None and name in ("Q4_0", "Q5_0"):
+        sigma2 = groups.pow(2).mean(dim=(1, 2), keepdim=True)
+        d16 = _half(_fit_qx_weighted(groups, importance * (sigma2 + groups.pow(2)).sqrt(), _ZERO[name]))
+        return BlockGrid(name, {"d": d16}, d16.float(), zeros)
     if name in ("Q4_1", "Q5_1"):
         lo, hi = groups.amin(-1), groups.amax(-1)
         d16, m16 = _half((hi - lo) / _RANGE[name][1]), _half(lo)
@@ -276,16 +301,19 @@ def _fit_signed_k(name: str, x: torch.Tensor) -> BlockGrid:
                      torch.zeros(rows, supers * 16, device=x.device))
 
 
-def fit_block_grid(name: str, w: torch.Tensor) -> BlockGrid:
+def fit_block_grid(name: str, w: torch.Tensor, importance: torch.Tensor | None = None) -> BlockGrid:
     """The stored grid of the columns ``w`` ``[rows, n]`` for block type ``name`` (``n`` a multiple of the
-    type's ``block_values``; every tensor on ``w``'s device). See the module docstring for each type's rule."""
+    type's ``block_values``; every tensor on ``w``'s device). See the module docstring for each type's rule.
+    ``importance`` ``[n]``: how much each input column weighs in the layer's output error (GPTQ's Hessian, the
+    statistic of llama.cpp's importance matrix); ``None``: uncalibrated (RTN)."""
     bt = block_type(name)
     w = w.float()
     rows, n = w.shape
     if n % bt.block_values:
         raise ValueError(f"GGUF {name}: a span of {n} columns; expected a multiple of {bt.block_values}")
     if bt.block_values == 32:
-        return _fit_simple(name, w.view(rows, n // 32, 32))
+        imp = None if importance is None else importance.float().to(w.device).view(n // 32, 32)
+        return _fit_simple(name, w.view(rows, n // 32, 32), imp)
     sub = 256 // bt.group_size
     x = w.view(rows, n // 256, sub, bt.group_size)
     return _fit_qkx(name, x) if name in _QKX2 else _fit_signed_k(name, x)
