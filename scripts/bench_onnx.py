@@ -12,8 +12,12 @@ Rows (``--rows``; results merge into ``OUT/onnx.json`` so rows can be run separa
 * ``hfquant-w8a8`` / ``hfquant-onnx-w8a8``: the SmoothQuant W8A8 checkpoint (``--w8a8-checkpoint``) on hfquant's
   kernels and exported to ONNX (per-token int8 activations, ``MatMulInteger``);
 * ``ort-gptq``: ``MatMulNBitsQuantizer`` with ``GPTQWeightOnlyQuantConfig`` (block 128, symmetric, damp 0.01,
-  no act-order: its default) on the fp32 ONNX model, calibrated on the same windows as hfquant (``--calibration``
-  x 512 tokens of the bundled WikiText-2 valid, seed 0).
+  no act-order: its default) on the fp32 ONNX model, calibrated on ``--calibration`` windows x 512 tokens of the
+  bundled WikiText-2 valid (seed 0: the first windows hfquant draws). Its calibration runs the whole model once per
+  window for each distinct MatMul input (120 here), so 128 windows would take hours on 2 cores;
+* ``hfquant-cal`` / ``hfquant-onnx-cal``: hfquant's default recipe calibrated on the same ``--calibration``
+  windows as ``ort-gptq`` (``hfquant run ... --set calibration.num_samples=N``, checkpoint
+  ``models/ckpt/gptq-w4-g128-calN``), in transformers and exported to ONNX: the like-for-like row.
 
 Every ONNX row keeps the output head and embeddings float, as hfquant's checkpoint does, so the rows differ only in
 how the decoder's Linears were rounded. PPL-16K: the first 32 windows of 512 tokens of WikiText-2 test, each from an
@@ -48,10 +52,13 @@ sys.path.insert(0, str(ROOT))
 
 from scripts.timing import run_meta, save_table  # noqa: E402
 
-ROWS = ("hfquant", "hfquant-onnx", "hfquant-onnx-acc4", "ort-float", "ort-rtn", "ort-kquant", "ort-gptq",
+ROWS = ("hfquant", "hfquant-onnx", "hfquant-onnx-acc4", "ort-float", "ort-rtn", "ort-kquant", "hfquant-cal",
+        "hfquant-onnx-cal", "ort-gptq",
         "hfquant-w8a8", "hfquant-onnx-w8a8")
 FLOAT_NODES = "nodes_to_exclude=/lm_head/MatMul,/model/embed_tokens/Gather"
 BUILDER = [sys.executable, "-m", "onnxruntime_genai.models.builder"]
+RECIPE = "smollm2-135m-gptq-w4a16-g128.yaml"
+HFQUANT_ROWS = ("hfquant", "hfquant-w8a8", "hfquant-cal")
 
 
 class OrtLM(torch.nn.Module):
@@ -150,7 +157,8 @@ def folder_of(args, row: str) -> Path:
         "ort-rtn": lambda: _build(args, w / row, "int4", "block_size=128", "is_symmetric=true", "accuracy_level=1"),
         "ort-kquant": lambda: _build(args, w / row, "int4", "block_size=128", "is_symmetric=true", "accuracy_level=1",
                                      "algo_config=k_quant"),
-        "ort-gptq": lambda: _ort_gptq(args, w / row),
+        "hfquant-onnx-cal": lambda: _hfquant_export(_cal_checkpoint(args), w / f"{row}{args.calibration}", 1),
+        "ort-gptq": lambda: _ort_gptq(args, w / f"{row}-cal{args.calibration}"),
     }
     return makers[row]()
 
@@ -163,7 +171,19 @@ def _eval_ids(args):
     return evaluation_token_ids(BUNDLED_EVALUATION.read_text(), tok, 512)
 
 
+def _cal_checkpoint(args) -> Path:
+    """hfquant's default recipe calibrated on ``--calibration`` windows (made once, kept in models/ckpt)."""
+    out = ROOT / "models" / "ckpt" / f"gptq-w4-g128-cal{args.calibration}"
+    if not (out / "config.json").is_file():
+        subprocess.run([sys.executable, "-m", "hfquant", "-q", "run", str(ROOT / "recipes" / RECIPE), "--output",
+                        str(out), "--overwrite", "--set", f"calibration.num_samples={args.calibration}",
+                        "--set", "evaluation.before=false", "--set", "evaluation.after=false"], check=True)
+    return out
+
+
 def _checkpoint(args, row: str) -> Path:
+    if row == "hfquant-cal":
+        return _cal_checkpoint(args)
     return args.w8a8_checkpoint if row == "hfquant-w8a8" else args.checkpoint
 
 
@@ -178,7 +198,7 @@ def accuracy(args, row: str, ids) -> dict:
     from hfquant.eval.perplexity import perplexity
 
     t0 = time.perf_counter()
-    if row in ("hfquant", "hfquant-w8a8"):
+    if row in HFQUANT_ROWS:
         ckpt = _checkpoint(args, row)
         model, size = _hfquant_model(ckpt), sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     else:
@@ -187,7 +207,7 @@ def accuracy(args, row: str, ids) -> dict:
     prepared = time.perf_counter() - t0
     ppl = perplexity(model, None, ids, seq_len=512, max_windows=args.windows)
     out = {"ppl": ppl, "file_mib": size / 2**20, "prepare_s": prepared}
-    if row == "ort-gptq":
+    if row in ("ort-gptq", "hfquant-cal", "hfquant-onnx-cal"):
         out["calibration_windows"] = args.calibration
     return out
 
@@ -206,7 +226,7 @@ def speed(args, row: str) -> dict:
     prompt = torch.randint(0, 49152, (1, 16), generator=torch.Generator().manual_seed(0))
     long = torch.randint(0, 49152, (1, 512), generator=torch.Generator().manual_seed(1))
     n = args.new_tokens
-    if row in ("hfquant", "hfquant-w8a8"):
+    if row in HFQUANT_ROWS:
         model = _hfquant_model(_checkpoint(args, row))
         with torch.no_grad():
             decode = _median(lambda: model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -243,8 +263,7 @@ def markdown(rows: dict, meta: dict) -> str:
         if "error" in r:
             lines.append(f"| {name} | fails: {r['error']} | — | — | — | — | — | — |")
             continue
-        runtime = ("transformers + hfquant kernels" if name in ("hfquant", "hfquant-w8a8")
-                   else "onnxruntime (-genai for decode)")
+        runtime = ("transformers + hfquant kernels" if name in HFQUANT_ROWS else "onnxruntime (-genai for decode)")
 
         def cell(key, fmt="{:.1f}"):
             return fmt.format(r[key]) if key in r else "—"
@@ -270,7 +289,8 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=ROOT / "bench")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     p.add_argument("--windows", type=int, default=32)
-    p.add_argument("--calibration", type=int, default=128, help="ort-gptq: calibration windows of 512 tokens")
+    p.add_argument("--calibration", type=int, default=8,
+                   help="ort-gptq, hfquant-cal, hfquant-onnx-cal: calibration windows of 512 tokens")
     p.add_argument("--speed", action="store_true", help="also measure tokens/s (run on a quiet machine)")
     p.add_argument("--speed-only", action="store_true")
     p.add_argument("--repeats", type=int, default=5)

@@ -6,17 +6,35 @@
 Prints one JSON object. ``ppl`` evaluates each window from an empty cache and scores tokens 1..n-1 with the
 logits llama.cpp computes (the same protocol as ``hfquant.eval.perplexity``). Imports only the standard library,
 numpy and llama_cpp, so it runs in that venv without hfquant.
+
+Where llama-cpp-python was installed without its own library (``LLAMA_BUILD=OFF``: ``setup_llamacpp_venv.sh`` after
+``build_llamacpp_tools.sh``), ``LLAMA_CPP_LIB_PATH`` defaults to the libraries that ``build_llamacpp_tools.sh``
+built (``build/llamacpp/bin``).
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import json
 import math
+import os
+from pathlib import Path
 import sys
 import time
 
-FTYPES = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q4_K_S": 14, "Q4_K_M": 15, "Q6_K": 18, "F16": 1}
+# llama.cpp's llama_ftype values (include/llama.h)
+FTYPES = {"F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_S": 11, "Q3_K_M": 12,
+          "Q3_K_L": 13, "Q4_K_S": 14, "Q4_K_M": 15, "Q5_K_S": 16, "Q5_K_M": 17, "Q6_K": 18}
+BUILT_LIB = Path(__file__).resolve().parent.parent / "build" / "llamacpp" / "bin"
+
+
+def _default_lib_path() -> None:
+    """Point llama-cpp-python at ``BUILT_LIB`` when its package holds no libllama of its own."""
+    spec = importlib.util.find_spec("llama_cpp")
+    own = spec is not None and any(Path(d, "lib", "libllama.so").exists() for d in spec.submodule_search_locations or ())
+    if not own and "LLAMA_CPP_LIB_PATH" not in os.environ and (BUILT_LIB / "libllama.so").exists():
+        os.environ["LLAMA_CPP_LIB_PATH"] = str(BUILT_LIB)
 
 
 def quantize(src: str, dst: str, kind: str) -> dict:
@@ -53,5 +71,6 @@ def ppl(path: str, windows_file: str) -> dict:
 
 
 if __name__ == "__main__":
+    _default_lib_path()
     cmd, *args = sys.argv[1:]
     print(json.dumps({"quantize": quantize, "ppl": ppl}[cmd](*args)))
