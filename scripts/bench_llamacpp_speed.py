@@ -116,9 +116,8 @@ def main(argv=None) -> None:
     parser.add_argument("--ckpt", default=str(ROOT / "models" / "ckpt" / "gptq-w4-g128"))
     parser.add_argument("--gguf", type=Path, help="the Q4_K_M file llama-bench runs (default: see the docstring)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/hfquant-bench-gguf"))
-    parser.add_argument("--llamacpp-bin", type=Path, nargs="+",
-                        default=[ROOT / "build" / d / "bin" for d in ("llamacpp", "llamacpp-native")
-                                 if (ROOT / "build" / d / "bin" / "llama-bench").exists()] or [ROOT / "build" / "llamacpp" / "bin"])
+    # the native build (NATIVE=1) only when asked: on this project's KVM Xeon its llama-bench dies with SIGILL
+    parser.add_argument("--llamacpp-bin", type=Path, nargs="+", default=[ROOT / "build" / "llamacpp" / "bin"])
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "gguf")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)

@@ -8,7 +8,8 @@
 # tools and the Python binding are the same llama.cpp. CPU-only, generic x86-64 with AVX2 (no -march=native),
 # no curl/OpenSSL, no OpenMP, 2 build jobs. Output: build/llamacpp/bin (build/ is gitignored).
 # NATIVE=1: llama.cpp's own default, -march=native (AVX-512/VNNI where the CPU has them), into
-# build/llamacpp-native: what a user who builds llama.cpp on this machine runs; for speed numbers only.
+# build/llamacpp-native: what a user who builds llama.cpp on this machine runs; for speed numbers only. Measured
+# 2026-12-06 on the KVM Intel Xeon (AVX-512, AMX): the native llama-bench dies with SIGILL, so the tables use AVX2.
 # Not for CI: compiling takes about 10 to 20 minutes on 2 cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
