@@ -240,9 +240,10 @@ def _fit_qx_weighted(x: torch.Tensor, weights: torch.Tensor, nmax: int) -> torch
     for k in (0, *range(-9, 0), *range(1, 10)):
         levels = torch.clamp(torch.round(x * (-(nmax + 0.1 * k) * _safe_inverse(m))[..., None]), -nmax, nmax - 1)
         sumlx, suml2 = (weights * x * levels).sum(-1), (weights * levels * levels).sum(-1)
-        score = torch.where(suml2 > 0, sumlx * sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), -1.0)
+        safe = torch.where(suml2 > 0, suml2, torch.ones_like(suml2))
+        score = torch.where(suml2 > 0, sumlx * sumlx / safe, -1.0)
         take = score > best_score
-        best = torch.where(take, sumlx / torch.where(suml2 > 0, suml2, torch.ones_like(suml2)), best)
+        best = torch.where(take, sumlx / safe, best)
         best_score = torch.where(take, score, best_score)
     return torch.where(m == 0, torch.zeros_like(best), best)
 

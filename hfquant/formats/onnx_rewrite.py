@@ -28,10 +28,12 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 from hfquant.core.errors import FormatError
+from hfquant.core.grids import dequantize_grouped
 from hfquant.core.packing import unpack_codes
 
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -55,7 +57,7 @@ class NBits:
             raise FormatError(f"{name}: {bits}-bit codes; ONNX Runtime's MatMulNBits runs 4 and 8 bits here; "
                               "quantize with bits 4 or 8 to export to ONNX")
         group = int((g_idx == 0).sum())
-        if not torch.equal(g_idx, torch.arange(g_idx.numel()) // max(group, 1)):
+        if not torch.equal(g_idx, torch.arange(g_idx.numel(), device=g_idx.device) // max(group, 1)):
             raise FormatError(f"{name}: act-order groups without static_groups (g_idx is not i // group_size); "
                               "MatMulNBits blocks hold consecutive inputs; quantize with static_groups: true")
         out = cls(unpack_codes(t["weight"], bits, g_idx.numel()).to(torch.uint8), t["scales"].float(),
@@ -66,9 +68,11 @@ class NBits:
             raise FormatError(f"{name}: {exc}") from None
         return out
 
+    def g_idx(self) -> torch.Tensor:
+        return torch.arange(self.codes.shape[1], device=self.codes.device) // self.group
+
     def weight(self) -> torch.Tensor:
-        idx = torch.arange(self.codes.shape[1]) // self.group
-        return (self.codes.float() - self.zeros[:, idx].float()) * self.scales[:, idx]
+        return dequantize_grouped(self.codes, self.scales, self.zeros, self.g_idx())
 
     @classmethod
     def cat(cls, parts: list[NBits]) -> NBits:
@@ -92,8 +96,8 @@ class NBits:
         n, k = self.codes.shape
         b, per = self.block(), 8 // self.bits
         blocks = -(-k // b)
-        idx = torch.arange(blocks) * b // self.group
-        codes = torch.zeros(n, blocks * b, dtype=torch.uint8)
+        idx = torch.arange(blocks, device=self.codes.device) * b // self.group
+        codes = torch.zeros(n, blocks * b, dtype=torch.uint8, device=self.codes.device)
         codes[:, :k] = self.codes
         zeros = self.zeros[:, idx]
         codes[:, k:] = zeros[:, -1:]  # the unused tail of a partial last block de-quantizes to 0
@@ -141,10 +145,10 @@ class PerTokenInt8:
         x, y, p = node.input[0], node.output[0], f"{stem}/W8A8"
         inits = [numpy_helper.from_array(self.codes.t().contiguous().numpy(), f"{p}/codes"),
                  numpy_helper.from_array(self.scales.numpy(), f"{p}/scales"),
-                 numpy_helper.from_array(torch.tensor([self.QMAX]).numpy(), f"{p}/qmax"),
-                 numpy_helper.from_array(torch.tensor([-self.QMAX]).numpy(), f"{p}/lo"),
-                 numpy_helper.from_array(torch.tensor([1e-8]).numpy(), f"{p}/eps"),
-                 numpy_helper.from_array(torch.tensor([-1]).numpy(), f"{p}/axes")]
+                 numpy_helper.from_array(np.array([self.QMAX], np.float32), f"{p}/qmax"),
+                 numpy_helper.from_array(np.array([-self.QMAX], np.float32), f"{p}/lo"),
+                 numpy_helper.from_array(np.array([1e-8], np.float32), f"{p}/eps"),
+                 numpy_helper.from_array(np.array([-1], np.int64), f"{p}/axes")]
         nodes = [
             h.make_node("Abs", [x], [f"{p}/abs"], name=f"{p}/Abs"),
             h.make_node("ReduceMax", [f"{p}/abs", f"{p}/axes"], [f"{p}/amax"], keepdims=1, name=f"{p}/ReduceMax")
