@@ -36,8 +36,8 @@ from hfquant.kernels.isa import cpu_isa
 from hfquant.kernels.jit_build import cache_root, cpu_description, exclusive_lock
 
 # What the recorded paths compute: every C++ source (cpu_ext.SOURCES) and the Python that calls them.
-_KERNEL_SOURCES = (*SOURCES, Path(__file__).parent / "weight_only.py", Path(__file__).parent / "w8a8.py",
-                   Path(__file__).parent / "half.py")
+_KERNEL_SOURCES = (*SOURCES, *(Path(__file__).parent / name for name in ("weight_only.py", "w8a8.py", "half.py",
+                                                                           "cuda_paths.py", "triton_kernels.py")))
 _THREADS = threading.RLock()
 _STATE: dict = {}  # "file" -> Path, "entries" -> dict, "unwritable" -> bool
 

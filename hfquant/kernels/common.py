@@ -168,17 +168,20 @@ def _pool(paths: dict[str, Callable], candidates, mode: str) -> list[str]:
 
 
 def _warn_if_slower(family: PathFamily, entry: dict, mode: str, x: torch.Tensor, module) -> None:
-    """The slower-than-float32 warning for ``entry`` (``{"path", "ratio"}``), once per process and family."""
+    """The slower-than-float warning for ``entry`` (``{"path", "ratio"}``), once per process and family."""
     env, warn_as, ratio = family.env, family.warn_as, entry.get("ratio")
     if warn_as is None or ratio is None or env in _SLOWER_THAN_FLOAT_WARNED or ratio * SLOWER_THAN_FLOAT_MARGIN >= 1.0:
         return
     _SLOWER_THAN_FLOAT_WARNED.add(env)
     what = warn_as.format(bits=getattr(module, "bits", 8), in_f=module.in_features, out_f=module.out_features,
                           rows=x.numel() // max(1, x.shape[-1]))
-    warnings.warn(f"hfquant: on this CPU ({cpu_isa()}, torch {torch.backends.cpu.get_cpu_capability()}) the "
-                  f"quantized path for {what} ({entry['path']}, {mode}) ran at {ratio:.2f}x the speed of float32 "
-                  "(timed once; other layers are not reported); the quantized model saves memory here, not time",
-                  RuntimeWarning, stacklevel=4)
+    if x.device.type == "cuda":
+        where, baseline = f"GPU ({torch.cuda.get_device_name(x.device)})", f"{str(x.dtype).removeprefix('torch.')} F.linear"
+    else:
+        where, baseline = f"CPU ({cpu_isa()}, torch {torch.backends.cpu.get_cpu_capability()})", "float32"
+    warnings.warn(f"hfquant: on this {where} the quantized path for {what} ({entry['path']}, {mode}) ran at "
+                  f"{ratio:.2f}x the speed of {baseline} (timed once; other layers are not reported); the quantized "
+                  "model saves memory here, not time", RuntimeWarning, stacklevel=4)
 
 
 def remembered_path(choices: dict, key: tuple, env: str, paths) -> str | None:
@@ -202,39 +205,51 @@ def _first_taking(paths: dict[str, Callable], order, x: torch.Tensor, module):
     return None, None
 
 
-FLOAT_BASELINE_ROWS = 2048  # output rows of W dequantized for the float32 timing (bounded memory)
+FLOAT_BASELINE_ROWS = 2048  # output rows of W dequantized for the CPU's float32 timing (bounded memory)
 
 
 def float_baseline(module) -> Callable:
-    """The float32 computation a quantized Linear replaces, for ``choose_path``'s timing: ``F.linear`` of ``x``
-    with the weight dequantized to float32 on the first (untimed) call. A wide layer is dequantized only on its first
-    ``FLOAT_BASELINE_ROWS`` output rows, and that slice is multiplied as many times as the layer has slices (the
-    last one whole: a slight overestimate of float32's time)."""
+    """The float computation a quantized Linear replaces, for ``choose_path``'s timing: ``F.linear`` of ``x`` with the
+    weight dequantized to ``x``'s dtype on the first (untimed) call. On the CPU a wide layer is dequantized only on its
+    first ``FLOAT_BASELINE_ROWS`` output rows, and that slice is multiplied as many times as the layer has slices (the
+    last one whole: a slight overestimate of float32's time); on a GPU the whole weight (one layer's, briefly)."""
     weight: list[torch.Tensor] = []
 
     def run(x: torch.Tensor, _module) -> torch.Tensor:
         if not weight:
-            weight.append(module.dequantize().float()[:FLOAT_BASELINE_ROWS].contiguous())
+            w = module.dequantize().float().to(device=x.device, dtype=x.dtype)
+            weight.append(w[:FLOAT_BASELINE_ROWS].contiguous() if x.device.type == "cpu" else w)
         w = weight[0]
         slices = -(-module.out_features // w.shape[0])
+        if slices == 1:
+            return torch.nn.functional.linear(x, w)
         return torch.cat([torch.nn.functional.linear(x, w) for _ in range(slices)], dim=-1)
     return run
 
 
 TIMED_CALLS = 2  # timed calls per path after the warm-up call; the fastest counts (one call alone was noisy)
+CUDA_CALLS_PER_TIMING = 20  # on a GPU each timed call is the mean of this many launches between two synchronizations
 
 
 def _time_path(fn: Callable, x: torch.Tensor, module) -> tuple[float, object]:
-    """``(seconds of the fastest of TIMED_CALLS calls, an output)``: an untimed first call warms caches and builds
-    operands."""
+    """``(seconds of the fastest of TIMED_CALLS calls, an output)``: an untimed first call warms caches, builds
+    operands (and autotunes Triton kernels). On a GPU the device is synchronized around each timed call, which is the
+    mean of ``CUDA_CALLS_PER_TIMING`` launches (one kernel takes microseconds)."""
     y = fn(x, module)
     if y is None:
         return float("inf"), None
+    cuda = x.device.type == "cuda"
+    calls = CUDA_CALLS_PER_TIMING if cuda else 1
     best = float("inf")
     for _ in range(TIMED_CALLS):
+        if cuda:
+            torch.cuda.synchronize(x.device)
         t0 = time.perf_counter()
-        y = fn(x, module)
-        best = min(best, time.perf_counter() - t0)
+        for _ in range(calls):
+            y = fn(x, module)
+        if cuda:
+            torch.cuda.synchronize(x.device)
+        best = min(best, (time.perf_counter() - t0) / calls)
     return best, y
 
 

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from hfquant.core.packing import pack_codes
+from hfquant.core.packing import pack_codes, unpack_codes
 
 
 def cached_operands(module, name: str, build: Callable, extra=()):
@@ -51,3 +51,43 @@ def grouped_weight(module):
             return module.weight, None
         return pack_codes(module.codes()[:, perm], module.bits), perm
     return cached_operands(module, "grouped", build)
+
+
+INT4_KERNEL_GROUPS = (256, 128, 64, 32)  # the group sizes torch's int4 kernels (CPU and CUDA "tinygemm") take
+
+
+def int4_kernel_group(group: int, k: int) -> int | None:
+    """The group size torch's int4 kernels run with: the largest of ``INT4_KERNEL_GROUPS`` dividing both the
+    quantization group and K (each quantization group is then several kernel groups sharing one scale and zero, and
+    no padding is needed), else the quantization group itself when the kernels take it (the partial last group is
+    then zero-padded), else ``None``."""
+    for kg in INT4_KERNEL_GROUPS:
+        if group % kg == 0 and k % kg == 0:
+            return kg
+    return group if group in INT4_KERNEL_GROUPS else None
+
+
+def int4_kernel_inputs(module):
+    """What torch's int4 kernels (``aten._weight_int4pack_mm`` on CUDA, ``..._for_cpu`` on the CPU) are packed from:
+    ``(codes, scale_zero, perm, k_pad, kg)``, or ``None`` for a layout they cannot express (not 4-bit, a group size
+    with no kernel group, groups that are not whole runs of columns).
+
+    Both kernels compute ``w = (q - 8) * s + z`` per group of ``kg`` consecutive input columns, so the module's
+    ``s * (q - zero)`` maps to ``z = (8 - zero) * s``; ``scale_zero`` is bfloat16 ``[k_pad / kg, N, 2]`` (scale, z),
+    each quantization group's pair repeated for its kernel groups. ``codes`` int32 ``[N, k_pad]`` in group order
+    (``perm``, as ``grouped_weight``), padded with code 8 (value ``z``, multiplied by the zero-padded ``x``)."""
+    def build():
+        group = module.in_features if module.group_size == -1 else module.group_size
+        kg = int4_kernel_group(group, module.in_features)
+        grouped = grouped_weight(module) if module.bits == 4 else None
+        if kg is None or grouped is None:
+            return None
+        packed_codes, perm = grouped
+        k_pad = -(-module.in_features // kg) * kg
+        codes = torch.full((module.out_features, k_pad), 8, dtype=torch.int32, device=packed_codes.device)
+        codes[:, : module.in_features] = unpack_codes(packed_codes, 4, module.in_features)
+        s = module.scales.float()
+        z = (8 - module.zeros.float()) * s
+        scale_zero = torch.stack([s.t(), z.t()], dim=-1).repeat_interleave(group // kg, dim=0)[: k_pad // kg]
+        return codes, scale_zero.to(torch.bfloat16).contiguous(), perm, k_pad, kg
+    return cached_operands(module, "int4_kernel_inputs", build)

@@ -4,7 +4,7 @@ Both paths quantize ``x`` the same way (per token, or with the static per-tensor
 integer products exactly (int32 in ``_int_mm``; float64 in the reference, exact below 2**53), convert the
 accumulator to float32 and apply ``s_x * s_w`` in the same order, so their outputs are bit-identical.
 The int8 weight is passed to ``_int_mm`` as a transposed view of its stored rows (no copy).
-On CUDA the Triton kernels in ``hfquant.kernels.triton_kernels`` run instead (same numerics).
+On CUDA the paths of ``hfquant.kernels.cuda_paths`` run instead (cuBLASLt or Triton int8 GEMMs, same numerics).
 On a CPU with AVX512-VNNI (or AVX2), one float32 row (decode) runs hfquant's own GEMV
 (``hfquant.kernels.cpu_ext``): the same quantization of ``x``, exact int32 dot products (``VPDPBUSD``, or
 ``VPMADDWD`` on AVX2) and the same float32 epilogue in one C++ call, bit-identical for finite ``x`` (a NaN in
@@ -28,7 +28,8 @@ import torch
 
 from hfquant.core.smoothquant import quantize_activation_int8
 from hfquant.kernels import cpu_ext
-from hfquant.kernels.common import choose_path, forced_reference, PathFamily, triton_kernels
+from hfquant.kernels.common import choose_path, forced_reference, PathFamily
+from hfquant.kernels.cuda_paths import w8a8_cuda
 from hfquant.kernels.operands import cached_operands
 from hfquant.kernels.isa import int8_gemm_is_fast
 
@@ -160,14 +161,15 @@ def w8a8_cpu_gemv(x: torch.Tensor, module) -> torch.Tensor | None:
 
 
 def w8a8_linear(x: torch.Tensor, module) -> torch.Tensor:
-    """Dispatch: Triton on CUDA (fused activation quantization and epilogue); on CPU hfquant's GEMV for one
+    """Dispatch: on CUDA the faster of cuBLASLt's int8 GEMM and Triton's, each between the fused activation
+    quantization and epilogue (``hfquant.kernels.cuda_paths``); on CPU hfquant's GEMV for one
     float32 row where it is built, else ``_int_mm`` where it is fast (AVX512-VNNI), else the faster of hfquant's
     int8 GEMM and the float32 tiles."""
     if forced_reference():
         return w8a8_reference(x, module)
     if x.device.type == "cuda":
-        kernels = triton_kernels()
-        return kernels.w8a8_triton(x, module) if kernels is not None else w8a8_int_mm(x, module)
+        y = w8a8_cuda(x, module)
+        return y if y is not None else w8a8_int_mm(x, module)
     if x.device.type == "cpu":
         if x.dtype is torch.float32 and x.numel() <= CPU_GEMV_MAX_ROWS * x.shape[-1] and module.weight.device.type == "cpu":
             y = w8a8_cpu_gemv(x, module)

@@ -43,7 +43,8 @@ Paths (``weight_only_linear`` picks one per call; ``HFQUANT_KERNEL=reference`` f
   per-channel ``-1`` works when K is a multiple of 32); otherwise a partial last group is zero-padded
   (``x`` too). Act-order checkpoints (non-monotone ``g_idx``) have their columns permuted once so each
   group is contiguous, and ``x``'s columns are gathered the same way per call.
-* **CUDA**: Triton kernels (``hfquant.kernels.triton_kernels``): a GEMV for decode, a GEMM otherwise.
+* **CUDA**: the faster of torch's int4 kernel ("tinygemm", bfloat16 activations) and hfquant's Triton kernels,
+  timed per shape class and recorded (``hfquant.kernels.cuda_paths``).
 
 Operands of the fast paths are built once per module -- ``prepare_module`` does it at load time (the
 quantizer calls it), or the first call does -- and cached on the module (not saved). The CPU int4 operand
@@ -57,12 +58,12 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from hfquant.core.packing import _LITTLE_ENDIAN, unpack_codes
+from hfquant.core.packing import _LITTLE_ENDIAN
 from hfquant.kernels import cpu_ext
-from hfquant.kernels.common import choose_path, forced_reference, PathFamily, triton_kernels
-from hfquant.kernels.operands import cached_operands, grouped_weight
+from hfquant.kernels.common import choose_path, forced_reference, PathFamily
+from hfquant.kernels.cuda_paths import weight_only_cuda
+from hfquant.kernels.operands import cached_operands, grouped_weight, int4_kernel_inputs
 
-_CPU_GROUPS = (32, 64, 128, 256)
 _CPU_DTYPES = (torch.float32, torch.bfloat16)
 # hfquant's AVX-512 GEMV (csrc) reads W once per row of x: it is the fastest path for a single float32 row
 # (decode); from two rows the prefill choice (``weight_only_cpu_prefill``), which reads W once for all rows, takes
@@ -78,35 +79,14 @@ def weight_only_reference(x: torch.Tensor, module) -> torch.Tensor:
     return F.linear(x, module.dequantize(torch.float32).to(x.dtype), bias)
 
 
-def _kernel_group(group: int, k: int) -> int | None:
-    """The group size the int4 CPU kernel runs with: the largest of 256/128/64/32 dividing both the
-    quantization group and K (each quantization group is then several kernel groups sharing one scale and
-    zero, and no padding is needed), else the quantization group itself when the kernel takes it (the
-    partial last group is then zero-padded), else ``None``."""
-    for kg in (256, 128, 64, 32):
-        if group % kg == 0 and k % kg == 0:
-            return kg
-    return group if group in _CPU_GROUPS else None
-
-
 def _cpu_int4_operands(module):
     """(packed int4 weight, bf16 scale/zero table, column perm or None, padded K, kernel group), or None."""
     def build():
-        group = module.in_features if module.group_size == -1 else module.group_size
-        kg = _kernel_group(group, module.in_features)
-        grouped = grouped_weight(module) if module.bits == 4 else None
-        if kg is None or grouped is None or module.out_features % 16:
+        inputs = int4_kernel_inputs(module)
+        if inputs is None or module.out_features % 16:
             return None  # the kernel's packing needs N divisible by 16
-        packed_codes, perm = grouped
-        k_pad = -(-module.in_features // kg) * kg
-        padded = torch.full((module.out_features, k_pad), 8, dtype=torch.int32, device=packed_codes.device)
-        padded[:, : module.in_features] = unpack_codes(packed_codes, 4, module.in_features)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(padded, 1)
-        s = module.scales.float()
-        z = (8 - module.zeros.float()) * s
-        per_group = group // kg  # kernel groups per quantization group
-        scale_zero = torch.stack([s.t(), z.t()], dim=-1).repeat_interleave(per_group, dim=0)[: k_pad // kg]
-        return packed, scale_zero.to(torch.bfloat16).contiguous(), perm, k_pad, kg
+        codes, scale_zero, perm, k_pad, kg = inputs
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1), scale_zero, perm, k_pad, kg
     return cached_operands(module, "cpu_int4", build)
 
 
@@ -315,8 +295,7 @@ def weight_only_linear(x: torch.Tensor, module) -> torch.Tensor:
         return weight_only_reference(x, module)
     device = x.device.type
     if device == "cuda":
-        kernels = triton_kernels()
-        y = kernels.weight_only_triton(x, module) if kernels is not None else None
+        y = weight_only_cuda(x, module)
         return y if y is not None else weight_only_reference(x, module)
     if device == "cpu" and x.dtype in _CPU_DTYPES and module.weight.device.type == "cpu":
         rows = x.numel() // max(1, x.shape[-1])
