@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--observer", choices=["hessian", "minmax"], default="hessian",
                         help="group grids: hessian (hfquant's default) or minmax (llm-compressor's default)")
+    parser.add_argument("--loop", choices=["auto", "fused", "torch"], default="auto",
+                        help="GPTQ's column loop (HFQUANT_GPTQ_LOOP): fused Triton kernel (the default on CUDA) or PyTorch")
     parser.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
     parser.add_argument("--out", type=Path, default=Path("bench/gpu"))
     args = parser.parse_args(argv)
@@ -57,6 +60,9 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM
 
     import hfquant
+    from hfquant.core.gptq import COLUMN_LOOP_ENV
+
+    os.environ[COLUMN_LOOP_ENV] = args.loop
 
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -78,7 +84,8 @@ def main(argv=None) -> dict:
     seconds = time.perf_counter() - t0
     result = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
-        "torch": torch.__version__, "dtype": args.dtype, "observer": args.observer, "tiny": args.tiny,
+        "torch": torch.__version__, "dtype": args.dtype, "observer": args.observer, "loop": args.loop,
+        "tiny": args.tiny,
         "tokens": args.samples * args.seq_len, "batch_size": args.batch_size,
         "seconds_per_layer": seconds, "gptq_seconds": report.get("gptq_seconds"),
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
@@ -87,7 +94,7 @@ def main(argv=None) -> dict:
     }
     ratio = result["llm_compressor_seconds_per_layer"] / seconds
     md = ("| what | seconds per layer |\n|---|---|\n"
-          f"| hfquant GPTQ W4 g128, Llama-3-8B-shaped layer, {result['tokens']} tokens, {args.dtype}, "
+          f"| hfquant GPTQ W4 g128, Llama-3-8B-shaped layer, {result['tokens']} tokens, {args.dtype}, loop {args.loop}, "
           f"{result['device']} | {seconds:.1f} (solves {result['gptq_seconds']['solve']:.1f}) |\n"
           f"| llm-compressor, published: 745 s / 32 layers (their GPU, their run) | "
           f"{result['llm_compressor_seconds_per_layer']:.1f} |\n\n"
@@ -95,7 +102,8 @@ def main(argv=None) -> dict:
           f"{result['peak_gpu_gib'] or 0:.1f} GiB. Command: `python scripts/bench_gpu_layer.py "
           f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n")
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "gpu_layer" if args.observer == "hessian" else f"gpu_layer-{args.observer}"
+    stem = "gpu_layer" + ("" if args.observer == "hessian" else f"-{args.observer}") + (
+        "" if args.loop == "auto" else f"-{args.loop}")
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=2))
     (args.out / f"{stem}.md").write_text(md)
     print(md)

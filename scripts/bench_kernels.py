@@ -200,10 +200,14 @@ def run(device: str, repeats: int, shapes, rows_list, cache: str = "warm") -> tu
                           "w8a8": (w8, lambda x, mod: mod(x))}
             if half is not None:
                 candidates["bf16w"] = (half, lambda x, mod: mod(x))
-            if device == "cuda" and m > 16:  # the other CUDA W8A8 path: cuBLAS int8 GEMM + fused epilogue
-                from hfquant.kernels.triton_kernels import w8a8_int_mm_cuda
+            if device == "cuda":  # each CUDA path on its own, beside the dispatch's choice (w4a16, w8a8)
+                from hfquant.kernels import cuda_paths
 
-                candidates["w8a8_int_mm"] = (w8, w8a8_int_mm_cuda)
+                candidates["w4a16_tinygemm"] = (w4, cuda_paths.weight_only_tinygemm)
+                candidates["w4a16_triton"] = (w4, cuda_paths._triton_weight_only)
+                candidates["w8a8_triton"] = (w8, cuda_paths._triton_w8a8)
+                if m > 16:  # cuBLAS int8 GEMM + fused epilogue
+                    candidates["w8a8_int_mm"] = (w8, cuda_paths._int_mm_w8a8)
             t = {}
             for name, (obj, call) in candidates.items():
                 def make_calls(n, obj=obj, call=call):
@@ -211,7 +215,7 @@ def run(device: str, repeats: int, shapes, rows_list, cache: str = "warm") -> tu
                                     for _ in range(n - 1)]
                     return [lambda o=o: call(x, o) for o in objs]
                 if device == "cuda":
-                    t[name], copies = graph_time_ms(make_calls, nbytes[name.replace("_int_mm", "")])
+                    t[name], copies = graph_time_ms(make_calls, nbytes[name.split("_")[0]])
                 elif cache == "rotate":
                     t[name] = rotating_median_ms(make_calls, nbytes[name], repeats)
                 else:
@@ -220,7 +224,7 @@ def run(device: str, repeats: int, shapes, rows_list, cache: str = "warm") -> tu
             row = {"shape": f"{in_f}x{out_f}", "M": m}
             for k, v in t.items():
                 row[f"{k}_ms"] = v
-                row[f"{k}_gbs"] = nbytes[k.replace("_int_mm", "")] / (v * 1e-3) / 1e9
+                row[f"{k}_gbs"] = nbytes[k.split("_")[0]] / (v * 1e-3) / 1e9
             row["w4a16_speedup"], row["w8a8_speedup"] = t["fp"] / t["w4a16"], t["fp"] / t["w8a8"]
             if device == "cpu":
                 row["w4a16_path"], row["w8a8_path"] = cpu_paths(in_f, out_f, m)
@@ -231,12 +235,26 @@ def run(device: str, repeats: int, shapes, rows_list, cache: str = "warm") -> tu
                 row["bf16w_speedup"] = t["fp"] / t["bf16w"]
                 row["bf16w_path"] = remembered_path(half_kernels._CHOICE, (in_f, out_f, m.bit_length()),
                                                     "HFQUANT_CPU_HALF", half_kernels.PATHS) or "?"
-            if "w8a8_int_mm" in t:
-                row["w8a8_int_mm_speedup"] = t["fp"] / t["w8a8_int_mm"]
+            for k in ("w8a8_int_mm", "w8a8_triton", "w4a16_tinygemm", "w4a16_triton"):
+                if k in t:
+                    row[f"{k}_speedup"] = t["fp"] / t[k]
+            if device == "cuda":
+                row["w4a16_path"], row["w8a8_path"] = cuda_paths_taken(x, w4, w8)
             rows.append(row)
             print(" ".join(f"{k} {v:.4f} ms ({t['fp'] / v:.2f}x)" for k, v in t.items()), f"| {row['shape']} M={m}",
                   flush=True)
     return rows, bw
+
+
+def cuda_paths_taken(x: torch.Tensor, w4, w8) -> tuple[str, str]:
+    """Which CUDA path hfquant's dispatch chose for W4A16 and W8A8 at this shape and row count."""
+    from hfquant.kernels import cuda_paths
+    from hfquant.kernels.common import remembered_path
+
+    w4_key = cuda_paths._shape_class(x, w4, 4, w4.group_size)
+    w8_key = cuda_paths._shape_class(x, w8, 8, -1)
+    return (remembered_path(cuda_paths._W4A16_CHOICE, w4_key, "HFQUANT_CUDA_W4A16", cuda_paths._w4a16_paths()) or "?",
+            remembered_path(cuda_paths._W8A8_CHOICE, w8_key, "HFQUANT_CUDA_W8A8", cuda_paths._w8a8_paths()) or "?")
 
 
 def cpu_paths(in_f: int, out_f: int, m: int) -> tuple[str, str]:
@@ -261,10 +279,14 @@ def cpu_paths(in_f: int, out_f: int, m: int) -> tuple[str, str]:
     return w4, w8
 
 
+EACH_PATH = (("w4a16_tinygemm", "W4A16 tinygemm"), ("w4a16_triton", "W4A16 Triton"), ("w8a8_int_mm", "W8A8 via _int_mm"),
+             ("w8a8_triton", "W8A8 Triton"))  # CUDA: each path on its own, beside the dispatch's choice
+
+
 def markdown(rows, meta) -> str:
     base = meta["baseline"]
-    int_mm = any("w8a8_int_mm_ms" in r for r in rows)
-    extra_head = " W8A8 via _int_mm (ms) | its speedup |" if int_mm else ""
+    each = [(k, title) for k, title in EACH_PATH if any(f"{k}_ms" in r for r in rows)]
+    extra_head = "".join(f" {title} (ms) | its speedup |" for _, title in each)
     paths = any("w4a16_path" in r for r in rows)
     path_head = " W4A16 path | W8A8 path |" if paths else ""
     half = any("bf16w_ms" in r for r in rows)
@@ -273,12 +295,10 @@ def markdown(rows, meta) -> str:
            f"{meta['date']}. Copy bandwidth measured in the same run: {meta['copy_gbs']:.1f} GB/s.", "",
            f"| shape (in x out) | M | {base} (ms) | W4A16 (ms) | W4A16 speedup | W8A8 (ms) | W8A8 speedup |{extra_head} "
            f"{base} GB/s | W4A16 GB/s | W8A8 GB/s |{path_head}{half_head}",
-           "|---" * (10 + 2 * int_mm + 2 * paths + 3 * half) + "|"]
+           "|---" * (10 + 2 * len(each) + 2 * paths + 3 * half) + "|"]
     for r in rows:
-        extra = ""
-        if int_mm:
-            extra = (f" {r['w8a8_int_mm_ms']:.4f} | {r['w8a8_int_mm_speedup']:.2f}x |" if "w8a8_int_mm_ms" in r
-                     else " - | - |")
+        extra = "".join(f" {r[k + '_ms']:.4f} | {r[k + '_speedup']:.2f}x |" if f"{k}_ms" in r else " - | - |"
+                        for k, _ in each)
         out.append(f"| {r['shape']} | {r['M']} | {r['fp_ms']:.4f} | {r['w4a16_ms']:.4f} | {r['w4a16_speedup']:.2f}x | "
                    f"{r['w8a8_ms']:.4f} | {r['w8a8_speedup']:.2f}x |{extra} {r['fp_gbs']:.0f} | {r['w4a16_gbs']:.0f} | "
                    f"{r['w8a8_gbs']:.0f} |" + (f" {r.get('w4a16_path', '')} | {r.get('w8a8_path', '')} |" if paths else "")

@@ -7,9 +7,10 @@
 #      as accurate as the CPU's; whole-model code agreement printed), one GPTQ solve on CUDA vs CPU from the same
 #      Hessian (>= 99.5% of codes equal), from_pretrained with device_map="cuda", a recipe with `device: cuda`,
 #      and the compiled Triton kernels against their references;
-#   2. GPTQ W4 g128 of one Llama-3-8B-shaped layer with 128 x 2048 calibration tokens, with hfquant's default
-#      Hessian-weighted grids and with min-max grids (seconds per layer next to llm-compressor's published 23.3 s);
-#   3. the kernel benchmark.
+#      the CUDA paths (torch's int4 tinygemm, the timed choice) and the fused GPTQ column loop against PyTorch's;
+#   2. GPTQ W4 g128 of one Llama-3-8B-shaped layer with 128 x 2048 calibration tokens, with the fused column loop and
+#      with PyTorch's, and with min-max grids (seconds per layer next to llm-compressor's published 23.3 s);
+#   3. the kernel benchmark (its W4A16 / W8A8 rows through the dispatch: tinygemm, Triton, cuBLASLt).
 # `datasets` is not on the GPU image: carry its wheels (datasets, dill, multiprocess; README "GPU check") or the
 # two tests that read calibration text through it are skipped. Everything printed goes to $OUT/gpu_check.log.
 set -o pipefail
@@ -19,8 +20,10 @@ mkdir -p "$OUT"
 LOG=$OUT/gpu_check.log
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$LOG"
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" 2>&1 | tee -a "$LOG"
-HFQUANT_TRITON_AUTOTUNE=0 timeout 240 python3 -m pytest -q -s -ra -p no:cacheprovider tests/test_gpu.py tests/kernels/test_triton_kernels.py 2>&1 | tee -a "$LOG"
-for observer in hessian minmax; do
-  timeout 120 python3 scripts/bench_gpu_layer.py --observer $observer --out "$OUT" 2>&1 | tee -a "$LOG"
+HFQUANT_TRITON_AUTOTUNE=0 timeout 240 python3 -m pytest -q -s -ra -p no:cacheprovider tests/test_gpu.py \
+  tests/kernels/test_triton_kernels.py tests/kernels/test_cuda_paths.py tests/core/test_gptq_fused.py 2>&1 | tee -a "$LOG"
+# GPTQ of the layer: fused column loop (the default on CUDA) against the PyTorch loop, then min-max grids
+for run in "--loop fused" "--loop torch" "--observer minmax"; do
+  timeout 100 python3 scripts/bench_gpu_layer.py $run --out "$OUT" 2>&1 | tee -a "$LOG"
 done
 timeout 110 python3 scripts/bench_kernels.py --device cuda --out "$OUT" 2>&1 | tee -a "$LOG"

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent / "hfquant"
 LAYERS = ["core", "kernels", "nn", "config", "calibration", "eval", "mixed", "quantize", "formats",
           "integrations", "api", "app"]
 OPTIONAL = {"triton", "matplotlib", "compressed_tensors", "datasets", "evaluate", "gguf", "onnx", "onnxruntime_genai", "onnx_ir", "lm_eval"}
-LAZY_INTERNAL = {"hfquant.kernels.triton_kernels"}  # imports Triton, an optional dependency
+LAZY_INTERNAL = {"hfquant.kernels.triton_kernels", "hfquant.core.gptq_triton"}  # import Triton, an optional dependency
 
 
 def module_name(path: Path, root: Path) -> str:

@@ -26,7 +26,7 @@ from hfquant.core.gguf_grids import (
     rtn_block_quantize,
     symmetric,
 )
-from hfquant.core.int_grid import OriginalGroups
+from hfquant.core.int_grid import ColumnSegment, OriginalGroups
 from hfquant.core.schemes import matches
 from hfquant.core.weight_format import register_format, Scheme, WeightFormat
 
@@ -208,10 +208,23 @@ class BlockTypeGrids(OriginalGroups):
         self.scales[:, a:b], self.offsets[:, a:b] = grid.scale, grid.offset
         self.zeros[:, a:b] = grid.zero
 
-    def column_grid(self, j: int, block):
-        if not self.static and j % self.span == 0:
+    def fits_at(self, j: int) -> bool:
+        return not self.static and j % self.span == 0
+
+    def _fit_if_due(self, j: int, block) -> None:
+        if self.fits_at(j):
             self._record(j // self.span, fit_block_grid(self.name, block.updated_columns(j, j + self.span),
                                                         self._importance(j // self.span)))
+
+    def segment(self, j1: int, j2: int, block) -> ColumnSegment:
+        self._fit_if_due(j1, block)
+        ks = torch.tensor([self.group_of(j) for j in range(j1, j2)], device=self.device)
+        zero, lo, hi = code_layout(self.name)
+        scale = self.scales[:, ks]
+        return ColumnSegment(scale, torch.full_like(scale, float(zero)), self.offsets[:, ks], lo, hi)
+
+    def column_grid(self, j: int, block):
+        self._fit_if_due(j, block)
         k = self.group_of(j)
         scale, offset = self.scales[:, k], self.offsets[:, k]
         zero, lo, hi = code_layout(self.name)

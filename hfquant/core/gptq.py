@@ -35,6 +35,8 @@ past the block's end, the lazy update of later blocks), the column loop over the
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from dataclasses import dataclass, replace
 
 import torch
@@ -291,9 +293,15 @@ def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, grids, block_size: in
     codes = torch.zeros(rows, cols, device=w.device)
     pre = torch.zeros(rows, cols, device=w.device)
     losses = torch.zeros(rows, device=w.device)
+    run_segment = fused_column_loop(w)
     for i1 in range(0, cols, block_size):
         block = _Block(w, hinv, i1, min(i1 + block_size, cols))
-        for j in range(block.i1, block.i2):
+        j = block.i1
+        while run_segment is not None and j < block.i2:  # fused: a kernel per run of columns on known grids
+            j2 = grids.segment_end(j, block.i2)
+            run_segment(block, j, j2, grids.segment(j, j2, block), codes, pre, losses)
+            j = j2
+        for j in range(j, block.i2):  # PyTorch: a few small kernels per column
             grid = grids.column_grid(j, block)
             pre[:, j] = block.w1[:, j - block.i1]
             q, loss = block.quantize_column(j, grid)
@@ -301,6 +309,23 @@ def _quantize_columns(w: torch.Tensor, hinv: torch.Tensor, grids, block_size: in
             losses += loss
         block.lazy_update()
     return codes, losses, pre
+
+
+COLUMN_LOOP_ENV = "HFQUANT_GPTQ_LOOP"  # "auto" (default: fused on CUDA where Triton is installed), "fused", "torch"
+
+
+def fused_column_loop(w: torch.Tensor):
+    """``hfquant.core.gptq_triton.run_segment`` when the column loop runs fused (``HFQUANT_GPTQ_LOOP``: ``auto``, the
+    default, on CUDA tensors where Triton is installed; ``fused`` always, e.g. on the CPU under ``TRITON_INTERPRET=1``;
+    ``torch`` never), else ``None``."""
+    mode = os.environ.get(COLUMN_LOOP_ENV, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "fused", "torch"):
+        raise ValueError(f"{COLUMN_LOOP_ENV}={mode!r}; expected auto (the default), fused or torch")
+    if mode == "torch" or (mode == "auto" and (w.device.type != "cuda" or importlib.util.find_spec("triton") is None)):
+        return None
+    # Triton: an optional dependency, loaded only for a fused solve
+    from hfquant.core.gptq_triton import run_segment
+    return run_segment
 
 
 def _restore_column_order(codes: torch.Tensor, groups: torch.Tensor, perm: torch.Tensor | None):

@@ -107,6 +107,19 @@ class IntGrid(WeightFormat):
         return codes, scales, zeros, parts[0][3]  # g_idx: one per column, the same in every slab
 
 
+@dataclass(frozen=True)
+class ColumnSegment:
+    """The grids of a run of consecutive columns (processing order) for GPTQ's fused column loop
+    (``hfquant.core.gptq_triton``): ``scale``, ``zero`` and ``offset`` (``None``: none) ``[rows, n]`` float32, code range
+    ``lo..hi``; column ``t``'s codes are ``clamp(round((w - offset) / scale) + zero, lo, hi)``."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    offset: torch.Tensor | None
+    lo: int
+    hi: int
+
+
 class GroupGrids:
     """GPTQ's grid policy for one solve: which grid (scale, zero) each column is quantized on, and the grids to store.
 
@@ -125,6 +138,25 @@ class GroupGrids:
 
     def grid(self, j: int, block) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def group_of(self, j: int) -> int:
+        """The group of column ``j`` (processing order)."""
+        return j // self.g
+
+    def fits_at(self, j: int) -> bool:
+        """Whether a grid is fitted when column ``j`` comes up (on the weights as updated so far)."""
+        return False
+
+    def segment_end(self, j: int, end: int) -> int:
+        """The first column after ``j`` and before ``end`` where a grid is fitted, else ``end``: columns ``j`` up to
+        it can be quantized in one go on grids known at ``j`` (``segment``)."""
+        return next((c for c in range(j + 1, end) if self.fits_at(c)), end)
+
+    def segment(self, j1: int, j2: int, block) -> ColumnSegment:
+        """The grids of columns ``j1:j2`` (fitting column ``j1``'s if it is due), for the fused column loop."""
+        self.grid(j1, block)
+        ks = torch.tensor([self.group_of(j) for j in range(j1, j2)], device=self.device)
+        return ColumnSegment(self.scales[:, ks], self.zeros[:, ks], None, 0, 2**self.format.bits - 1)
 
     def column_grid(self, j: int, block):
         """Column -> ``(codes, values)`` on column ``j``'s grid: ``scale * (q - zero)``, ``q`` in ``[0, maxq]``."""
@@ -187,6 +219,9 @@ class FittedGroupGrids(GroupGrids):
         super().__init__(rows, cols, g, device, grid_of)
         self.scale = self.zero = None
         self.importance = importance
+
+    def fits_at(self, j: int) -> bool:
+        return j % self.g == 0
 
     def grid(self, j: int, block) -> tuple[torch.Tensor, torch.Tensor]:
         if j % self.g == 0:
