@@ -25,7 +25,7 @@ ROWS_PER_PROGRAM = 16
 
 
 @triton.jit
-def _round_half_even(v):
+def round_half_even(v):
     """``torch.round`` in float32: ``floor`` plus the fraction's rounding, ties to the even integer (exact: ``v -
     floor(v)`` is representable)."""
     fl = tl.floor(v)
@@ -60,7 +60,7 @@ def _gptq_segment_kernel(w_ptr, h_ptr, s_ptr, z_ptr, o_ptr, q_ptr, pre_ptr, err_
             v = tl.div_rn(col - o, tl.where(s == 0.0, 1.0, s))
         else:
             v = tl.div_rn(col, tl.where(s == 0.0, 1.0, s))
-        q = tl.where(s == 0.0, z, _round_half_even(v) + z)
+        q = tl.where(s == 0.0, z, round_half_even(v) + z)
         q = tl.minimum(tl.maximum(q, LO), HI)
         if HAS_OFFSET:
             value = s * (q - z) + o

@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hfquant.core.gptq_triton import round_half_even
 from hfquant.kernels.operands import cached_operands, grouped_weight
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -233,11 +234,9 @@ def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, static_ptr, K, stride_xm, stride_
     for k0 in range(0, K, BK):
         k = k0 + tl.arange(0, BK)
         x = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
-        v = tl.div_rn(x, scale)
-        r = tl.floor(v + 0.5)
-        # round half to even, as torch.round: a tie that rounded up to an odd integer goes back down
-        odd = (r - 2.0 * tl.floor(r * 0.5)) != 0.0
-        r = tl.where(((r - v) == 0.5) & odd, r - 1.0, r)
+        # round half to even, as torch.round (not floor(v + 0.5): just below a half, v + 0.5 rounds up to the next
+        # integer in float32)
+        r = round_half_even(tl.div_rn(x, scale))
         r = tl.minimum(tl.maximum(r, -127.0), 127.0)
         tl.store(q_ptr + row * stride_qm + k, r.to(tl.int8), mask=k < K)
 

@@ -78,6 +78,8 @@ def test_quantize_rows_matches_reference_including_ties():
     x = torch.randn(7, 300, device=DEVICE) * 3
     # Row 0: absmax 127 gives scale exactly 1, and k + 0.5 values are exact ties (half to even).
     x[0, :8] = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -2.5, 3.5, -126.5])
+    # just below a half: v + 0.5 rounds up to 1.0 in float32, so floor(v + 0.5) would give 1 where round gives 0
+    x[0, 8:11] = torch.tensor([0.5 - 2**-25, -(0.5 - 2**-25), 2.5 - 2**-23])
     x[1] = 0.0  # all-zero row: the scale is clamped to 1e-8
     q, s = tk.quantize_rows(x, None)
     q_ref, s_ref = quantize_activation_int8(x)
