@@ -208,6 +208,17 @@ def join_rows(parts: list[GPTQResult | None]) -> GPTQResult | None:
                    pre=torch.cat([p.pre for p in parts]) if all(p.pre is not None for p in parts) else None)
 
 
+def split_rows(res: GPTQResult, sizes: list[int]) -> list[GPTQResult]:
+    """The results of consecutive weights of ``sizes`` rows from one solve of their rows stacked (on one factor; GPTQ
+    treats rows independently), the inverse of ``join_rows``."""
+    out, r0 = [], 0
+    for n in sizes:
+        out.append(replace(res, stored=res.format.split_rows(res.stored, r0, r0 + n), row_losses=res.row_losses[r0:r0 + n],
+                           pre=None if res.pre is None else res.pre[r0:r0 + n]))
+        r0 += n
+    return out
+
+
 def asymmetric_target(w: torch.Tensor, cross: torch.Tensor, factor: HessianFactor, alpha: float) -> torch.Tensor:
     """The weight GPTQ should quantize to match the *float* model's outputs (asymmetric calibration).
 

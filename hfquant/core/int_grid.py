@@ -106,6 +106,10 @@ class IntGrid(WeightFormat):
         codes, scales, zeros = (torch.cat([p[i] for p in parts]) for i in range(3))
         return codes, scales, zeros, parts[0][3]  # g_idx: one per column, the same in every slab
 
+    def split_rows(self, stored: tuple[torch.Tensor, ...], r0: int, r1: int) -> tuple[torch.Tensor, ...]:
+        codes, scales, zeros, g_idx = stored
+        return codes[r0:r1], scales[r0:r1], zeros[r0:r1], g_idx
+
 
 @dataclass(frozen=True)
 class ColumnSegment:

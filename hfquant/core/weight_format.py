@@ -107,6 +107,10 @@ class WeightFormat:
         """One weight's stored tensors from those of its consecutive row slabs (default: every field by rows)."""
         return tuple(torch.cat(ts) for ts in zip(*parts, strict=True))
 
+    def split_rows(self, stored: tuple[torch.Tensor, ...], r0: int, r1: int) -> tuple[torch.Tensor, ...]:
+        """Rows ``r0:r1`` of a weight's stored tensors, the inverse of ``join_rows`` (default: every field by rows)."""
+        return tuple(t[r0:r1] for t in stored)
+
     # ---- hooks of a format the config selects for the whole run (``from_config``)
     def assign(self, config, cols: dict[str, int], schemes: dict, skipped: list[str]) -> tuple[dict, list[str]]:
         """Each module's own scheme under this run format, given the resolved ``schemes`` and every module's row

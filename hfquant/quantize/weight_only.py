@@ -17,7 +17,7 @@ from torch import nn
 
 from hfquant.calibration.distributed import Dist, solve_shared
 from hfquant.calibration.sequential import BlockCallbacks, BlockRunOptions, calibrate_blocks_
-from hfquant.core.gptq import gptq_solve, GPTQResult, prepare_hessian
+from hfquant.core.gptq import gptq_solve, GPTQResult, prepare_hessian, split_rows
 from hfquant.core.weight_format import Scheme
 from hfquant.nn.expert_linear import ExpertLinear
 from hfquant.nn.experts import fuse_experts_
@@ -103,11 +103,30 @@ def quantize_gptq_(model: nn.Module, batches: list[torch.Tensor], keep: Callable
     the later modules of the block). Block reconstruction (``hfquant.quantize.reconstruct``) takes its batches in
     an order seeded by ``seed``. ``options``: how the run executes (``RunOptions``).
 
-    Every module is solved on its own (q, k and v one after another on the shared Hessian factor), whether
-    one process or several run: a fixed unit of work, so which rank solves it does not change its bits.
+    On the CPU every module is solved on its own (q, k and v one after another on the shared Hessian factor), whether
+    one process or several run: a fixed unit of work, so which rank solves it does not change its bits. On CUDA with
+    one process the modules that read one input and share a format are stacked into one solve (``solve_stacked``).
     """
     run = _GPTQRun(model, keep, scheme, schemes, args, seed, options or RunOptions())
     return run.run(batches)
+
+
+def solve_stacked(weights: list[tuple[torch.Tensor, object, torch.dtype]], solve) -> list[GPTQResult | None]:
+    """The GPTQ results of weights ``(w [rows, cols], format, scale dtype)`` that read one input (one Hessian factor),
+    those of one format and scale dtype solved as one stacked weight (``solve(w, format, scale_dtype)``) and split
+    back: GPTQ treats rows independently, so on a GPU q/k/v (or gate/up) make one solve's launches instead of three
+    (two). The stacked solve's GEMMs have other shapes than the separate ones, so the bits may differ where the GEMM's
+    algorithm depends on the shape (cuBLAS): used on CUDA, where each module has one owner anyway."""
+    results: list[GPTQResult | None] = [None] * len(weights)
+    kinds: dict[tuple, list[int]] = {}
+    for i, (w, fmt, dtype) in enumerate(weights):
+        kinds.setdefault((fmt, dtype, w.shape[1]), []).append(i)
+    for (fmt, dtype, _), idx in kinds.items():
+        res = solve(torch.cat([weights[i][0].float() for i in idx]), fmt, dtype)
+        if res is not None:
+            for i, part in zip(idx, split_rows(res, [weights[i][0].shape[0] for i in idx]), strict=True):
+                results[i] = part
+    return results
 
 
 class _GPTQRun:
@@ -200,8 +219,9 @@ class _GPTQRun:
     # ---- calibrate_blocks_'s callbacks
 
     def solve(self, block_name: str, group, hessian: torch.Tensor, cross: torch.Tensor | None = None) -> None:
-        """One GPTQ solve per module on the shared Hessian (its factor computed once per rank that needs it).
-        With several processes each module has one owner (balanced by cost), which solves and broadcasts.
+        """One GPTQ solve per module on the shared Hessian (its factor computed once per rank that needs it; on CUDA
+        with one process, one per format: ``solve_stacked``). With several processes each module has one owner
+        (balanced by cost), which solves and broadcasts.
         ``cross``: the group's asymmetric-calibration term, shared like the Hessian; used in a GPTAQ run only (a
         run with block reconstruction alone carries the float stream for its targets, not for the solves)."""
         t0 = time.perf_counter()
@@ -223,17 +243,21 @@ class _GPTQRun:
         args = self.args
         cross = cross if args.gptaq else None
 
-        def solve_rows(i: int, r0: int, r1: int) -> GPTQResult | None:
-            _, module, scheme = units[i]
+        def solve(w: torch.Tensor, fmt, scale_dtype) -> GPTQResult | None:
             if not factor:
                 factor.append(prepare_hessian(hessian, act_order=args.desc_act, damp_percent=args.damp_percent))
             if factor[0] is None:
                 return None
-            return gptq_solve(float_weight(module)[r0:r1].float(), factor[0], scheme.format, args,
-                              scale_dtype=storage_dtype(module), cross=cross)
+            return gptq_solve(w, factor[0], fmt, args, scale_dtype=scale_dtype, cross=cross)
 
-        results = solve_shared(self.dist, [(m, s.format) for _, m, s in units], solve_rows, hessian.device,
-                               with_pre=self.reconstruct_steps > 0)
+        if hessian.device.type == "cuda" and not self.dist.active:
+            results = solve_stacked([(float_weight(m), s.format, storage_dtype(m)) for _, m, s in units], solve)
+        else:
+            def solve_rows(i: int, r0: int, r1: int) -> GPTQResult | None:
+                _, module, scheme = units[i]
+                return solve(float_weight(module)[r0:r1].float(), scheme.format, storage_dtype(module))
+            results = solve_shared(self.dist, [(m, s.format) for _, m, s in units], solve_rows, hessian.device,
+                                   with_pre=self.reconstruct_steps > 0)
         for (name, module, scheme), res in zip(units, results):
             self.accept(name, module, res, scheme)
         timings = self.options.timings

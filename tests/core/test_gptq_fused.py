@@ -71,3 +71,30 @@ def test_loop_setting_is_checked(monkeypatch):
         fused_column_loop(torch.zeros(2, 2))
     monkeypatch.setenv("HFQUANT_GPTQ_LOOP", "auto")
     assert fused_column_loop(torch.zeros(2, 2)) is None  # the CPU's loop is PyTorch's unless asked
+
+
+def test_stacked_solve_equals_separate_solves():
+    """q/k/v (or gate/up) read one input: on CUDA they are solved as one stacked weight per format and split back
+    (``solve_stacked``). GPTQ treats rows independently, so on the CPU (whose float32 GEMMs give a row the same bits
+    whatever the row count) the split results are the separate solves, bit for bit; formats stay apart."""
+    from hfquant.core.gptq import gptq_solve, prepare_hessian
+    from hfquant.quantize.weight_only import solve_stacked
+
+    w, h = problem(96, 128)
+    w, h = w.cpu(), h.cpu()
+    factor = prepare_hessian(h, act_order=True)
+    args = SolveArgs(desc_act=True, static_groups=False, block_size=64)
+    weights = [(w[:40], IntGrid(4, 32, False), torch.float32), (w[40:56], IntGrid(8, -1, True), torch.float32),
+               (w[56:], IntGrid(4, 32, False), torch.float32)]
+    calls = []
+
+    def solve(x, fmt, dtype):
+        calls.append((x.shape[0], fmt))
+        return gptq_solve(x, factor, fmt, args, scale_dtype=dtype)
+    stacked = solve_stacked(weights, solve)
+    assert calls == [(80, IntGrid(4, 32, False)), (16, IntGrid(8, -1, True))]
+    for (x, fmt, dtype), got in zip(weights, stacked, strict=True):
+        ref = gptq_solve(x, factor, fmt, args, scale_dtype=dtype)
+        assert all(torch.equal(a, b) for a, b in zip(got.stored, ref.stored, strict=True))
+        assert torch.equal(got.row_losses, ref.row_losses) and torch.equal(got.pre, ref.pre)
+    assert solve_stacked(weights, lambda x, fmt, dtype: None) == [None, None, None]
