@@ -12,7 +12,8 @@ Kinds (``KINDS``; a new one is one class here with ``read``, ``weight``, ``cat``
   scales and zero points. Its blocks are the largest power of two (16..128) dividing the group size, each block
   carrying its group's scale and zero point, so any static group size that is a multiple of 16 exports, including
   a partial last group (576 inputs in groups of 128: five blocks, the last one half used), and one group per row
-  (blocks of 128, every one with the row's scale).
+  (blocks of 128, every one with the row's scale). Symmetric grids (every zero point ``2**(bits-1)``) leave the
+  zero points to the kernel's default, which it runs faster (ORT's own RTN export does the same).
 - ``PerTokenInt8`` -- W8A8 (SmoothQuant, dynamic activations): ONNX's dynamic-quantization ops take one scale per
   tensor, so per-token int8 quantization is written from standard ops, in ``hfquant.kernels.w8a8``'s order::
 
@@ -102,10 +103,11 @@ class NBits:
         zeros = self.zeros[:, idx]
         codes[:, k:] = zeros[:, -1:]  # the unused tail of a partial last block de-quantizes to 0
         packed = _pack_nibbles(codes.reshape(n, blocks, b), per)
-        zp = _pack_nibbles(torch.cat([zeros, zeros[:, -1:]], 1)[:, :-(-blocks // per) * per], per)
         inits = [numpy_helper.from_array(packed.numpy(), f"{stem}/NBits/B"),
-                 numpy_helper.from_array(self.scales[:, idx].contiguous().numpy(), f"{stem}/NBits/scales"),
-                 numpy_helper.from_array(zp.reshape(-1).numpy(), f"{stem}/NBits/zero_points")]
+                 numpy_helper.from_array(self.scales[:, idx].contiguous().numpy(), f"{stem}/NBits/scales")]
+        if not bool((zeros == 2 ** (self.bits - 1)).all()):  # symmetric: MatMulNBits's default zero point, no input
+            zp = _pack_nibbles(torch.cat([zeros, zeros[:, -1:]], 1)[:, :-(-blocks // per) * per], per)
+            inits.append(numpy_helper.from_array(zp.reshape(-1).numpy(), f"{stem}/NBits/zero_points"))
         mm = h.make_node("MatMulNBits", [node.input[0], *(i.name for i in inits)], [node.output[0]],
                          name=f"{stem}/MatMulNBits", domain="com.microsoft", K=k, N=n, bits=self.bits, block_size=b,
                          accuracy_level=accuracy_level)

@@ -181,18 +181,22 @@ def test_what_matmulnbits_cannot_hold_is_refused_before_anything_is_written(tiny
     assert "\n" not in str(err.value) and not (tmp_path / "onnx").exists()
 
 
-@pytest.mark.parametrize("bits, k, group", [(4, 80, 48), (4, 96, 32), (8, 80, 48), (4, 200, 200)])
-def test_matmulnbits_node_computes_x_times_the_dequantized_weight(bits, k, group):
-    """One MatMulNBits node from ``NBits`` (random codes, asymmetric zero points, partial last group, odd block
-    counts) run by onnxruntime equals ``x @ W.T`` with W the de-quantized codes: the packing of codes, scales and
-    zero points is what the kernel reads."""
+@pytest.mark.parametrize("bits, k, group, sym", [(4, 80, 48, False), (4, 96, 32, False), (8, 80, 48, False),
+                                                 (4, 200, 200, False), (4, 80, 48, True), (8, 96, 32, True)])
+def test_matmulnbits_node_computes_x_times_the_dequantized_weight(bits, k, group, sym):
+    """One MatMulNBits node from ``NBits`` (random codes, asymmetric zero points or symmetric ones, which are left to
+    the kernel's default ``2**(bits-1)``; partial last group, odd block counts) run by onnxruntime equals ``x @ W.T``
+    with W the de-quantized codes: the packing of codes, scales and zero points is what the kernel reads."""
     g = torch.Generator().manual_seed(bits + k + group)
     n, groups = 24, -(-k // group)
+    zeros = (torch.full((n, groups), 2 ** (bits - 1), dtype=torch.uint8) if sym
+             else torch.randint(0, 2**bits, (n, groups), generator=g, dtype=torch.uint8))
     w = NBits(torch.randint(0, 2**bits, (n, k), generator=g, dtype=torch.uint8), torch.rand(n, groups, generator=g) + 0.1,
-              torch.randint(0, 2**bits, (n, groups), generator=g, dtype=torch.uint8), group, bits)
+              zeros, group, bits)
     h = onnx.helper
     node = h.make_node("MatMul", ["x", "w"], ["y"], name="/model/layers.0/mlp/down_proj/MatMul")
     nodes, inits = w.nodes(h, onnx.numpy_helper, node, "/model/layers.0/mlp/down_proj", 21, 1)
+    assert len(nodes[0].input) == (3 if sym else 4)
     graph = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [3, k])],
                          [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [3, n])], inits)
     model = h.make_model(graph, opset_imports=[h.make_opsetid("", 21), h.make_opsetid("com.microsoft", 1)])
