@@ -42,6 +42,14 @@ def llama3_8b_layer_config(tiny: bool):
                        rms_norm_eps=1e-5)
 
 
+def layer_output(model, ids: torch.Tensor) -> torch.Tensor:
+    """The one decoder layer's output (``hidden_states[1]``, with the final norm where the model applies it there),
+    float32, for windows ``ids``: the number to compare between quantizers of the same layer."""
+    with torch.no_grad():
+        out = model.model(ids.to(model.device), output_hidden_states=True)
+    return out.hidden_states[1].float()
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -74,6 +82,8 @@ def main(argv=None) -> dict:
                                    observer=args.observer,
                                    num_samples=args.samples, seq_len=args.seq_len,
                                    calibration_batch_size=args.batch_size)
+    held_out = torch.randint(0, model.config.vocab_size, (2, args.seq_len), generator=gen)
+    reference = layer_output(model, held_out)  # the float layer's output on windows not calibrated on
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -82,6 +92,8 @@ def main(argv=None) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
+    out = layer_output(model, held_out)
+    output_error = float((out - reference).norm() / reference.norm())
     result = {
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else args.device,
         "torch": torch.__version__, "dtype": args.dtype, "observer": args.observer, "loop": args.loop,
@@ -90,7 +102,7 @@ def main(argv=None) -> dict:
         "seconds_per_layer": seconds, "gptq_seconds": report.get("gptq_seconds"),
         "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if args.device.startswith("cuda") else None,
         "llm_compressor_seconds_per_layer": LLM_COMPRESSOR_SECONDS / LLAMA3_8B_LAYERS,
-        "modules": len(report["modules"]),
+        "modules": len(report["modules"]), "output_rel_error": output_error,
     }
     ratio = result["llm_compressor_seconds_per_layer"] / seconds
     md = ("| what | seconds per layer |\n|---|---|\n"
@@ -98,7 +110,8 @@ def main(argv=None) -> dict:
           f"{result['device']} | {seconds:.1f} (solves {result['gptq_seconds']['solve']:.1f}) |\n"
           f"| llm-compressor, published: 745 s / 32 layers (their GPU, their run) | "
           f"{result['llm_compressor_seconds_per_layer']:.1f} |\n\n"
-          f"Ratio (published / measured): {ratio:.2f}x. Peak GPU memory: "
+          f"Ratio (published / measured): {ratio:.2f}x. The layer's output on 2 held-out windows: "
+          f"{output_error:.4f} relative error against the float layer. Peak GPU memory: "
           f"{result['peak_gpu_gib'] or 0:.1f} GiB. Command: `python scripts/bench_gpu_layer.py "
           f"{' '.join(sys.argv[1:] if argv is None else argv)}`\n")
     args.out.mkdir(parents=True, exist_ok=True)
