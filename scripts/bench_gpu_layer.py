@@ -35,7 +35,7 @@ def llama3_8b_layer_config(tiny: bool):
     from transformers import LlamaConfig
 
     if tiny:
-        return LlamaConfig(hidden_size=128, intermediate_size=448, num_attention_heads=4, num_key_value_heads=2,
+        return LlamaConfig(hidden_size=128, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
                            num_hidden_layers=1, vocab_size=512, max_position_embeddings=2048)
     return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                        num_hidden_layers=1, vocab_size=32000, max_position_embeddings=8192, rope_theta=500000.0,
