@@ -107,10 +107,21 @@ def _int_mm_w8a8(x: torch.Tensor, module) -> torch.Tensor | None:
     return kernels.w8a8_int_mm_cuda(x, module) if kernels is not None else None
 
 
+_GPU_NAMES: dict[int, str] = {}  # device index -> name, read once (a dict lookup is all torch.compile traces)
+
+
+def _gpu_name(device: torch.device) -> str:
+    index = device.index or 0
+    name = _GPU_NAMES.get(index)
+    if name is None and not torch.compiler.is_compiling():
+        name = _GPU_NAMES[index] = torch.cuda.get_device_name(index)
+    return name or "cuda"
+
+
 def _shape_class(x: torch.Tensor, module, bits: int, group: int) -> tuple:
     rows = x.numel() // max(1, x.shape[-1])
-    return (torch.cuda.get_device_name(x.device), module.in_features, module.out_features, group, bits,
-            str(x.dtype).removeprefix("torch."), rows.bit_length())
+    return (_gpu_name(x.device), module.in_features, module.out_features, group, bits, str(x.dtype).removeprefix("torch."),
+            rows.bit_length())
 
 
 def _w4a16_paths():

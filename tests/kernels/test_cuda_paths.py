@@ -85,6 +85,7 @@ def test_cuda_choice_is_timed_once_and_recorded_per_gpu(monkeypatch, tmp_path, f
     monkeypatch.delenv(family, raising=False)
     monkeypatch.setenv("HFQUANT_CPU_CHOICES", str(tmp_path / "paths.json"))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU 80GB")
+    monkeypatch.setattr(cuda_paths, "_GPU_NAMES", {})
     names = list(getattr(cuda_paths, paths_fn)())
     fakes = {n: (lambda x, module, _i=i: torch.full((x.shape[0], 4), float(_i))) for i, n in enumerate(names)}
     monkeypatch.setattr(cuda_paths, paths_fn, lambda: fakes)
@@ -107,6 +108,7 @@ def test_cuda_choice_is_timed_once_and_recorded_per_gpu(monkeypatch, tmp_path, f
 
 def test_cuda_path_can_be_forced_and_bad_names_are_refused(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Test GPU")
+    monkeypatch.setattr(cuda_paths, "_GPU_NAMES", {})
     monkeypatch.setattr(cuda_paths, "_w4a16_paths", lambda: {"tinygemm": lambda x, m: x + 1, "triton": lambda x, m: x})
     x = torch.zeros(1, 256)
     monkeypatch.setenv("HFQUANT_CUDA_W4A16", "tinygemm")
