@@ -88,13 +88,17 @@ class GGUFBlocks(WeightFormat):
         return (pack_rows(self.gguf_type, *rtn_block_quantize(self.gguf_type, w.float())),)
 
     def solver_grids(self, w: torch.Tensor, perm: torch.Tensor | None, static: bool, hinv: torch.Tensor,
-                     scale_dtype: torch.dtype | None):
+                     scale_dtype: torch.dtype | None, h_diag: torch.Tensor | None = None):
         if perm is not None and not static:
             raise ValueError(f"GGUF {self.gguf_type}: act-order needs static_groups (a GGUF block holds consecutive "
                              "columns)")
-        # GPTQ's loss weight of each column (1 / U_jj^2, processing order), in the original order: the statistic of
-        # llama.cpp's importance matrix, weighing the scale search of the types that have one
+        # Each column's weight in the scale search of the types that have one (llama.cpp's importance matrix idea):
+        # the geometric mean of its mean square input H_jj (llama.cpp's statistic) and GPTQ's loss weight 1 / U_jj^2
+        # (H_jj less what the later columns can compensate), processing order, then the original order. On SmolLM2
+        # Q4_0 (PPL-16K): 1 / U_jj^2 alone 27.00, H_jj alone 26.89, the geometric mean 26.81 (BENCHMARKS, GGUF).
         importance = hinv.diagonal().pow(-2)
+        if h_diag is not None:
+            importance = (importance * h_diag).sqrt()
         if perm is not None:
             importance = importance[torch.argsort(perm)]
         return BlockTypeGrids(w, self.gguf_type, perm, static, importance)

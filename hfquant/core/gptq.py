@@ -123,6 +123,8 @@ class HessianFactor:
         dead: bool ``[cols]``, inputs with ``diag(H) == 0`` (their weight columns are zeroed).
         damp: damping fraction finally used.
         retries: how many times the damping was raised.
+        diag: float32 diagonal of the dampened ``H`` (act-order column order): each input's mean square, the
+            statistic of llama.cpp's importance matrix.
     """
 
     hinv: torch.Tensor
@@ -130,6 +132,7 @@ class HessianFactor:
     dead: torch.Tensor
     damp: float
     retries: int
+    diag: torch.Tensor | None = None
 
 
 def prepare_hessian(hessian: torch.Tensor, *, act_order: bool = False, damp_percent: float = 0.01) -> HessianFactor | None:
@@ -144,7 +147,8 @@ def prepare_hessian(hessian: torch.Tensor, *, act_order: bool = False, damp_perc
     hinv, damp, retries = inverse_hessian_factor(h, damp_percent)
     if hinv is None:
         return None
-    return HessianFactor(hinv, perm, dead, damp, retries)
+    diag = torch.diagonal(h)
+    return HessianFactor(hinv, perm, dead, damp, retries, diag + damp * diag.mean())
 
 
 def gptq_quantize(weight: torch.Tensor, hessian: torch.Tensor, fmt: WeightFormat, args=SolveArgs(), *,
@@ -184,7 +188,8 @@ def gptq_solve(weight: torch.Tensor, factor: HessianFactor, fmt: WeightFormat, a
     w[:, factor.dead.to(device)] = 0
     if cross is not None:
         w = asymmetric_target(w, cross, factor, args.gptaq_alpha)
-    grids = fmt.solver_grids(w, perm, args.static_groups, hinv, scale_dtype)
+    grids = fmt.solver_grids(w, perm, args.static_groups, hinv, scale_dtype,
+                             h_diag=None if factor.diag is None else factor.diag.to(device))
     if perm is not None:
         w = w[:, perm]
     codes, losses, pre = _quantize_columns(w, hinv, grids, args.block_size)

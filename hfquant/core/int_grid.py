@@ -76,7 +76,7 @@ class IntGrid(WeightFormat):
         return rtn_quantize(w.float(), self.bits, self.group_size, self.sym, self.observer, scale_dtype=scale_dtype)
 
     def solver_grids(self, w: torch.Tensor, perm: torch.Tensor | None, static: bool, hinv: torch.Tensor,
-                     scale_dtype: torch.dtype | None):
+                     scale_dtype: torch.dtype | None, h_diag: torch.Tensor | None = None):
         rows, cols = w.shape
         g = cols if self.group_size == -1 else self.group_size
         # The "hessian" observer weighs each column by its GPTQ loss weight 1 / U_jj^2 (processing order).

@@ -6,7 +6,7 @@ says everything the rest of hfquant needs to know about that way of storing a we
 * ``rtn(w, scale_dtype)``: round a float weight ``[rows, cols]`` to nearest, giving its *stored tensors*, a tuple
   named by ``fields`` (also the tensors the resume store saves per module, ``<module>:<field>``, and the ones
   several calibration processes broadcast);
-* ``solver_grids(w, perm, static, hinv, scale_dtype)``: the grid policy GPTQ's column loop quantizes on
+* ``solver_grids(w, perm, static, hinv, scale_dtype, h_diag)``: the grid policy GPTQ's column loop quantizes on
   (``hfquant.core.gptq``): a grid per group, fitted up front or when a group starts, the codes picked on it, and
   ``stored(codes, g_idx)`` once every column is done;
 * ``dequantize(stored, cols)``: the float32 weight the stored tensors hold; ``empty(rows, cols, device)``: buffers
@@ -94,7 +94,7 @@ class WeightFormat:
         raise NotImplementedError
 
     def solver_grids(self, w: torch.Tensor, perm: torch.Tensor | None, static: bool, hinv: torch.Tensor,
-                     scale_dtype: torch.dtype | None):
+                     scale_dtype: torch.dtype | None, h_diag: torch.Tensor | None = None):
         raise NotImplementedError
 
     def dequantize(self, stored: tuple[torch.Tensor, ...], cols: int) -> torch.Tensor:

@@ -52,7 +52,7 @@ class Row8(WeightFormat):
         scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
         return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
-    def solver_grids(self, w, perm, static, hinv, scale_dtype):
+    def solver_grids(self, w, perm, static, hinv, scale_dtype, h_diag=None):
         return _RowGrids(w, self.rtn(w)[1])
 
     def dequantize(self, stored, cols):
