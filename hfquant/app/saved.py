@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfquant.app.report import describe, REPORT
@@ -66,12 +67,15 @@ def load_tokenizer(saved: Saved):
                               f"in {str(saved.folder)!r}") from None
 
 
-def load_model(saved: Saved):
-    """The saved model in evaluation mode: ``from_pretrained`` (its own dtype), or ``load_gguf`` (the file's blocks in
-    hfquant modules; a float GGUF as transformers reads it)."""
+def load_model(saved: Saved, dtype: str = "auto"):
+    """The saved model in evaluation mode: ``from_pretrained`` (in ``dtype``: ``"auto"``, its own, or a torch dtype's
+    name), or ``load_gguf`` (the file's blocks in hfquant modules; a float GGUF as transformers reads it; cast to
+    ``dtype`` unless ``"auto"``)."""
     if saved.gguf is not None:
-        return load_gguf(saved.gguf, float_ok=True).eval()
-    return AutoModelForCausalLM.from_pretrained(saved.folder, use_safetensors=True, dtype="auto").eval()
+        model = load_gguf(saved.gguf, float_ok=True).eval()
+        return model if dtype == "auto" else model.to(getattr(torch, dtype))
+    return AutoModelForCausalLM.from_pretrained(saved.folder, use_safetensors=True,
+                                                dtype=dtype if dtype == "auto" else getattr(torch, dtype)).eval()
 
 
 def checkpoint_lines(saved: Saved) -> list[str]:

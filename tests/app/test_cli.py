@@ -104,6 +104,18 @@ def test_eval_reproduces_the_reported_perplexity(finished, capsys):
     assert f"perplexity {after:.3f}" in stdout  # the reloaded checkpoint gives the in-memory model's number
 
 
+def test_eval_in_another_dtype(finished, capsys):
+    """``--dtype``: evaluated in the dtype a serving engine runs (bf16 here), said on the line; close to float32's."""
+    out, _ = finished
+    code, stdout, err = run_cli(["--quiet", "eval", out, "--dtype", "bfloat16"], capsys)
+    assert code == 0, err
+    line = next(s for s in stdout.splitlines() if s.startswith("perplexity "))
+    after = json.loads((out / "report.json").read_text())["evaluation"]["after"]
+    assert line.endswith(" in bfloat16") and abs(float(line.split()[1]) / after - 1) < 0.05
+    code, _, err = run_cli(["eval", out, "--dtype", "int8"], capsys)
+    assert code == 2 and "invalid choice: 'int8'" in err
+
+
 def test_inspect_shows_config_sizes_and_layers(finished, capsys):
     out, _ = finished
     code, stdout, err = run_cli(["inspect", out], capsys)
