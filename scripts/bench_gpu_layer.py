@@ -50,39 +50,50 @@ def layer_output(model, ids: torch.Tensor) -> torch.Tensor:
     return out.hidden_states[1].float()
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def layer_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every script timing GPTQ on this layer takes (this one and bench_llmcompressor_layer.py)."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
+    parser.add_argument("--out", type=Path, default=Path("bench/gpu"))
+    return parser
+
+
+def build_layer(args):
+    """``(model, windows, held_out)``: the one-layer model (seeded: the same weights in every script), the calibration
+    windows and two held-out windows (one seeded generator)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(llama3_8b_layer_config(args.tiny), dtype=getattr(torch, args.dtype))
+    gen = torch.Generator().manual_seed(0)
+    windows = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len), generator=gen)
+    held_out = torch.randint(0, model.config.vocab_size, (2, args.seq_len), generator=gen)
+    return model.eval(), windows, held_out
+
+
+def main(argv=None) -> dict:
+    parser = layer_parser(__doc__.splitlines()[0])
     parser.add_argument("--observer", choices=["hessian", "minmax"], default="hessian",
                         help="group grids: hessian (hfquant's default) or minmax (llm-compressor's default)")
     parser.add_argument("--loop", choices=["auto", "fused", "torch"], default="auto",
                         help="GPTQ's column loop (HFQUANT_GPTQ_LOOP): fused Triton kernel (the default on CUDA) or PyTorch")
-    parser.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
-    parser.add_argument("--out", type=Path, default=Path("bench/gpu"))
     args = parser.parse_args(argv)
-
-    from transformers import AutoModelForCausalLM
 
     import hfquant
     from hfquant.core.gptq import COLUMN_LOOP_ENV
 
     os.environ[COLUMN_LOOP_ENV] = args.loop
-
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(llama3_8b_layer_config(args.tiny), dtype=dtype).eval()
-    gen = torch.Generator().manual_seed(0)
-    windows = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len), generator=gen)
+    model, windows, held_out = build_layer(args)
     config = hfquant.HFQuantConfig(bits=4, group_size=128, sym=True, desc_act=True, static_groups=True,
                                    observer=args.observer,
                                    num_samples=args.samples, seq_len=args.seq_len,
                                    calibration_batch_size=args.batch_size)
-    held_out = torch.randint(0, model.config.vocab_size, (2, args.seq_len), generator=gen)
     reference = layer_output(model, held_out)  # the float layer's output on windows not calibrated on
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()

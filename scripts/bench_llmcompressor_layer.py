@@ -17,7 +17,6 @@ Check on a CPU (tiny shapes): python scripts/bench_llmcompressor_layer.py --devi
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -29,7 +28,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from scripts.bench_gpu_layer import layer_output, llama3_8b_layer_config  # noqa: E402
+from scripts.bench_gpu_layer import build_layer, layer_output, layer_parser  # noqa: E402
 
 
 def placeholder_tokenizer():
@@ -44,28 +43,13 @@ def placeholder_tokenizer():
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--samples", type=int, default=128)
-    parser.add_argument("--seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--tiny", action="store_true", help="small shapes, to check the script on a CPU")
-    parser.add_argument("--out", type=Path, default=Path("bench/gpu"))
-    args = parser.parse_args(argv)
+    args = layer_parser(__doc__.splitlines()[0]).parse_args(argv)
 
     import llmcompressor
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
-    from transformers import AutoModelForCausalLM
 
-    dtype = getattr(torch, args.dtype)
-    torch.manual_seed(0)  # as bench_gpu_layer.py: the same weights, windows and held-out windows
-    with torch.device(args.device):
-        model = AutoModelForCausalLM.from_config(llama3_8b_layer_config(args.tiny), dtype=dtype).eval()
-    gen = torch.Generator().manual_seed(0)
-    windows = torch.randint(0, model.config.vocab_size, (args.samples, args.seq_len), generator=gen)
-    held_out = torch.randint(0, model.config.vocab_size, (2, args.seq_len), generator=gen)
+    model, windows, held_out = build_layer(args)  # as bench_gpu_layer.py: the same weights and windows
     config_dir = Path(tempfile.mkdtemp(prefix="llmc-layer-"))  # oneshot reads the model's config from its folder
     model.config.save_pretrained(config_dir)
     model.config.name_or_path = str(config_dir)
