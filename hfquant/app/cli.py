@@ -175,9 +175,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    "(alice_next) or lm-eval's (hellaswag: Hub data); none: none (default: the recipe's evaluation.tasks)")
     p.add_argument("--limit", type=int, help="first LIMIT items of each task (default: evaluation.task_limit, all)")
     p.add_argument("--num-fewshot", type=int, help="examples before each item (default: evaluation.num_fewshot)")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
-                   help="the dtype the model is evaluated in, e.g. the one a serving engine will run (default: the "
-                        "checkpoint's own)")
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto", help="evaluate in "
+                   "this dtype, e.g. the one a serving engine will run (default: the checkpoint's own)")
 
 
 @_quiet_transformers
@@ -197,8 +196,8 @@ def _eval(args) -> int:
         raise pipeline.RecipeError(f"--seq-len: {ev['seq_len']} exceeds the model's maximum of {limit} positions")
     ppl = pipeline._perplexity(model, ids, ev, args.quiet)
     n = pipeline.eval_windows(ev, ids)
-    in_dtype = "" if args.dtype == "auto" else f" in {args.dtype}"
-    print(f"perplexity {ppl:.3f} on {name} ({n} windows x {ev['seq_len']} tokens) for {checkpoint.path}{in_dtype}")
+    print(f"perplexity {ppl:.3f} on {name} ({n} windows x {ev['seq_len']} tokens) for {checkpoint.path}"
+          + ("" if args.dtype == "auto" else f" in {args.dtype}"))
     if note := kernel_build_note(built, "the evaluation"):
         print(note)
     if tasks := pipeline.run_tasks(model, tokenizer, ev):
