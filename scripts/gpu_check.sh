@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (issues 7 and 17), under 8 minutes on an H100/H200. Run it on the lent GPU machine
+# The one prepared GPU check (issues 7, 17 and 35); its steps' time limits add to about 13 minutes (limits, not durations). Run it on the lent GPU machine
 # from the repository root (the `device` tool's `run`, e.g. `bash scripts/gpu_check.sh`); it writes logs and
 # tables under $OUT.
 #   1. every test marked `gpu`: GPTQ / RTN / SmoothQuant / bits auto on CUDA in bf16 and fp16 on a tiny model,
