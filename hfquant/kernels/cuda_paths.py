@@ -92,19 +92,17 @@ def weight_only_tinygemm(x: torch.Tensor, module) -> torch.Tensor | None:
     return y.view(*x.shape[:-1], module.out_features)
 
 
-def _triton_weight_only(x: torch.Tensor, module) -> torch.Tensor | None:
-    kernels = triton_kernels()
-    return kernels.weight_only_triton(x, module) if kernels is not None else None
+def _triton_path(name: str):
+    """The path that calls ``hfquant.kernels.triton_kernels.<name>``, or declines (``None``) without Triton."""
+    def run(x: torch.Tensor, module) -> torch.Tensor | None:
+        kernels = triton_kernels()
+        return getattr(kernels, name)(x, module) if kernels is not None else None
+    return run
 
 
-def _triton_w8a8(x: torch.Tensor, module) -> torch.Tensor | None:
-    kernels = triton_kernels()
-    return kernels.w8a8_triton(x, module) if kernels is not None else None
-
-
-def _int_mm_w8a8(x: torch.Tensor, module) -> torch.Tensor | None:
-    kernels = triton_kernels()
-    return kernels.w8a8_int_mm_cuda(x, module) if kernels is not None else None
+_triton_weight_only = _triton_path("weight_only_triton")
+_triton_w8a8 = _triton_path("w8a8_triton")
+_int_mm_w8a8 = _triton_path("w8a8_int_mm_cuda")  # cuBLASLt's GEMM between the Triton quantization and epilogue
 
 
 _GPU_NAMES: dict[int, str] = {}  # device index -> name, read once (a dict lookup is all torch.compile traces)

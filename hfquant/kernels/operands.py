@@ -75,19 +75,19 @@ def int4_kernel_inputs(module):
     Both kernels compute ``w = (q - 8) * s + z`` per group of ``kg`` consecutive input columns, so the module's
     ``s * (q - zero)`` maps to ``z = (8 - zero) * s``; ``scale_zero`` is bfloat16 ``[k_pad / kg, N, 2]`` (scale, z),
     each quantization group's pair repeated for its kernel groups. ``codes`` int32 ``[N, k_pad]`` in group order
-    (``perm``, as ``grouped_weight``), padded with code 8 (value ``z``, multiplied by the zero-padded ``x``)."""
-    def build():
-        group = module.in_features if module.group_size == -1 else module.group_size
-        kg = int4_kernel_group(group, module.in_features)
-        grouped = grouped_weight(module) if module.bits == 4 else None
-        if kg is None or grouped is None:
-            return None
-        packed_codes, perm = grouped
-        k_pad = -(-module.in_features // kg) * kg
-        codes = torch.full((module.out_features, k_pad), 8, dtype=torch.int32, device=packed_codes.device)
-        codes[:, : module.in_features] = unpack_codes(packed_codes, 4, module.in_features)
-        s = module.scales.float()
-        z = (8 - module.zeros.float()) * s
-        scale_zero = torch.stack([s.t(), z.t()], dim=-1).repeat_interleave(group // kg, dim=0)[: k_pad // kg]
-        return codes, scale_zero.to(torch.bfloat16).contiguous(), perm, k_pad, kg
-    return cached_operands(module, "int4_kernel_inputs", build)
+    (``perm``, as ``grouped_weight``), padded with code 8 (value ``z``, multiplied by the zero-padded ``x``).
+
+    Not cached: ``codes`` is 4 bytes a weight, only read by the packing; the callers cache what they pack from it."""
+    group = module.in_features if module.group_size == -1 else module.group_size
+    kg = int4_kernel_group(group, module.in_features)
+    grouped = grouped_weight(module) if module.bits == 4 else None
+    if kg is None or grouped is None:
+        return None
+    packed_codes, perm = grouped
+    k_pad = -(-module.in_features // kg) * kg
+    codes = torch.full((module.out_features, k_pad), 8, dtype=torch.int32, device=packed_codes.device)
+    codes[:, : module.in_features] = unpack_codes(packed_codes, 4, module.in_features)
+    s = module.scales.float()
+    z = (8 - module.zeros.float()) * s
+    scale_zero = torch.stack([s.t(), z.t()], dim=-1).repeat_interleave(group // kg, dim=0)[: k_pad // kg]
+    return codes, scale_zero.to(torch.bfloat16).contiguous(), perm, k_pad, kg
